@@ -1,0 +1,1 @@
+"""The hub's FHIR R4 REST API (Flask)."""

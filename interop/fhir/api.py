@@ -1,0 +1,269 @@
+"""FHIR REST interactions: create, update, read, vread, history, search.
+
+Writes are validated, then stored with their search index (and, for an available
+ImagingStudy, its analysis Task and queue entry) in one transaction. Reads serve stored JSON.
+"""
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import orjson
+import psycopg
+from flask import Blueprint, Response, current_app, request
+
+from ..pipeline import intake
+from ..store import resources
+from . import capability, search
+from .errors import (
+    BadRequest, BusinessRule, FhirError, GoneError, MethodNotAllowed, NotAcceptable,
+    NotFoundError, PreconditionFailed, UnsupportedMediaType, issue, outcome,
+)
+from .validation import validate
+
+FHIR_JSON = "application/fhir+json; charset=utf-8"
+JSON_TYPES = ("application/fhir+json", "application/json")
+
+bp = Blueprint("fhir", __name__, url_prefix="/fhir")
+
+
+def hub() -> Any:
+    return current_app.extensions["interop"]
+
+
+def respond(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status=status, headers=headers or {}, content_type=FHIR_JSON)
+
+
+def _version_headers(body: dict[str, Any], location: bool = False) -> dict[str, str]:
+    meta = body.get("meta", {})
+    headers = {"ETag": f'W/"{meta.get("versionId")}"', "Last-Modified": meta.get("lastUpdated", "")}
+    if location:
+        headers["Location"] = f"{hub().settings.public_base()}/{body['resourceType']}/{body['id']}/_history/{meta.get('versionId')}"
+    return headers
+
+
+@bp.before_request
+def negotiate() -> None:
+    accept = request.headers.get("Accept", "")
+    if accept and "json" not in accept and "*/*" not in accept:
+        raise NotAcceptable("only application/fhir+json is served")
+    if request.method in ("POST", "PUT") and not request.path.endswith("/_search"):
+        ctype = (request.mimetype or "").lower()
+        if ctype not in JSON_TYPES:
+            raise UnsupportedMediaType(f"Content-Type must be application/fhir+json, not {ctype or 'missing'}")
+
+
+def _known(rtype: str) -> None:
+    if rtype not in capability.RESOURCES:
+        raise NotFoundError(f"resource type {rtype} is not supported here")
+
+
+def _parse_body(rtype: str) -> dict[str, Any]:
+    raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(body, dict) or "resourceType" not in body:
+        raise BadRequest("the body is not a FHIR resource (no resourceType)")
+    if body["resourceType"] != rtype:
+        raise BadRequest(f"resourceType {body['resourceType']!r} does not match the URL ({rtype})")
+    validate(body)
+    return body
+
+
+def _if_match() -> int | None:
+    raw = request.headers.get("If-Match")
+    if raw is None:
+        return None
+    digits = raw.replace("W/", "").strip('"')
+    if not digits.isdigit():
+        raise BadRequest('If-Match must be a version ETag such as W/"3"')
+    return int(digits)
+
+
+def _after_write(conn: psycopg.Connection[Any], stored: dict[str, Any]) -> None:
+    if stored["resourceType"] == "ImagingStudy":
+        try:
+            intake.accept_study(conn, stored, hub().params, hub().settings.dicomweb_url,
+                                hub().settings.job_max_attempts)
+        except intake.IntakeError as exc:
+            raise BusinessRule(exc.reason, issues=[issue("business-rule", exc.reason, expression=exc.expression)]) from None
+
+
+def _prefer_minimal() -> bool:
+    return "return=minimal" in request.headers.get("Prefer", "")
+
+
+@bp.post("/<rtype>")
+def create(rtype: str) -> Response:
+    _known(rtype)
+    if not capability.writable(rtype):
+        raise MethodNotAllowed(f"{rtype} is written by the hub, not by clients")
+    body = _parse_body(rtype)
+    body.pop("id", None)
+    criteria = request.headers.get("If-None-Exist")
+    with hub().pool.connection() as conn, conn.transaction():
+        if criteria:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{rtype}?{criteria}",))
+            found = _search(conn, rtype, parse_qsl(criteria, keep_blank_values=True), count=2)[1]
+            if len(found) > 1:
+                raise PreconditionFailed("If-None-Exist matches more than one resource")
+            if found:
+                return respond(found[0], 200, _version_headers(found[0], location=True))
+        stored = resources.create(conn, body, hub().params[rtype])
+        _after_write(conn, stored)
+    if _prefer_minimal():
+        return Response(status=201, headers=_version_headers(stored, location=True))
+    return respond(stored, 201, _version_headers(stored, location=True))
+
+
+@bp.put("/<rtype>/<rid>")
+def update(rtype: str, rid: str) -> Response:
+    _known(rtype)
+    if not capability.writable(rtype):
+        raise MethodNotAllowed(f"{rtype} is written by the hub, not by clients")
+    body = _parse_body(rtype)
+    if body.get("id") != rid:
+        raise BadRequest("the resource id must match the URL")
+    with hub().pool.connection() as conn, conn.transaction():
+        try:
+            stored, created = resources.update(conn, body, hub().params[rtype], _if_match())
+        except resources.VersionConflict as exc:
+            raise PreconditionFailed(str(exc)) from None
+        _after_write(conn, stored)
+    return respond(stored, 201 if created else 200, _version_headers(stored, location=created))
+
+
+@bp.get("/<rtype>/<rid>")
+def read(rtype: str, rid: str) -> Response:
+    _known(rtype)
+    with hub().pool.connection() as conn:
+        body = _read(conn, rtype, rid)
+    return respond(body, 200, _version_headers(body))
+
+
+def _read(conn: psycopg.Connection[Any], rtype: str, rid: str) -> dict[str, Any]:
+    try:
+        return resources.read(conn, rtype, rid)
+    except resources.Gone as exc:
+        raise GoneError(str(exc)) from None
+    except resources.NotFound as exc:
+        raise NotFoundError(str(exc)) from None
+
+
+@bp.get("/<rtype>/<rid>/_history/<vid>")
+def vread(rtype: str, rid: str, vid: str) -> Response:
+    _known(rtype)
+    if not vid.isdigit():
+        raise NotFoundError(f"{rtype}/{rid} has no version {vid}")
+    with hub().pool.connection() as conn:
+        try:
+            body = resources.vread(conn, rtype, rid, int(vid))
+        except resources.NotFound as exc:
+            raise NotFoundError(str(exc)) from None
+    return respond(body, 200, _version_headers(body))
+
+
+@bp.get("/<rtype>/<rid>/_history")
+def history(rtype: str, rid: str) -> Response:
+    _known(rtype)
+    with hub().pool.connection() as conn:
+        try:
+            versions = resources.history(conn, rtype, rid)
+        except resources.NotFound as exc:
+            raise NotFoundError(str(exc)) from None
+    base = hub().settings.public_base()
+    return respond({
+        "resourceType": "Bundle", "type": "history", "total": len(versions),
+        "entry": [{"fullUrl": f"{base}/{rtype}/{rid}", "resource": v,
+                   "request": {"method": "PUT" if v["meta"]["versionId"] != "1" else "POST",
+                               "url": f"{rtype}/{rid}"}} for v in versions],
+    })
+
+
+def _search(
+    conn: psycopg.Connection[Any], rtype: str, args: list[tuple[str, str]], count: int | None = None
+) -> tuple[search.Search, list[dict[str, Any]], int]:
+    lenient = "handling=lenient" in request.headers.get("Prefer", "")
+    parsed = search.parse(rtype, args, hub().params.get(rtype, {}), lenient=lenient)
+    if count is not None:
+        parsed.query.count = count
+    total, found = resources.search(conn, rtype, parsed.query)
+    return parsed, found, total
+
+
+@bp.route("/<rtype>", methods=["GET"])
+@bp.route("/<rtype>/_search", methods=["POST"])
+def search_type(rtype: str) -> Response:
+    _known(rtype)
+    args = list(request.args.items(multi=True))
+    if request.method == "POST":
+        args += list(request.form.items(multi=True))
+    with hub().pool.connection() as conn:
+        parsed, found, total = _search(conn, rtype, args)
+        included: list[dict[str, Any]] = []
+        for _source, pname in parsed.includes:
+            path = hub().params[rtype][pname].path
+            refs = [r["reference"] for body in found for r in _refs(body, path)]
+            included.extend(resources.read_many(conn, refs))
+    return respond(_bundle(rtype, args, parsed, found, included, total))
+
+
+def _refs(body: dict[str, Any], path: tuple[str, ...]) -> list[dict[str, Any]]:
+    value: Any = body
+    for step in path:
+        value = value.get(step) if isinstance(value, dict) else None
+    items = value if isinstance(value, list) else [value]
+    return [r for r in items if isinstance(r, dict) and isinstance(r.get("reference"), str)
+            and not r["reference"].startswith("#")]
+
+
+def _bundle(
+    rtype: str, args: list[tuple[str, str]], parsed: search.Search,
+    found: list[dict[str, Any]], included: list[dict[str, Any]], total: int,
+) -> dict[str, Any]:
+    base = hub().settings.public_base()
+    q = parsed.query
+    kept = [(k, v) for k, v in args if k not in ("_offset", "_count") and k not in parsed.ignored]
+
+    def link(relation: str, offset: int) -> dict[str, str]:
+        query = urlencode([*kept, ("_count", str(q.count)), ("_offset", str(offset))])
+        return {"relation": relation, "url": f"{base}/{rtype}?{query}"}
+
+    links = [link("self", q.offset)]
+    if q.offset + q.count < total and q.count > 0:
+        links.append(link("next", q.offset + q.count))
+    if q.offset > 0:
+        links.append(link("previous", max(0, q.offset - q.count)))
+    entries = [{"fullUrl": f"{base}/{b['resourceType']}/{b['id']}", "resource": b,
+                "search": {"mode": "match"}} for b in found]
+    seen = {(b["resourceType"], b["id"]) for b in found}
+    for b in included:
+        if (b["resourceType"], b["id"]) not in seen:
+            seen.add((b["resourceType"], b["id"]))
+            entries.append({"fullUrl": f"{base}/{b['resourceType']}/{b['id']}", "resource": b,
+                            "search": {"mode": "include"}})
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": total,
+                              "link": links, "entry": entries}
+    if parsed.ignored:
+        bundle["entry"].append({"resource": outcome([issue(
+            "not-supported", f"ignored unknown parameters: {', '.join(parsed.ignored)}", "warning")]),
+            "search": {"mode": "outcome"}})
+    return bundle
+
+
+@bp.get("/metadata")
+def metadata() -> Response:
+    return respond(capability.statement(hub().settings.public_base(), hub().params, hub().started))
+
+
+@bp.route("/<rtype>/<rid>", methods=["DELETE", "PATCH"])
+@bp.route("/<rtype>", methods=["DELETE", "PUT", "PATCH"])
+def not_supported(rtype: str, rid: str | None = None) -> Response:
+    raise MethodNotAllowed(f"{request.method} is not supported on {request.path}")
+
+
+def error_response(exc: FhirError) -> Response:
+    return respond(exc.operation_outcome(), exc.status)

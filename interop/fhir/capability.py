@@ -1,0 +1,63 @@
+"""What the API supports, as one table; the CapabilityStatement and the routes both read it."""
+from __future__ import annotations
+
+from typing import Any
+
+from .. import __version__
+from ..store.search_params import SearchParam
+
+READ = ["read", "vread", "history-instance", "search-type"]
+WRITE = ["create", "update"]
+
+# resource type -> interactions. Reports, observations, devices and tasks are written by the hub.
+RESOURCES: dict[str, list[str]] = {
+    "ImagingStudy": READ + WRITE,
+    "Endpoint": READ + WRITE,
+    "Patient": READ + WRITE,
+    "DiagnosticReport": READ,
+    "Observation": READ,
+    "Device": READ,
+    "Task": READ,
+    "ServiceRequest": READ,
+}
+
+
+def writable(rtype: str) -> bool:
+    return "create" in RESOURCES.get(rtype, [])
+
+
+def statement(base: str, params: dict[str, dict[str, SearchParam]], software_date: str) -> dict[str, Any]:
+    resources = []
+    for rtype, interactions in RESOURCES.items():
+        entry: dict[str, Any] = {
+            "type": rtype,
+            "interaction": [{"code": i} for i in interactions],
+            "versioning": "versioned-update",
+            "readHistory": True,
+            "updateCreate": "update" in interactions,
+            "conditionalCreate": rtype == "ImagingStudy",
+            "searchParam": [
+                {"name": "_id", "type": "token"},
+                {"name": "_lastUpdated", "type": "date"},
+                *({"name": p.name, "type": p.type} for p in params.get(rtype, {}).values()),
+            ],
+        }
+        includes = [f"{rtype}:{p.name}" for p in params.get(rtype, {}).values() if p.type == "reference"]
+        if includes:
+            entry["searchInclude"] = includes
+        resources.append(entry)
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": software_date,
+        "kind": "instance",
+        "software": {"name": "interop-hub", "version": __version__},
+        "implementation": {"description": "Imaging-AI interoperability hub", "url": base},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [{
+            "mode": "server",
+            "documentation": "AI results are preliminary until a radiologist signs them.",
+            "resource": resources,
+        }],
+    }

@@ -1,0 +1,1 @@
+"""The analysis pipeline: intake (queue a study), the worker, and the report it builds."""

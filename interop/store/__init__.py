@@ -1,0 +1,1 @@
+"""PostgreSQL: migrations, FHIR resource store, job queue. All shared state of the hub lives here."""

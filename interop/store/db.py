@@ -1,0 +1,70 @@
+"""Connections and migrations.
+
+Migrations are numbered SQL files applied in order under an advisory lock, so several hub
+replicas starting together against one PostgreSQL apply each exactly once.
+"""
+from __future__ import annotations
+
+import re
+from importlib import resources as pkg_resources
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+MIGRATION_LOCK = 0x1A7E_0001  # pg_advisory_lock key shared by every replica
+_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+def connect(url: str, **kwargs: Any) -> psycopg.Connection[dict[str, Any]]:
+    """A plain connection returning rows as dicts."""
+    return psycopg.connect(url, row_factory=dict_row, **kwargs)
+
+
+def pool(url: str, *, min_size: int = 1, max_size: int = 8) -> ConnectionPool:
+    """A pool per process; opened by the caller (never at import time)."""
+    return ConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        kwargs={"row_factory": dict_row},
+        open=False,
+        name="interop",
+    )
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(number, file name, SQL) of every shipped migration, in order."""
+    found = []
+    for entry in pkg_resources.files("interop.store").joinpath("migrations").iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def migrate(url: str) -> list[str]:
+    """Apply pending migrations; returns the names applied now."""
+    applied_now: list[str] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migration ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {row[0] for row in conn.execute("SELECT version FROM schema_migration")}
+            for number, name, sql in migrations():
+                if number in done:
+                    continue
+                with conn.transaction():
+                    conn.execute(sql)  # type: ignore[arg-type]
+                    conn.execute(
+                        "INSERT INTO schema_migration (version, name) VALUES (%s, %s)", (number, name)
+                    )
+                applied_now.append(name)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+    return applied_now

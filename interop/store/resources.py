@@ -1,0 +1,251 @@
+"""FHIR resources in PostgreSQL: current version, full history, write-time search index.
+
+Every function takes a connection and runs inside the caller's transaction, so a study, its
+analysis Task and its queue entry (or a report, its observations and the job's completion)
+are stored together or not at all. Reads return the stored JSON: it was validated on write.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Iterable
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from .search_params import SearchParam, index_rows
+
+
+class StoreError(Exception):
+    """Base of the store's errors; the FHIR layer maps each to an HTTP status."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Gone(StoreError):
+    pass
+
+
+class VersionConflict(StoreError):
+    """If-Match named a version that is no longer current (HTTP 412)."""
+
+
+@dataclass
+class Criterion:
+    """One search parameter with its OR'd values: (system or None or ANY, value)."""
+
+    param: SearchParam
+    values: list[tuple[str | None | object, str]]
+    modifier: str | None = None
+
+
+ANY_SYSTEM = object()
+
+
+@dataclass
+class Query:
+    criteria: list[Criterion] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    last_updated: list[tuple[str, datetime]] = field(default_factory=list)
+    count: int = 20
+    offset: int = 0
+    descending: bool = False
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _now(conn: psycopg.Connection[Any]) -> datetime:
+    row = conn.execute("SELECT clock_timestamp() AS now").fetchone()
+    assert row is not None
+    return row["now"] if isinstance(row, dict) else row[0]
+
+
+def _with_meta(body: dict[str, Any], rid: str, version: int, ts: datetime) -> dict[str, Any]:
+    out = dict(body)
+    out["id"] = rid
+    meta = dict(out.get("meta") or {})
+    meta["versionId"] = str(version)
+    meta["lastUpdated"] = ts.isoformat()
+    out["meta"] = meta
+    return out
+
+
+def _write(
+    conn: psycopg.Connection[Any],
+    rtype: str,
+    rid: str,
+    version: int,
+    body: dict[str, Any],
+    params: dict[str, SearchParam],
+) -> dict[str, Any]:
+    ts = _now(conn)
+    stored = _with_meta(body, rid, version, ts)
+    conn.execute(
+        "INSERT INTO resource (type, id, version, last_updated, body) VALUES (%s, %s, %s, %s, %s)"
+        " ON CONFLICT (type, id) DO UPDATE SET version = EXCLUDED.version,"
+        " last_updated = EXCLUDED.last_updated, deleted = false, body = EXCLUDED.body",
+        (rtype, rid, version, ts, Jsonb(stored)),
+    )
+    conn.execute(
+        "INSERT INTO resource_history (type, id, version, last_updated, body) VALUES (%s, %s, %s, %s, %s)",
+        (rtype, rid, version, ts, Jsonb(stored)),
+    )
+    conn.execute("DELETE FROM search_index WHERE type = %s AND id = %s", (rtype, rid))
+    rows = index_rows(stored, params)
+    if rows:
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO search_index (type, id, param, system, value) VALUES (%s, %s, %s, %s, %s)",
+                [(rtype, rid, p, s, v) for p, s, v in rows],
+            )
+    return stored
+
+
+def create(
+    conn: psycopg.Connection[Any],
+    body: dict[str, Any],
+    params: dict[str, SearchParam],
+    rid: str | None = None,
+) -> dict[str, Any]:
+    """Store a new resource (version 1) under a server-assigned id unless one is given."""
+    return _write(conn, body["resourceType"], rid or new_id(), 1, body, params)
+
+
+def update(
+    conn: psycopg.Connection[Any],
+    body: dict[str, Any],
+    params: dict[str, SearchParam],
+    if_match: int | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Store a new version; creates when the id is new. Returns (stored, created)."""
+    rtype, rid = body["resourceType"], body["id"]
+    row = conn.execute(
+        "SELECT version FROM resource WHERE type = %s AND id = %s FOR UPDATE", (rtype, rid)
+    ).fetchone()
+    current = _first(row)
+    if if_match is not None and current != if_match:
+        raise VersionConflict(f"{rtype}/{rid} is at version {current}, not {if_match}")
+    return _write(conn, rtype, rid, (current or 0) + 1, body, params), current is None
+
+
+def _first(row: Any) -> Any:
+    if row is None:
+        return None
+    return next(iter(row.values())) if isinstance(row, dict) else row[0]
+
+
+def read(conn: psycopg.Connection[Any], rtype: str, rid: str) -> dict[str, Any]:
+    row = conn.execute(
+        "SELECT body, deleted FROM resource WHERE type = %s AND id = %s", (rtype, rid)
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"{rtype}/{rid} is not known")
+    if row["deleted"]:
+        raise Gone(f"{rtype}/{rid} was deleted")
+    return row["body"]  # type: ignore[no-any-return]
+
+
+def vread(conn: psycopg.Connection[Any], rtype: str, rid: str, version: int) -> dict[str, Any]:
+    row = conn.execute(
+        "SELECT body FROM resource_history WHERE type = %s AND id = %s AND version = %s",
+        (rtype, rid, version),
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"{rtype}/{rid} has no version {version}")
+    return row["body"]  # type: ignore[no-any-return]
+
+
+def history(conn: psycopg.Connection[Any], rtype: str, rid: str) -> list[dict[str, Any]]:
+    """Every version, newest first."""
+    rows = conn.execute(
+        "SELECT body FROM resource_history WHERE type = %s AND id = %s ORDER BY version DESC",
+        (rtype, rid),
+    ).fetchall()
+    if not rows:
+        raise NotFound(f"{rtype}/{rid} is not known")
+    return [r["body"] for r in rows]
+
+
+def _criterion_sql(crit: Criterion) -> tuple[str, list[Any]]:
+    ors: list[str] = []
+    args: list[Any] = [crit.param.name]
+    for system, value in crit.values:
+        if crit.param.type == "string":
+            if crit.modifier == "exact":
+                ors.append("s.value = %s")
+                args.append(value.lower())
+            else:
+                ors.append("s.value LIKE %s")
+                args.append(value.lower().replace("%", r"\%").replace("_", r"\_") + "%")
+        elif crit.param.type == "reference" and "/" not in value:
+            ors.append("s.value LIKE %s")
+            args.append("%/" + value)
+        elif system is ANY_SYSTEM:
+            ors.append("s.value = %s")
+            args.append(value)
+        elif system is None:
+            ors.append("(s.value = %s AND s.system IS NULL)")
+            args.append(value)
+        elif value == "":
+            ors.append("s.system = %s")
+            args.append(system)
+        else:
+            ors.append("(s.value = %s AND s.system = %s)")
+            args.extend([value, system])
+    sql = (
+        "EXISTS (SELECT 1 FROM search_index s WHERE s.type = r.type AND s.id = r.id"
+        f" AND s.param = %s AND ({' OR '.join(ors)}))"
+    )
+    if crit.modifier == "not":
+        sql = "NOT " + sql
+    return sql, args
+
+
+_OPS = {"gt": ">", "lt": "<", "ge": ">=", "le": "<=", "eq": "="}
+
+
+def search(
+    conn: psycopg.Connection[Any], rtype: str, query: Query
+) -> tuple[int, list[dict[str, Any]]]:
+    """(total matches, one page of bodies) for a type-level search."""
+    where = ["r.type = %s", "NOT r.deleted"]
+    args: list[Any] = [rtype]
+    if query.ids:
+        where.append("r.id = ANY(%s)")
+        args.append(query.ids)
+    for op, when in query.last_updated:
+        where.append(f"r.last_updated {_OPS[op]} %s")
+        args.append(when)
+    for crit in query.criteria:
+        sql, crit_args = _criterion_sql(crit)
+        where.append(sql)
+        args.extend(crit_args)
+    clause = " AND ".join(where)
+    total = _first(conn.execute(f"SELECT count(*) FROM resource r WHERE {clause}", args).fetchone())
+    order = "DESC" if query.descending else "ASC"
+    rows = conn.execute(
+        f"SELECT body FROM resource r WHERE {clause} ORDER BY r.last_updated {order}, r.id"
+        " LIMIT %s OFFSET %s",
+        [*args, query.count, query.offset],
+    ).fetchall()
+    return int(total or 0), [r["body"] for r in rows]
+
+
+def read_many(
+    conn: psycopg.Connection[Any], refs: Iterable[str]
+) -> list[dict[str, Any]]:
+    """Current bodies for 'Type/id' references (for _include); unknown ones are skipped."""
+    pairs = [tuple(ref.split("/", 1)) for ref in dict.fromkeys(refs) if "/" in ref]
+    if not pairs:
+        return []
+    rows = conn.execute(
+        "SELECT body FROM resource WHERE NOT deleted AND (type, id) IN"
+        " (SELECT * FROM unnest(%s::text[], %s::text[]))",
+        ([p[0] for p in pairs], [p[1] for p in pairs]),
+    ).fetchall()
+    return [r["body"] for r in rows]

@@ -1,0 +1,7 @@
+"""Fixtures per peer, as plugin modules: each starts a real server on loopback."""
+pytest_plugins = (
+    "tests.fixtures.postgres",
+    "tests.fixtures.triton",
+    "tests.fixtures.orthanc",
+    "tests.fixtures.hub",
+)
