@@ -1,0 +1,73 @@
+"""The `interop` command: serve, worker, migrate, build-models, demo."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import ENVIRONMENT, Settings
+
+
+def _settings_help() -> str:
+    lines = ["settings (environment variables):"]
+    for name, _attr, default, text in ENVIRONMENT:
+        shown = f" [default: {default}]" if default is not None else ""
+        lines.append(f"  {name:<28} {text}{shown}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="interop",
+        description="Imaging-AI interoperability hub: FHIR/HL7 in, Triton inference, FHIR/HL7 out.",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("serve", help="run the hub: FHIR API, workers, and embedded PostgreSQL/Triton when not configured")
+    sub.add_parser("worker", help="run one inference worker (needs DATABASE_URL and TRITON_URL)")
+    sub.add_parser("migrate", help="apply database migrations to DATABASE_URL")
+    sub.add_parser("build-models", help="build the reference model weights into INTEROP_TRITON_REPO")
+    demo = sub.add_parser("demo", help="send a real DICOM study and an ImagingStudy through the hub, print the report")
+    demo.add_argument("--keep", action="store_true", help="leave the demo PACS data in INTEROP_DATA_DIR")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    settings = Settings.from_env()
+    if args.command == "serve":
+        from .runtime.supervisor import serve
+
+        return serve(settings)
+    if args.command == "worker":
+        from .pipeline.worker import main as worker_main
+
+        worker_main(settings)
+        return 0
+    if args.command == "migrate":
+        from .store import db
+
+        if not settings.database_url:
+            parser.error("DATABASE_URL is not set")
+        print("\n".join(db.migrate(settings.database_url)) or "up to date")
+        return 0
+    if args.command == "build-models":
+        from .runtime.supervisor import ensure_models
+
+        ensure_models(settings.triton_repo)
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(settings)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

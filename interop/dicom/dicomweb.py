@@ -1,0 +1,299 @@
+"""DICOMweb client: QIDO-RS instance search and WADO-RS instance retrieval over plain `requests`.
+
+    client = DicomWebClient("http://pacs/dicom-web", timeout_s=30)
+    for ref in client.search_instances(study_uid):
+        ds = client.retrieve_instance(ref)
+
+Failures become `errors.PacsUnavailable` (transient), `errors.StudyNotFound` or `errors.DicomError`
+(permanent); every request carries a timeout. The multipart/related parser is a pure function.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from io import BytesIO
+from types import TracebackType
+from typing import Any, Mapping
+
+import requests
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from interop.dicom.errors import DicomError, PacsUnavailable, StudyNotFound
+
+log = logging.getLogger(__name__)
+
+DICOM_JSON = "application/dicom+json"
+MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
+
+# QIDO-RS attributes beyond the server's defaults that routing needs.
+INCLUDE_FIELDS = (
+    "00180015",  # BodyPartExamined
+    "00185101",  # ViewPosition
+    "0008103E",  # SeriesDescription
+    "00280008",  # NumberOfFrames
+    "00280010",  # Rows
+    "00280011",  # Columns
+)
+
+# SOP classes that never carry pixel data (prefixes; structured reports share one root).
+NON_IMAGE_SOP_CLASS_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated documents (PDF, CDA, STL...)
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, spatial registration, fiducials, segmentation
+    "1.2.840.10008.5.1.4.1.1.481.",  # RT plans, structure sets, doses...
+    "1.2.840.10008.5.1.4.1.1.9.",  # waveforms
+)
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """One instance as a QIDO-RS search describes it: enough to route it and to retrieve it."""
+
+    study_uid: str
+    series_uid: str
+    instance_uid: str
+    sop_class_uid: str | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    view_position: str | None = None
+    series_description: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+    number_of_frames: int | None = None
+    instance_number: int | None = None
+
+    @property
+    def probably_image(self) -> bool:
+        """False when the search already shows there are no pixels to retrieve."""
+        if self.sop_class_uid and self.sop_class_uid.startswith(NON_IMAGE_SOP_CLASS_PREFIXES):
+            return False
+        return self.rows is not None and self.columns is not None
+
+    @classmethod
+    def from_dicom_json(cls, item: Mapping[str, Any]) -> "InstanceRef":
+        """Build from one DICOM JSON object (PS3.18 F.2) of a QIDO-RS answer."""
+        study, series, instance = _first(item, "0020000D"), _first(item, "0020000E"), _first(item, "00080018")
+        if not (study and series and instance):
+            raise DicomError("PACS search result lacks study, series or instance UID")
+        return cls(
+            study_uid=str(study),
+            series_uid=str(series),
+            instance_uid=str(instance),
+            sop_class_uid=_text(item, "00080016"),
+            modality=_text(item, "00080060"),
+            body_part=_text(item, "00180015"),
+            view_position=_text(item, "00185101"),
+            series_description=_text(item, "0008103E"),
+            rows=_int(item, "00280010"),
+            columns=_int(item, "00280011"),
+            number_of_frames=_int(item, "00280008"),
+            instance_number=_int(item, "00200013"),
+        )
+
+
+def _first(item: Mapping[str, Any], tag: str) -> Any:
+    element = item.get(tag) or item.get(tag.lower())
+    if not isinstance(element, Mapping):
+        return None
+    values = element.get("Value")
+    if not values:
+        return None
+    return values[0]
+
+
+def _text(item: Mapping[str, Any], tag: str) -> str | None:
+    value = _first(item, tag)
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _int(item: Mapping[str, Any], tag: str) -> int | None:
+    value = _first(item, tag)
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# -- multipart/related (RFC 2387), no I/O -----------------------------------------------------
+_BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+
+
+def multipart_boundary(content_type: str) -> bytes:
+    match = _BOUNDARY.search(content_type or "")
+    if not match:
+        raise DicomError("PACS answer is multipart without a boundary")
+    return (match.group(1) or match.group(2)).encode("ascii")
+
+
+def parse_multipart(body: bytes, boundary: bytes) -> list[tuple[dict[str, str], bytes]]:
+    """Split a multipart body into (headers with lower-case names, payload) pairs."""
+    delimiter = b"--" + boundary
+    position = body.find(delimiter)
+    if position < 0:
+        raise DicomError("PACS multipart answer has no part")
+    parts: list[tuple[dict[str, str], bytes]] = []
+    while True:
+        position += len(delimiter)
+        if body.startswith(b"--", position):
+            return parts  # close delimiter
+        line_end = body.find(b"\r\n", position)  # rest of the delimiter line: transport padding
+        if line_end < 0:
+            raise DicomError("PACS multipart answer is truncated")
+        header_end = body.find(b"\r\n\r\n", line_end)
+        if header_end == line_end:  # a part without headers
+            headers: dict[str, str] = {}
+            start = line_end + 4
+        else:
+            if header_end < 0:
+                raise DicomError("PACS multipart answer is truncated")
+            headers = {}
+            for line in body[line_end + 2 : header_end].split(b"\r\n"):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            start = header_end + 4
+        end = -1
+        length = headers.get("content-length", "")
+        if length.isdigit():
+            candidate = start + int(length)
+            if body.startswith(b"\r\n" + delimiter, candidate):
+                end = candidate
+        if end < 0:
+            end = body.find(b"\r\n" + delimiter, start)
+            if end < 0:
+                raise DicomError("PACS multipart answer is truncated")
+        parts.append((headers, body[start:end]))
+        position = end + 2
+
+
+# -- client ------------------------------------------------------------------------------------
+class DicomWebClient:
+    """QIDO-RS / WADO-RS against one DICOMweb base URL (e.g. `http://pacs:8042/dicom-web`).
+
+    No I/O happens in the constructor. Pass a `requests.Session` to share connections (and
+    authentication) with other code; otherwise the client owns one and closes it in `close()`.
+    `transfer_syntax` is sent as the `transfer-syntax` parameter of the Accept header. The default
+    "*" asks for the instance as stored: without it the standard's default is Explicit VR Little
+    Endian, and Orthanc 1.10 then answers HTTP 500 for instances it cannot transcode (JPEG 2000).
+    Give a UID (e.g. "1.2.840.10008.1.2.1") to ask the PACS to transcode, or None to send none.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout_s: float,
+        session: requests.Session | None = None,
+        *,
+        transfer_syntax: str | None = "*",
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = float(timeout_s)
+        self.transfer_syntax = transfer_syntax
+        self._owns_session = session is None
+        self.session = session or requests.Session()
+
+    def close(self) -> None:
+        if self._owns_session:
+            self.session.close()
+
+    def __enter__(self) -> "DicomWebClient":
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # timeout=(connect, read): connecting to a dead host fails fast; `read` bounds each wait for bytes.
+    def _get(self, url: str, *, accept: str, params: Any = None, what: str) -> requests.Response:
+        try:
+            response = self.session.get(
+                url,
+                params=params,
+                headers={"Accept": accept},
+                timeout=(min(self.timeout_s, 10.0), self.timeout_s),
+            )
+        except requests.Timeout as exc:
+            raise PacsUnavailable(f"PACS timed out during {what}") from exc
+        except requests.ConnectionError as exc:
+            raise PacsUnavailable(f"PACS unreachable during {what}") from exc
+        except requests.RequestException as exc:
+            raise DicomError(f"{what} request failed ({type(exc).__name__})") from exc
+        status = response.status_code
+        if status >= 500 or status in (408, 429):
+            raise PacsUnavailable(f"PACS answered HTTP {status} to {what}", status=status)
+        if status == 404:
+            raise StudyNotFound(status=status)
+        if status in (401, 403):
+            raise DicomError(f"PACS refused access (HTTP {status}) to {what}", status=status)
+        if status >= 400:
+            raise DicomError(f"PACS answered HTTP {status} to {what}", status=status)
+        return response
+
+    def search_instances(self, study_uid: str) -> list[InstanceRef]:
+        """QIDO-RS `GET {base}/studies/{uid}/instances`; StudyNotFound when the study has none."""
+        began = time.perf_counter()
+        response = self._get(
+            f"{self.base_url}/studies/{study_uid}/instances",
+            accept=DICOM_JSON,
+            params={"includefield": list(INCLUDE_FIELDS)},
+            what="QIDO-RS search",
+        )
+        if response.status_code == 204 or not response.content.strip():
+            raise StudyNotFound()
+        try:
+            items = response.json()
+        except ValueError as exc:
+            raise DicomError("PACS sent an invalid QIDO-RS answer (not JSON)") from exc
+        if not isinstance(items, list):
+            raise DicomError("PACS sent an invalid QIDO-RS answer (not a list)")
+        if not items:
+            raise StudyNotFound()
+        refs = [InstanceRef.from_dicom_json(item) for item in items]
+        log.debug("QIDO-RS: %d instances in %.3f s", len(refs), time.perf_counter() - began)
+        return refs
+
+    def retrieve_instance(self, ref: InstanceRef) -> Dataset:
+        """WADO-RS `GET {base}/studies/{s}/series/{se}/instances/{i}` as multipart/related application/dicom."""
+        began = time.perf_counter()
+        accept = MULTIPART_DICOM
+        if self.transfer_syntax:
+            accept += f"; transfer-syntax={self.transfer_syntax}"
+        response = self._get(
+            f"{self.base_url}/studies/{ref.study_uid}/series/{ref.series_uid}/instances/{ref.instance_uid}",
+            accept=accept,
+            what="WADO-RS retrieval",
+        )
+        content_type = response.headers.get("Content-Type", "")
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type == "multipart/related":
+            parts = parse_multipart(response.content, multipart_boundary(content_type))
+            payloads = [data for headers, data in parts if _is_dicom_part(headers)]
+        elif media_type == "application/dicom":
+            payloads = [response.content]
+        else:
+            raise DicomError(f"PACS sent {media_type or 'no media type'} instead of DICOM")
+        if not payloads:
+            raise StudyNotFound("instance not found on the PACS")
+        try:
+            ds = dcmread(BytesIO(payloads[0]), force=False)
+        except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
+            raise DicomError("PACS sent an unreadable DICOM instance") from exc
+        if str(ds.get("SOPInstanceUID", "")) != ref.instance_uid:
+            raise DicomError("PACS sent a different instance than the one asked for")
+        log.debug("WADO-RS: %d bytes in %.3f s", len(payloads[0]), time.perf_counter() - began)
+        return ds
+
+
+def _is_dicom_part(headers: Mapping[str, str]) -> bool:
+    content_type = headers.get("content-type", "application/dicom")
+    return content_type.split(";", 1)[0].strip().lower() == "application/dicom"

@@ -1,0 +1,207 @@
+"""Pixel data to model input: pure functions, no I/O.
+
+`to_display_array` follows the DICOM grayscale pipeline (PS3.3 C.11 / PS3.4 N.2.1): stored
+values -> Modality LUT (or rescale slope/intercept) -> VOI LUT (or window centre/width) ->
+0..1, with MONOCHROME1 inverted so that 1 is always the brightest display value. Colour images
+become luminance. `preprocess` turns that image into a normalised (C, H, W) tensor.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
+
+from interop.dicom.errors import NotAnImage
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_NON_IMAGE_SOP_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated documents
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.481.",  # radiotherapy objects
+)
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as DICOM YBR uses
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_display_array(ds: Dataset) -> np.ndarray:
+    """The first frame of `ds` as float32 (rows, columns) in [0, 1]; raises NotAnImage."""
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class.startswith(_NON_IMAGE_SOP_PREFIXES):
+        raise NotAnImage("not an image SOP class")
+    if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+        raise NotAnImage("instance has no pixel data")
+    if not ds.get("Rows") or not ds.get("Columns"):
+        raise NotAnImage("instance has no image size")
+
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        # index=0 decodes one frame only; YBR colour is converted to RGB.
+        stored = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
+    except Exception as exc:  # pydicom raises many types (ValueError, RuntimeError, NotImplementedError...)
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", None) or "unknown transfer syntax"
+        raise NotAnImage(f"pixel data cannot be decoded ({name})") from exc
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if stored.ndim == 3 and samples == 1 and stored.shape[0] == frames:
+        stored = stored[0]  # a decoder that ignored `index`
+    if photometric == "PALETTE COLOR":
+        try:
+            rgb = apply_color_lut(stored, ds)
+        except Exception as exc:  # missing or malformed lookup tables raise several types
+            raise NotAnImage("palette colour lookup table is unusable") from exc
+        image = _luminance(rgb, 8 if rgb.dtype == np.uint8 else 16)
+    elif samples == 3 or stored.ndim == 3:
+        if stored.ndim != 3 or stored.shape[-1] != 3:
+            raise NotAnImage("unexpected colour pixel layout")
+        image = _luminance(stored, int(ds.get("BitsStored", 8) or 8))
+    else:
+        if stored.ndim != 2:
+            raise NotAnImage("unexpected pixel array shape")
+        image = _grayscale(stored, ds)
+        if photometric == "MONOCHROME1":
+            image = 1.0 - image
+    if not np.all(np.isfinite(image)):
+        raise NotAnImage("pixel values are not finite")
+    return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def _luminance(rgb: np.ndarray, bits: int) -> np.ndarray:
+    scale = float((1 << bits) - 1) if np.issubdtype(rgb.dtype, np.integer) else max(float(rgb.max()), 1e-6)
+    return np.clip((rgb.astype(np.float32) @ _LUMA) / scale, 0.0, 1.0)
+
+
+def _frame_item(ds: Dataset, sequence: str) -> Dataset | None:
+    """The first-frame item of a functional group macro (enhanced multi-frame objects)."""
+    for groups in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        outer = ds.get(groups)
+        if outer and sequence in outer[0] and outer[0][sequence]:
+            return outer[0][sequence][0]  # type: ignore[no-any-return]
+    return None
+
+
+def _first_number(value: Any) -> float | None:
+    """The first of a possibly multi-valued DS/IS element (several windows: take the first)."""
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0] if len(value) else None
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _grayscale(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    # Modality LUT: a lookup table, or rescale slope/intercept (top level or functional groups).
+    if "ModalityLUTSequence" in ds:
+        values = apply_modality_lut(stored, ds).astype(np.float32)
+    else:
+        source: Dataset = ds
+        if "RescaleSlope" not in ds and "RescaleIntercept" not in ds:
+            source = _frame_item(ds, "PixelValueTransformationSequence") or ds
+        slope = _first_number(source.get("RescaleSlope"))
+        intercept = _first_number(source.get("RescaleIntercept"))
+        values = stored.astype(np.float32)
+        if slope is not None and slope != 1.0:
+            values *= np.float32(slope)
+        if intercept:
+            values += np.float32(intercept)
+
+    # VOI: a lookup table first (what the modality intended for display), then a window.
+    if "VOILUTSequence" in ds and ds.VOILUTSequence:
+        item = ds.VOILUTSequence[0]
+        # The LUT is indexed by the modality LUT output: integers, as the standard defines it.
+        indices = np.rint(values).astype(np.int64)
+        out = apply_voi(indices, ds, index=0).astype(np.float32)
+        lut = np.asarray(item.LUTData, dtype=np.float32).ravel()
+        return _scale(out, float(lut.min()), float(lut.max()))
+
+    source = ds
+    if "WindowCenter" not in ds:
+        source = _frame_item(ds, "FrameVOILUTSequence") or ds
+    centre = _first_number(source.get("WindowCenter"))
+    width = _first_number(source.get("WindowWidth"))
+    if centre is not None and width is not None and width > 0:
+        function = str(source.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        return window(values, centre, width, function)
+
+    sample = values[:: max(1, values.shape[0] // 512), :: max(1, values.shape[1] // 512)]
+    low, high = np.percentile(sample, [0.5, 99.5])
+    return _scale(values, float(low), float(high))
+
+
+def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float32)
+    out = (values - np.float32(low)) * np.float32(1.0 / (high - low))
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def window(values: np.ndarray, centre: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """Window centre/width to [0, 1], per PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT, SIGMOID)."""
+    values = values.astype(np.float32, copy=False)
+    if function == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        return _scale(values, centre - width / 2.0, centre + width / 2.0)
+    # LINEAR: x <= c - 0.5 - (w-1)/2 -> 0; x > c - 0.5 + (w-1)/2 -> 1; linear between.
+    width = max(width, 1.0)
+    if width == 1.0:
+        return (values > centre - 0.5).astype(np.float32)
+    low = centre - 0.5 - (width - 1.0) / 2.0
+    return _scale(values, low, low + (width - 1.0))
+
+
+def preprocess(
+    image: np.ndarray,
+    *,
+    size: tuple[int, int] = (224, 224),
+    channels: int = 3,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    pad_value: float = 0.0,
+) -> np.ndarray:
+    """A (H, W) image in [0, 1] to a float32 (channels, height, width) model input.
+
+    The aspect ratio is kept: the image is padded to a square with `pad_value` (centred), then
+    resized with Pillow's bilinear filter (antialiased when shrinking), replicated to `channels`
+    and normalised per channel: (x - mean[c]) / std[c]. `mean`/`std` of length 1 apply to all.
+    """
+    if image.ndim != 2:
+        raise ValueError(f"expected a (H, W) image, got shape {image.shape}")
+    if channels < 1:
+        raise ValueError("channels must be at least 1")
+    mean_arr = _per_channel(mean, channels, "mean")
+    std_arr = _per_channel(std, channels, "std")
+    if np.any(std_arr == 0):
+        raise ValueError("std must not contain zero")
+    height, width = int(size[0]), int(size[1])
+
+    rows, cols = image.shape
+    side = max(rows, cols)
+    square = np.full((side, side), pad_value, dtype=np.float32)
+    top, left = (side - rows) // 2, (side - cols) // 2
+    square[top : top + rows, left : left + cols] = image
+    resized = Image.fromarray(square, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    plane = np.asarray(resized, dtype=np.float32)
+    out = np.repeat(plane[np.newaxis, :, :], channels, axis=0)
+    out -= mean_arr[:, None, None]
+    out /= std_arr[:, None, None]
+    return out
+
+
+def _per_channel(values: Sequence[float], channels: int, name: str) -> np.ndarray:
+    arr = np.asarray(list(values), dtype=np.float32).ravel()
+    if arr.size == 1:
+        return np.repeat(arr, channels)
+    if arr.size != channels:
+        raise ValueError(f"{name} has {arr.size} values for {channels} channels")
+    return arr

@@ -1,0 +1,293 @@
+"""The inference worker: claim a job, retrieve the study, preprocess, infer, store the report.
+
+Several workers (in one hub or in several replicas) share the queue in PostgreSQL. The report,
+its observations, the Task's completion and the job's completion commit together, and only
+while this worker still holds the job's lease: a crash anywhere before that commit leaves the
+job to be retried, and never leaves two reports.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from threading import Event
+from typing import Any, Iterator
+
+import numpy as np
+import psycopg
+
+from inference_client import routing
+from inference_client.models import ModelDescription, load_models
+from inference_client.triton import ModelNotFound, TritonClient, TritonError, TritonUnavailable
+
+from ..config import Settings
+from ..dicom import pixels
+from ..dicom.dicomweb import DicomWebClient, InstanceRef
+from ..dicom.errors import DicomError, NotAnImage
+from ..store import db, jobs, resources
+from ..store.search_params import SearchParam, load
+from . import report
+from .intake import ANALYSE
+
+log = logging.getLogger("interop.worker")
+
+
+class Permanent(Exception):
+    """The job cannot succeed by retrying; `reason` is shown on the Task (no patient data)."""
+
+
+class NoModel(Exception):
+    """No model is routed for this study: recorded as 'not analysed', not as a failure."""
+
+
+@dataclass
+class Timings:
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - start, 6)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+class Worker:
+    def __init__(self, settings: Settings, worker_id: str | None = None):
+        if not settings.database_url or not settings.triton_url:
+            raise RuntimeError("the worker needs DATABASE_URL and TRITON_URL")
+        self.settings = settings
+        self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.params: dict[str, dict[str, SearchParam]] = load(settings.mappings_dir)
+        self.models: dict[str, ModelDescription] = load_models(settings.mappings_dir)
+        self.rules = routing.load_rules(settings.mappings_dir)
+        self.triton = TritonClient(settings.triton_url, timeout_s=settings.triton_timeout)
+        self.conn = db.connect(settings.database_url, autocommit=True)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, stop: Event, idle_wait: float = 1.0) -> None:
+        """Process jobs until `stop` is set; wakes on NOTIFY, polls every `idle_wait` seconds."""
+        listener = db.connect(self.settings.database_url, autocommit=True)
+        listener.execute(f"LISTEN {jobs.CHANNEL}")
+        log.info("worker %s started", self.id)
+        try:
+            while not stop.is_set():
+                if self.run_once():
+                    continue
+                select.select([listener.fileno()], [], [], idle_wait)
+                for _ in listener.notifies(timeout=0):
+                    pass
+        finally:
+            listener.close()
+            log.info("worker %s stopped", self.id)
+
+    def run_once(self) -> bool:
+        """Claim and process one job; False when none is ready."""
+        job = jobs.claim(self.conn, self.id, self.settings.job_lease_seconds)
+        if job is None:
+            return False
+        if job.kind != ANALYSE:
+            with self.conn.transaction():
+                jobs.fail(self.conn, job, f"unknown job kind {job.kind}", {})
+            return True
+        self.process(job)
+        return True
+
+    # -- one job ----------------------------------------------------------------------------
+    def process(self, job: jobs.Job) -> None:
+        timings = Timings()
+        total = time.perf_counter()
+        payload = job.payload
+        try:
+            if job.attempts > job.max_attempts:
+                raise Permanent(f"gave up after {job.max_attempts} attempts")
+            study = resources.read(self.conn, "ImagingStudy", payload["study"])
+            self._task(payload["task"], "in-progress", business="retrieving images")
+            result = self._analyse(job, study, timings)
+            timings.stages["total"] = round(time.perf_counter() - total, 6)
+            with self.conn.transaction():
+                self._store(job, study, result, timings)
+            log.info("job %s done in %.2fs", job.id, timings.stages["total"])
+        except jobs.LeaseLost:
+            log.warning("job %s: lease lost, result dropped", job.id)
+        except NoModel as exc:
+            with self.conn.transaction():
+                self._task(payload["task"], "rejected", reason=str(exc))
+                jobs.complete(self.conn, job, timings.stages)
+        except (Permanent, NotAnImage, ModelNotFound) as exc:
+            self._fail(job, _reason(exc), timings)
+        except (DicomError, TritonError) as exc:
+            if getattr(exc, "is_transient", isinstance(exc, TritonUnavailable)) and job.attempts < job.max_attempts:
+                self._retry(job, _reason(exc))
+            else:
+                self._fail(job, _reason(exc), timings)
+        except resources.NotFound:
+            self._fail(job, "the ImagingStudy is no longer in the store", timings)
+        except Exception as exc:  # unknown: retry, and log the type only (text may hold patient data)
+            log.error("job %s: unexpected %s", job.id, type(exc).__name__)
+            log.debug("job failure", exc_info=exc)
+            if job.attempts < job.max_attempts:
+                self._retry(job, f"internal error ({type(exc).__name__})")
+            else:
+                self._fail(job, f"internal error ({type(exc).__name__})", timings)
+
+    def _analyse(self, job: jobs.Job, study: dict[str, Any], timings: Timings) -> list[dict[str, Any]]:
+        client = DicomWebClient(job.payload["dicomweb"], timeout_s=self.settings.dicomweb_timeout)
+        try:
+            with timings.stage("retrieve"):
+                refs = client.search_instances(job.payload["study_uid"])
+            chosen = self._route(study, refs)
+            results = []
+            for name, model_refs in chosen.items():
+                model = self.models[name]
+                batch = self._pixels(client, model, model_refs, timings)
+                jobs.renew(self.conn, job, self.settings.job_lease_seconds)
+                self._task(job.payload["task"], "in-progress", business=f"inference: {name}")
+                with timings.stage("inference"):
+                    probabilities = self._infer(model, batch)
+                    version = self.triton.model_version_label(model.triton_model) or model.version
+                results.append({"model": model, "version": version, "probabilities": probabilities})
+            return results
+        finally:
+            client.close()
+
+    def _route(self, study: dict[str, Any], refs: list[InstanceRef]) -> dict[str, list[InstanceRef]]:
+        procedure = [c.get("code") for pc in study.get("procedureCode", []) for c in pc.get("coding", [])]
+        chosen: dict[str, list[InstanceRef]] = {}
+        for ref in refs:
+            facts = routing.StudyFacts(
+                modality=ref.modality, body_part=ref.body_part, view_position=ref.view_position,
+                laterality=None, procedure_codes=tuple(c for c in procedure if c),
+                series_description=ref.series_description,
+            )
+            for name in routing.route(facts, self.rules):
+                if name in self.models:
+                    chosen.setdefault(name, []).append(ref)
+        if not chosen:
+            kinds = sorted({f"{r.modality or '?'} {r.body_part or '?'}" for r in refs})
+            raise NoModel(f"not analysed: no model for {', '.join(kinds) or 'this study'}")
+        return chosen
+
+    def _pixels(
+        self, client: DicomWebClient, model: ModelDescription, refs: list[InstanceRef], timings: Timings
+    ) -> np.ndarray:
+        arrays = []
+        skipped = 0
+        prep = model.preprocessing
+        for ref in refs:
+            with timings.stage("retrieve"):
+                ds = client.retrieve_instance(ref)
+            with timings.stage("decode"):
+                try:
+                    image = pixels.to_display_array(ds)
+                except NotAnImage:
+                    skipped += 1
+                    continue
+                arrays.append(pixels.preprocess(
+                    image, size=tuple(prep.resize), channels=prep.channels, mean=prep.mean, std=prep.std))
+            del ds
+        if not arrays:
+            raise NotAnImage(f"none of the {len(refs)} instances routed to {model.name} holds an image")
+        return np.stack(arrays).astype(np.float32)
+
+    def _infer(self, model: ModelDescription, batch: np.ndarray) -> list[float]:
+        """Study-level probability per label: the highest over the study's images."""
+        outputs = []
+        for start in range(0, len(batch), 8):
+            result = self.triton.infer(model.triton_model, {model.input.name: batch[start:start + 8]},
+                                       [model.output])
+            outputs.append(np.asarray(result[model.output], dtype=np.float32))
+        return [float(p) for p in np.concatenate(outputs).max(axis=0)]
+
+    # -- writing ----------------------------------------------------------------------------
+    def _store(self, job: jobs.Job, study: dict[str, Any], results: list[dict[str, Any]], timings: Timings) -> None:
+        start = time.perf_counter()
+        issued = _now()
+        reports = []
+        for result in results:
+            model: ModelDescription = result["model"]
+            built = report.build(
+                study=study, study_uid=job.payload["study_uid"], model=model, version=result["version"],
+                probabilities=result["probabilities"], report_id=resources.new_id(),
+                observation_ids=[resources.new_id() for _ in model.labels], issued=issued,
+            )
+            try:
+                resources.read(self.conn, "Device", built["device"]["id"])
+            except resources.NotFound:
+                resources.create(self.conn, built["device"], self.params["Device"], rid=built["device"]["id"])
+            for obs in built["observations"]:
+                resources.create(self.conn, obs, self.params["Observation"], rid=obs["id"])
+            resources.create(self.conn, built["report"], self.params["DiagnosticReport"], rid=built["report"]["id"])
+            reports.append(built["report"]["id"])
+        timings.stages["store"] = round(time.perf_counter() - start, 6)
+        self._task(job.payload["task"], "completed", business="report available",
+                   outputs=[f"DiagnosticReport/{rid}" for rid in reports])
+        jobs.complete(self.conn, job, timings.stages)
+
+    def _task(self, task_id: str, status: str, *, business: str | None = None, reason: str | None = None,
+              outputs: list[str] | None = None) -> None:
+        task = dict(resources.read(self.conn, "Task", task_id))
+        task["status"] = status
+        task["lastModified"] = _now()
+        if business:
+            task["businessStatus"] = {"text": business}
+        if reason:
+            task["statusReason"] = {"text": reason}
+        if outputs:
+            task["output"] = [{"type": {"text": "DiagnosticReport"}, "valueReference": {"reference": ref}}
+                              for ref in outputs]
+        resources.update(self.conn, task, self.params["Task"])
+
+    def _retry(self, job: jobs.Job, reason: str) -> None:
+        try:
+            with self.conn.transaction():
+                delay = jobs.retry_later(self.conn, job, reason, self.settings.retry_base_seconds)
+                self._task(job.payload["task"], "in-progress",
+                           business=f"waiting to retry in {delay}s: {reason}")
+            log.warning("job %s: %s; retry in %ss", job.id, reason, delay)
+        except jobs.LeaseLost:
+            log.warning("job %s: lease lost while scheduling a retry", job.id)
+
+    def _fail(self, job: jobs.Job, reason: str, timings: Timings) -> None:
+        try:
+            with self.conn.transaction():
+                jobs.fail(self.conn, job, reason, timings.stages)
+                self._task(job.payload["task"], "failed", reason=reason, business="analysis failed")
+            log.warning("job %s failed: %s", job.id, reason)
+        except jobs.LeaseLost:
+            log.warning("job %s: lease lost while failing it", job.id)
+
+
+def _reason(exc: BaseException) -> str:
+    """The safe, short reason of our own exceptions (they never carry patient data)."""
+    text = getattr(exc, "reason", None) or str(exc)
+    return f"{type(exc).__name__}: {text}"[:500]
+
+
+def main(settings: Settings | None = None) -> None:
+    """`interop worker`: run one worker until SIGTERM/SIGINT."""
+    import signal
+
+    settings = settings or Settings.from_env()
+    stop = Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    worker = Worker(settings)
+    try:
+        worker.run(stop)
+    finally:
+        worker.close()

@@ -1,0 +1,1 @@
+"""Embedded peers the hub can start itself: PostgreSQL, tritonserver, process supervision."""
