@@ -4,4 +4,5 @@ pytest_plugins = (
     "tests.fixtures.triton",
     "tests.fixtures.orthanc",
     "tests.fixtures.hub",
+    "tests.fixtures.validator",
 )

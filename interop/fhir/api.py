@@ -32,6 +32,8 @@ def hub() -> Any:
 
 
 def respond(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    if "resourceType" in body:  # JSONB keeps keys by length; people read resourceType first
+        body = {"resourceType": body["resourceType"], **body}
     return Response(orjson.dumps(body), status=status, headers=headers or {}, content_type=FHIR_JSON)
 
 

@@ -65,6 +65,7 @@ def _gunicorn(settings: Settings, env: dict[str, str]) -> subprocess.Popen[bytes
     return subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--workers", str(settings.http_workers),
          "--bind", f"{settings.http_host}:{settings.http_port}", "--graceful-timeout", "10",
+         "--no-control-socket",
          "--access-logfile", "-", "--access-logformat", '%(m)s %(U)s %(s)s %(L)ss',
          "interop.fhir.app:create_app()"],
         env=env,
