@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(settings)
+        return run_demo(settings, keep=args.keep)
     parser.print_help()
     return 2
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,7 +68,7 @@ def wait_task(fhir: str, study_id: str, timeout: float = 300) -> dict[str, Any]:
     raise RuntimeError("no result in time")
 
 
-def run_demo(settings: Settings) -> int:
+def run_demo(settings: Settings, keep: bool = False) -> int:
     data = settings.data_dir
     data.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -115,3 +116,5 @@ def run_demo(settings: Settings) -> int:
             except subprocess.TimeoutExpired:
                 hub.kill()
             say(f"stopped everything; demo took {time.monotonic() - started:.1f}s")
+    if not keep:
+        shutil.rmtree(data / "demo-pacs", ignore_errors=True)

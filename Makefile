@@ -1,0 +1,45 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both set up what they need
+# (virtual environment, Debian's Orthanc for the PACS, npm test peers) and are safe to re-run.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PEERS  := tests/peers/node_modules/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
+
+.PHONY: demo test serve models system-deps bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[embedded,test]'
+	touch $@
+
+system-deps:
+	@if ! command -v Orthanc >/dev/null || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
+	  echo "installing Debian's orthanc + orthanc-dicomweb (the PACS for the demo and tests)"; \
+	  $(APT) update -qq && $(APT) install -y -qq orthanc orthanc-dicomweb >/dev/null; fi
+
+$(PEERS): tests/peers/package.json
+	@command -v npm >/dev/null || { $(APT) update -qq && $(APT) install -y -qq nodejs npm >/dev/null; }
+	cd tests/peers && npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+models: $(STAMP)
+	$(BIN)/python scripts/build_reference_models.py
+
+demo: $(STAMP) system-deps models
+	$(BIN)/interop demo
+
+serve: $(STAMP) models
+	$(BIN)/interop serve
+
+test: $(STAMP) system-deps $(PEERS) models
+	$(BIN)/python -m pytest
+
+bench: $(STAMP) system-deps models
+	$(BIN)/python bench/latency.py
+
+clean:
+	rm -rf $(VENV) var tests/peers/node_modules
