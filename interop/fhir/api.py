@@ -71,7 +71,7 @@ def _parse_body(rtype: str) -> dict[str, Any]:
         raise BadRequest("the body is not a FHIR resource (no resourceType)")
     if body["resourceType"] != rtype:
         raise BadRequest(f"resourceType {body['resourceType']!r} does not match the URL ({rtype})")
-    validate(body)
+    validate(body, hub().settings.mappings_dir)
     return body
 
 

@@ -29,7 +29,7 @@ class Search:
 
 def parse_instant(value: str) -> datetime:
     """A FHIR dateTime/instant (date-only means the start of that day in UTC)."""
-    text = value.strip()
+    text = value.strip().replace(" ", "+")  # an unencoded '+' in a query string arrives as a space
     if len(text) == 10:
         text += "T00:00:00+00:00"
     text = text.replace("Z", "+00:00")

@@ -3,12 +3,15 @@ the package's default models are R5 and reject an R4 ImagingStudy)."""
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import pydantic
+import yaml
 from fhir.resources.R4B import get_fhir_model_class
 
-from .errors import InvalidResource, validation_issues
+from ..store.search_params import walk
+from .errors import InvalidResource, issue, validation_issues
 
 
 @lru_cache(maxsize=32)
@@ -16,8 +19,24 @@ def _model(rtype: str) -> Any:
     return get_fhir_model_class(rtype)
 
 
-def validate(body: dict[str, Any]) -> None:
+@lru_cache(maxsize=4)
+def required_codes(mappings_dir: Path) -> dict[str, dict[tuple[str, ...], frozenset[str]]]:
+    raw = yaml.safe_load((mappings_dir / "required_codes.yaml").read_text(encoding="utf-8"))
+    return {rtype: {tuple(path.split(".")): frozenset(codes) for path, codes in paths.items()}
+            for rtype, paths in raw.items()}
+
+
+def validate(body: dict[str, Any], mappings_dir: Path | None = None) -> None:
     """Raise InvalidResource (400) with one issue per problem; returns nothing on success."""
+    if mappings_dir is not None:
+        problems = [
+            issue("code-invalid", f"{'.'.join(path)}: not a code of its required value set",
+                  expression=f"{body['resourceType']}.{'.'.join(path)}")
+            for path, codes in required_codes(mappings_dir).get(body["resourceType"], {}).items()
+            for value in walk(body, path) if value not in codes
+        ]
+        if problems:
+            raise InvalidResource("a coded element has a code outside its required value set", issues=problems)
     try:
         _model(body["resourceType"]).model_validate(body)
     except pydantic.ValidationError as exc:

@@ -37,16 +37,16 @@ def load(mappings_dir: Path) -> dict[str, dict[str, SearchParam]]:
     return table
 
 
-def _walk(value: Any, path: tuple[str, ...]) -> Iterator[Any]:
+def walk(value: Any, path: tuple[str, ...]) -> Iterator[Any]:
     if isinstance(value, list):
         for item in value:
-            yield from _walk(item, path)
+            yield from walk(item, path)
         return
     if not path:
         yield value
         return
     if isinstance(value, dict) and path[0] in value:
-        yield from _walk(value[path[0]], path[1:])
+        yield from walk(value[path[0]], path[1:])
 
 
 def _tokens(value: Any) -> Iterator[tuple[str | None, str]]:
@@ -88,7 +88,7 @@ def index_rows(
     """(param, system, value) rows for one resource."""
     rows: list[tuple[str, str | None, str]] = []
     for param in params.values():
-        for value in _walk(resource, param.path):
+        for value in walk(resource, param.path):
             if param.type == "token":
                 rows.extend((param.name, system, code) for system, code in _tokens(value))
             elif param.type == "reference":
