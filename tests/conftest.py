@@ -5,4 +5,5 @@ pytest_plugins = (
     "tests.fixtures.orthanc",
     "tests.fixtures.hub",
     "tests.fixtures.validator",
+    "tests.fixtures.proxy",
 )

@@ -83,6 +83,18 @@ def _write(
     body: dict[str, Any],
     params: dict[str, SearchParam],
 ) -> dict[str, Any]:
+    with conn.transaction():  # atomic even on an autocommit connection (a savepoint inside one)
+        return _write_in_transaction(conn, rtype, rid, version, body, params)
+
+
+def _write_in_transaction(
+    conn: psycopg.Connection[Any],
+    rtype: str,
+    rid: str,
+    version: int,
+    body: dict[str, Any],
+    params: dict[str, SearchParam],
+) -> dict[str, Any]:
     ts = _now(conn)
     stored = _with_meta(body, rid, version, ts)
     conn.execute(
@@ -124,13 +136,14 @@ def update(
 ) -> tuple[dict[str, Any], bool]:
     """Store a new version; creates when the id is new. Returns (stored, created)."""
     rtype, rid = body["resourceType"], body["id"]
-    row = conn.execute(
-        "SELECT version FROM resource WHERE type = %s AND id = %s FOR UPDATE", (rtype, rid)
-    ).fetchone()
-    current = _first(row)
-    if if_match is not None and current != if_match:
-        raise VersionConflict(f"{rtype}/{rid} is at version {current}, not {if_match}")
-    return _write(conn, rtype, rid, (current or 0) + 1, body, params), current is None
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT version FROM resource WHERE type = %s AND id = %s FOR UPDATE", (rtype, rid)
+        ).fetchone()
+        current = _first(row)
+        if if_match is not None and current != if_match:
+            raise VersionConflict(f"{rtype}/{rid} is at version {current}, not {if_match}")
+        return _write(conn, rtype, rid, (current or 0) + 1, body, params), current is None
 
 
 def _first(row: Any) -> Any:
