@@ -155,3 +155,17 @@ def test_unreachable_pacs_is_retried_then_failed_with_reason(hub: Any) -> None:
 def test_operational_endpoints(hub: Any, path: str) -> None:
     response = requests.get(hub.base + path, timeout=10)
     assert response.status_code == 200
+
+
+def test_bad_input_over_http_keeps_the_hub_serving(hub: Any) -> None:
+    big = b'{"resourceType":"ImagingStudy","description":"' + b"x" * (20 * 1024 * 1024) + b'"}'
+    response = requests.post(f"{hub.fhir}/ImagingStudy", data=big,
+                             headers={"Content-Type": "application/fhir+json"}, timeout=60)
+    assert response.status_code == 413
+    assert response.json()["resourceType"] == "OperationOutcome"
+    for body, ctype, status in [(b"\x00\xff garbage", "application/fhir+json", 400),
+                                (b"<ImagingStudy/>", "application/xml", 415)]:
+        response = requests.post(f"{hub.fhir}/ImagingStudy", data=body, headers={"Content-Type": ctype}, timeout=10)
+        assert response.status_code == status
+        assert response.json()["resourceType"] == "OperationOutcome"
+    assert requests.get(f"{hub.fhir}/metadata", timeout=10).status_code == 200
