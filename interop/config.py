@@ -22,6 +22,7 @@ ENVIRONMENT: list[tuple[str, str, str | None, str]] = [
     ("DICOMWEB_URL", "dicomweb_url", None, "DICOMweb base URL of the PACS used when a study names no endpoint"),
     ("INTEROP_DATA_DIR", "data_dir", str(REPO_ROOT / "var"), "where the embedded PostgreSQL and logs live"),
     ("INTEROP_MAPPINGS_DIR", "mappings_dir", str(REPO_ROOT / "mappings"), "routing rules, model descriptions, sites"),
+    ("INTEROP_SITES", "sites_file", str(REPO_ROOT / "mappings" / "sites.yaml"), "facilities served: names, districts, result destinations"),
     ("INTEROP_TRITON_REPO", "triton_repo", str(REPO_ROOT / "triton_repo"), "Triton model repository for the bundled server"),
     ("INTEROP_WORKERS", "workers", "1", "inference worker processes started by `interop serve`"),
     ("INTEROP_HTTP_WORKERS", "http_workers", "2", "gunicorn worker processes for the FHIR API"),
@@ -52,6 +53,7 @@ class Settings:
     dicomweb_url: str | None = None
     data_dir: Path = REPO_ROOT / "var"
     mappings_dir: Path = REPO_ROOT / "mappings"
+    sites_file: Path = REPO_ROOT / "mappings" / "sites.yaml"
     triton_repo: Path = REPO_ROOT / "triton_repo"
     workers: int = 1
     http_workers: int = 2
