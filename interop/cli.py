@@ -1,4 +1,4 @@
-"""The `interop` command: serve, worker, migrate, build-models, demo."""
+"""The `interop` command: serve, worker, mllp, migrate, build-models, demo."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("serve", help="run the hub: FHIR API, workers, and embedded PostgreSQL/Triton when not configured")
     sub.add_parser("worker", help="run one inference worker (needs DATABASE_URL and TRITON_URL)")
+    sub.add_parser("mllp", help="run the HL7 v2 MLLP listener (needs DATABASE_URL)")
     sub.add_parser("migrate", help="apply database migrations to DATABASE_URL")
     sub.add_parser("build-models", help="build the reference model weights into INTEROP_TRITON_REPO")
     demo = sub.add_parser("demo", help="send a real DICOM study and an ImagingStudy through the hub, print the report")
@@ -48,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline.worker import main as worker_main
 
         worker_main(settings)
+        return 0
+    if args.command == "mllp":
+        from .hl7.listener import main as mllp_main
+
+        if not settings.database_url:
+            parser.error("DATABASE_URL is not set")
+        mllp_main(settings)
         return 0
     if args.command == "migrate":
         from .store import db

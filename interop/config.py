@@ -17,6 +17,9 @@ ENVIRONMENT: list[tuple[str, str, str | None, str]] = [
     ("INTEROP_HTTP_PORT", "http_port", "8080", "port of the FHIR API, /healthz, /readyz, /metrics"),
     ("INTEROP_HTTP_HOST", "http_host", "127.0.0.1", "address the FHIR API binds to"),
     ("INTEROP_MLLP_PORT", "mllp_port", "2575", "port of the HL7 v2 MLLP listener"),
+    ("INTEROP_MLLP_HOST", "mllp_host", "127.0.0.1", "address the HL7 v2 MLLP listener binds to"),
+    ("INTEROP_MLLP_MAX_BYTES", "mllp_max_bytes", str(1024 * 1024), "largest HL7 v2 message accepted over MLLP (AR and close above)"),
+    ("INTEROP_MLLP_IDLE_SECONDS", "mllp_idle_seconds", "300", "an MLLP connection silent this long is closed"),
     ("DATABASE_URL", "database_url", None, "PostgreSQL URL; unset: an embedded PostgreSQL under INTEROP_DATA_DIR"),
     ("TRITON_URL", "triton_url", None, "Triton HTTP host:port; unset: the bundled tritonserver on INTEROP_TRITON_REPO"),
     ("DICOMWEB_URL", "dicomweb_url", None, "DICOMweb base URL of the PACS used when a study names no endpoint"),
@@ -48,6 +51,9 @@ class Settings:
     http_port: int = 8080
     http_host: str = "127.0.0.1"
     mllp_port: int = 2575
+    mllp_host: str = "127.0.0.1"
+    mllp_max_bytes: int = 1024 * 1024
+    mllp_idle_seconds: int = 300
     database_url: str | None = None
     triton_url: str | None = None
     dicomweb_url: str | None = None

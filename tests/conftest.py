@@ -6,4 +6,5 @@ pytest_plugins = (
     "tests.fixtures.hub",
     "tests.fixtures.validator",
     "tests.fixtures.proxy",
+    "tests.fixtures.mllp",
 )

@@ -262,6 +262,26 @@ class DicomWebClient:
         log.debug("QIDO-RS: %d instances in %.3f s", len(refs), time.perf_counter() - began)
         return refs
 
+    def find_study_uids(self, *, accession: str | None = None, study_uid: str | None = None) -> list[str]:
+        """QIDO-RS `GET {base}/studies?AccessionNumber=…` (or StudyInstanceUID): the matching study UIDs.
+
+        An empty list (not an error) when nothing matches yet: the images may still be on their way.
+        """
+        if not accession and not study_uid:
+            raise ValueError("find_study_uids needs an accession number or a study UID")
+        params = {"AccessionNumber": accession} if accession else {"StudyInstanceUID": study_uid}
+        try:
+            response = self._get(f"{self.base_url}/studies", accept=DICOM_JSON, params=params, what="QIDO-RS study search")
+        except StudyNotFound:
+            return []
+        if response.status_code == 204 or not response.content.strip():
+            return []
+        try:
+            items = response.json()
+        except ValueError as exc:
+            raise DicomError("PACS sent an invalid QIDO-RS answer (not JSON)") from exc
+        return [str(uid) for item in items if (uid := _first(item, "0020000D"))]
+
     def retrieve_instance(self, ref: InstanceRef) -> Dataset:
         """WADO-RS `GET {base}/studies/{s}/series/{se}/instances/{i}` as multipart/related application/dicom."""
         began = time.perf_counter()

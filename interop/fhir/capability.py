@@ -19,6 +19,7 @@ RESOURCES: dict[str, list[str]] = {
     "Device": READ,
     "Task": READ,
     "ServiceRequest": READ,
+    "Encounter": READ,
 }
 
 

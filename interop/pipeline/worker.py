@@ -27,23 +27,19 @@ from inference_client.models import ModelDescription, load_models
 from inference_client.triton import ModelNotFound, TritonClient, TritonError, TritonUnavailable
 
 from ..config import Settings
+from ..delivery import outbox
+from ..delivery.sender import OutboxSender, queue_report_delivery
 from ..dicom import pixels
 from ..dicom.dicomweb import DicomWebClient, InstanceRef
 from ..dicom.errors import DicomError, NotAnImage
 from ..store import db, jobs, resources
 from ..store.search_params import SearchParam, load
 from . import report
+from .errors import NoModel, Permanent, Transient
 from .intake import ANALYSE
+from .orders import FIND_STUDY, PROCESS_HL7, OrderHandlers, site_of
 
 log = logging.getLogger("interop.worker")
-
-
-class Permanent(Exception):
-    """The job cannot succeed by retrying; `reason` is shown on the Task (no patient data)."""
-
-
-class NoModel(Exception):
-    """No model is routed for this study: recorded as 'not analysed', not as a failure."""
 
 
 @dataclass
@@ -74,8 +70,14 @@ class Worker:
         self.rules = routing.load_rules(settings.mappings_dir)
         self.triton = TritonClient(settings.triton_url, timeout_s=settings.triton_timeout)
         self.conn = db.connect(settings.database_url, autocommit=True)
+        self.orders = OrderHandlers(settings, self.conn, self.params)
+        self.handlers = {ANALYSE: self.analyse, PROCESS_HL7: self.orders.process_message,
+                         FIND_STUDY: self.orders.find_study}
+        self.on_fail = {PROCESS_HL7: self.orders.message_failed}
+        self.sender = OutboxSender(settings, self.id)
 
     def close(self) -> None:
+        self.sender.close()
         self.conn.close()
 
     # -- the loop ---------------------------------------------------------------------------
@@ -83,10 +85,11 @@ class Worker:
         """Process jobs until `stop` is set; wakes on NOTIFY, polls every `idle_wait` seconds."""
         listener = db.connect(self.settings.database_url, autocommit=True)
         listener.execute(f"LISTEN {jobs.CHANNEL}")
+        listener.execute(f"LISTEN {outbox.CHANNEL}")
         log.info("worker %s started", self.id)
         try:
             while not stop.is_set():
-                if self.run_once():
+                if self.run_once() | self.sender.run_once():  # both, every round
                     continue
                 select.select([listener.fileno()], [], [], idle_wait)
                 for _ in listener.notifies(timeout=0):
@@ -100,50 +103,52 @@ class Worker:
         job = jobs.claim(self.conn, self.id, self.settings.job_lease_seconds)
         if job is None:
             return False
-        if job.kind != ANALYSE:
-            with self.conn.transaction():
-                jobs.fail(self.conn, job, f"unknown job kind {job.kind}", {})
-            return True
         self.process(job)
         return True
 
     # -- one job ----------------------------------------------------------------------------
     def process(self, job: jobs.Job) -> None:
+        """Run the job's handler; turn its outcome into done, retry-later or failed."""
         timings = Timings()
-        total = time.perf_counter()
-        payload = job.payload
+        handler = self.handlers.get(job.kind)
         try:
+            if handler is None:
+                raise Permanent(f"unknown job kind {job.kind}")
             if job.attempts > job.max_attempts:
                 raise Permanent(f"gave up after {job.max_attempts} attempts")
-            study = resources.read(self.conn, "ImagingStudy", payload["study"])
-            self._task(payload["task"], "in-progress", business="retrieving images")
-            result = self._analyse(job, study, timings)
-            timings.stages["total"] = round(time.perf_counter() - total, 6)
-            with self.conn.transaction():
-                self._store(job, study, result, timings)
-            log.info("job %s done in %.2fs", job.id, timings.stages["total"])
+            handler(job, timings)
         except jobs.LeaseLost:
             log.warning("job %s: lease lost, result dropped", job.id)
         except NoModel as exc:
             with self.conn.transaction():
-                self._task(payload["task"], "rejected", reason=str(exc))
+                self._task(job.payload["task"], "rejected", reason=str(exc))
                 jobs.complete(self.conn, job, timings.stages)
         except (Permanent, NotAnImage, ModelNotFound) as exc:
             self._fail(job, _reason(exc), timings)
+        except Transient as exc:
+            self._retry(job, exc.reason, timings)
         except (DicomError, TritonError) as exc:
-            if getattr(exc, "is_transient", isinstance(exc, TritonUnavailable)) and job.attempts < job.max_attempts:
-                self._retry(job, _reason(exc))
+            if getattr(exc, "is_transient", isinstance(exc, TritonUnavailable)):
+                self._retry(job, _reason(exc), timings)
             else:
                 self._fail(job, _reason(exc), timings)
         except resources.NotFound:
-            self._fail(job, "the ImagingStudy is no longer in the store", timings)
+            self._fail(job, "a resource the job needs is no longer in the store", timings)
         except Exception as exc:  # unknown: retry, and log the type only (text may hold patient data)
-            log.error("job %s: unexpected %s", job.id, type(exc).__name__)
+            log.error("job %s (%s): unexpected %s", job.id, job.kind, type(exc).__name__)
             log.debug("job failure", exc_info=exc)
-            if job.attempts < job.max_attempts:
-                self._retry(job, f"internal error ({type(exc).__name__})")
-            else:
-                self._fail(job, f"internal error ({type(exc).__name__})", timings)
+            self._retry(job, f"internal error ({type(exc).__name__})", timings)
+
+    def analyse(self, job: jobs.Job, timings: Timings) -> None:
+        """`analyse-study`: retrieve, preprocess, infer, and store the report (one transaction)."""
+        total = time.perf_counter()
+        study = resources.read(self.conn, "ImagingStudy", job.payload["study"])
+        self._task(job.payload["task"], "in-progress", business="retrieving images")
+        result = self._analyse(job, study, timings)
+        timings.stages["total"] = round(time.perf_counter() - total, 6)
+        with self.conn.transaction():
+            self._store(job, study, result, timings)
+        log.info("job %s done in %.2fs", job.id, timings.stages["total"])
 
     def _analyse(self, job: jobs.Job, study: dict[str, Any], timings: Timings) -> list[dict[str, Any]]:
         client = DicomWebClient(job.payload["dicomweb"], timeout_s=self.settings.dicomweb_timeout)
@@ -231,8 +236,12 @@ class Worker:
                 resources.create(self.conn, built["device"], self.params["Device"], rid=built["device"]["id"])
             for obs in built["observations"]:
                 resources.create(self.conn, obs, self.params["Observation"], rid=obs["id"])
-            resources.create(self.conn, built["report"], self.params["DiagnosticReport"], rid=built["report"]["id"])
-            reports.append(built["report"]["id"])
+            if site_of(study):
+                built["report"]["meta"] = {"tag": study["meta"]["tag"]}
+            stored = resources.create(self.conn, built["report"], self.params["DiagnosticReport"], rid=built["report"]["id"])
+            reports.append(stored["id"])
+            if site_of(study):
+                queue_report_delivery(self.conn, stored, self.orders.sites, site_of(study))
         timings.stages["store"] = round(time.perf_counter() - start, 6)
         self._task(job.payload["task"], "completed", business="report available",
                    outputs=[f"DiagnosticReport/{rid}" for rid in reports])
@@ -252,13 +261,17 @@ class Worker:
                               for ref in outputs]
         resources.update(self.conn, task, self.params["Task"])
 
-    def _retry(self, job: jobs.Job, reason: str) -> None:
+    def _retry(self, job: jobs.Job, reason: str, timings: Timings) -> None:
+        if job.attempts >= job.max_attempts:
+            self._fail(job, reason, timings)
+            return
         try:
             with self.conn.transaction():
                 delay = jobs.retry_later(self.conn, job, reason, self.settings.retry_base_seconds)
-                self._task(job.payload["task"], "in-progress",
-                           business=f"waiting to retry in {delay}s: {reason}")
-            log.warning("job %s: %s; retry in %ss", job.id, reason, delay)
+                if "task" in job.payload:
+                    self._task(job.payload["task"], "in-progress",
+                               business=f"waiting to retry in {delay}s: {reason}")
+            log.warning("job %s (%s): %s; retry in %ss", job.id, job.kind, reason, delay)
         except jobs.LeaseLost:
             log.warning("job %s: lease lost while scheduling a retry", job.id)
 
@@ -266,8 +279,11 @@ class Worker:
         try:
             with self.conn.transaction():
                 jobs.fail(self.conn, job, reason, timings.stages)
-                self._task(job.payload["task"], "failed", reason=reason, business="analysis failed")
-            log.warning("job %s failed: %s", job.id, reason)
+                if "task" in job.payload:
+                    self._task(job.payload["task"], "failed", reason=reason, business="failed")
+                if job.kind in self.on_fail:
+                    self.on_fail[job.kind](job, reason)
+            log.warning("job %s (%s) failed: %s", job.id, job.kind, reason)
         except jobs.LeaseLost:
             log.warning("job %s: lease lost while failing it", job.id)
 

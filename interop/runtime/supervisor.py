@@ -1,8 +1,9 @@
-"""`interop serve`: start what is not given (PostgreSQL, Triton), then the API and the workers.
+"""`interop serve`: start what is not given (PostgreSQL, Triton), then the API, the workers and
+the HL7 v2 MLLP listener.
 
-Children are separate processes (gunicorn for the API, one process per worker) so that a
-crash in one is contained; a worker that dies is restarted. SIGTERM or SIGINT stops
-everything this process started, in reverse order.
+Children are separate processes (gunicorn for the API, one process per worker, one for the
+MLLP listener) so that a crash in one is contained; a worker or the listener that dies is
+restarted. SIGTERM or SIGINT stops everything this process started, in reverse order.
 """
 from __future__ import annotations
 
@@ -76,6 +77,10 @@ def _worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "interop.cli", "worker"], env=env)
 
 
+def _mllp(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "interop.cli", "mllp"], env=env)
+
+
 def _stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -95,8 +100,9 @@ def serve(settings: Settings, ready: Event | None = None) -> int:
         env = _child_env(settings, metrics_dir)
         api = _gunicorn(settings, env)
         workers = [_worker(env) for _ in range(settings.workers)]
-        log.info("hub serving FHIR on http://%s:%s/fhir with %d worker(s)",
-                 settings.http_host, settings.http_port, len(workers))
+        mllp = _mllp(env)
+        log.info("hub serving FHIR on http://%s:%s/fhir and HL7 v2 MLLP on %s:%s with %d worker(s)",
+                 settings.http_host, settings.http_port, settings.mllp_host, settings.mllp_port, len(workers))
         if ready is not None:
             ready.set()
         code = 0
@@ -111,8 +117,12 @@ def serve(settings: Settings, ready: Event | None = None) -> int:
                         log.warning("worker exited with %s; restarting it", proc.returncode)
                         time.sleep(1)
                         workers[i] = _worker(env)
+                if mllp.poll() is not None:
+                    log.warning("MLLP listener exited with %s; restarting it", mllp.returncode)
+                    time.sleep(1)
+                    mllp = _mllp(env)
         finally:
-            for proc in [*workers, api]:
+            for proc in [mllp, *workers, api]:
                 _stop(proc)
             log.info("hub stopped")
         return code

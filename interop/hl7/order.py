@@ -1,0 +1,160 @@
+"""Radiology orders (ORM^O01, OMI^O23) and patient updates (ADT^A08/A31) to FHIR R4, pure.
+
+The message maps in `mappings/hl7v2/messages/` say which segment builds which resource; the
+engine (`mapping.py`) applies the segment, datatype and code-system maps. What this module adds
+is the message's shape: one Patient (PID), at most one Encounter (PV1), and one order per ORC
+with the segments that follow it up to the next ORC (TQ1, OBR, IPC, ZDS; NTE/OBX are not
+mapped). References between the resources (`subject`, `encounter`, `basedOn`) are left as
+`None`: the caller knows the stored ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ErrorCode
+from .mapping import DEFAULT_DIR, V2_0203, Context, Tables, build_resource, load_tables
+from .message import Message, MessageError, MissingSegmentError, Segment, parse
+
+ORDER_TYPES = ("ORM^O01", "OMI^O23")
+PATIENT_TYPES = ("ADT^A08", "ADT^A31", "ADT^A01", "ADT^A04")
+
+
+@dataclass(frozen=True)
+class Order:
+    """One ORC group: the facts the hub acts on, and the FHIR it stores."""
+
+    order_control: str                       # ORC-1 (HL7 table 0119)
+    order_status: str | None                 # ORC-5 (table 0038)
+    result_status: str | None                # OBR-25 (table 0123)
+    placer: dict[str, Any] | None            # Identifier, type PLAC (ORC-2, else OBR-2)
+    filler: dict[str, Any] | None            # Identifier, type FILL (ORC-3, else OBR-3)
+    accession: str | None                    # IPC-1 (OMI), else OBR-18 (ORM, IHE RAD)
+    requested_procedure_id: str | None       # IPC-2, else OBR-19
+    scheduled_procedure_step_id: str | None  # IPC-4, else OBR-20
+    study_instance_uid: str | None           # IPC-3, else ZDS-1.1
+    modality: str | None                     # IPC-5, else OBR-24
+    station_name: str | None                 # IPC-7
+    station_ae_titles: tuple[str, ...]       # IPC-9 (repeats)
+    procedure_code: dict[str, Any] | None    # ServiceRequest.code (OBR-4, else IPC-6)
+    priority: str | None                     # ServiceRequest.priority (ORC-7/TQ1-9/OBR-27/OBR-5)
+    reason: list[dict[str, Any]]             # ServiceRequest.reasonCode (OBR-31)
+    requester: dict[str, Any] | None         # ServiceRequest.requester (ORC-12, else OBR-16)
+    service_request: dict[str, Any]          # FHIR ServiceRequest; subject/encounter/basedOn: None
+    imaging_study: dict[str, Any]            # the expected ImagingStudy (identifiers, modality); subject: None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OrderMessage:
+    message_type: str                        # MSH-9.1^MSH-9.2, e.g. OMI^O23
+    control_id: str                          # MSH-10
+    sending_facility: str                    # MSH-4 namespace (the site code)
+    version: str                             # MSH-12
+    patient: dict[str, Any]                  # FHIR Patient
+    encounter: dict[str, Any] | None         # FHIR Encounter from PV1 (subject: None)
+    orders: list[Order]
+
+
+@dataclass(frozen=True)
+class PatientUpdate:
+    message_type: str
+    control_id: str
+    sending_facility: str
+    version: str
+    patient: dict[str, Any]
+    encounter: dict[str, Any] | None
+
+
+def _spec(msg: Message, tables: Tables, accepted: tuple[str, ...]) -> dict[str, Any]:
+    spec = tables.message_for(msg.message_type) if msg.message_type in accepted else None
+    if spec is None:
+        raise MessageError("message type not mapped here", "MSH", 9, error_code=ErrorCode.UNSUPPORTED_MESSAGE_TYPE)
+    return spec
+
+
+def _patient_and_encounter(msg: Message, spec: dict[str, Any], tables: Tables,
+                           default_ns: str) -> tuple[dict[str, Any], dict[str, Any] | None, Segment]:
+    pat = spec["patient"]
+    pid = msg.first(pat["segment"])
+    if pid is None:
+        raise MissingSegmentError(pat["segment"], msg.message_type)
+    scope = {"MSH": msg.msh, "PID": pid}
+    patient = build_resource("Patient", pat["maps"], Context(tables, scope, default_ns), spec)
+    encounter = None
+    enc = spec.get("encounter")
+    pv1 = msg.first(enc["segment"]) if enc else None
+    if enc and pv1 is not None:
+        encounter = build_resource("Encounter", enc["maps"], Context(tables, {**scope, "PV1": pv1}, default_ns), spec)
+    return patient, encounter, pid
+
+
+def _groups(msg: Message, order_spec: dict[str, Any]) -> list[dict[str, Segment]]:
+    """Order groups: each `starts_with` segment and the listed segments after it (first of each)."""
+    start, members = order_spec["starts_with"], order_spec["segments"]
+    groups: list[dict[str, Segment]] = []
+    for seg in msg:
+        if seg.id == start:
+            groups.append({start: seg})
+        elif seg.id in members and seg.id != start:
+            if not groups:
+                raise MissingSegmentError(start, msg.message_type)  # an OBR/IPC before any ORC
+            groups[-1].setdefault(seg.id, seg)
+    return groups
+
+
+def _typed(identifiers: list[dict[str, Any]], code: str) -> dict[str, Any] | None:
+    for ident in identifiers:
+        for coding in (ident.get("type") or {}).get("coding", []):
+            if coding.get("system") == V2_0203 and coding.get("code") == code:
+                return ident
+    return None
+
+
+def map_order(text: str, tables: Tables | None = None) -> OrderMessage:
+    """An ORM^O01 or OMI^O23 (text from `charset.decode`) as FHIR and order facts.
+
+    Raises MessageError (not an order, PID or ORC missing, a field that is not its datatype)."""
+    tables = tables or load_tables(DEFAULT_DIR)
+    msg = parse(text)
+    spec = _spec(msg, tables, ORDER_TYPES)
+    default_ns = msg.sending_facility
+    patient, encounter, pid = _patient_and_encounter(msg, spec, tables, default_ns)
+    order_spec = spec["order"]
+    groups = _groups(msg, order_spec)
+    if not groups:
+        raise MissingSegmentError(order_spec["starts_with"], msg.message_type)
+    orders = []
+    for group in groups:
+        ctx = Context(tables, {"MSH": msg.msh, "PID": pid, **group}, default_ns)
+        maps = [m for seg_id in order_spec["segments"] if seg_id in group for m in order_spec["segments"][seg_id]["maps"]]
+        request = build_resource("ServiceRequest", maps, ctx, spec)
+        study = build_resource("ImagingStudy", maps, ctx, spec)
+        f = ctx.facts
+        idents = request.get("identifier", [])
+        orders.append(Order(
+            order_control=f.get("order_control", ""), order_status=f.get("order_status"),
+            result_status=f.get("result_status"), placer=_typed(idents, "PLAC"), filler=_typed(idents, "FILL"),
+            accession=f.get("accession"), requested_procedure_id=f.get("requested_procedure_id"),
+            scheduled_procedure_step_id=f.get("scheduled_procedure_step_id"),
+            study_instance_uid=f.get("study_instance_uid"), modality=f.get("modality"),
+            station_name=f.get("station_name"), station_ae_titles=tuple(f.get("station_ae_titles", ())),
+            procedure_code=request.get("code"), priority=request.get("priority"),
+            reason=list(request.get("reasonCode", [])), requester=request.get("requester"),
+            service_request=request, imaging_study=study, facts=dict(f)))
+    return OrderMessage(msg.message_type, msg.control_id, msg.sending_facility, msg.version, patient, encounter, orders)
+
+
+def map_patient_update(text: str, tables: Tables | None = None) -> PatientUpdate:
+    """An ADT^A08/A31 (also A01/A04) as the Patient (and Encounter) it updates."""
+    tables = tables or load_tables(DEFAULT_DIR)
+    msg = parse(text)
+    spec = _spec(msg, tables, PATIENT_TYPES)
+    patient, encounter, _pid = _patient_and_encounter(msg, spec, tables, msg.sending_facility)
+    return PatientUpdate(msg.message_type, msg.control_id, msg.sending_facility, msg.version, patient, encounter)
+
+
+def tables_at(path: Path) -> Tables:
+    """The tables of another mappings folder (INTEROP_MAPPINGS_DIR/hl7v2)."""
+    return load_tables(Path(path))

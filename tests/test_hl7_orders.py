@@ -1,0 +1,194 @@
+"""The HL7 path end to end: an order over MLLP (independent python-hl7 client) becomes a
+Patient and a ServiceRequest, its exam's images are found in the PACS, the study is analysed,
+and the result goes back as ORU^R01 to an independent MLLP server (python-hl7)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import hl7
+import pytest
+import requests
+import yaml
+from hl7.mllp import open_hl7_connection, start_hl7_server
+
+from tests.fixtures.hub import HubProcess, free_port, start_hub, stop_hub
+from tests.helpers import chest_study_in_pacs, wait_for
+
+SEP = "\r"
+
+
+def orm(control_id: str, *, order_control: str = "NW", order_status: str = "SC", placer: str = "PL1001",
+        filler: str = "FL1001", accession: str = "ACC1001", study_uid: str = "", patient_id: str = "BN0001",
+        name: str = "NGUYỄN^VĂN AN", facility: str = "BVDKDN") -> bytes:
+    segments = [
+        f"MSH|^~\\&|HIS|{facility}|AIHUB|PROVINCE|20261122083000||ORM^O01|{control_id}|P|2.3.1||||||UNICODE UTF-8",
+        f"PID|||{patient_id}^^^{facility}^MR||{name}||19580214|M|||12 Le Loi^^Bien Hoa^^^VN",
+        f"PV1||O|XQ^^^{facility}||||1234^TRAN^BINH^^^BS|||||||||||V{control_id}^^^{facility}",
+        f"ORC|{order_control}|{placer}^HIS|{filler}^RIS||{order_status}||^^^20261122083000^^R||20261122083000|||1234^TRAN^BINH^^^BS",
+        f"OBR|1|{placer}^HIS|{filler}^RIS|36554-4^XR Chest Single view^LN|||20261122083000|||||||||1234^TRAN^BINH^^^BS||{accession}||||||DX||^^^20261122083000^^R||||^cough 3 weeks",
+    ]
+    if study_uid:
+        segments.append(f"ZDS|{study_uid}^HUB^Application^DICOM")
+    return SEP.join(segments).encode("utf-8")
+
+
+class Receiver:
+    """An independent MLLP server (python-hl7) standing in for a hospital integration engine."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.messages: list[hl7.Message] = []
+        self.ready = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def handle(reader: Any, writer: Any) -> None:
+            try:
+                while not writer.is_closing():
+                    message = await reader.readmessage()
+                    self.messages.append(message)
+                    writer.writemessage(message.create_ack("AA"))
+                    await writer.drain()
+            except asyncio.IncompleteReadError:
+                pass
+            finally:
+                writer.close()
+
+        async def main() -> None:
+            async with await start_hl7_server(handle, host="127.0.0.1", port=self.port, encoding="utf-8"):
+                self.ready.set()
+                await asyncio.Event().wait()
+
+        try:
+            self.loop.run_until_complete(main())
+        except RuntimeError:
+            pass
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+async def _send(port: int, payloads: list[bytes]) -> list[str]:
+    reader, writer = await open_hl7_connection("127.0.0.1", port, encoding="utf-8")
+    answers = []
+    try:
+        for payload in payloads:
+            writer.writemessage(payload.decode("utf-8"))
+            await writer.drain()
+            answers.append(str(await asyncio.wait_for(reader.readmessage(), 10)))
+    finally:
+        writer.close()
+    return answers
+
+
+def send(port: int, *payloads: bytes) -> list[str]:
+    return asyncio.run(_send(port, list(payloads)))
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def hl7_hub(db_url: str, triton_url: str, orthanc: Any, receiver: Receiver, tmp_path: Path) -> Iterator[HubProcess]:
+    sites = {"sites": {"BVDKDN": {"name": "Benh vien Da khoa Dong Nai", "district": "Bien Hoa", "province": "Dong Nai",
+                                  "hl7": {"host": "127.0.0.1", "port": receiver.port, "receiving_application": "RIS"},
+                                  "pacs_wait_minutes": 1}}}
+    path = tmp_path / "sites.yaml"
+    path.write_text(yaml.safe_dump(sites))
+    hub = start_hub({"DATABASE_URL": db_url, "TRITON_URL": triton_url, "DICOMWEB_URL": orthanc.dicomweb_url,
+                     "INTEROP_SITES": str(path), "INTEROP_MLLP_PORT": str(free_port()),
+                     "INTEROP_RETRY_BASE_SECONDS": "1"}, tmp_path)
+    yield hub
+    stop_hub(hub)
+
+
+def fhir(hub: HubProcess, path: str, **params: str) -> dict[str, Any]:
+    response = requests.get(f"{hub.fhir}/{path}", params=params, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def test_order_to_report_to_oru(hl7_hub: HubProcess, orthanc: Any, receiver: Receiver) -> None:
+    port = int(hl7_hub.env["INTEROP_MLLP_PORT"])
+    ds = chest_study_in_pacs(orthanc, seed=31, accession="ACC3101", patient_id="BN0031")
+    new, done = send(port,
+                     orm("M1", accession="ACC3101", placer="PL31", filler="FL31", patient_id="BN0031"),
+                     orm("M2", order_control="SC", order_status="CM", accession="ACC3101", placer="PL31",
+                         filler="FL31", patient_id="BN0031", study_uid=ds.StudyInstanceUID))
+    assert "MSA|AA|M1" in new and "MSA|AA|M2" in done
+
+    patients = wait_for(lambda: fhir(hl7_hub, "Patient", identifier="BN0031").get("entry"), 30, what="the Patient")
+    patient = patients[0]["resource"]
+    assert patient["name"][0]["family"] == "NGUYỄN"
+    found = fhir(hl7_hub, "Patient", name="nguy")
+    assert [e["resource"]["id"] for e in found["entry"]] == [patient["id"]]
+    requests_ = fhir(hl7_hub, "ServiceRequest", identifier="ACC3101")["entry"]
+    assert len(requests_) == 1
+    order = requests_[0]["resource"]
+    assert order["subject"] == {"reference": f"Patient/{patient['id']}"}
+
+    def report() -> Any:
+        entries = fhir(hl7_hub, "DiagnosticReport", **{"based-on": f"ServiceRequest/{order['id']}"}).get("entry")
+        return entries[0]["resource"] if entries else None
+
+    rep = wait_for(report, 60, what="the report of the HL7 order")
+    assert rep["status"] == "preliminary" and rep["subject"] == order["subject"]
+    study = fhir(hl7_hub, f"ImagingStudy/{rep['imagingStudy'][0]['reference'].split('/')[1]}")
+    assert study["basedOn"] == [{"reference": f"ServiceRequest/{order['id']}"}]
+
+    oru = wait_for(lambda: [m for m in receiver.messages if str(m.segment("MSH")[9]).startswith("ORU")], 30,
+                   what="the ORU^R01")
+    assert len(oru) == 1
+    message = oru[0]
+    assert str(message.segment("OBR")[2]).startswith("PL31") and str(message.segment("OBR")[3]).startswith("FL31")
+    obx = [s for s in message if str(s[0]) == "OBX"]
+    assert all(str(s[11]) == "P" for s in obx)
+    assert len([s for s in obx if str(s[2]) == "NM"]) == 14
+
+
+def test_cancel_withdraws_the_order(hl7_hub: HubProcess) -> None:
+    port = int(hl7_hub.env["INTEROP_MLLP_PORT"])
+    answers = send(port, orm("C1", placer="PL41", filler="FL41", accession="ACC41", patient_id="BN0041"),
+                   orm("C2", order_control="CA", order_status="CA", placer="PL41", filler="FL41",
+                       accession="ACC41", patient_id="BN0041"))
+    assert all("MSA|AA" in a for a in answers)
+
+    def revoked() -> Any:
+        entries = fhir(hl7_hub, "ServiceRequest", identifier="ACC41").get("entry")
+        return entries and entries[0]["resource"]["status"] == "revoked"
+
+    wait_for(revoked, 30, what="the cancelled order")
+
+
+def test_images_never_arrive(hl7_hub: HubProcess, db_url: str) -> None:
+    port = int(hl7_hub.env["INTEROP_MLLP_PORT"])
+    send(port, orm("N1", order_status="CM", placer="PL51", filler="FL51", accession="ACC-NEVER", patient_id="BN0051"))
+    order = wait_for(lambda: fhir(hl7_hub, "ServiceRequest", identifier="ACC-NEVER").get("entry"), 30,
+                     what="the order")[0]["resource"]
+    task = wait_for(lambda: (fhir(hl7_hub, "Task", focus=f"ServiceRequest/{order['id']}").get("entry") or [None])[0],
+                    30, what="the find-study task")["resource"]
+    assert task["status"] in ("requested", "in-progress")
+    # the site waits 1 minute at most: shorten it by moving the deadline, as time passing would
+    from interop.store.db import connect
+    with connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE job SET payload = jsonb_set(payload, '{deadline}', to_jsonb(now()::text)),"
+                     " run_after = now() WHERE kind = 'find-study'")
+        conn.execute("NOTIFY interop_jobs")
+
+    def failed() -> Any:
+        t = fhir(hl7_hub, f"Task/{task['id']}")
+        return t if t["status"] == "failed" else None
+
+    assert "did not arrive" in wait_for(failed, 30, what="the order to fail")["statusReason"]["text"]
