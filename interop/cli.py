@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("mllp", help="run the HL7 v2 MLLP listener (needs DATABASE_URL)")
     sub.add_parser("migrate", help="apply database migrations to DATABASE_URL")
     sub.add_parser("build-models", help="build the reference model weights into INTEROP_TRITON_REPO")
+    out = sub.add_parser("outbox", help="results going out: list dead letters, replay one")
+    out.add_argument("action", choices=["dead", "replay"], help="dead: list rejected/dead deliveries; replay ID")
+    out.add_argument("id", nargs="?", type=int, help="the outbox row to replay")
     demo = sub.add_parser("demo", help="send a real DICOM study and an ImagingStudy through the hub, print the report")
     demo.add_argument("--keep", action="store_true", help="leave the demo PACS data in INTEROP_DATA_DIR")
     return parser
@@ -69,12 +72,37 @@ def main(argv: list[str] | None = None) -> int:
 
         ensure_models(settings.triton_repo)
         return 0
+    if args.command == "outbox":
+        return _outbox(parser, settings, args.action, args.id)
     if args.command == "demo":
         from .demo import run_demo
 
         return run_demo(settings, keep=args.keep)
     parser.print_help()
     return 2
+
+
+def _outbox(parser: argparse.ArgumentParser, settings: Settings, action: str, item: int | None) -> int:
+    """Operators' view of deliveries that stopped without an AA, and replay of one of them."""
+    import json
+
+    from .delivery import outbox
+    from .store import db
+
+    if not settings.database_url:
+        parser.error("DATABASE_URL is not set")
+    with db.connect(settings.database_url, autocommit=True) as conn:
+        if action == "dead":
+            for row in outbox.dead_letters(conn):
+                print(json.dumps(row, default=str, ensure_ascii=False))
+            return 0
+        if item is None:
+            parser.error("outbox replay needs the row id")
+        if outbox.replay(conn, item):
+            print(f"outbox row {item} queued again")
+            return 0
+        print(f"outbox row {item} is not dead or rejected", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

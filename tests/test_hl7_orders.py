@@ -192,3 +192,62 @@ def test_images_never_arrive(hl7_hub: HubProcess, db_url: str) -> None:
         return t if t["status"] == "failed" else None
 
     assert "did not arrive" in wait_for(failed, 30, what="the order to fail")["statusReason"]["text"]
+
+
+def adt(control_id: str, trigger: str, patient_id: str, name: str, facility: str = "BVDKDN") -> bytes:
+    return SEP.join([
+        f"MSH|^~\\&|HIS|{facility}|AIHUB|PROVINCE|20261122090000||ADT^{trigger}|{control_id}|P|2.5||||||UNICODE UTF-8",
+        f"EVN|{trigger}|20261122090000",
+        f"PID|||{patient_id}^^^{facility}^MR||{name}||19900101|F",
+        "PV1||O",
+    ]).encode("utf-8")
+
+
+def test_patient_updates_and_unknown_facility(hl7_hub: HubProcess, receiver: Receiver, db_url: str) -> None:
+    port = int(hl7_hub.env["INTEROP_MLLP_PORT"])
+    answers = send(port, adt("A1", "A31", "BN0061", "LÊ^THỊ HOA"), adt("A2", "A08", "BN0061", "PHẠM^THỊ HOA"),
+                   orm("U1", facility="UNKNOWN_CLINIC", placer="PL71", filler="FL71", accession="ACC71",
+                       patient_id="UK0071"))
+    assert all("MSA|AA" in a for a in answers)
+
+    def renamed() -> Any:
+        entries = fhir(hl7_hub, "Patient", identifier="BN0061").get("entry") or []
+        return entries if entries and entries[0]["resource"]["name"][0]["family"] == "PHẠM" else None
+
+    patients = wait_for(renamed, 30, what="the A08 update")
+    assert len(patients) == 1  # the A31 created it, the A08 updated the same Patient
+    assert fhir(hl7_hub, f"Patient/{patients[0]['resource']['id']}/_history")["total"] == 2
+
+    order = wait_for(lambda: fhir(hl7_hub, "ServiceRequest", identifier="ACC71").get("entry"), 30,
+                     what="the unknown facility's order")[0]["resource"]
+    assert "tag" not in order.get("meta", {})  # recorded, with no site and so no destination
+    from interop.store.db import connect
+    with connect(db_url) as conn:
+        row = conn.execute("SELECT status, sending_facility FROM hl7_message WHERE control_id = 'U1'").fetchone()
+        assert row == {"status": "processed", "sending_facility": "UNKNOWN_CLINIC"}
+        assert conn.execute("SELECT count(*) AS n FROM outbox").fetchone()["n"] == 0
+
+
+def test_metrics_and_dead_letter_cli(hl7_hub: HubProcess, db_url: str) -> None:
+    import subprocess
+    import sys
+
+    port = int(hl7_hub.env["INTEROP_MLLP_PORT"])
+    send(port, orm("X1", placer="PL81", filler="FL81", accession="ACC81", patient_id="BN0081"))
+    wait_for(lambda: 'interop_hl7_messages{status="processed"} 1.0' in requests.get(f"{hl7_hub.base}/metrics", timeout=10).text,
+             30, what="the message to show as processed")
+    from interop.store.db import connect
+    with connect(db_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO outbox (channel, destination, resource_type, resource_id, version, status, last_answer)"
+                      " VALUES ('hl7', 'BVDKDN:hl7', 'DiagnosticReport', 'r1', 1, 'rejected', 'MSA|AE|X')")
+        row_id = conn.execute("SELECT id FROM outbox").fetchone()["id"]
+    env = {**hl7_hub.env, "DATABASE_URL": db_url}
+    listed = subprocess.run([sys.executable, "-m", "interop.cli", "outbox", "dead"], env=env, capture_output=True,
+                            text=True, check=True)
+    assert '"last_answer": "MSA|AE|X"' in listed.stdout
+    replayed = subprocess.run([sys.executable, "-m", "interop.cli", "outbox", "replay", str(row_id)], env=env,
+                              capture_output=True, text=True)
+    assert replayed.returncode == 0 and f"outbox row {row_id} queued again" in replayed.stdout
+    missing = subprocess.run([sys.executable, "-m", "interop.cli", "outbox", "replay", "999999"], env=env,
+                             capture_output=True, text=True)
+    assert missing.returncode == 1

@@ -79,6 +79,10 @@ class QueueCollector(Collector):
         stages = SummaryMetricFamily("interop_job_stage_seconds",
                                      "time per pipeline stage, jobs finished in the last hour",
                                      labels=["stage"])
+        messages = GaugeMetricFamily("interop_hl7_messages", "HL7 v2 messages received, by status",
+                                     labels=["status"])
+        deliveries = GaugeMetricFamily("interop_outbox", "result deliveries by channel and status",
+                                       labels=["channel", "status"])
         with self.pool.connection(timeout=3) as conn:
             for row in conn.execute("SELECT status, count(*) AS n FROM job GROUP BY status"):
                 depth.add_metric([row["status"]], row["n"])
@@ -88,8 +92,14 @@ class QueueCollector(Collector):
                 " WHERE finished_at > now() - interval '1 hour' GROUP BY key ORDER BY key"
             ):
                 stages.add_metric([row["stage"]], row["n"], row["total"])
+            for row in conn.execute("SELECT status, count(*) AS n FROM hl7_message GROUP BY status"):
+                messages.add_metric([row["status"]], row["n"])
+            for row in conn.execute("SELECT channel, status, count(*) AS n FROM outbox GROUP BY channel, status"):
+                deliveries.add_metric([row["channel"], row["status"]], row["n"])
         yield depth
         yield stages
+        yield messages
+        yield deliveries
 
 
 @bp.get("/metrics")
