@@ -67,7 +67,8 @@ _TEXT = {
 }
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
+def version_key(version: str) -> tuple[int, ...]:
+    """'2.5.1' -> (2, 5, 1), for comparing HL7 versions."""
     out = []
     for part in version.split("."):
         if not part.isdigit():
@@ -100,7 +101,7 @@ class Hl7Error(Exception):
     def err_segment(self, version: str = "2.5", field_sep: str = "|", comp: str = "^", sub: str = "&") -> str:
         """The ERR segment: v2.5+ layout (ERR-2, ERR-3, ERR-4, ERR-8); ERR-1 for v2.3/2.4 senders."""
         text = escape(self.message, field_sep, comp, sub)
-        if _version_tuple(version) < (2, 5):
+        if version_key(version) < (2, 5):
             # ERR-1 (ELD): segment^sequence^field^code&text&HL70357
             eld = comp.join([self.segment, str(self.sequence), "" if self.field is None else str(self.field),
                              sub.join([str(int(self.error_code)), self.error_code.text, "HL70357"])])

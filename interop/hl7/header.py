@@ -14,7 +14,7 @@ import yaml
 
 from . import charset
 from .errors import (BadCharset, BadDelimiters, BadHeader, ErrorCode, Hl7Error, MissingSegment, NotHl7,
-                     UnsupportedMessage)
+                     UnsupportedMessage, version_key)
 
 DEFAULT_ENCODING = "^~\\&"
 
@@ -112,15 +112,6 @@ def read(data: bytes) -> tuple[Header, list[str]]:
         raise problem
     ids = [seg[:3].decode("latin-1") for seg in segments if seg.strip()]
     return header, ids
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    out = []
-    for part in version.split("."):
-        if not part.isdigit():
-            break
-        out.append(int(part))
-    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -84,17 +84,11 @@ def _write(
     params: dict[str, SearchParam],
 ) -> dict[str, Any]:
     with conn.transaction():  # atomic even on an autocommit connection (a savepoint inside one)
-        return _write_in_transaction(conn, rtype, rid, version, body, params)
+        return _insert(conn, rtype, rid, version, body, params)
 
 
-def _write_in_transaction(
-    conn: psycopg.Connection[Any],
-    rtype: str,
-    rid: str,
-    version: int,
-    body: dict[str, Any],
-    params: dict[str, SearchParam],
-) -> dict[str, Any]:
+def _insert(conn: psycopg.Connection[Any], rtype: str, rid: str, version: int, body: dict[str, Any],
+            params: dict[str, SearchParam]) -> dict[str, Any]:
     ts = _now(conn)
     stored = _with_meta(body, rid, version, ts)
     conn.execute(
