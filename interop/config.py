@@ -35,6 +35,7 @@ ENVIRONMENT: list[tuple[str, str, str | None, str]] = [
     ("INTEROP_TRITON_TIMEOUT", "triton_timeout", "60", "seconds for one Triton inference call"),
     ("INTEROP_DICOMWEB_TIMEOUT", "dicomweb_timeout", "30", "seconds for one DICOMweb request"),
     ("INTEROP_MAX_BODY_BYTES", "max_body_bytes", str(10 * 1024 * 1024), "largest FHIR request body accepted (413 above)"),
+    ("INTEROP_CRITICAL_ESCALATE_MINUTES", "critical_escalate_minutes", "15", "an unacknowledged critical result goes to the next contact after this"),
     ("INTEROP_BASE_URL", "base_url", None, "public base URL of the FHIR API, for Location and Bundle links"),
 ]
 
@@ -69,6 +70,7 @@ class Settings:
     triton_timeout: int = 60
     dicomweb_timeout: int = 30
     max_body_bytes: int = 10 * 1024 * 1024
+    critical_escalate_minutes: int = 15
     base_url: str | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
 

@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 from ..config import Settings
 from ..store import db
 from ..store.search_params import SearchParam, load
-from . import api, errors, health
+from . import api, errors, health, review_api
 
 log = logging.getLogger("interop.fhir")
 
@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["interop"] = Hub(settings, load(settings.mappings_dir))
     app.register_blueprint(api.bp)
+    app.register_blueprint(review_api.bp)
     app.register_blueprint(health.bp)
 
     @app.errorhandler(errors.FhirError)

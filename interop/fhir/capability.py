@@ -20,6 +20,7 @@ RESOURCES: dict[str, list[str]] = {
     "Task": READ,
     "ServiceRequest": READ,
     "Encounter": READ,
+    "Communication": READ,
 }
 
 

@@ -28,7 +28,9 @@ from inference_client.triton import ModelNotFound, TritonClient, TritonError, Tr
 
 from ..config import Settings
 from ..delivery import outbox
-from ..delivery.sender import OutboxSender, queue_report_delivery
+from ..delivery.deliver import on_report_changed
+from ..delivery.sender import OutboxSender
+from ..review import critical
 from ..dicom import pixels
 from ..dicom.dicomweb import DicomWebClient, InstanceRef
 from ..dicom.errors import DicomError, NotAnImage
@@ -72,7 +74,7 @@ class Worker:
         self.conn = db.connect(settings.database_url, autocommit=True)
         self.orders = OrderHandlers(settings, self.conn, self.params)
         self.handlers = {ANALYSE: self.analyse, PROCESS_HL7: self.orders.process_message,
-                         FIND_STUDY: self.orders.find_study}
+                         FIND_STUDY: self.orders.find_study, critical.ESCALATE: self.escalate}
         self.on_fail = {PROCESS_HL7: self.orders.message_failed}
         self.sender = OutboxSender(settings, self.id)
 
@@ -149,6 +151,10 @@ class Worker:
         with self.conn.transaction():
             self._store(job, study, result, timings)
         log.info("job %s done in %.2fs", job.id, timings.stages["total"])
+
+    def escalate(self, job: jobs.Job, _timings: Timings) -> None:
+        """`escalate-critical`: hand an unacknowledged critical result to the site's next contact."""
+        critical.escalate(self.conn, self.params, job, self.orders.sites, self.settings.critical_escalate_minutes)
 
     def _analyse(self, job: jobs.Job, study: dict[str, Any], timings: Timings) -> list[dict[str, Any]]:
         client = DicomWebClient(job.payload["dicomweb"], timeout_s=self.settings.dicomweb_timeout)
@@ -240,8 +246,9 @@ class Worker:
                 built["report"]["meta"] = {"tag": study["meta"]["tag"]}
             stored = resources.create(self.conn, built["report"], self.params["DiagnosticReport"], rid=built["report"]["id"])
             reports.append(stored["id"])
-            if site_of(study):
-                queue_report_delivery(self.conn, stored, self.orders.sites, site_of(study))
+            on_report_changed(self.conn, stored, self.orders.sites, site_of(study), self.params)
+            critical.raise_alert(self.conn, self.params, stored, self.orders.sites, site_of(study),
+                                 self.settings.critical_escalate_minutes)
         timings.stages["store"] = round(time.perf_counter() - start, 6)
         self._task(job.payload["task"], "completed", business="report available",
                    outputs=[f"DiagnosticReport/{rid}" for rid in reports])

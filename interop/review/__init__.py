@@ -1,0 +1,1 @@
+"""Radiologist review of AI reports, and critical-result notifications."""
