@@ -1,8 +1,11 @@
-"""`interop demo` (what `make demo` runs): one real study through the hub on its embedded defaults.
+"""`interop demo` (what `make demo` runs): real studies through the hub on its embedded defaults.
 
-Starts a PACS (Orthanc with DICOMweb), starts `interop serve`, stores a synthetic full-size
-chest radiograph in the PACS, posts a FHIR ImagingStudy naming it, waits for the AI result,
-prints the DiagnosticReport and its Observations as FHIR JSON, then stops all it started.
+Starts a PACS (Orthanc with DICOMweb), a stand-in RIS that receives results over MLLP, and
+`interop serve`. Then, as a HIS/EMR would: stores a synthetic full-size chest radiograph in
+the PACS and posts a FHIR ImagingStudy naming it. And as a hospital integration engine would:
+sends an HL7 v2 ORM^O01 order, then its exam-done update, for a second radiograph. Prints
+each DiagnosticReport with its Observations as FHIR JSON and the ORU^R01 the RIS received,
+then stops all it started.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import requests
 from .config import Settings
 from .dicom.study import imaging_study
 from .dicom.synthetic import dataset_bytes, make_chest_xray
+from .delivery.mllp_client import MllpClient
+from .demo_ris import DemoRis
 from .runtime.orthanc import Orthanc
 
 FHIR_JSON = "application/fhir+json"
@@ -68,14 +73,57 @@ def wait_task(fhir: str, study_id: str, timeout: float = 300) -> dict[str, Any]:
     raise RuntimeError("no result in time")
 
 
+def demo_order(control_id: str, status: str, control: str, accession: str, study_uid: str, patient_id: str) -> str:
+    """An ORM^O01 as a district hospital's HIS sends it (v2.3.1, UTF-8, ZDS with the study UID)."""
+    now = time.strftime("%Y%m%d%H%M%S")
+    return "\r".join([
+        f"MSH|^~\\&|HIS|DEMO_HOSPITAL|AIHUB|PROVINCE|{now}||ORM^O01|{control_id}|P|2.3.1||||||UNICODE UTF-8",
+        f"PID|||{patient_id}^^^DEMO_HOSPITAL^MR||NGUYỄN^VĂN AN||19580214|M|||12 Lê Lợi^^Biên Hòa^^^VN",
+        "PV1||O|XQ^^^DEMO_HOSPITAL",
+        f"ORC|{control}|P{accession}^HIS|F{accession}^RIS||{status}||^^^{now}^^R||{now}|||1234^TRAN^BINH^^^BS",
+        f"OBR|1|P{accession}^HIS|F{accession}^RIS|36554-4^XR Chest Single view^LN|||{now}|||||||||"
+        f"1234^TRAN^BINH^^^BS||{accession}||||||DX||^^^{now}^^R||||^ho kéo dài 3 tuần",
+        f"ZDS|{study_uid}^HUB^Application^DICOM",
+    ])
+
+
+def report_bundle(fhir: str, report_ref: str) -> dict[str, Any]:
+    return requests.get(f"{fhir}/DiagnosticReport", timeout=10, params={
+        "_id": report_ref.split("/")[1], "_include": "DiagnosticReport:result"}).json()  # type: ignore[no-any-return]
+
+
+def show(title: str, bundle: dict[str, Any]) -> None:
+    print(json.dumps({"demo": title, "bundle": bundle}, indent=2, ensure_ascii=False))
+    report = bundle["entry"][0]["resource"]
+    say(f"{title}: {report['resourceType']}/{report['id']} status={report['status']}")
+    for line in report["conclusion"].splitlines():
+        say("  " + line)
+
+
+def wait_report(fhir: str, params: dict[str, str], timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entries = requests.get(f"{fhir}/DiagnosticReport", params=params, timeout=10).json().get("entry")
+        if entries:
+            return f"DiagnosticReport/{entries[0]['resource']['id']}"
+        time.sleep(0.3)
+    raise RuntimeError("no report in time")
+
+
 def run_demo(settings: Settings, keep: bool = False) -> int:
     data = settings.data_dir
     data.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    ris = DemoRis()
+    sites = data / "demo-sites.yaml"
+    sites.write_text(
+        "sites:\n  DEMO_HOSPITAL:\n    name: Demo district hospital\n    district: Bien Hoa\n"
+        f"    province: Dong Nai\n    hl7: {{host: 127.0.0.1, port: {ris.port}, receiving_application: RIS}}\n",
+        encoding="utf-8")
     with Orthanc(data / "demo-pacs") as pacs:
-        say(f"PACS (Orthanc + DICOMweb) at {pacs.dicomweb_url}")
+        say(f"PACS (Orthanc + DICOMweb) at {pacs.dicomweb_url}; demo RIS (MLLP) on port {ris.port}")
         env = dict(os.environ)
-        env.update(replace(settings, dicomweb_url=pacs.dicomweb_url).as_env())
+        env.update(replace(settings, dicomweb_url=pacs.dicomweb_url, sites_file=sites).as_env())
         hub = subprocess.Popen([sys.executable, "-m", "interop.cli", "serve"], env=env)
         base = f"http://{settings.http_host}:{settings.http_port}"
         fhir = f"{base}/fhir"
@@ -83,6 +131,8 @@ def run_demo(settings: Settings, keep: bool = False) -> int:
             say("starting the hub (embedded PostgreSQL and Triton unless DATABASE_URL/TRITON_URL are set)")
             wait_ready(base, hub)
             say(f"hub ready at {fhir} after {time.monotonic() - started:.1f}s")
+
+            # 1. FHIR: a HIS/EMR posts an ImagingStudy naming the PACS.
             ds = make_chest_xray(seed=int(time.time()) % 100_000)
             pacs.upload(dataset_bytes(ds))
             say(f"stored a {ds.Rows}x{ds.Columns} {ds.Modality} chest radiograph in the PACS")
@@ -93,21 +143,35 @@ def run_demo(settings: Settings, keep: bool = False) -> int:
             })
             study = post(f"{fhir}/ImagingStudy", imaging_study(
                 [ds], subject=f"Patient/{patient['id']}", endpoint_address=pacs.dicomweb_url))
-            say(f"posted ImagingStudy/{study['id']}")
+            say(f"FHIR: posted ImagingStudy/{study['id']}")
             sent = time.monotonic()
             task = wait_task(fhir, study["id"])
             if task["status"] != "completed":
                 say(f"analysis ended {task['status']}: {task.get('statusReason', {}).get('text')}")
                 return 1
-            report_ref = task["output"][0]["valueReference"]["reference"]
-            bundle = requests.get(f"{fhir}/DiagnosticReport", timeout=10, params={
-                "_id": report_ref.split("/")[1], "_include": "DiagnosticReport:result"}).json()
             say(f"report available {time.monotonic() - sent:.2f}s after the ImagingStudy was posted")
-            print(json.dumps(bundle, indent=2, ensure_ascii=False))
-            report = bundle["entry"][0]["resource"]
-            say(f"{report['resourceType']}/{report['id']} status={report['status']}")
-            for line in report["conclusion"].splitlines():
-                say("  " + line)
+            show("FHIR ImagingStudy -> DiagnosticReport", report_bundle(fhir, task["output"][0]["valueReference"]["reference"]))
+
+            # 2. HL7 v2: an integration engine sends an order, then "exam done" when the images are in.
+            accession = f"DEMO{int(time.time()) % 1_000_000:06d}"
+            second = make_chest_xray(seed=int(time.time()) % 100_000 + 1, accession=accession, patient_id="BN-DEMO-1")
+            pacs.upload(dataset_bytes(second))
+            client = MllpClient(settings.mllp_host, settings.mllp_port)
+            for n, (status, control) in enumerate((("SC", "NW"), ("CM", "SC")), 1):
+                message = demo_order(f"{accession}-{n}", status, control, accession, second.StudyInstanceUID, "BN-DEMO-1")
+                answer = client.exchange(message, f"{accession}-{n}")
+                say(f"HL7: ORM^O01 {control}/{status} acknowledged {answer.code.value}")
+            order_sent = time.monotonic()
+            ref = wait_report(fhir, {"identifier": f"urn:interop-hub:report|{second.StudyInstanceUID}/chest-xray"})
+            say(f"report available {time.monotonic() - order_sent:.2f}s after the exam-done message")
+            show("HL7 ORM^O01 -> DiagnosticReport", report_bundle(fhir, ref))
+            if ris.received.wait(60):
+                say("the RIS received the result as ORU^R01:")
+                for line in ris.messages[0].split("\r"):
+                    say("  " + line)
+            else:
+                say("no ORU^R01 reached the RIS in time")
+                return 1
             return 0
         finally:
             hub.send_signal(signal.SIGTERM)
@@ -115,6 +179,7 @@ def run_demo(settings: Settings, keep: bool = False) -> int:
                 hub.wait(60)
             except subprocess.TimeoutExpired:
                 hub.kill()
+            ris.close()
             say(f"stopped everything; demo took {time.monotonic() - started:.1f}s")
-    if not keep:
-        shutil.rmtree(data / "demo-pacs", ignore_errors=True)
+            if not keep:
+                shutil.rmtree(data / "demo-pacs", ignore_errors=True)
