@@ -1,4 +1,13 @@
-"""DICOM boundary: DICOMweb client (QIDO-RS / WADO-RS), pixel decoding and preprocessing."""
-from interop.dicom.errors import DicomError, NotAnImage, PacsUnavailable, StudyNotFound
+"""DICOM boundary: DICOMweb client (QIDO-RS / WADO-RS), pixel decoding, volume and view assembly."""
+from interop.dicom.errors import (
+    DicomError,
+    IncompleteSeries,
+    NoSuitableSeries,
+    NotAnImage,
+    NoViews,
+    PacsUnavailable,
+    StudyNotFound,
+)
 
-__all__ = ["DicomError", "NotAnImage", "PacsUnavailable", "StudyNotFound"]
+__all__ = ["DicomError", "IncompleteSeries", "NoSuitableSeries", "NoViews", "NotAnImage", "PacsUnavailable",
+           "StudyNotFound"]

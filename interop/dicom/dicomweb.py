@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from types import TracebackType
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import requests
 from pydicom import dcmread
@@ -37,6 +37,15 @@ INCLUDE_FIELDS = (
     "00280008",  # NumberOfFrames
     "00280010",  # Rows
     "00280011",  # Columns
+    "00080008",  # ImageType (LOCALIZER, DERIVED...)
+    "00200011",  # SeriesNumber
+    "00200062",  # ImageLaterality
+    "00200060",  # Laterality (series level)
+    "00180050",  # SliceThickness
+    "00181210",  # ConvolutionKernel
+    "00200037",  # ImageOrientationPatient: not every PACS returns it at instance level
+    "00200032",  # ImagePositionPatient
+    "00201209",  # NumberOfSeriesRelatedInstances
 )
 
 # SOP classes that never carry pixel data (prefixes; structured reports share one root).
@@ -66,6 +75,25 @@ class InstanceRef:
     columns: int | None = None
     number_of_frames: int | None = None
     instance_number: int | None = None
+    # Added for series choice and mammography views. Left out of equality, so that refs compare
+    # as before; None when the PACS did not return the attribute.
+    series_number: int | None = field(default=None, compare=False)
+    image_laterality: str | None = field(default=None, compare=False)
+    laterality: str | None = field(default=None, compare=False)
+    slice_thickness: float | None = field(default=None, compare=False)
+    convolution_kernel: str | None = field(default=None, compare=False)  # values joined with "\\"
+    image_orientation: tuple[float, ...] | None = field(default=None, compare=False)
+    image_position: tuple[float, ...] | None = field(default=None, compare=False)
+    image_type: tuple[str, ...] | None = field(default=None, compare=False)
+    number_of_series_related_instances: int | None = field(default=None, compare=False)
+
+    @property
+    def breast_laterality(self) -> str | None:
+        """ImageLaterality, else the series' Laterality: 'L', 'R', 'B' (both) or None."""
+        for value in (self.image_laterality, self.laterality):
+            if value and value.upper() in ("L", "R", "B"):
+                return value.upper()
+        return None
 
     @property
     def probably_image(self) -> bool:
@@ -93,6 +121,15 @@ class InstanceRef:
             columns=_int(item, "00280011"),
             number_of_frames=_int(item, "00280008"),
             instance_number=_int(item, "00200013"),
+            series_number=_int(item, "00200011"),
+            image_laterality=_text(item, "00200062"),
+            laterality=_text(item, "00200060"),
+            slice_thickness=_float(item, "00180050"),
+            convolution_kernel="\\".join(str(v) for v in _values(item, "00181210")) or None,
+            image_orientation=_floats(item, "00200037", 6),
+            image_position=_floats(item, "00200032", 3),
+            image_type=tuple(str(v) for v in _values(item, "00080008")) or None,
+            number_of_series_related_instances=_int(item, "00201209"),
         )
 
 
@@ -104,6 +141,30 @@ def _first(item: Mapping[str, Any], tag: str) -> Any:
     if not values:
         return None
     return values[0]
+
+
+def _values(item: Mapping[str, Any], tag: str) -> list[Any]:
+    element = item.get(tag) or item.get(tag.lower())
+    if not isinstance(element, Mapping):
+        return []
+    values = element.get("Value")
+    return [v for v in values if v is not None] if isinstance(values, list) else []
+
+
+def _float(item: Mapping[str, Any], tag: str) -> float | None:
+    value = _first(item, tag)
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(item: Mapping[str, Any], tag: str, count: int) -> tuple[float, ...] | None:
+    try:
+        values = tuple(float(v) for v in _values(item, tag))
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == count else None
 
 
 def _text(item: Mapping[str, Any], tag: str) -> str | None:
@@ -173,6 +234,66 @@ def parse_multipart(body: bytes, boundary: bytes) -> list[tuple[dict[str, str], 
         position = end + 2
 
 
+def iter_multipart(chunks: Iterable[bytes], boundary: bytes) -> Iterator[tuple[dict[str, str], bytes]]:
+    """`parse_multipart` over a stream: yields each part as soon as it is complete.
+
+    Only the part being read (and one chunk) is buffered, so a series of hundreds of instances
+    is never held in memory whole. Raises DicomError when the stream ends inside a part.
+    """
+    delimiter = b"--" + boundary
+    closing = b"\r\n" + delimiter
+    source = iter(chunks)
+    buffer = bytearray()
+
+    def fill() -> None:
+        for chunk in source:
+            if chunk:
+                buffer.extend(chunk)
+                return
+        raise DicomError("PACS multipart answer is truncated")
+
+    while (position := buffer.find(delimiter)) < 0:
+        if len(buffer) > len(delimiter):  # a preamble: keep only what could start a delimiter
+            del buffer[: len(buffer) - len(delimiter)]
+        try:
+            fill()
+        except DicomError:
+            raise DicomError("PACS multipart answer has no part") from None
+    del buffer[: position + len(delimiter)]
+    while True:  # the buffer starts right after a delimiter
+        while len(buffer) < 2:
+            fill()
+        if buffer.startswith(b"--"):
+            return  # close delimiter
+        while (line_end := buffer.find(b"\r\n")) < 0:
+            fill()
+        while (header_end := buffer.find(b"\r\n\r\n", line_end)) < 0:
+            fill()
+        headers: dict[str, str] = {}
+        if header_end != line_end:
+            for line in bytes(buffer[line_end + 2 : header_end]).split(b"\r\n"):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+        start = header_end + 4
+        end = -1
+        length = headers.get("content-length", "")
+        if length.isdigit():
+            candidate = start + int(length)
+            while len(buffer) < candidate + len(closing):
+                fill()
+            if buffer.startswith(closing, candidate):
+                end = candidate
+        search_from = start
+        while end < 0:
+            end = buffer.find(closing, search_from)
+            if end < 0:
+                search_from = max(start, len(buffer) - len(closing) + 1)
+                fill()
+        payload = bytes(buffer[start:end])
+        del buffer[: end + len(closing)]
+        yield headers, payload
+
+
 # -- client ------------------------------------------------------------------------------------
 class DicomWebClient:
     """QIDO-RS / WADO-RS against one DICOMweb base URL (e.g. `http://pacs:8042/dicom-web`).
@@ -214,13 +335,14 @@ class DicomWebClient:
         self.close()
 
     # timeout=(connect, read): connecting to a dead host fails fast; `read` bounds each wait for bytes.
-    def _get(self, url: str, *, accept: str, params: Any = None, what: str) -> requests.Response:
+    def _get(self, url: str, *, accept: str, params: Any = None, what: str, stream: bool = False) -> requests.Response:
         try:
             response = self.session.get(
                 url,
                 params=params,
                 headers={"Accept": accept},
                 timeout=(min(self.timeout_s, 10.0), self.timeout_s),
+                stream=stream,
             )
         except requests.Timeout as exc:
             raise PacsUnavailable(f"PACS timed out during {what}") from exc
@@ -229,6 +351,8 @@ class DicomWebClient:
         except requests.RequestException as exc:
             raise DicomError(f"{what} request failed ({type(exc).__name__})") from exc
         status = response.status_code
+        if status >= 400 and stream:
+            response.close()
         if status >= 500 or status in (408, 429):
             raise PacsUnavailable(f"PACS answered HTTP {status} to {what}", status=status)
         if status == 404:
@@ -312,6 +436,58 @@ class DicomWebClient:
             raise DicomError("PACS sent a different instance than the one asked for")
         log.debug("WADO-RS: %d bytes in %.3f s", len(payloads[0]), time.perf_counter() - began)
         return ds
+
+    def retrieve_series(self, study_uid: str, series_uid: str, *, chunk_bytes: int = 1 << 20) -> Iterator[Dataset]:
+        """WADO-RS `GET {base}/studies/{s}/series/{se}`, streamed: yields each instance as its part arrives.
+
+        Nothing is kept after it is yielded (only the SOP Instance UIDs, to yield each instance once
+        even if the PACS repeats one). A failure mid-stream is PacsUnavailable (retry the job).
+        Consume the iterator to the end or close it: the HTTP response is closed either way.
+        """
+        accept = MULTIPART_DICOM
+        if self.transfer_syntax:
+            accept += f"; transfer-syntax={self.transfer_syntax}"
+        began = time.perf_counter()
+        response = self._get(f"{self.base_url}/studies/{study_uid}/series/{series_uid}", accept=accept,
+                             what="WADO-RS series retrieval", stream=True)
+        seen: set[str] = set()
+        total = 0
+        try:
+            content_type = response.headers.get("Content-Type", "")
+            media_type = content_type.split(";", 1)[0].strip().lower()
+            if media_type != "multipart/related":
+                raise DicomError(f"PACS sent {media_type or 'no media type'} instead of multipart DICOM")
+            parts = iter_multipart(_chunks(response, chunk_bytes), multipart_boundary(content_type))
+            for headers, payload in parts:
+                if not _is_dicom_part(headers):
+                    continue
+                total += len(payload)
+                try:
+                    ds = dcmread(BytesIO(payload), force=False)
+                except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
+                    raise DicomError("PACS sent an unreadable DICOM instance") from exc
+                del payload
+                uid = str(ds.get("SOPInstanceUID", ""))
+                if str(ds.get("SeriesInstanceUID", "")) != series_uid:
+                    raise DicomError("PACS sent an instance of another series than the one asked for")
+                if uid in seen:
+                    continue
+                seen.add(uid)
+                yield ds
+                del ds
+        finally:
+            response.close()
+        if not seen:
+            raise StudyNotFound("series not found on the PACS")
+        log.debug("WADO-RS series: %d instances, %d bytes in %.3f s", len(seen), total, time.perf_counter() - began)
+
+
+def _chunks(response: requests.Response, size: int) -> Iterator[bytes]:
+    """The body in chunks; a connection that fails or stalls mid-body is PacsUnavailable."""
+    try:
+        yield from response.iter_content(chunk_size=size)
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+        raise PacsUnavailable("PACS connection failed during WADO-RS series retrieval") from exc
 
 
 def _is_dicom_part(headers: Mapping[str, str]) -> bool:

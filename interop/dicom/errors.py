@@ -36,3 +36,25 @@ class NotAnImage(DicomError):
     """The instance carries no usable image: no pixel data, a non-image SOP class, or pixels that cannot be decoded."""
 
     default_reason = "instance is not an image"
+
+
+class NoSuitableSeries(NotAnImage):
+    """No series of the study fits the model's rules (orientation, kernel, thickness, slice count)."""
+
+    default_reason = "no series of the study fits the model"
+
+
+class IncompleteSeries(DicomError):
+    """The chosen series cannot make a volume: missing or duplicated slices, mixed orientations.
+
+    Permanent by default; a caller that knows the PACS may still be receiving the series (fewer
+    instances than NumberOfSeriesRelatedInstances) may treat it as transient and retry later.
+    """
+
+    default_reason = "the series is incomplete"
+
+
+class NoViews(NotAnImage):
+    """None of the views a model needs is in the study (e.g. no CC or MLO mammogram)."""
+
+    default_reason = "none of the required views is in the study"
