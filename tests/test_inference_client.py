@@ -101,7 +101,7 @@ def test_silent_server_times_out_as_transient() -> None:
         (StudyFacts(modality="CR", body_part="CHEST"), ["chest-xray"]),
         (StudyFacts(modality="dx", body_part=" chest ", view_position="PA"), ["chest-xray"]),
         (StudyFacts(modality="DX", procedure_codes=("36554-4",)), ["chest-xray"]),
-        (StudyFacts(modality="CT", body_part="HEAD"), []),
+        (StudyFacts(modality="CT", body_part="HEAD"), ["brain-ct"]),
         (StudyFacts(modality="CT", body_part="CHEST"), []),
         (StudyFacts(modality="CR"), []),
     ],

@@ -42,12 +42,16 @@ def device_id(model: ModelDescription, version: str) -> str:
     return str(uuid.uuid5(HUB_NS, f"device|{model.name}|{version}"))
 
 
-def findings(model: ModelDescription, probabilities: Sequence[float]) -> list[Finding]:
-    """Apply each label's threshold (from mappings/, not code)."""
+def findings(model: ModelDescription, probabilities: Sequence[float | None]) -> list[Finding | None]:
+    """Apply each label's threshold (from mappings/, not code). None: not assessed (e.g. a breast
+    with no view in the exam), reported as nothing rather than as negative."""
     if len(probabilities) != len(model.labels):
         raise ValueError(f"{model.name}: {len(probabilities)} outputs for {len(model.labels)} labels")
-    out = []
+    out: list[Finding | None] = []
     for label, p in zip(model.labels, probabilities):
+        if p is None:
+            out.append(None)
+            continue
         positive = float(p) >= label.threshold
         out.append(Finding(label.key, round(float(p), 4), positive, positive and label.critical))
     return out
@@ -89,9 +93,9 @@ def _interpretation(finding: Finding) -> list[dict[str, Any]]:
     return out
 
 
-def conclusion(model: ModelDescription, version: str, found: list[Finding]) -> str:
+def conclusion(model: ModelDescription, version: str, found: list[Finding | None], category: Any = None) -> str:
     labels = {label.key: label for label in model.labels}
-    positives = [f for f in found if f.positive]
+    positives = [f for f in found if f is not None and f.positive]
     lines = [f"{DISCLAIMER['en']} {DISCLAIMER['vi']}",
              f"Model: {model.name} {version}." + (f" {NOT_VALIDATED['en']}" if model.reference_model else "")]
     if positives:
@@ -100,7 +104,40 @@ def conclusion(model: ModelDescription, version: str, found: list[Finding]) -> s
         lines.append("Findings above threshold: " + "; ".join(parts) + ".")
     else:
         lines.append("No finding above threshold. / Không có phát hiện vượt ngưỡng.")
+    if category is not None:
+        lines.append(f"Assessment: {category.display.en} / {category.display.vi}.")
     return "\n".join(lines)
+
+
+def _report_code(model: ModelDescription) -> dict[str, Any]:
+    code: dict[str, Any] = {"text": model.report_code.display}
+    if model.report_code.code:
+        code["coding"] = [{"system": model.report_code.system, "code": model.report_code.code,
+                           "display": model.report_code.display}]
+    return code
+
+
+def _category_observation(oid: str, model: ModelDescription, version: str, category: Any, study: dict[str, Any],
+                          study_ref: dict[str, str], dev_ref: dict[str, str], study_uid: str, effective: str,
+                          issued: str) -> dict[str, Any]:
+    """The assessment category (e.g. BI-RADS-like) the model's score falls in, from mappings/."""
+    value: dict[str, Any] = {"text": f"{category.display.en} / {category.display.vi}"}
+    if category.code and model.categories and model.categories.system:
+        value["coding"] = [{"system": model.categories.system, "code": category.code, "display": category.display.en}]
+    obs: dict[str, Any] = {
+        "resourceType": "Observation", "id": oid,
+        "identifier": [{"system": OBSERVATION_SYSTEM, "value": f"{study_uid}/{model.name}/category"}],
+        "status": "preliminary",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                  "code": "imaging", "display": "Imaging"}]}],
+        "code": {"text": "AI assessment category (reference model, not a BI-RADS assessment)"},
+        "effectiveDateTime": effective, "issued": issued, "valueCodeableConcept": value,
+        "method": {"text": f"AI inference, {model.name} {version}, highest score banded by mappings/"},
+        "device": dev_ref, "derivedFrom": [study_ref],
+    }
+    if "subject" in study:
+        obs["subject"] = study["subject"]
+    return obs
 
 
 def build(
@@ -116,12 +153,16 @@ def build(
 ) -> dict[str, Any]:
     """{'device': …, 'observations': […], 'report': …} for one study and one model."""
     found = findings(model, probabilities)
+    assessed = [p for p in probabilities if p is not None]
+    category = model.categories.category(assessed) if model.categories and assessed else None
     dev = device(model, version)
     dev_ref = {"reference": f"Device/{dev['id']}", "display": f"{model.name} {version}"}
     study_ref = {"reference": f"ImagingStudy/{study['id']}"}
     effective = study.get("started", issued)
     observations = []
     for oid, label, finding in zip(observation_ids, model.labels, found):
+        if finding is None:
+            continue
         obs: dict[str, Any] = {
             "resourceType": "Observation",
             "id": oid,
@@ -143,6 +184,10 @@ def build(
         if "subject" in study:
             obs["subject"] = study["subject"]
         observations.append(obs)
+    if category is not None:
+        observations.append(_category_observation(observation_ids[-1] if len(observation_ids) > len(model.labels)
+                                                  else f"{report_id}-category", model, version, category,
+                                                  study, study_ref, dev_ref, study_uid, effective, issued))
     report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "id": report_id,
@@ -151,19 +196,18 @@ def build(
         "status": "preliminary",
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
                                   "code": "RAD", "display": "Radiology"}]}],
-        "code": {"coding": [{"system": model.report_code.system, "code": model.report_code.code,
-                              "display": model.report_code.display}], "text": model.report_code.display},
+        "code": _report_code(model),
         "effectiveDateTime": effective,
         "issued": issued,
         "imagingStudy": [study_ref],
         "result": [{"reference": f"Observation/{o['id']}", "display": o["code"]["text"]} for o in observations],
-        "conclusion": conclusion(model, version, found),
+        "conclusion": conclusion(model, version, found, category),
     }
     if "subject" in study:
         report["subject"] = study["subject"]
     if study.get("basedOn"):
         report["basedOn"] = study["basedOn"]
-    if any(f.critical for f in found):
+    if any(f is not None and f.critical for f in found):
         report["conclusionCode"] = [{"coding": [{"system": INTERPRETATION, "code": "AA",
                                                  "display": "Critical abnormal"}],
                                      "text": "Critical finding suspected by AI"}]

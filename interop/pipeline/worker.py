@@ -31,12 +31,11 @@ from ..delivery import outbox
 from ..delivery.deliver import on_report_changed
 from ..delivery.sender import OutboxSender
 from ..review import critical
-from ..dicom import pixels
 from ..dicom.dicomweb import DicomWebClient, InstanceRef
 from ..dicom.errors import DicomError, NotAnImage
 from ..store import db, jobs, resources
 from ..store.search_params import SearchParam, load
-from . import report
+from . import assembly, report
 from .errors import NoModel, Permanent, Transient
 from .intake import ANALYSE
 from .orders import FIND_STUDY, PROCESS_HL7, OrderHandlers, site_of
@@ -59,6 +58,29 @@ class Timings:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
+
+
+class TimedClient(DicomWebClient):
+    """The DICOMweb client, counting the time spent waiting on the PACS into the 'retrieve' stage
+    (also while a series streams), so decode time can be told apart from transfer time."""
+
+    def __init__(self, base_url: str, timeout_s: float, timings: Timings):
+        super().__init__(base_url, timeout_s=timeout_s)
+        self.timings = timings
+
+    def retrieve_instance(self, ref: InstanceRef) -> Any:
+        with self.timings.stage("retrieve"):
+            return super().retrieve_instance(ref)
+
+    def retrieve_series(self, study_uid: str, series_uid: str, **kwargs: Any) -> Any:
+        stream = super().retrieve_series(study_uid, series_uid, **kwargs)
+        while True:
+            with self.timings.stage("retrieve"):
+                try:
+                    ds = next(stream)
+                except StopIteration:
+                    return
+            yield ds
 
 
 class Worker:
@@ -157,7 +179,7 @@ class Worker:
         critical.escalate(self.conn, self.params, job, self.orders.sites, self.settings.critical_escalate_minutes)
 
     def _analyse(self, job: jobs.Job, study: dict[str, Any], timings: Timings) -> list[dict[str, Any]]:
-        client = DicomWebClient(job.payload["dicomweb"], timeout_s=self.settings.dicomweb_timeout)
+        client = TimedClient(job.payload["dicomweb"], self.settings.dicomweb_timeout, timings)
         try:
             with timings.stage("retrieve"):
                 refs = client.search_instances(job.payload["study_uid"])
@@ -165,11 +187,10 @@ class Worker:
             results = []
             for name, model_refs in chosen.items():
                 model = self.models[name]
-                batch = self._pixels(client, model, model_refs, timings)
                 jobs.renew(self.conn, job, self.settings.job_lease_seconds)
                 self._task(job.payload["task"], "in-progress", business=f"inference: {name}")
+                probabilities = self._run_model(client, model, model_refs, timings)
                 with timings.stage("inference"):
-                    probabilities = self._infer(model, batch)
                     version = self.triton.model_version_label(model.triton_model) or model.version
                 results.append({"model": model, "version": version, "probabilities": probabilities})
             return results
@@ -182,7 +203,7 @@ class Worker:
         for ref in refs:
             facts = routing.StudyFacts(
                 modality=ref.modality, body_part=ref.body_part, view_position=ref.view_position,
-                laterality=None, procedure_codes=tuple(c for c in procedure if c),
+                laterality=ref.breast_laterality, procedure_codes=tuple(c for c in procedure if c),
                 series_description=ref.series_description,
             )
             for name in routing.route(facts, self.rules):
@@ -193,36 +214,44 @@ class Worker:
             raise NoModel(f"not analysed: no model for {', '.join(kinds) or 'this study'}")
         return chosen
 
-    def _pixels(
-        self, client: DicomWebClient, model: ModelDescription, refs: list[InstanceRef], timings: Timings
-    ) -> np.ndarray:
-        arrays = []
-        skipped = 0
-        prep = model.preprocessing
-        for ref in refs:
-            with timings.stage("retrieve"):
-                ds = client.retrieve_instance(ref)
-            with timings.stage("decode"):
-                try:
-                    image = pixels.to_display_array(ds)
-                except NotAnImage:
-                    skipped += 1
-                    continue
-                arrays.append(pixels.preprocess(
-                    image, size=tuple(prep.resize), channels=prep.channels, mean=prep.mean, std=prep.std))
-            del ds
-        if not arrays:
-            raise NotAnImage(f"none of the {len(refs)} instances routed to {model.name} holds an image")
-        return np.stack(arrays).astype(np.float32)
+    def _run_model(self, client: "TimedClient", model: ModelDescription, refs: list[InstanceRef],
+                   timings: Timings) -> list[float | None]:
+        """Assemble the model's input from the PACS (streamed), infer, and reduce to one value per label."""
+        kind = assembly.kind(model)
+        start, fetched = time.perf_counter(), timings.stages.get("retrieve", 0.0)
+        outputs: list[np.ndarray] = []
+        present: np.ndarray | None = None
+        inference = 0.0
+        if kind == "image":
+            for inputs in assembly.image_batches(client, model, refs):
+                t = time.perf_counter()
+                outputs.append(self._infer(model, inputs))
+                inference += time.perf_counter() - t
+            if not outputs:
+                raise NotAnImage(f"none of the {len(refs)} instances routed to {model.name} holds an image")
+        else:
+            inputs = (assembly.views_input if kind == "views" else assembly.volume_input)(client, model, refs)
+            t = time.perf_counter()
+            outputs.append(self._infer(model, inputs))
+            inference += time.perf_counter() - t
+            if kind == "views" and model.assembly and model.assembly.present:
+                present = inputs[model.assembly.present][0]
+        total = time.perf_counter() - start
+        timings.stages["inference"] = round(timings.stages.get("inference", 0.0) + inference, 6)
+        decode = total - inference - (timings.stages.get("retrieve", 0.0) - fetched)
+        timings.stages["decode"] = round(timings.stages.get("decode", 0.0) + decode, 6)
+        values: list[float | None] = [float(p) for p in np.concatenate(outputs).max(axis=0)]
+        if present is not None and len(values) == 2 and len(present) == 4:
+            # one score per breast (right, left); a breast with neither view was not assessed
+            for side, (cc, mlo) in enumerate(((0, 2), (1, 3))):
+                if not (present[cc] or present[mlo]):
+                    values[side] = None
+        return values
 
-    def _infer(self, model: ModelDescription, batch: np.ndarray) -> list[float]:
-        """Study-level probability per label: the highest over the study's images."""
-        outputs = []
-        for start in range(0, len(batch), 8):
-            result = self.triton.infer(model.triton_model, {model.input.name: batch[start:start + 8]},
-                                       [model.output])
-            outputs.append(np.asarray(result[model.output], dtype=np.float32))
-        return [float(p) for p in np.concatenate(outputs).max(axis=0)]
+    def _infer(self, model: ModelDescription, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        result = self.triton.infer(model.triton_model, inputs, [model.output])
+        out = np.asarray(result[model.output], dtype=np.float32)
+        return out.reshape(out.shape[0], -1)
 
     # -- writing ----------------------------------------------------------------------------
     def _store(self, job: jobs.Job, study: dict[str, Any], results: list[dict[str, Any]], timings: Timings) -> None:
@@ -234,7 +263,7 @@ class Worker:
             built = report.build(
                 study=study, study_uid=job.payload["study_uid"], model=model, version=result["version"],
                 probabilities=result["probabilities"], report_id=resources.new_id(),
-                observation_ids=[resources.new_id() for _ in model.labels], issued=issued,
+                observation_ids=[resources.new_id() for _ in range(len(model.labels) + 1)], issued=issued,
             )
             try:
                 resources.read(self.conn, "Device", built["device"]["id"])

@@ -121,6 +121,9 @@ class BundledTriton:
             "--strict-readiness=true",
             "--exit-on-error=true",
             "--exit-timeout-secs=5",
+            # A CT volume batch is tens of MB: with the Python backend's default 1 MB shared
+            # memory region, which then grows, responses came back empty after large requests.
+            "--backend-config=python,shm-default-byte-size=67108864",
             f"--log-file={self.log_path}",
             *self.extra_args,
         ]
