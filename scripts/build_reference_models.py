@@ -55,11 +55,25 @@ def is_site_model(model_dir: Path) -> bool:
     return config.is_file() and not _REFERENCE_PARAM.search(config.read_text(encoding="utf-8"))
 
 
+RUNNER = Path(__file__).resolve().parent / "reference_models" / "triton_runner.py"
+
+
+def install_runner(model_dir: Path) -> None:
+    """Every reference model runs the same Python-backend code: one source, copied into each
+    model folder (Triton loads a model folder on its own; it cannot import from a sibling)."""
+    target = model_dir / "1" / "model.py"
+    source = RUNNER.read_bytes()
+    if not target.is_file() or target.read_bytes() != source:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source)
+
+
 def build_one(ref: Reference, repo: Path, force: bool) -> str:
     path = repo / ref.name / "1" / "model.onnx"
     start = time.perf_counter()
     if is_site_model(repo / ref.name):
         return f"{repo / ref.name}: not a reference model (config.pbtxt lacks reference_model \"true\"), left alone"
+    install_runner(repo / ref.name)
     if not force and is_current(path, ref.build_spec, ref.version):
         return f"{path}: current ({ref.version}, spec {ref.build_spec}), skipped in {time.perf_counter() - start:.2f} s"
     ref.build(path)
