@@ -7,4 +7,5 @@ pytest_plugins = (
     "tests.fixtures.validator",
     "tests.fixtures.proxy",
     "tests.fixtures.mllp",
+    "tests.fixtures.fhir_server",
 )

@@ -1,6 +1,8 @@
-"""Results going out: the PostgreSQL outbox, the MLLP client and the ORU^R01 sender.
+"""Results going out, through one PostgreSQL outbox.
 
-`outbox` (queue of (channel, destination, report version) rows, claimed under a lease),
-`mllp_client` (one framed message out, one ACK back, with timeouts), `sender` (claim, render
-the ORU^R01 with `interop.hl7.oru`, send, record the answer).
+`deliver.on_report_changed` queues a report version for every destination (HL7, FHIR push,
+rest-hook Subscriptions); `outbox` is the queue (rows claimed under a lease, back-off, dead
+letters, replay); `sender.OutboxSender` claims rows and dispatches them by channel to
+`hl7_sender` (ORU^R01 over MLLP with `mllp_client`), `fhir_push` (transaction Bundle to the
+site's HIS/EMR, credentials from `fhir_auth`) and `subscriptions` (FHIR R4 rest-hook).
 """

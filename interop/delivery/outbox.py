@@ -40,8 +40,12 @@ MAX_ATTEMPTS = 100          # transient failures before `dead` (~16 h with the 1
 # Attempts in all (transient failures included) before an AE/AR answer makes the row `rejected`.
 REJECT_ATTEMPTS = {AckCode.AE: 1, AckCode.CE: 1, AckCode.AR: 3, AckCode.CR: 3}
 
+CHANNELS = ("hl7", "fhir", "rest-hook")
+STATUSES = ("pending", "sending", "sent", "rejected", "dead")
+
 __all__ = ["OutboxItem", "LeaseLost", "enqueue", "claim", "set_message", "mark_sent", "mark_rejected",
-           "retry_later", "mark_dead", "dead_letters", "replay", "items", "depth"]
+           "retry_later", "mark_dead", "dead_letters", "replay", "items", "depth", "listing",
+           "newer_sent_version", "keep_answer", "fail_transient"]
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,10 @@ def mark_sent(conn: psycopg.Connection[Any], item: OutboxItem, answer: str, cont
     """The peer accepted (AA): done for good; its ACK is kept."""
     _update(conn, item, "status = 'sent', sent_at = now(), leased_until = NULL, last_answer = %s,"
                         " control_id = %s, last_error = NULL", (answer, control_id))
+    if item.resource_type == "DiagnosticReport":  # the province's turnaround counts delivery
+        from ..analytics import facts
+
+        facts.record(conn, item.resource_id, event="delivered")
 
 
 def mark_rejected(
@@ -223,6 +231,47 @@ def replay(conn: psycopg.Connection[Any], item_id: int) -> bool:
         return False
     conn.execute(f"NOTIFY {CHANNEL}")
     return True
+
+
+def listing(conn: psycopg.Connection[Any], statuses: tuple[str, ...] = ("rejected", "dead"), *,
+            channel: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
+    """Rows in the given statuses (oldest first), for the operators' API. No payload: it holds
+    patient data; the peer's answer (`last_answer`) is kept, being what an operator acts on."""
+    rows = conn.execute(
+        f"SELECT {_VISIBLE} FROM outbox WHERE status = ANY(%s)"
+        " AND (%s::text IS NULL OR channel = %s::text) ORDER BY id LIMIT %s",
+        (list(statuses), channel, channel, limit)).fetchall()
+    return [dict(r) for r in rows]
+
+
+def newer_sent_version(conn: psycopg.Connection[Any], item: OutboxItem) -> int | None:
+    """The newest version of the same resource already sent to the same destination after this
+    one (e.g. an old version replayed after a newer one went): sending it would go backwards."""
+    row = conn.execute(
+        "SELECT max(version) AS v FROM outbox WHERE channel = %s AND destination = %s AND resource_type = %s"
+        " AND resource_id = %s AND version > %s AND status = 'sent'",
+        (item.channel, item.destination, item.resource_type, item.resource_id, item.version),
+    ).fetchone()
+    value = None if row is None else (row["v"] if isinstance(row, dict) else row[0])
+    return None if value is None else int(value)
+
+
+def keep_answer(conn: psycopg.Connection[Any], item: OutboxItem, answer: str) -> None:
+    """Record the peer's answer on a row still held (a transient failure's body, say)."""
+    _update(conn, item, "last_answer = %s", (answer[:20000],))
+
+
+def fail_transient(conn: psycopg.Connection[Any], item: OutboxItem, error: str, base_seconds: int,
+                   max_attempts: int, answer: str | None = None) -> int | None:
+    """A transient failure: back off, or `dead` once `max_attempts` are spent. Returns the delay,
+    None when the row is now dead. One transaction."""
+    with conn.transaction():
+        if answer:
+            keep_answer(conn, item, answer)
+        if item.attempts >= max_attempts:
+            mark_dead(conn, item, f"gave up after {item.attempts} attempts: {error}"[:500])
+            return None
+        return retry_later(conn, item, error[:500], base_seconds)
 
 
 def depth(conn: psycopg.Connection[Any]) -> dict[str, int]:

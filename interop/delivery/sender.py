@@ -1,11 +1,9 @@
-"""The HL7 sender: claim an outbox row, build the ORU^R01, send it over MLLP, record the answer.
+"""The outbox sender: claim the most urgent ready row of any channel and hand it to that
+channel's module. Per channel: `hl7_sender` (ORU^R01 over MLLP), `fhir_push` (transaction Bundle
+to the site's HIS/EMR FHIR server), `subscriptions` (FHIR R4 rest-hook notifications).
 
-At-least-once with duplicate detection left possible: the message and its control id are
-committed on the row before the first send, and a retry (after no answer, a lost ACK, or a
-sender that died mid-send and lost its lease) sends the same bytes with the same MSH-10. A
-report version is queued once per destination (the outbox's unique key), and once a row is
-`sent` it is never claimed again. The lease must outlast connect + ACK timeouts, which the
-defaults do (10 s + 30 s against INTEROP_JOB_LEASE_SECONDS, 120 s).
+Also here: `queue_report_delivery`, which queues a report version for its site's HL7 destination
+(`deliver.on_report_changed` is the one entry point that queues every channel).
 """
 from __future__ import annotations
 
@@ -13,29 +11,27 @@ import logging
 import os
 import secrets
 import socket
-from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 import psycopg
 
 from ..config import Settings
-from ..hl7 import oru
 from ..sites import Site
 from ..sites import load as load_sites
-from ..store import db, resources
+from ..store import db
 from . import outbox
-from .mllp_client import BadAck, MllpClient, PeerUnavailable
+from .hl7_sender import SENDING_FACILITY, Hl7Channel, RenderError, new_control_id, render
 
 log = logging.getLogger("interop.delivery")
 
 HL7 = "hl7"
-SENDING_FACILITY = "INTEROP_HUB"  # MSH-4 of what the hub sends
+FHIR = "fhir"
+REST_HOOK = "rest-hook"
 CRITICAL_PRIORITY = 0
 DEFAULT_PRIORITY = 5
 
-
-class RenderError(Exception):
-    """The message cannot be built from what is stored (no retry helps; `dead`)."""
+__all__ = ["OutboxSender", "queue_report_delivery", "destination", "is_critical", "render", "RenderError",
+           "new_control_id", "SENDING_FACILITY", "HL7", "FHIR", "REST_HOOK"]
 
 
 def destination(site_code: str, channel: str = HL7) -> str:
@@ -46,101 +42,65 @@ def is_critical(report: dict[str, Any]) -> bool:
     return any(c.get("code") == "AA" for cc in report.get("conclusionCode") or [] for c in cc.get("coding") or [])
 
 
-def queue_report_delivery(
-    conn: psycopg.Connection[Any], report: dict[str, Any], sites: dict[str, Site], site_code: str | None
-) -> list[int]:
-    """Queue the stored `report` (its meta.versionId) for every destination its site has (HL7
-    now), in the caller's transaction. Priority 0 for a critical finding (conclusionCode AA).
-    Returns the new row ids; a version already queued is not queued again."""
-    site = sites.get((site_code or "").upper())
-    if site is None:
-        return []
+def priority(report: dict[str, Any]) -> int:
+    return CRITICAL_PRIORITY if is_critical(report) else DEFAULT_PRIORITY
+
+
+def report_version(report: dict[str, Any]) -> int:
     version = int((report.get("meta") or {}).get("versionId") or 0)
     if version < 1:
         raise ValueError("queue the report as stored: it needs meta.versionId")
-    priority = CRITICAL_PRIORITY if is_critical(report) else DEFAULT_PRIORITY
+    return version
+
+
+def queue_report_delivery(
+    conn: psycopg.Connection[Any], report: dict[str, Any], sites: dict[str, Site], site_code: str | None
+) -> list[int]:
+    """Queue the stored `report` (its meta.versionId) for its site's HL7 destination, in the
+    caller's transaction. Priority 0 for a critical finding (conclusionCode AA). Returns the new
+    row ids; a version already queued is not queued again."""
+    site = sites.get((site_code or "").upper())
+    if site is None:
+        return []
+    version = report_version(report)
     ids = []
     if site.hl7 is not None:
-        new = outbox.enqueue(conn, HL7, destination(site.code), "DiagnosticReport", report["id"], version, priority)
+        new = outbox.enqueue(conn, HL7, destination(site.code), "DiagnosticReport", report["id"], version,
+                             priority(report))
         if new is not None:
             ids.append(new)
     return ids
 
 
-def _ref_id(ref: dict[str, Any] | None, rtype: str) -> str | None:
-    value = (ref or {}).get("reference") or ""
-    prefix = rtype + "/"
-    return value[len(prefix):].split("/_history/")[0] if value.startswith(prefix) else None
-
-
-def _read(conn: psycopg.Connection[Any], rtype: str, rid: str | None) -> dict[str, Any] | None:
-    if not rid:
-        return None
-    try:
-        return resources.read(conn, rtype, rid)
-    except (resources.NotFound, resources.Gone):
-        return None
-
-
-def render(
-    conn: psycopg.Connection[Any], item: outbox.OutboxItem, site: Site, control_id: str, now: datetime,
-    *, sending_facility: str = SENDING_FACILITY,
-) -> str:
-    """The ORU^R01 for one outbox row: the report as it was at `item.version`, its current
-    Observations and Device, the ServiceRequest it is based on, its Patient, its ImagingStudy."""
-    if item.resource_type != "DiagnosticReport":
-        raise RenderError(f"no HL7 message for {item.resource_type}")
-    if site.hl7 is None:
-        raise RenderError(f"site {site.code} has no hl7 destination")
-    try:
-        report = resources.vread(conn, "DiagnosticReport", item.resource_id, item.version)
-    except resources.NotFound as exc:
-        raise RenderError(f"DiagnosticReport/{item.resource_id} has no version {item.version}") from exc
-    observations = []
-    for ref in report.get("result") or []:
-        obs = _read(conn, "Observation", _ref_id(ref, "Observation"))
-        if obs is None:
-            raise RenderError(f"a result of DiagnosticReport/{item.resource_id} is missing")
-        observations.append(obs)
-    device = _read(conn, "Device", _ref_id({"reference": oru.device_reference(report, observations)}, "Device"))
-    if device is None:
-        raise RenderError(f"the Device of DiagnosticReport/{item.resource_id} is missing")
-    service_request = next((sr for sr in (_read(conn, "ServiceRequest", _ref_id(ref, "ServiceRequest"))
-                                          for ref in report.get("basedOn") or []) if sr), None)
-    study = next((s for s in (_read(conn, "ImagingStudy", _ref_id(ref, "ImagingStudy"))
-                              for ref in report.get("imagingStudy") or []) if s), None)
-    patient = _read(conn, "Patient", _ref_id(report.get("subject"), "Patient"))
-    try:
-        return oru.build_oru(
-            report, observations, device, oru.order_context(service_request, study=study),
-            sending_facility=sending_facility, receiving_application=site.hl7.receiving_application,
-            receiving_facility=site.hl7.receiving_facility or site.code, control_id=control_id, now=now,
-            patient=patient,
-        )
-    except oru.OruError as exc:
-        raise RenderError(str(exc)) from exc
-
-
-def new_control_id(item: outbox.OutboxItem) -> str:
-    """MSH-10 (ST, at most 20 characters): the row id and a random part, unique per build."""
-    return f"{item.id}.{secrets.token_hex(8)}"[:20]
+Handler = Callable[[psycopg.Connection[Any], outbox.OutboxItem], None]
 
 
 class OutboxSender:
-    """Sends HL7 outbox rows; the lead's worker loop calls `run_once()`. Connects lazily."""
+    """Claims outbox rows of every channel and dispatches each to its channel's module; the
+    worker loop calls `run_once()`. Connects lazily. `channel` limits it to one channel."""
 
     def __init__(self, settings: Settings, worker_id: str | None = None, *, connect_timeout: float = 10.0,
                  ack_timeout: float = 30.0, max_attempts: int = outbox.MAX_ATTEMPTS,
-                 sending_facility: str = SENDING_FACILITY):
+                 sending_facility: str = SENDING_FACILITY, channel: str | None = None):
         if not settings.database_url:
             raise RuntimeError("the sender needs DATABASE_URL")
+        from .fhir_push import FhirChannel
+        from .subscriptions import RestHookChannel
+
         self.settings = settings
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:out:{secrets.token_hex(3)}"
-        self.connect_timeout = connect_timeout
-        self.ack_timeout = ack_timeout
-        self.max_attempts = max_attempts
-        self.sending_facility = sending_facility
+        self.channel = channel
+        sites = self.sites
+        self.handlers: dict[str, Handler] = {
+            HL7: Hl7Channel(settings, sites, connect_timeout=connect_timeout, ack_timeout=ack_timeout,
+                            max_attempts=max_attempts, sending_facility=sending_facility).deliver,
+            FHIR: FhirChannel(settings, sites, max_attempts=max_attempts).deliver,
+            REST_HOOK: RestHookChannel(settings).deliver,
+        }
         self._conn: psycopg.Connection[Any] | None = None
+
+    def sites(self) -> dict[str, Site]:
+        return load_sites(self.settings.sites_file)
 
     @property
     def conn(self) -> psycopg.Connection[Any]:
@@ -154,73 +114,17 @@ class OutboxSender:
             self._conn = None
 
     def run_once(self) -> bool:
-        """Claim and send one HL7 row; False when none is ready."""
-        item = outbox.claim(self.conn, self.id, self.settings.job_lease_seconds, channel=HL7)
+        """Claim and deliver one row (any channel, most urgent first); False when none is ready."""
+        item = outbox.claim(self.conn, self.id, self.settings.job_lease_seconds, channel=self.channel)
         if item is None:
             return False
+        handler = self.handlers.get(item.channel)
         try:
-            self._deliver(item)
+            if handler is None:
+                with self.conn.transaction():
+                    outbox.mark_dead(self.conn, item, f"no sender for channel {item.channel}")
+                return True
+            handler(self.conn, item)
         except outbox.LeaseLost:
             log.warning("outbox %s: lease lost; another sender has it", item.id)
         return True
-
-    def _deliver(self, item: outbox.OutboxItem) -> None:
-        conn = self.conn
-        site = load_sites(self.settings.sites_file).get(item.site_code)
-        if site is None or site.hl7 is None:
-            with conn.transaction():
-                outbox.mark_dead(conn, item, f"no hl7 destination for site {item.site_code} in the sites file")
-            return
-        newer = conn.execute(
-            "SELECT max(version) AS v FROM outbox WHERE channel = %s AND destination = %s AND resource_type = %s"
-            " AND resource_id = %s AND version > %s AND status = 'sent'",
-            (item.channel, item.destination, item.resource_type, item.resource_id, item.version),
-        ).fetchone()
-        if newer and newer["v"] is not None:  # e.g. an old version replayed after a newer one went
-            with conn.transaction():
-                outbox.mark_dead(conn, item, f"superseded: version {newer['v']} was already sent")
-            return
-        if item.attempts > self.max_attempts:  # e.g. senders that kept dying mid-send
-            with conn.transaction():
-                outbox.mark_dead(conn, item, f"gave up after {item.attempts - 1} attempts")
-            return
-        control_id, payload = item.control_id, item.payload
-        if not payload or not control_id:
-            control_id = new_control_id(item)
-            try:
-                payload = render(conn, item, site, control_id, datetime.now(timezone.utc),
-                                 sending_facility=self.sending_facility)
-            except RenderError as exc:
-                with conn.transaction():
-                    outbox.mark_dead(conn, item, f"cannot build the message: {exc}"[:500])
-                log.warning("outbox %s: cannot build the message: %s", item.id, exc)
-                return
-            with conn.transaction():
-                outbox.set_message(conn, item, control_id, payload)
-        client = MllpClient(site.hl7.host, site.hl7.port, connect_timeout=self.connect_timeout,
-                            ack_timeout=self.ack_timeout)
-        try:
-            ack = client.exchange(payload, control_id)
-        except (PeerUnavailable, BadAck) as exc:
-            self._transient(item, f"{type(exc).__name__}: {exc}", getattr(exc, "answer", None))
-            return
-        with conn.transaction():
-            if ack.accepted:
-                outbox.mark_sent(conn, item, ack.raw, control_id)
-                log.info("outbox %s: %s v%s sent to %s", item.id, item.resource_id, item.version, item.destination)
-            else:
-                status = outbox.mark_rejected(conn, item, ack.raw, f"{ack.code.value}: {ack.text}"[:500], code=ack.code,
-                                              base_seconds=self.settings.retry_base_seconds)
-                log.warning("outbox %s: %s from %s; now %s", item.id, ack.code.value, item.destination, status)
-
-    def _transient(self, item: outbox.OutboxItem, error: str, answer: str | None) -> None:
-        conn = self.conn
-        with conn.transaction():
-            if answer:
-                conn.execute("UPDATE outbox SET last_answer = %s WHERE id = %s", (answer[:4000], item.id))
-            if item.attempts >= self.max_attempts:
-                outbox.mark_dead(conn, item, f"gave up after {item.attempts} attempts: {error}"[:500])
-                log.warning("outbox %s: dead after %s attempts", item.id, item.attempts)
-                return
-            delay = outbox.retry_later(conn, item, error[:500], self.settings.retry_base_seconds)
-        log.warning("outbox %s: %s; retry in %ss", item.id, error, delay)

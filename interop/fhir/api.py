@@ -12,6 +12,7 @@ import orjson
 import psycopg
 from flask import Blueprint, Response, current_app, request
 
+from ..delivery import subscriptions
 from ..pipeline import intake
 from ..store import resources
 from . import capability, search
@@ -72,6 +73,11 @@ def _parse_body(rtype: str) -> dict[str, Any]:
     if body["resourceType"] != rtype:
         raise BadRequest(f"resourceType {body['resourceType']!r} does not match the URL ({rtype})")
     validate(body, hub().settings.mappings_dir)
+    if rtype == "Subscription":  # delivery: rest-hook only, criteria checked, requested -> active
+        try:
+            body = subscriptions.prepare(body, hub().params)
+        except subscriptions.SubscriptionError as exc:
+            raise BusinessRule(str(exc)) from None
     return body
 
 

@@ -21,6 +21,8 @@ RESOURCES: dict[str, list[str]] = {
     "ServiceRequest": READ,
     "Encounter": READ,
     "Communication": READ,
+    # rest-hook Subscriptions on DiagnosticReport (interop.delivery.subscriptions)
+    "Subscription": READ + WRITE,
 }
 
 
