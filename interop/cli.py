@@ -35,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("id", nargs="?", type=int, help="the outbox row to replay")
     demo = sub.add_parser("demo", help="send a real DICOM study and an ImagingStudy through the hub, print the report")
     demo.add_argument("--keep", action="store_true", help="leave the demo PACS data in INTEROP_DATA_DIR")
+    demo.add_argument("--seed-analytics", type=int, metavar="N", default=None,
+                      help="instead of the walk-through: write N synthetic studies into the analytics schema of"
+                           " DATABASE_URL (or the embedded PostgreSQL), refresh its views and exit")
+    analytics = sub.add_parser("analytics", help="provincial analytics: rebuild the facts, refresh the views")
+    analytics.add_argument("action", choices=["backfill", "refresh"],
+                           help="backfill: rebuild the facts from the stored reports (idempotent), then refresh;"
+                                " refresh: refresh the materialised views (run from a timer)")
+    analytics.add_argument("--rekey", action="store_true",
+                           help="backfill: recompute every patient key with the current pseudonym secret")
     return parser
 
 
@@ -74,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "outbox":
         return _outbox(parser, settings, args.action, args.id)
+    if args.command == "analytics":
+        return _analytics(parser, settings, args.action, args.rekey)
+    if args.command == "demo" and args.seed_analytics is not None:
+        return _seed_analytics(settings, args.seed_analytics)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -103,6 +116,56 @@ def _outbox(parser: argparse.ArgumentParser, settings: Settings, action: str, it
             return 0
         print(f"outbox row {item} is not dead or rejected", file=sys.stderr)
         return 1
+
+
+def _database(settings: Settings) -> tuple[str, object]:
+    """DATABASE_URL, or the embedded PostgreSQL under INTEROP_DATA_DIR (returned to be stopped)."""
+    from .store import db
+
+    if settings.database_url:
+        db.migrate(settings.database_url)
+        return settings.database_url, None
+    from .runtime.postgres import EmbeddedPostgres
+
+    server = EmbeddedPostgres(settings.data_dir / "postgres")
+    url = server.start()
+    db.migrate(url)
+    return url, server
+
+
+def _analytics(parser: argparse.ArgumentParser, settings: Settings, action: str, rekey: bool) -> int:
+    from .analytics import facts
+    from .sites import load
+    from .store import db
+
+    if not settings.database_url:
+        parser.error("DATABASE_URL is not set")
+    with db.connect(settings.database_url, autocommit=True) as conn:
+        if action == "backfill":
+            count = facts.backfill(conn, sites=load(settings.sites_file), rekey=rekey)
+            print(f"analytics facts rebuilt for {count} reports" + (" (patient keys recomputed)" if rekey else ""))
+        for name, seconds in facts.refresh(conn).items():
+            print(f"refreshed {name} in {seconds:.1f}s")
+    return 0
+
+
+def _seed_analytics(settings: Settings, n: int) -> int:
+    """`interop demo --seed-analytics N`: synthetic studies for the dashboard, then exit."""
+    from .analytics import facts, seed
+    from .store import db
+
+    url, server = _database(settings)
+    try:
+        with db.connect(url, autocommit=True) as conn:
+            seed.clear(conn)
+            written = seed.seed(conn, n, sites_file=settings.sites_file, mappings_dir=settings.mappings_dir)
+            facts.refresh(conn)
+        print(f"{written} synthetic studies in the analytics schema; dashboard at "
+              f"http://{settings.http_host}:{settings.http_port}/analytics/")
+    finally:
+        if server is not None:
+            server.stop()  # type: ignore[attr-defined]
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ ENVIRONMENT: list[tuple[str, str, str | None, str]] = [
     ("INTEROP_MLLP_MAX_BYTES", "mllp_max_bytes", str(1024 * 1024), "largest HL7 v2 message accepted over MLLP (AR and close above)"),
     ("INTEROP_MLLP_IDLE_SECONDS", "mllp_idle_seconds", "300", "an MLLP connection silent this long is closed"),
     ("DATABASE_URL", "database_url", None, "PostgreSQL URL; unset: an embedded PostgreSQL under INTEROP_DATA_DIR"),
+    ("ANALYTICS_DATABASE_URL", "analytics_database_url", None, "PostgreSQL the analytics dashboard reads (a replica of DATABASE_URL); unset: DATABASE_URL"),
     ("TRITON_URL", "triton_url", None, "Triton HTTP host:port; unset: the bundled tritonserver on INTEROP_TRITON_REPO"),
     ("DICOMWEB_URL", "dicomweb_url", None, "DICOMweb base URL of the PACS used when a study names no endpoint"),
     ("INTEROP_DATA_DIR", "data_dir", str(REPO_ROOT / "var"), "where the embedded PostgreSQL and logs live"),
@@ -36,6 +37,7 @@ ENVIRONMENT: list[tuple[str, str, str | None, str]] = [
     ("INTEROP_DICOMWEB_TIMEOUT", "dicomweb_timeout", "30", "seconds for one DICOMweb request"),
     ("INTEROP_MAX_BODY_BYTES", "max_body_bytes", str(10 * 1024 * 1024), "largest FHIR request body accepted (413 above)"),
     ("INTEROP_CRITICAL_ESCALATE_MINUTES", "critical_escalate_minutes", "15", "an unacknowledged critical result goes to the next contact after this"),
+    ("INTEROP_ANALYTICS_REFRESH_MINUTES", "analytics_refresh_minutes", "15", "how often a worker refreshes the analytics summary views"),
     ("INTEROP_BASE_URL", "base_url", None, "public base URL of the FHIR API, for Location and Bundle links"),
 ]
 
@@ -56,6 +58,7 @@ class Settings:
     mllp_max_bytes: int = 1024 * 1024
     mllp_idle_seconds: int = 300
     database_url: str | None = None
+    analytics_database_url: str | None = None
     triton_url: str | None = None
     dicomweb_url: str | None = None
     data_dir: Path = REPO_ROOT / "var"
@@ -71,6 +74,7 @@ class Settings:
     dicomweb_timeout: int = 30
     max_body_bytes: int = 10 * 1024 * 1024
     critical_escalate_minutes: int = 15
+    analytics_refresh_minutes: int = 15
     base_url: str | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
 

@@ -13,7 +13,7 @@ from tests.helpers import chest_study_in_pacs, study_resource, wait_for
 
 def job_row(db_url: str) -> dict[str, Any]:
     with connect(db_url) as conn:
-        row = conn.execute("SELECT status, attempts, worker FROM job").fetchone()
+        row = conn.execute("SELECT status, attempts, worker FROM job WHERE kind = %s", ("analyse-study",)).fetchone()
     assert row is not None
     return dict(row)
 

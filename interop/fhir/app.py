@@ -18,7 +18,8 @@ from werkzeug.exceptions import HTTPException
 from ..config import Settings
 from ..store import db
 from ..store.search_params import SearchParam, load
-from . import api, errors, health, review_api
+from ..analytics import api as analytics_api
+from . import api, errors, health, outbox_api, review_api
 
 log = logging.getLogger("interop.fhir")
 
@@ -55,6 +56,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(review_api.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(outbox_api.bp)  # delivery: GET /outbox?status=dead,rejected, POST /outbox/<id>/replay
+    app.register_blueprint(analytics_api.bp)  # provincial analytics dashboard, JSON, CSV, MeasureReport at /analytics
 
     @app.errorhandler(errors.FhirError)
     def fhir_error(exc: errors.FhirError) -> Response:

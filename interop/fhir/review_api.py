@@ -12,6 +12,7 @@ from flask import Blueprint, Response, request
 
 from inference_client.models import load_models
 
+from ..analytics import facts
 from ..review import actions, critical
 from ..review.errors import ReviewError
 from .api import hub, respond
@@ -83,7 +84,9 @@ def redeliver(conn: Any, report: dict[str, Any]) -> None:
     from ..pipeline.orders import site_of
     from ..sites import load
 
-    on_report_changed(conn, report, load(hub().settings.sites_file), site_of(report), hub().params)
+    sites = load(hub().settings.sites_file)
+    on_report_changed(conn, report, sites, site_of(report), hub().params)
+    facts.record(conn, report["id"], event="reviewed", sites=sites)
 
 
 @bp.post("/DiagnosticReport/<rid>/$review")
@@ -109,6 +112,7 @@ def acknowledge(rid: str) -> Response:
     with hub().pool.connection() as conn:
         try:
             alert = critical.acknowledge(conn, hub().params, rid, by=str(by))
+            facts.record(conn, rid, event="acknowledged")
             task = conn.execute("SELECT body FROM resource WHERE type = 'Task' AND id = %s",
                                 (alert["task_id"],)).fetchone()
         except ReviewError as exc:
@@ -123,6 +127,7 @@ def transfer_decision(rid: str) -> Response:
         try:
             alert = critical.decide_transfer(conn, hub().params, rid, decision=str(value(params, "decision") or ""),
                                              by=str(value(params, "by") or ""))
+            facts.record(conn, rid, event="transfer")
             referral = conn.execute("SELECT body FROM resource WHERE type = 'ServiceRequest' AND id = %s",
                                     (alert["referral_id"],)).fetchone()
         except ReviewError as exc:

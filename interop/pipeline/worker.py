@@ -27,6 +27,7 @@ from inference_client.models import ModelDescription, load_models
 from inference_client.triton import ModelNotFound, TritonClient, TritonError, TritonUnavailable
 
 from ..config import Settings
+from ..analytics import facts
 from ..delivery import outbox
 from ..delivery.deliver import on_report_changed
 from ..delivery.sender import OutboxSender
@@ -39,6 +40,8 @@ from . import assembly, report
 from .errors import NoModel, Permanent, Transient
 from .intake import ANALYSE
 from .orders import FIND_STUDY, PROCESS_HL7, OrderHandlers, site_of
+
+REFRESH_ANALYTICS = "refresh-analytics"
 
 log = logging.getLogger("interop.worker")
 
@@ -96,7 +99,8 @@ class Worker:
         self.conn = db.connect(settings.database_url, autocommit=True)
         self.orders = OrderHandlers(settings, self.conn, self.params)
         self.handlers = {ANALYSE: self.analyse, PROCESS_HL7: self.orders.process_message,
-                         FIND_STUDY: self.orders.find_study, critical.ESCALATE: self.escalate}
+                         FIND_STUDY: self.orders.find_study, critical.ESCALATE: self.escalate,
+                         REFRESH_ANALYTICS: self.refresh_analytics}
         self.on_fail = {PROCESS_HL7: self.orders.message_failed}
         self.sender = OutboxSender(settings, self.id)
 
@@ -110,6 +114,7 @@ class Worker:
         listener = db.connect(self.settings.database_url, autocommit=True)
         listener.execute(f"LISTEN {jobs.CHANNEL}")
         listener.execute(f"LISTEN {outbox.CHANNEL}")
+        self.schedule_refresh()
         log.info("worker %s started", self.id)
         try:
             while not stop.is_set():
@@ -173,6 +178,21 @@ class Worker:
         with self.conn.transaction():
             self._store(job, study, result, timings)
         log.info("job %s done in %.2fs", job.id, timings.stages["total"])
+
+    def schedule_refresh(self, delay_minutes: int = 0) -> None:
+        """One analytics refresh per period across every worker and replica (dedupe on the slot)."""
+        period = max(1, self.settings.analytics_refresh_minutes) * 60
+        slot = int(time.time() // period) + (1 if delay_minutes else 0)
+        job = jobs.enqueue(self.conn, REFRESH_ANALYTICS, {}, dedupe_key=f"{REFRESH_ANALYTICS}:{slot}", max_attempts=2)
+        if job is not None and delay_minutes:
+            self.conn.execute("UPDATE job SET run_after = to_timestamp(%s) WHERE id = %s", (slot * period, job))
+
+    def refresh_analytics(self, job: jobs.Job, _timings: Timings) -> None:
+        """`refresh-analytics`: the dashboard's summary views, then the next period's job."""
+        facts.refresh(self.conn)
+        with self.conn.transaction():
+            jobs.complete(self.conn, job, {})
+            self.schedule_refresh(delay_minutes=self.settings.analytics_refresh_minutes)
 
     def escalate(self, job: jobs.Job, _timings: Timings) -> None:
         """`escalate-critical`: hand an unacknowledged critical result to the site's next contact."""
@@ -278,6 +298,7 @@ class Worker:
             on_report_changed(self.conn, stored, self.orders.sites, site_of(study), self.params)
             critical.raise_alert(self.conn, self.params, stored, self.orders.sites, site_of(study),
                                  self.settings.critical_escalate_minutes)
+            facts.record(self.conn, stored["id"], event="ai_result", sites=self.orders.sites)
         timings.stages["store"] = round(time.perf_counter() - start, 6)
         self._task(job.payload["task"], "completed", business="report available",
                    outputs=[f"DiagnosticReport/{rid}" for rid in reports])

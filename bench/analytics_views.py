@@ -1,0 +1,123 @@
+"""Provincial analytics with 1 million synthetic studies: seed (COPY), refresh, and p95 per view.
+
+    DATABASE_URL=postgresql://... python bench/analytics_views.py [--studies 1000000] [--repeat 20]
+
+Without DATABASE_URL it starts an embedded PostgreSQL in a temporary directory. It seeds the
+studies (and 14 findings each) into a fresh database, refreshes the materialised views, then
+times every dashboard endpoint through the Flask app (JSON serialisation included) with the
+dashboard's default filter (the last 26 weeks) and with a district + finding filter. Prints the
+figures and, with --write, appends them to docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+from interop.analytics import facts, seed
+from interop.config import REPO_ROOT, Settings
+from interop.fhir.app import create_app
+from interop.store import db
+
+ENDPOINTS = ["findings_weekly", "districts", "turnaround", "workload", "backlog", "agreement", "critical"]
+
+
+def p95(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--studies", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--write", action="store_true", help="append the figures to docs/BENCHMARKS.md")
+    args = parser.parse_args()
+    server = None
+    base = os.environ.get("DATABASE_URL")
+    if not base:
+        from interop.runtime.postgres import EmbeddedPostgres
+
+        directory = Path(tempfile.mkdtemp(prefix="bench-analytics-", dir="/var/tmp"))
+        os.chmod(directory, 0o755)
+        server = EmbeddedPostgres(directory / "pg")
+        base = server.start()
+    url = urlunsplit(urlsplit(base)._replace(path="/bench_analytics"))
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS bench_analytics WITH (FORCE)")
+        conn.execute("CREATE DATABASE bench_analytics")
+    db.migrate(url)
+    settings = Settings.from_env({"DATABASE_URL": url})
+    lines: list[str] = []
+    try:
+        with db.connect(url, autocommit=True) as conn:
+            start = time.perf_counter()
+            seed.seed(conn, args.studies, sites_file=settings.sites_file, mappings_dir=settings.mappings_dir)
+            seeded = time.perf_counter() - start
+            conn.execute("VACUUM ANALYZE analytics.study_fact")
+            conn.execute("VACUUM ANALYZE analytics.finding_fact")
+            start = time.perf_counter()
+            refreshed = facts.refresh(conn)
+            first_refresh = time.perf_counter() - start
+            start = time.perf_counter()
+            facts.refresh(conn)  # CONCURRENTLY, as the timer runs it
+            concurrent_refresh = time.perf_counter() - start
+            sizes = conn.execute(
+                "SELECT (SELECT count(*) FROM analytics.finding_fact) AS findings,"
+                " pg_size_pretty(pg_total_relation_size('analytics.study_fact')) AS study_size,"
+                " pg_size_pretty(pg_total_relation_size('analytics.finding_fact')) AS finding_size,"
+                " (SELECT count(*) FROM analytics.mv_finding_weekly) AS mv_rows").fetchone()
+            last = conn.execute("SELECT max(study_day) AS d FROM analytics.study_fact").fetchone()["d"]
+            district = conn.execute("SELECT district FROM analytics.study_fact LIMIT 1").fetchone()["district"]
+        per_view = ", ".join(f"{k.split('.')[1]} {v:.1f} s" for k, v in refreshed.items())
+        lines += [f"- seeded {args.studies:,} studies and {sizes['findings']:,} findings with COPY in {seeded:.0f} s"
+                  f" (study_fact {sizes['study_size']}, finding_fact {sizes['finding_size']});",
+                  f"- first refresh of the materialised views {first_refresh:.1f} s "
+                  f"({per_view}), "
+                  f"REFRESH CONCURRENTLY {concurrent_refresh:.1f} s; mv_finding_weekly has {sizes['mv_rows']:,} rows."]
+        app = create_app(settings)
+        client = app.test_client()
+        filters = {"default (last 26 weeks)": {"end": str(last)},
+                   "district + finding, 52 weeks": {"end": str(last), "start": str(last.replace(year=last.year - 1)),
+                                                    "district": district, "finding": "409609008"}}
+        table = ["| endpoint | " + " | ".join(f"p95 ms, {name}" for name in filters) + " |",
+                 "|---|" + "---|" * len(filters)]
+        paths = [f"/analytics/api/{e}" for e in ENDPOINTS] + ["/analytics/api/forecast", "/analytics/api/options",
+                                                             "/analytics/export/findings_weekly.csv", "/analytics/"]
+        for path in paths:
+            cells = []
+            for query in filters.values():
+                samples = []
+                for _ in range(args.repeat):
+                    start = time.perf_counter()
+                    response = client.get(path, query_string=query)
+                    samples.append((time.perf_counter() - start) * 1000)
+                    assert response.status_code == 200, (path, response.status_code)
+                cells.append(f"{p95(samples):.0f}")
+            table.append(f"| `{path}` | " + " | ".join(cells) + " |")
+            print(table[-1], flush=True)
+        pool = app.extensions["interop"]._pool
+        if pool is not None:
+            pool.close()
+    finally:
+        if server is not None:
+            server.stop()
+    head = (f"\n## Provincial analytics (issue 6)\n\n`python bench/analytics_views.py` on {os.cpu_count()} CPUs "
+            f"({platform.processor() or platform.machine()}), PostgreSQL embedded, {args.repeat} calls per endpoint "
+            f"through the Flask app, measured {time.strftime('%Y-%m-%d')}:\n\n")
+    text = head + "\n".join(lines) + "\n\n" + "\n".join(table) + "\n"
+    print(text)
+    if args.write:
+        with open(REPO_ROOT / "docs" / "BENCHMARKS.md", "a", encoding="utf-8") as handle:
+            handle.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Pseudonymous patient keys: HMAC-SHA256 of the patient's identifier (system|value) under a
+secret held outside the database.
+
+The secret comes from INTEROP_PSEUDONYM_KEY (the key itself), or INTEROP_PSEUDONYM_KEY_FILE (a
+file holding it). With neither, the hub creates `pseudonym.key` under INTEROP_DATA_DIR on first
+use (mode 0600) and logs a warning: back that file up, and keep it out of database dumps.
+
+Rotation: a new secret gives new keys from then on, so the same patient is no longer linked
+across the change; `interop analytics backfill --rekey` recomputes every stored key under the
+current secret (the facts keep the fingerprint of the secret in `key_id`).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+log = logging.getLogger("interop.analytics")
+
+KEY_ENV = "INTEROP_PSEUDONYM_KEY"
+KEY_FILE_ENV = "INTEROP_PSEUDONYM_KEY_FILE"
+DEFAULT_FILE = "pseudonym.key"
+
+
+class PseudonymKeyError(RuntimeError):
+    """The configured secret is missing or too short."""
+
+
+@dataclass(frozen=True)
+class Pseudonymizer:
+    secret: bytes
+
+    @property
+    def key_id(self) -> str:
+        """A fingerprint of the secret (not the secret): which secret made a key."""
+        return hashlib.sha256(b"interop-pseudonym-key-id|" + self.secret).hexdigest()[:12]
+
+    def patient_key(self, system: str | None, value: str) -> str:
+        message = f"{(system or '').strip()}|{value.strip()}".encode("utf-8")
+        return hmac.new(self.secret, message, hashlib.sha256).hexdigest()
+
+
+def _from_file(path: Path) -> bytes:
+    raw = path.read_text(encoding="utf-8").strip()
+    if len(raw) < 16:
+        raise PseudonymKeyError(f"{path}: the pseudonym secret must be at least 16 characters")
+    return raw.encode("utf-8")
+
+
+def load(env: Mapping[str, str] | None = None, data_dir: Path | None = None) -> Pseudonymizer:
+    """The secret from the environment, the key file, or a new key file under the data dir."""
+    env = os.environ if env is None else env
+    if env.get(KEY_ENV):
+        secret = env[KEY_ENV].strip()
+        if len(secret) < 16:
+            raise PseudonymKeyError(f"{KEY_ENV} must be at least 16 characters")
+        return Pseudonymizer(secret.encode("utf-8"))
+    if env.get(KEY_FILE_ENV):
+        return Pseudonymizer(_from_file(Path(env[KEY_FILE_ENV])))
+    if data_dir is None:
+        from ..config import Settings
+
+        data_dir = Settings.from_env(env).data_dir
+    path = Path(data_dir) / DEFAULT_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(secrets.token_hex(32) + "\n")
+        log.warning("no %s or %s: created a pseudonym secret in %s; back it up, keep it out of the "
+                    "database, and set %s on every hub replica", KEY_ENV, KEY_FILE_ENV, path, KEY_FILE_ENV)
+    return Pseudonymizer(_from_file(path))
+
+
+_cached: Pseudonymizer | None = None
+
+
+def current() -> Pseudonymizer:
+    """The process's pseudonymizer, loaded once (the secret does not change under a running hub)."""
+    global _cached
+    if _cached is None:
+        _cached = load()
+    return _cached

@@ -1,0 +1,386 @@
+"""Provincial analytics on a real PostgreSQL: facts from stored reports, every view on known
+data, de-identification, exports, the forecast, and the dashboard in headless Chromium."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import threading
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from werkzeug.serving import make_server
+
+from inference_client.models import load_models
+from interop.analytics import export, facts, forecast, pseudonym, queries, seed
+from interop.config import REPO_ROOT, Settings
+from interop.fhir.app import create_app
+from interop.pipeline import report
+from interop.review import actions, critical
+from interop.sites import load as load_sites
+from interop.store import resources
+from interop.store.db import connect
+from interop.store.search_params import load
+
+MODEL = load_models(REPO_ROOT / "mappings")["chest-xray"]
+PARAMS = load(REPO_ROOT / "mappings")
+SITES = load_sites(REPO_ROOT / "mappings" / "sites.yaml")
+INDEX = {label.key: i for i, label in enumerate(MODEL.labels)}
+CODE = {label.key: label.code for label in MODEL.labels}
+SNOMED = "http://snomed.info/sct"
+SECRET = "test-pseudonym-secret-0123456789"
+# What must never reach the analytics schema.
+NAME, MRN, NATIONAL_ID, BIRTH, LINE = "Thạch-Zyxwv", "MRN-7788991", "079912345678", "1961-03-14", "123 Đường Qwerty"
+FREE_TEXT = "Ghi chú riêng XYZZY của bác sĩ"
+
+
+@pytest.fixture(autouse=True)
+def secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(pseudonym.KEY_ENV, SECRET)
+    monkeypatch.setattr(pseudonym, "_cached", None)
+
+
+def _patient(conn: Any, n: int, *, address: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "resourceType": "Patient", "gender": "male", "birthDate": BIRTH,
+        "identifier": [
+            {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]},
+             "system": "urn:oid:1.2.840.99.1", "value": f"{MRN}{n}"},
+            {"system": "urn:vn:cccd", "value": f"{NATIONAL_ID}{n}"}],
+        "name": [{"family": NAME, "given": ["Văn", "An"]}],
+    }
+    if address:
+        body["address"] = [{"use": "home", "line": [LINE], "city": "Phường Tân Phong", "district": "Bien Hoa",
+                            "state": "Dong Nai"}]
+    return resources.create(conn, body, PARAMS["Patient"])
+
+
+def ai_report(db_url: str, n: int, *, site: str, positives: dict[str, float], address: bool = True,
+              ordered_minutes_ago: int = 60) -> str:
+    """A stored AI report as the worker writes it, with its patient, order and study."""
+    probs = [0.02] * len(MODEL.labels)
+    for key, p in positives.items():
+        probs[INDEX[key]] = p
+    tag = {"system": "urn:interop-hub:site", "code": site}
+    with connect(db_url, autocommit=True) as conn, conn.transaction():
+        patient = _patient(conn, n, address=address)
+        subject = {"reference": f"Patient/{patient['id']}"}
+        authored = (datetime.now(timezone.utc) - timedelta(minutes=ordered_minutes_ago)).isoformat()
+        order = resources.create(conn, {
+            "resourceType": "ServiceRequest", "status": "active", "intent": "order", "subject": subject,
+            "authoredOn": authored, "meta": {"tag": [tag]}, "note": [{"text": FREE_TEXT}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "36554-4"}], "text": "XR chest"}},
+            PARAMS["ServiceRequest"])
+        study = resources.create(conn, {
+            "resourceType": "ImagingStudy", "status": "available", "subject": subject, "meta": {"tag": [tag]},
+            "basedOn": [{"reference": f"ServiceRequest/{order['id']}"}], "started": authored,
+            "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CR"}],
+            "series": [{"uid": f"1.2.3.{n}", "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CR"},
+                        "bodySite": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CHEST"},
+                        "instance": [{"uid": f"1.2.3.{n}.1", "sopClass": {"system": "urn:ietf:rfc:3986",
+                                                                          "code": "urn:oid:1.2.840.10008.5.1.4.1.1.1"}}]}]},
+            PARAMS["ImagingStudy"])
+        built = report.build(study=study, study_uid=f"1.2.3.{n}", model=MODEL, version="0.1.0-reference",
+                             probabilities=probs, report_id=resources.new_id(),
+                             observation_ids=[resources.new_id() for _ in MODEL.labels],
+                             issued=datetime.now(timezone.utc).isoformat())
+        try:
+            resources.read(conn, "Device", built["device"]["id"])
+        except resources.NotFound:
+            resources.create(conn, built["device"], PARAMS["Device"], rid=built["device"]["id"])
+        for obs in built["observations"]:
+            resources.create(conn, obs, PARAMS["Observation"], rid=obs["id"])
+        built["report"]["meta"] = {"tag": [tag]}
+        stored = resources.create(conn, built["report"], PARAMS["DiagnosticReport"], rid=built["report"]["id"])
+        critical.raise_alert(conn, PARAMS, stored, SITES, site, 15)
+        facts.record(conn, stored["id"], event="ai_result", sites=SITES)  # the worker's hook
+    return str(stored["id"])
+
+
+def review(db_url: str, rid: str, action: str, **kwargs: Any) -> None:
+    with connect(db_url, autocommit=True) as conn:
+        def on_change(c: Any, rep: dict[str, Any]) -> None:
+            facts.record(c, rep["id"], event="reviewed", sites=SITES)  # the review's hook
+        actions.apply_review(conn, PARAMS, rid, action=action, reviewer="BS. Trần Văn Bình", on_change=on_change,
+                             critical=actions.critical_codes({"m": MODEL}), **kwargs)
+
+
+def observation(db_url: str, rid: str, key: str) -> str:
+    with connect(db_url) as conn:
+        rep = resources.read(conn, "DiagnosticReport", rid)
+        for ref in rep["result"]:
+            obs = resources.read(conn, "Observation", ref["reference"].split("/")[1])
+            if any(c.get("code") == CODE[key] for c in obs["code"].get("coding", [])):
+                return str(obs["id"])
+    raise AssertionError(key)
+
+
+@pytest.fixture
+def known(db_url: str) -> dict[str, str]:
+    """Three studies: A (Bien Hoa, atelectasis, signed and delivered), B (Nhon Trach, critical
+    pneumothorax, atelectasis overruled, pneumonia added, acknowledged, transferred), C (Bien Hoa,
+    nothing found, waiting for review)."""
+    a = ai_report(db_url, 1, site="BVDKDN", positives={"Atelectasis": 0.9})
+    b = ai_report(db_url, 2, site="TTYT_NHONTRACH", positives={"Atelectasis": 0.9, "Pneumothorax": 0.97},
+                  address=False)
+    c = ai_report(db_url, 3, site="BVDKDN", positives={})
+    review(db_url, a, "sign", conclusion=FREE_TEXT)
+    review(db_url, b, "edit", findings={observation(db_url, b, "Atelectasis"): False},
+           added=[{"system": SNOMED, "code": CODE["Pneumonia"], "text": f"Viêm phổi, {NAME} {FREE_TEXT}"}])
+    with connect(db_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO outbox (channel, destination, resource_type, resource_id, version, status, sent_at)"
+                     " VALUES ('hl7', 'BVDKDN:ris', 'DiagnosticReport', %s, 2, 'sent', now() + interval '3 minutes')", (a,))
+        facts.record(conn, a, event="delivered", sites=SITES)
+        critical.acknowledge(conn, PARAMS, b, by="BS. Lê Thị Hoa")
+        facts.record(conn, b, event="acknowledged", sites=SITES)
+        critical.decide_transfer(conn, PARAMS, b, decision="transfer", by="BS. Lê Thị Hoa")
+        facts.record(conn, b, event="transfer", sites=SITES)
+        facts.refresh(conn)
+    return {"a": a, "b": b, "c": c}
+
+
+def today_filters(**kw: str) -> queries.Filters:
+    day = datetime.now(timezone(timedelta(hours=7))).date()
+    return queries.Filters.from_args({"start": (day - timedelta(days=7)).isoformat(), "end": day.isoformat(), **kw})
+
+
+def test_facts_from_stored_reports(db_url: str, known: dict[str, str]) -> None:
+    with connect(db_url) as conn:
+        rows = {r["report_id"]: r for r in conn.execute("SELECT * FROM analytics.study_fact").fetchall()}
+        a, b, c = rows[known["a"]], rows[known["b"]], rows[known["c"]]
+        assert (a["district"], a["commune"], a["province"], a["facility"]) == ("Bien Hoa", "Phường Tân Phong", "Dong Nai", "BVDKDN")
+        assert (b["district"], b["facility"], b["facility_district"]) == ("Nhon Trach", "TTYT_NHONTRACH", "Nhon Trach")
+        assert a["age_band"] == "65-74" and a["sex"] == "male"  # born 1961-03-14
+        assert (a["modality"], a["body_part"], a["procedure_code"]) == ("CR", "CHEST", "36554-4")
+        assert (a["model_name"], a["model_version"]) == ("chest-xray", "0.1.0-reference")
+        assert a["report_status"] == "final" and c["report_status"] == "preliminary"
+        expected = pseudonym.Pseudonymizer(SECRET.encode()).patient_key("urn:oid:1.2.840.99.1", f"{MRN}1")
+        assert a["patient_key"] == expected and a["key_id"] == pseudonym.Pseudonymizer(SECRET.encode()).key_id
+        assert a["ordered_at"] < a["images_at"] <= a["ai_result_at"] < a["reviewed_at"] < a["delivered_at"]
+        assert b["critical"] and b["acknowledged_at"] and b["transfer_recommended"] and b["transfer_done"]
+        assert not a["critical"] and c["reviewed_at"] is None
+        verdicts = {(r["code"], r["verdict"], r["ai_positive"], r["radiologist_positive"])
+                    for r in conn.execute("SELECT * FROM analytics.finding_fact WHERE report_id = %s AND"
+                                          " (verdict IN ('disagree', 'added') OR critical)", (known["b"],))}
+        assert verdicts == {(CODE["Atelectasis"], "disagree", True, False), (CODE["Pneumonia"], "added", None, True),
+                            (CODE["Pneumothorax"], "agree", True, True)}
+        added_label = conn.execute("SELECT label FROM analytics.finding_fact WHERE verdict = 'added'").fetchone()
+        assert added_label["label"] == "Pneumonia"  # from mappings, not the radiologist's words
+
+
+def test_record_is_idempotent(db_url: str, known: dict[str, str]) -> None:
+    def snapshot() -> tuple[Any, ...]:
+        with connect(db_url) as conn:
+            s = conn.execute("SELECT count(*) AS n FROM analytics.study_fact").fetchone()["n"]
+            f = conn.execute("SELECT count(*) AS n FROM analytics.finding_fact").fetchone()["n"]
+            rows = conn.execute("SELECT * FROM analytics.study_fact ORDER BY report_id").fetchall()
+        return s, f, [{k: v for k, v in r.items() if k != "updated_at"} for r in rows]
+    before = snapshot()
+    with connect(db_url, autocommit=True) as conn:
+        for event in ("ai_result", "reviewed", "delivered", "acknowledged", "transfer", "reviewed"):
+            facts.record(conn, known["a"], event=event, sites=SITES)
+            facts.record(conn, known["b"], event=event, sites=SITES)
+        assert facts.backfill(conn, sites=SITES) == 3
+        assert facts.backfill(conn, sites=SITES) == 3
+    after = snapshot()
+    assert before == after and before[0] == 3 and before[1] == 3 * len(MODEL.labels) + 1
+    with pytest.raises(ValueError):
+        with connect(db_url) as conn:
+            facts.record(conn, known["a"], event="nonsense")
+
+
+def test_rekey(db_url: str, known: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(pseudonym.KEY_ENV, "a-new-rotated-secret-abcdefghijkl")
+    monkeypatch.setattr(pseudonym, "_cached", None)
+    with connect(db_url, autocommit=True) as conn:
+        old = conn.execute("SELECT patient_key FROM analytics.study_fact WHERE report_id = %s", (known["a"],)).fetchone()
+        facts.backfill(conn, sites=SITES)  # keeps the keys already given
+        kept = conn.execute("SELECT patient_key FROM analytics.study_fact WHERE report_id = %s", (known["a"],)).fetchone()
+        facts.backfill(conn, sites=SITES, rekey=True)
+        new = conn.execute("SELECT patient_key, key_id FROM analytics.study_fact WHERE report_id = %s", (known["a"],)).fetchone()
+    assert old == kept and new["patient_key"] != old["patient_key"]
+    assert new["key_id"] == pseudonym.current().key_id
+
+
+def test_views_on_known_data(db_url: str, known: dict[str, str]) -> None:
+    with connect(db_url) as conn:
+        week = conn.execute("SELECT study_week FROM analytics.study_fact LIMIT 1").fetchone()["study_week"]
+        trend = {(r["level"], r["district"], r["code"]): (r["studies"], r["positives"], float(r["rate_per_1000"] or 0))
+                 for r in conn.execute("SELECT * FROM analytics.findings_weekly WHERE week = %s", (week,))}
+        assert trend[("district", "Bien Hoa", CODE["Atelectasis"])] == (2, 1, 500.0)
+        assert trend[("district", "Nhon Trach", CODE["Atelectasis"])] == (1, 0, 0.0)
+        assert trend[("province", None, CODE["Atelectasis"])] == (3, 1, 333.3)
+        assert trend[("district", "Nhon Trach", CODE["Pneumonia"])] == (1, 1, 1000.0)  # the radiologist added it
+        assert trend[("district", "Nhon Trach", CODE["Pneumothorax"])] == (1, 1, 1000.0)
+        agree = {r["code"]: r for r in conn.execute("SELECT * FROM analytics.ai_agreement")}
+        atel = agree[CODE["Atelectasis"]]
+        assert (atel["reviewed"], atel["agree"], atel["disagree"], atel["tp"], atel["fp"]) == (2, 1, 1, 1, 1)
+        assert (float(atel["agreement"]), float(atel["sensitivity"]), float(atel["ppv"])) == (0.5, 1.0, 0.5)
+        pneu = agree[CODE["Pneumonia"]]
+        assert (pneu["added"], pneu["fn"], pneu["tn"], float(pneu["sensitivity"]), pneu["ppv"]) == (1, 1, 2, 0.0, None)
+        crit = conn.execute("SELECT * FROM analytics.critical_weekly").fetchall()
+        assert [(r["facility"], r["critical_studies"], r["acknowledged"], r["transfers_recommended"], r["transfers_done"])
+                for r in crit] == [("TTYT_NHONTRACH", 1, 1, 1, 1)]
+        assert 0 <= crit[0]["ack_minutes_p50"] < 5
+        backlog = conn.execute("SELECT * FROM analytics.review_backlog").fetchall()
+        assert [(r["reviewer_group"], r["waiting"], r["over_24h"]) for r in backlog] == [("hub", 1, 0)]
+        work = {(r["facility"], r["modality"]): r["studies"] for r in conn.execute("SELECT * FROM analytics.workload_daily")}
+        assert work == {("BVDKDN", "CR"): 2, ("TTYT_NHONTRACH", "CR"): 1}
+        tat = {r["facility"]: r for r in conn.execute("SELECT * FROM analytics.turnaround_weekly")}
+        assert tat["BVDKDN"]["studies"] == 3 - 1 and 58 <= tat["BVDKDN"]["order_to_ai_p50"] <= 62
+        assert tat["BVDKDN"]["reviewed_to_delivered_p50"] is not None
+        # The filtered queries the dashboard runs give the same numbers.
+        rows = queries.findings_weekly(conn, today_filters(finding=CODE["Atelectasis"]))
+        assert {(r["level"], r["district"], r["studies"], r["positives"]) for r in rows} == {
+            ("district", "Bien Hoa", 2, 1), ("district", "Nhon Trach", 1, 0), ("province", None, 3, 1)}
+        only = queries.findings_weekly(conn, today_filters(finding=CODE["Atelectasis"], district="Bien Hoa"))
+        assert {(r["level"], r["studies"]) for r in only} == {("district", 2), ("province", 3)}
+        assert [r["studies"] for r in queries.workload(conn, today_filters(facility="TTYT_NHONTRACH"))] == [1]
+        assert queries.critical(conn, today_filters(facility="BVDKDN")) == []
+        assert [r["waiting"] for r in queries.backlog(conn, today_filters())] == [1]
+        assert {r["code"]: r["sensitivity"] for r in queries.agreement(conn, today_filters())}[CODE["Atelectasis"]] == 1.0
+        assert {r["district"]: r["studies"] for r in queries.district_table(conn, today_filters())} == {"Bien Hoa": 2, "Nhon Trach": 1}
+
+
+def _analytics_relations(conn: Any) -> list[str]:
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = 'analytics' AND c.relkind IN ('r', 'v', 'm') ORDER BY 1").fetchall()
+    return [r["relname"] for r in rows]
+
+
+def test_no_identifiers_in_any_table_or_view(db_url: str, known: dict[str, str]) -> None:
+    needles = [NAME, "Zyxwv", MRN, NATIONAL_ID, BIRTH, BIRTH.replace("-", ""), LINE, "Qwerty", "XYZZY",
+               "Trần Văn Bình", "Lê Thị Hoa"]
+    with connect(db_url) as conn:
+        # The identifiers are in the FHIR store (so the search is meaningful) ...
+        store = conn.execute("SELECT string_agg(body::text, ' ') AS t FROM resource").fetchone()["t"]
+        assert all(n in store for n in needles if n not in ("19610314",))
+        relations = _analytics_relations(conn)
+        assert {"study_fact", "finding_fact", "findings_weekly", "turnaround_weekly", "workload_daily",
+                "review_backlog", "ai_agreement", "critical_weekly", "mv_study_daily", "mv_finding_weekly"} <= set(relations)
+        for rel in relations:
+            text = conn.execute(f'SELECT coalesce(string_agg(row_to_json(t)::text, \' \'), \'\') AS t FROM analytics."{rel}" t').fetchone()["t"]
+            for needle in needles:
+                assert needle not in text, f"{needle!r} found in analytics.{rel}"
+        for fn, _c, _s in queries.VIEWS.values():
+            text = str(fn(conn, today_filters()))
+            assert not any(n in text for n in needles)
+
+
+def test_csv_suppresses_small_cells(db_url: str, known: dict[str, str], client: Any) -> None:
+    with connect(db_url) as conn:
+        fn, counts, stats = queries.VIEWS["districts"]
+        text = export.to_csv(fn(conn, today_filters()), counts, stats)
+    lines = text.strip().splitlines()
+    assert lines[0].split(",")[:3] == ["province", "district", "studies"]
+    assert all("<5" in line for line in lines[1:]) and "suppressed" in text
+    assert not re.search(r",[1-4],", text)  # no count of 1 to 4 anywhere
+    response = client.get("/analytics/export/findings_weekly.csv", query_string=today_filters().as_args())
+    assert response.status_code == 200 and response.mimetype == "text/csv"
+    body = response.get_data(as_text=True)
+    assert "<5" in body and not re.search(r",[1-4](,|$)", body, re.M)
+    assert client.get("/analytics/export/nope.csv").status_code == 404
+    assert client.get("/analytics/api/workload?start=yesterday").status_code == 400
+    big = export.suppress([{"studies": 12, "positives": 3, "rate_per_1000": 250.0}], ("studies", "positives"), ("rate_per_1000",))
+    assert big == [{"studies": 12, "positives": "<5", "rate_per_1000": 250.0}]
+
+
+@pytest.fixture
+def seeded(db_url: str) -> str:
+    settings = Settings.from_env({})
+    with connect(db_url, autocommit=True) as conn:
+        seed.seed(conn, 6000, sites_file=settings.sites_file, mappings_dir=settings.mappings_dir, weeks=60,
+                  end=date(2026, 11, 22))
+        facts.refresh(conn)
+    return db_url
+
+
+def test_measure_report_validates(seeded: str, client: Any, fhir_validate: Any) -> None:
+    with connect(seeded) as conn:
+        mr = export.measure_report(conn, date(2026, 11, 9), province="Dong Nai")
+    assert mr["resourceType"] == "MeasureReport" and mr["type"] == "summary"
+    assert mr["period"] == {"start": "2026-11-09", "end": "2026-11-15"}
+    infiltrate = next(g for g in mr["group"] if g["code"]["coding"][0]["code"] == CODE["Infiltration"])
+    districts = {s["value"]["text"] for s in infiltrate["stratifier"][0]["stratum"]}
+    assert districts == {"Bien Hoa", "Nhon Trach"}  # the Dong Nai districts of the sites file
+    assert infiltrate["population"][0]["count"] > 0
+    assert fhir_validate(mr) == []
+    response = client.get("/analytics/measure-report?week=2026-11-09&province=Dong%20Nai")
+    assert response.status_code == 200 and response.mimetype == "application/fhir+json"
+
+
+def test_forecast_with_intervals_and_backtest(seeded: str, client: Any) -> None:
+    response = client.get("/analytics/api/forecast", query_string={
+        "start": "2025-10-01", "end": "2026-11-22", "finding": CODE["Infiltration"], "district": "Bien Hoa"})
+    assert response.status_code == 200
+    series = response.get_json()["forecasts"]
+    assert [(s["district"], s["code"]) for s in series] == [("Bien Hoa", CODE["Infiltration"])]
+    fc = series[0]
+    assert fc["method"].startswith("ETS") and len(fc["forecast"]) == 8
+    assert all(p["lower"] <= p["mean"] <= p["upper"] and p["upper"] > p["lower"] for p in fc["forecast"])
+    assert fc["backtest"]["weeks"] == 8 and fc["backtest"]["mae"] >= 0 and fc["backtest"]["mape"] is not None
+    assert fc["forecast"][0]["week"] == "2026-11-23"  # the week after the last complete one
+    short = forecast.forecast([{"week": date(2026, 11, 2), "positives": 3}], district="X", code="c", label="l",
+                              start=date(2026, 10, 1), end=date(2026, 11, 16))
+    assert short.method.startswith("fallback") and len(short.forecast) == 8
+
+
+# -- the dashboard in headless Chromium ------------------------------------------------------
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return str(shutil.which(name))
+    raise FileNotFoundError("no Chromium: apt-get install -y chromium")
+
+
+@pytest.fixture
+def live_hub(seeded: str) -> Iterator[str]:
+    app = create_app(Settings.from_env({"DATABASE_URL": seeded}))
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        pool = app.extensions["interop"]._pool
+        if pool is not None:
+            pool.close()
+
+
+def render(url: str, tmp: Path) -> str:
+    """The DOM after the page's scripts ran (headless Chromium, virtual time)."""
+    result = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         f"--user-data-dir={tmp}", "--virtual-time-budget=30000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def _attr(dom: str, element_id: str, attr: str) -> str:
+    match = re.search(rf'id="{element_id}"[^>]*\b{attr}="([^"]*)"', dom) or \
+        re.search(rf'\b{attr}="([^"]*)"[^>]*id="{element_id}"', dom)
+    assert match, f"{element_id} has no {attr}"
+    return match.group(1)
+
+
+def test_dashboard_in_headless_chromium(live_hub: str, tmp_path: Path) -> None:
+    period = "start=2026-05-01&end=2026-11-22"
+    dom = render(f"{live_hub}/analytics/?lang=en&{period}", tmp_path / "a")
+    assert "Provincial imaging analytics" in dom and 'data-error' not in dom
+    assert _attr(dom, "body", "data-rendered") if False else re.search(r'<body[^>]*data-rendered="[1-9]', dom)
+    points = {c: int(_attr(dom, f"chart-{c}", "data-points")) for c in ("trend", "turnaround", "workload", "agreement")}
+    assert all(v > 0 for v in points.values()), points
+    assert int(_attr(dom, "forecast-method", "data-series")) > 0 and "ETS" in dom and "MAE" in dom
+    assert int(_attr(dom, "table-districts", "data-rows")) == 3
+    filtered = render(f"{live_hub}/analytics/?lang=en&{period}&facility=TTYT_NHONTRACH&finding={CODE['Pneumonia']}",
+                      tmp_path / "b")
+    after = {c: int(_attr(filtered, f"chart-{c}", "data-points")) for c in ("trend", "turnaround", "workload", "agreement")}
+    assert after["workload"] < points["workload"] and after["turnaround"] < points["turnaround"]
+    assert after["agreement"] < points["agreement"]
+    vi = render(f"{live_hub}/analytics/?{period}", tmp_path / "c")
+    assert "Phân tích hình ảnh y tế toàn tỉnh" in vi
