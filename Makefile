@@ -1,5 +1,5 @@
 # Two commands for a newcomer: `make demo` and `make test`. Both set up what they need
-# (virtual environment, Debian's Orthanc for the PACS, npm test peers) and are safe to re-run.
+# (virtual environment, Debian's Orthanc for the PACS and Chromium for page tests, npm test peers) and are safe to re-run.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -20,6 +20,9 @@ system-deps:
 	@if ! command -v Orthanc >/dev/null || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
 	  echo "installing Debian's orthanc + orthanc-dicomweb (the PACS for the demo and tests)"; \
 	  $(APT) update -qq && $(APT) install -y -qq orthanc orthanc-dicomweb >/dev/null; fi
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  echo "installing Debian's chromium (headless, for the worklist and dashboard browser tests)"; \
+	  $(APT) update -qq && $(APT) install -y -qq chromium >/dev/null; fi
 
 $(PEERS): tests/peers/package.json
 	@command -v npm >/dev/null || { $(APT) update -qq && $(APT) install -y -qq nodejs npm >/dev/null; }

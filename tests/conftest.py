@@ -8,4 +8,5 @@ pytest_plugins = (
     "tests.fixtures.proxy",
     "tests.fixtures.mllp",
     "tests.fixtures.fhir_server",
+    "tests.fixtures.browser",
 )

@@ -294,8 +294,12 @@ class Peer:
 
     def stop(self) -> None:
         if self.server is not None:
-            self.server.close()
-            asyncio.run_coroutine_threadsafe(self.server.wait_closed(), self.loop).result(5)
+            server = self.server
+
+            async def close() -> None:  # asyncio's Server is not thread-safe: close it on its own loop
+                server.close()
+                await server.wait_closed()
+            asyncio.run_coroutine_threadsafe(close(), self.loop).result(5)
             self.server = None
 
     def shutdown(self) -> None:

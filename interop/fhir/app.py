@@ -19,6 +19,7 @@ from ..config import Settings
 from ..store import db
 from ..store.search_params import SearchParam, load
 from ..analytics import api as analytics_api
+from ..web import worklist
 from . import api, errors, health, outbox_api, review_api
 
 log = logging.getLogger("interop.fhir")
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(outbox_api.bp)  # delivery: GET /outbox?status=dead,rejected, POST /outbox/<id>/replay
     app.register_blueprint(analytics_api.bp)  # provincial analytics dashboard, JSON, CSV, MeasureReport at /analytics
+    app.register_blueprint(worklist.bp)  # radiologists' reading worklist (HTML): /worklist, review and acknowledge forms
 
     @app.errorhandler(errors.FhirError)
     def fhir_error(exc: errors.FhirError) -> Response:

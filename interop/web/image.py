@@ -1,0 +1,92 @@
+"""A report's image, rendered by the hub from the PACS: QIDO-RS, WADO-RS, the hub's own display
+pipeline (modality LUT, VOI LUT / windowing, MONOCHROME1 inverted), downscaled PNG.
+
+The hub renders rather than asking the PACS for WADO-RS `/rendered`, which many PACS lack or
+window differently: the radiologist sees the pixels the way the model's preprocessing read them.
+For CT/MR the middle instance of the first series is shown. Rendered images are kept per process
+(a small LRU) so the worklist's thumbnails and the study page do not fetch the same study twice.
+"""
+from __future__ import annotations
+
+import io
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import psycopg
+from PIL import Image
+
+from ..dicom.dicomweb import DicomWebClient, InstanceRef
+from ..dicom.errors import DicomError, NotAnImage, StudyNotFound
+from ..dicom.pixels import to_display_array
+from ..pipeline import intake
+from ..store import resources
+
+MAX_PX = 1024
+THUMB_PX = 256
+
+
+class ImageUnavailable(Exception):
+    """`reason` is safe to show (no patient data); `status` is the HTTP status to answer."""
+
+    def __init__(self, reason: str, status: int):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+def source(conn: psycopg.Connection[Any], report_id: str, default_url: str | None) -> tuple[str, str]:
+    """(DICOMweb base URL, Study Instance UID) of the report's first ImagingStudy."""
+    try:
+        report = resources.read(conn, "DiagnosticReport", report_id)
+        ref = str((report.get("imagingStudy") or [{}])[0].get("reference", ""))
+        if not ref.startswith("ImagingStudy/"):
+            raise ImageUnavailable("the report names no ImagingStudy", 404)
+        study = resources.read(conn, "ImagingStudy", ref.split("/", 1)[1])
+    except resources.StoreError:
+        raise ImageUnavailable("the report or its study is not known", 404) from None
+    try:
+        base = intake.resolve_endpoint(conn, study) or default_url
+    except intake.IntakeError as exc:
+        raise ImageUnavailable(exc.reason, 502) from None
+    uid = intake.study_uid(study)
+    if not base or not uid:
+        raise ImageUnavailable("the study has no DICOMweb endpoint or no Study Instance UID", 404)
+    return base, uid
+
+
+def choose(refs: list[InstanceRef]) -> InstanceRef:
+    """The instance to show: the middle image of the first series (by series number)."""
+    images = [r for r in refs if r.probably_image]
+    if not images:
+        raise ImageUnavailable("the study holds no image instance", 404)
+    far = 1 << 30
+    first_series = min(images, key=lambda r: (r.series_number if r.series_number is not None else far)).series_uid
+    series = sorted((r for r in images if r.series_uid == first_series),
+                    key=lambda r: (r.instance_number if r.instance_number is not None else far, r.instance_uid))
+    return series[len(series) // 2]
+
+
+def to_image(display: np.ndarray, max_px: int = MAX_PX) -> Image.Image:
+    """A float (H, W) display array in 0..1 as an 8-bit greyscale image no larger than max_px."""
+    image = Image.fromarray(np.clip(display * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    image.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
+    return image
+
+
+@lru_cache(maxsize=16)
+def _rendered(base_url: str, study_uid: str, timeout_s: float) -> Image.Image:
+    try:
+        with DicomWebClient(base_url, timeout_s) as pacs:
+            ds = pacs.retrieve_instance(choose(pacs.search_instances(study_uid)))
+            return to_image(to_display_array(ds))
+    except DicomError as exc:  # reasons never name a patient (interop/dicom/errors.py)
+        raise ImageUnavailable(exc.reason, 404 if isinstance(exc, (StudyNotFound, NotAnImage)) else 502) from None
+
+
+def png(base_url: str, study_uid: str, *, timeout_s: float, max_px: int = MAX_PX) -> bytes:
+    image = _rendered(base_url, study_uid, float(timeout_s)).copy()
+    image.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

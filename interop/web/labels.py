@@ -1,0 +1,43 @@
+"""Worklist labels in Vietnamese and English (`?lang=vi|en`; Vietnamese by default)."""
+from __future__ import annotations
+
+LABELS: dict[str, dict[str, str]] = {
+    "vi": {
+        "title": "Danh sách ca chờ đọc", "subtitle": "Kết quả AI sơ bộ chờ bác sĩ chẩn đoán hình ảnh xem xét",
+        "waiting": "ca đang chờ", "none": "Không có ca nào chờ đọc.", "critical": "NGUY KỊCH",
+        "unacknowledged": "chưa xác nhận", "acknowledged": "đã xác nhận", "patient": "Bệnh nhân",
+        "modality": "Phương thức", "body_part": "Vùng chụp", "study_date": "Ngày chụp", "facility": "Cơ sở",
+        "waited": "Thời gian chờ", "findings": "Phát hiện AI (vượt ngưỡng)", "no_findings": "Không có phát hiện vượt ngưỡng",
+        "open": "Đọc", "image": "Ảnh", "model": "Mô hình", "probability": "Xác suất", "threshold": "ngưỡng",
+        "finding": "Phát hiện", "present": "Có", "absent": "Không", "ai_call": "AI",
+        "conclusion": "Kết luận", "reviewer": "Bác sĩ đọc", "reviewer_hint": "Họ tên hoặc Practitioner/…",
+        "sign": "Ký duyệt", "edit_sign": "Sửa và ký", "reject": "Bác bỏ kết quả AI",
+        "reject_reason": "Lý do bác bỏ (không bắt buộc)", "acknowledge": "Xác nhận đã nhận kết quả nguy kịch",
+        "ack_short": "Xác nhận", "back": "Quay lại danh sách", "image_unavailable": "Không lấy được ảnh từ PACS",
+        "changed": "Đã thay đổi phát hiện hoặc kết luận: dùng “Sửa và ký”.",
+        "done_sign": "Đã ký duyệt", "done_edit": "Đã sửa và ký", "done_reject": "Đã bác bỏ",
+        "done_acknowledge": "Đã xác nhận kết quả nguy kịch", "error": "Lỗi", "not_found": "Không tìm thấy báo cáo",
+        "status": "Trạng thái", "not_waiting": "Báo cáo này không còn chờ đọc.",
+        "disclaimer": "Kết quả AI chỉ mang tính hỗ trợ; bác sĩ chịu trách nhiệm kết luận.",
+        "minutes": "phút", "hours": "giờ", "days": "ngày", "language": "English", "other_lang": "en",
+    },
+    "en": {
+        "title": "Reading worklist", "subtitle": "Preliminary AI results waiting for a radiologist's review",
+        "waiting": "studies waiting", "none": "Nothing is waiting for review.", "critical": "CRITICAL",
+        "unacknowledged": "not acknowledged", "acknowledged": "acknowledged", "patient": "Patient",
+        "modality": "Modality", "body_part": "Body part", "study_date": "Study date", "facility": "Facility",
+        "waited": "Waiting", "findings": "AI findings (above threshold)", "no_findings": "No finding above threshold",
+        "open": "Read", "image": "Image", "model": "Model", "probability": "Probability", "threshold": "threshold",
+        "finding": "Finding", "present": "Present", "absent": "Absent", "ai_call": "AI",
+        "conclusion": "Conclusion", "reviewer": "Reviewing radiologist", "reviewer_hint": "Name or Practitioner/…",
+        "sign": "Sign", "edit_sign": "Edit & sign", "reject": "Reject AI result",
+        "reject_reason": "Reason for rejecting (optional)", "acknowledge": "Acknowledge critical result",
+        "ack_short": "Acknowledge", "back": "Back to the worklist", "image_unavailable": "The image could not be fetched from the PACS",
+        "changed": "Findings or conclusion changed: use “Edit & sign”.",
+        "done_sign": "Signed", "done_edit": "Edited and signed", "done_reject": "Rejected",
+        "done_acknowledge": "Critical result acknowledged", "error": "Error", "not_found": "No such report",
+        "status": "Status", "not_waiting": "This report is no longer waiting for review.",
+        "disclaimer": "AI results assist; the radiologist is responsible for the conclusion.",
+        "minutes": "min", "hours": "h", "days": "d", "language": "Tiếng Việt", "other_lang": "vi",
+    },
+}

@@ -1,0 +1,196 @@
+"""The reading worklist at /worklist: server-rendered pages for the reviewing radiologists.
+
+* `GET /worklist/` — reports waiting for review (preliminary), critical first, then the longest
+  waiting; per study the patient reference, modality, body part, date, facility, the AI findings
+  above threshold and a thumbnail.
+* `GET /worklist/<report>` — the study: the image, every AI finding with its probability and a
+  present/absent choice, the conclusion, and Sign / Edit & sign / Reject / Acknowledge critical.
+* `POST /worklist/<report>/review` — the form: calls the same review actions as the FHIR
+  `$review` and `$acknowledge-critical` operations, then back to the list (or the page again with
+  the refusal and its HTTP status).
+* `GET /worklist/<report>/image.png[?size=thumb]` — the image, rendered by the hub from the PACS.
+
+Labels in Vietnamese (default) and English (`?lang=en`). Refusal messages are the review
+module's own (never an exception's text from elsewhere). Cross-site form posts are refused.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
+from werkzeug.wrappers import Response as BaseResponse
+
+from inference_client.models import ModelDescription, load_models
+
+from ..analytics import facts
+from ..fhir import review_api
+from ..review import actions, critical
+from ..review.errors import ReviewError
+from ..sites import Site
+from ..sites import load as load_sites
+from ..store import resources
+from . import image, waiting
+from .labels import LABELS
+
+log = logging.getLogger("interop.web")
+bp = Blueprint("worklist", __name__, url_prefix="/worklist", template_folder="templates",
+               static_folder="static", static_url_path="/static")
+ACTIONS = ("sign", "edit", "reject", "acknowledge")
+
+
+def _hub() -> Any:
+    return current_app.extensions["interop"]
+
+
+@lru_cache(maxsize=4)
+def _models(mappings_dir: Path) -> dict[str, ModelDescription]:
+    return load_models(mappings_dir)
+
+
+@lru_cache(maxsize=4)
+def _sites(path: Path) -> dict[str, Site]:
+    return load_sites(path) if Path(path).exists() else {}
+
+
+def _lang() -> str:
+    lang = request.values.get("lang", "vi")
+    return lang if lang in LABELS else "vi"
+
+
+def _context(**extra: Any) -> dict[str, Any]:
+    lang = _lang()
+    return {"lang": lang, "labels": LABELS[lang], "now": datetime.now(timezone.utc),
+            "waited_text": waiting.waited_text, **extra}
+
+
+def _lookups() -> dict[str, Any]:
+    settings = _hub().settings
+    return {"models": _models(settings.mappings_dir), "sites": _sites(settings.sites_file)}
+
+
+@bp.after_request
+def _headers(response: Response) -> Response:
+    # Everything the pages use is the hub's own: no inline script, no third party, not framed.
+    response.headers.setdefault("Content-Security-Policy", "default-src 'self'; form-action 'self'; frame-ancestors 'none'")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    if response.mimetype == "text/html":
+        response.headers.setdefault("Cache-Control", "no-store")  # the list changes with every review
+    return response
+
+
+@bp.get("/")
+def worklist() -> Response:
+    with _hub().pool.connection() as conn:
+        total, found = waiting.waiting(conn, alerts=critical.open_alerts(conn), **_lookups())
+    done = request.args.get("done")
+    return Response(render_template("worklist/list.html", **_context(
+        total=total, entries=found, done=done if done in ACTIONS else None)), content_type="text/html; charset=utf-8")
+
+
+def _study_page(report_id: str, *, error: ReviewError | None = None, form: Any = None) -> Response:
+    with _hub().pool.connection() as conn:
+        try:
+            entry = waiting.one(conn, report_id, alerts=critical.open_alerts(conn), **_lookups())
+        except resources.StoreError:
+            entry = None
+    if entry is None:
+        return Response(render_template("worklist/missing.html", **_context(report_id=report_id)), status=404,
+                        content_type="text/html; charset=utf-8")
+    body = render_template("worklist/study.html", **_context(entry=entry, error=error, form=form))
+    return Response(body, status=error.status if error else 200, content_type="text/html; charset=utf-8")
+
+
+@bp.get("/<report_id>")
+def study(report_id: str) -> Response:
+    return _study_page(report_id)
+
+
+def _same_origin() -> bool:
+    """Refuse form posts from other sites (no session, so no token: the browser's own headers)."""
+    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("Origin")
+    return origin is None or urlsplit(origin).netloc == request.host
+
+
+def _text(value: str | None) -> str:
+    return (value or "").replace("\r\n", "\n").strip()
+
+
+def _findings(entry: waiting.Entry) -> dict[str, bool]:
+    """The radiologist's call per finding from the form: `finding-<observation id>` = present|absent."""
+    calls = {}
+    for f in entry.findings:
+        said = request.form.get(f"finding-{f.observation_id}")
+        if said in ("present", "absent"):
+            calls[f.observation_id] = said == "present"
+    return calls
+
+
+def _apply(conn: Any, report_id: str, action: str, reviewer: str) -> None:
+    hub = _hub()
+    if action == "acknowledge":
+        with conn.transaction():
+            critical.acknowledge(conn, hub.params, report_id, by=reviewer)
+            facts.record(conn, report_id, event="acknowledged")
+        return
+    entry = waiting.one(conn, report_id, alerts={}, **_lookups())
+    version = request.form.get("version", "")
+    conclusion: str | None = None
+    findings: dict[str, bool] = {}
+    calls = _findings(entry)
+    changed = any(calls.get(f.observation_id, f.positive) != f.positive for f in entry.findings) or \
+        ("conclusion" in request.form and _text(request.form["conclusion"]) != _text(entry.report.get("conclusion")))
+    if action == "sign" and changed:
+        raise ReviewError(LABELS[_lang()]["changed"], 422)
+    if action == "edit":
+        findings, conclusion = calls, _text(request.form.get("conclusion")) or None
+    elif action == "reject":
+        conclusion = _text(request.form.get("reason")) or None
+    actions.apply_review(conn, hub.params, report_id, action=action, reviewer=reviewer, conclusion=conclusion,
+                         findings=findings, if_version=int(version) if version.isdigit() else None,
+                         critical=review_api.critical_codes(hub.settings.mappings_dir),
+                         on_change=review_api.redeliver)
+
+
+@bp.post("/<report_id>/review")
+def review(report_id: str) -> BaseResponse:
+    if not _same_origin():
+        return Response("cross-site form posts are refused", status=403, content_type="text/plain")
+    action = request.form.get("action", "")
+    reviewer = _text(request.form.get("reviewer"))
+    try:
+        if action not in ACTIONS:
+            raise ReviewError(f"unknown action; one of {', '.join(ACTIONS)}", 400)
+        with _hub().pool.connection() as conn:
+            try:
+                _apply(conn, report_id, action, reviewer)
+            except resources.StoreError:
+                raise ReviewError(f"DiagnosticReport/{report_id} is not known", 404) from None
+    except ReviewError as exc:
+        log.info("worklist %s on DiagnosticReport/%s refused (%s)", action, report_id, exc.status)
+        return _study_page(report_id, error=exc, form=request.form)
+    log.info("worklist %s on DiagnosticReport/%s", action, report_id)
+    if action == "acknowledge" and request.form.get("back") != "list":
+        return redirect(url_for("worklist.study", report_id=report_id, lang=_lang()), code=303)
+    return redirect(url_for("worklist.worklist", lang=_lang(), done=action), code=303)
+
+
+@bp.get("/<report_id>/image.png")
+def rendered(report_id: str) -> Response:
+    settings = _hub().settings
+    size = image.THUMB_PX if request.args.get("size") == "thumb" else image.MAX_PX
+    try:
+        with _hub().pool.connection() as conn:  # released before the PACS is called
+            base, uid = image.source(conn, report_id, settings.dicomweb_url)
+        body = image.png(base, uid, timeout_s=settings.dicomweb_timeout, max_px=size)
+    except image.ImageUnavailable as exc:
+        log.info("worklist image of DiagnosticReport/%s unavailable (%s)", report_id, exc.status)
+        return Response(exc.reason, status=exc.status, content_type="text/plain; charset=utf-8",
+                        headers={"Cache-Control": "no-store"})
+    return Response(body, content_type="image/png", headers={"Cache-Control": "private, max-age=600"})
