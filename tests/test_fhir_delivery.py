@@ -339,6 +339,61 @@ def test_client_credentials_token_is_fetched_cached_and_refreshed_once(
 
 
 # -- Subscriptions ----------------------------------------------------------------------------
+def test_critical_notice_reaches_the_ordering_site_and_the_higher_level_hospital(
+        stored: psycopg.Connection[Any], fhir_emr: Emr, emr_token: str, db_url: str, tmp_path: Path) -> None:
+    """A critical report: each Communication goes to its hospital's EMR, the report also goes to
+    the higher-level hospital (FHIR push and ORU with the AA flag), and so does its sign-off."""
+    from interop.review import critical
+    from tests.test_oru import Peer, free_port
+
+    peer = Peer(free_port())
+    peer.start()
+    path = tmp_path / "sites.yaml"
+    fhir = (f"    fhir: {{base: {fhir_emr.base}, timeout_seconds: 5, max_bundle_entries: 8,"
+            " auth: {type: bearer, token_env: TEST_EMR_TOKEN}}\n")
+    path.write_text("sites:\n  BVDKDN:\n    name: Benh vien Da khoa Dong Nai\n" + fhir +
+                    "    referral: BVND115\n    critical_contacts: [Dr A, Dr B]\n"
+                    "  BVND115:\n    name: Benh vien Nhan dan 115\n" + fhir +
+                    f"    hl7: {{host: 127.0.0.1, port: {peer.port}, receiving_application: RIS}}\n", encoding="utf-8")
+    load_sites.cache_clear()
+    sender = make_sender(db_url, path, channel=None)  # type: ignore[arg-type]
+    try:
+        report = resources.read(stored, "DiagnosticReport", "r1")
+        with stored.transaction():
+            critical.raise_alert(stored, PARAMS, report, sender.sites(), "BVDKDN", 15)
+            on_report_changed(stored, report, sender.sites(), "BVDKDN", PARAMS)
+        queued = {(r["destination"], r["resource_type"], r["priority"]) for r in stored.execute(
+            "SELECT destination, resource_type, priority FROM outbox")}
+        assert queued == {("BVDKDN:fhir", "Communication", 0), ("BVND115:fhir", "Communication", 0),
+                          ("BVDKDN:fhir", "DiagnosticReport", 0), ("BVND115:fhir", "DiagnosticReport", 0),
+                          ("BVND115:hl7", "DiagnosticReport", 0)}
+        assert drain(sender, stored) == 5
+        notices = fhir_emr.search("Communication", priority="stat")
+        assert sorted(n["recipient"][0]["display"] for n in notices) == ["Benh vien Nhan dan 115", "Dr A"]
+        report_identifier = built_report()["report"]["identifier"][0]
+        for notice in notices:
+            assert notice["basedOn"][0]["identifier"]["value"] == report_identifier["value"]
+            assert notice["subject"]["identifier"]["value"] == "BN-0042"
+            assert "Benh vien Nhan dan 115" in notice["payload"][0]["contentString"]
+        assert len(emr_reports(fhir_emr)) == 1  # both sites' pushes are one report in this one EMR
+        [oru] = peer.received
+        assert "|RIS|" in oru.split("\r")[0] and any(
+            seg.startswith("OBX|") and seg.split("|")[8] == "AA" for seg in oru.split("\r"))
+        # the radiologist signs: the higher-level hospital hears of it too; the notices are not resent
+        signed = {k: v for k, v in report.items() if k != "meta"}
+        signed["status"] = "final"
+        with stored.transaction():
+            on_report_changed(stored, resources.update(stored, signed, PARAMS["DiagnosticReport"])[0], sender.sites(),
+                              "BVDKDN", PARAMS)
+        assert drain(sender, stored) == 3
+        assert len(peer.received) == 2 and "|F|" in peer.received[1].split("OBR|")[1]
+        assert emr_reports(fhir_emr)[0]["status"] == "final"
+        assert len(fhir_emr.search("Communication", priority="stat")) == 2
+    finally:
+        sender.close()
+        peer.shutdown()
+
+
 class Receiver:
     """A rest-hook endpoint: records each notification and answers `status`."""
 

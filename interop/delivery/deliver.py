@@ -4,6 +4,10 @@ Called in the transaction that stores the report version (the worker when a repo
 review when it is signed, edited, rejected or amended), so the version and its deliveries commit
 together. Every version is delivered again: HL7 ORU^R01 and FHIR push to the report's site, and a
 rest-hook notification to every active Subscription whose criteria select it.
+
+A report that raised a critical alert also goes, every version of it, to the higher-level
+hospital named as the site's `referral`: that hospital was told to expect the patient, so it
+must also see the radiologist's sign-off or correction. Raise the alert before calling this.
 """
 from __future__ import annotations
 
@@ -24,13 +28,29 @@ def on_report_changed(conn: psycopg.Connection[Any], report: dict[str, Any], sit
     ids (a version already queued for a destination is not queued again). `params` (the search
     parameter table) is needed for Subscriptions; without it none are notified."""
     version = report_version(report)
-    ids = queue_report_delivery(conn, report, sites, site_code)
     site = sites.get((site_code or "").upper())
-    if site is not None and site.fhir is not None:
-        new = outbox.enqueue(conn, FHIR, destination(site.code, FHIR), "DiagnosticReport", report["id"], version,
-                             priority(report))
-        if new is not None:
-            ids.append(new)
+    ids: list[int] = []
+    for target in (site, referral_of(conn, report, sites, site)):
+        if target is None:
+            continue
+        ids += queue_report_delivery(conn, report, sites, target.code)
+        if target.fhir is not None:
+            new = outbox.enqueue(conn, FHIR, destination(target.code, FHIR), "DiagnosticReport", report["id"], version,
+                                 priority(report))
+            if new is not None:
+                ids.append(new)
     if params:
         ids += subscriptions.queue_notifications(conn, report, params, priority(report))
     return ids
+
+
+def referral_of(conn: psycopg.Connection[Any], report: dict[str, Any], sites: dict[str, Site],
+                site: Site | None) -> Site | None:
+    """The site's higher-level hospital when this report raised a critical alert; else None."""
+    if site is None:
+        return None
+    code = str(site.extra.get("referral") or "").upper()
+    if not code or code == site.code.upper() or code not in sites:
+        return None
+    alerted = conn.execute("SELECT 1 FROM critical_alert WHERE report_id = %s", (report["id"],)).fetchone()
+    return sites[code] if alerted else None

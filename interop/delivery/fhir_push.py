@@ -17,6 +17,9 @@ DiagnosticReport, each addressed so that sending it again changes nothing in the
   orders in the EMR and never sends its own ids, which mean nothing there. An EMR that needs
   literal references resolves the identifier on its side.
 
+A critical result's `Communication` rows go the same way, each as a one-entry transaction
+(`build_notice`: conditional create on its `urn:interop-hub:communication` identifier).
+
 A site whose server caps transaction size (`max_bundle_entries` in the sites file; Medplum allows
 8 entries in a transaction with conditional entries) gets the same entries as consecutive
 transactions (`split`), in order, with references to earlier parts made literal from the
@@ -164,6 +167,20 @@ def build_bundle(
         entries.append((obs, {"method": "PUT", "url": f"Observation?identifier={search_identifier(_identifier(obs))}"}))
     entries.append((report, {"method": "PUT",
                              "url": f"DiagnosticReport?identifier={search_identifier(_identifier(report))}"}))
+    return _transaction(entries, context, bundle_id)
+
+
+def build_notice(resource: dict[str, Any], *, context: list[dict[str, Any]] | None = None,
+                 bundle_id: str | None = None) -> dict[str, Any]:
+    """A transaction Bundle for one resource that is sent once and never changes (a critical
+    result's Communication): conditional create on its identifier, so a resend finds it. Pure."""
+    request = {"method": "POST", "url": resource["resourceType"],
+               "ifNoneExist": f"identifier={search_identifier(_identifier(resource))}"}
+    return _transaction([(resource, request)], context, bundle_id)
+
+
+def _transaction(entries: list[tuple[dict[str, Any], dict[str, Any]]], context: list[dict[str, Any]] | None,
+                 bundle_id: str | None) -> dict[str, Any]:
     local = {f"{r['resourceType']}/{r['id']}": f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, r['resourceType'] + '/' + r['id'])}"
              for r, _ in entries}
     known = {f"{r['resourceType']}/{r['id']}": r for r in context or [] if r}
@@ -245,6 +262,24 @@ def bundle_for(conn: psycopg.Connection[Any], report_id: str, version: int, bund
     return build_bundle(report, observations, device, context=context, bundle_id=bundle_id)
 
 
+def notice_for(conn: psycopg.Connection[Any], rtype: str, rid: str, version: int,
+               bundle_id: str | None = None) -> dict[str, Any]:
+    """The Bundle for a stored notice (a Communication), with what it points at for identifiers."""
+    try:
+        resource = resources.vread(conn, rtype, rid, version)
+    except resources.NotFound as exc:
+        raise BuildError(f"{rtype}/{rid} has no version {version}") from exc
+    context = [c for c in (_read(conn, r["reference"]) for r in _references(resource)) if c]
+    return build_notice(resource, context=context, bundle_id=bundle_id)
+
+
+def item_bundle(conn: psycopg.Connection[Any], item: outbox.OutboxItem, bundle_id: str) -> dict[str, Any]:
+    """The Bundle an outbox row stands for: a report version with its results, or a notice."""
+    if item.resource_type == "DiagnosticReport":
+        return bundle_for(conn, item.resource_id, item.version, bundle_id)
+    return notice_for(conn, item.resource_type, item.resource_id, item.version, bundle_id)
+
+
 # -- sending ----------------------------------------------------------------------------------
 class FhirChannel:
     """Delivers one claimed `fhir` row (the dispatcher, `sender.OutboxSender`, claims it)."""
@@ -271,7 +306,7 @@ class FhirChannel:
         if not payload or not bundle_id:
             bundle_id = str(uuid.uuid4())
             try:
-                payload = json.dumps(bundle_for(conn, item.resource_id, item.version, bundle_id), ensure_ascii=False)
+                payload = json.dumps(item_bundle(conn, item, bundle_id), ensure_ascii=False)
             except BuildError as exc:
                 log.warning("outbox %s: cannot build the Bundle: %s", item.id, exc)
                 return self._dead(conn, item, f"cannot build the Bundle: {exc}"[:500])

@@ -295,9 +295,9 @@ class Worker:
                 built["report"]["meta"] = {"tag": study["meta"]["tag"]}
             stored = resources.create(self.conn, built["report"], self.params["DiagnosticReport"], rid=built["report"]["id"])
             reports.append(stored["id"])
-            on_report_changed(self.conn, stored, self.orders.sites, site_of(study), self.params)
             critical.raise_alert(self.conn, self.params, stored, self.orders.sites, site_of(study),
-                                 self.settings.critical_escalate_minutes)
+                                 self.settings.critical_escalate_minutes)  # first: delivery reads the alert
+            on_report_changed(self.conn, stored, self.orders.sites, site_of(study), self.params)
             facts.record(self.conn, stored["id"], event="ai_result", sites=self.orders.sites)
         timings.stages["store"] = round(time.perf_counter() - start, 6)
         self._task(job.payload["task"], "completed", business="report available",

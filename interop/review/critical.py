@@ -8,6 +8,10 @@ tracks acknowledgement, owned by the site's first critical contact. An `escalate
 runs after INTEROP_CRITICAL_ESCALATE_MINUTES: if nobody acknowledged, the Task goes to the next
 contact with a new Communication, and so on down the list. Acknowledgement, escalation and the
 transfer decision are recorded (table critical_alert and the FHIR resources' history).
+
+Each Communication is also queued, at the highest priority, for the FHIR server of the hospital
+it is addressed to (the ordering site's, the higher-level hospital's), when the sites file names
+one; the report itself goes to both as ORU and FHIR push (`delivery.deliver`).
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from typing import Any
 
 import psycopg
 
+from ..delivery import outbox
+from ..delivery.sender import CRITICAL_PRIORITY, FHIR, destination
 from ..sites import Site
 from ..store import jobs, resources
 from ..store.search_params import SearchParam
@@ -25,6 +31,7 @@ ESCALATE = "escalate-critical"
 ALERT_CATEGORY = {"system": "http://terminology.hl7.org/CodeSystem/communication-category", "code": "alert",
                   "display": "Alert"}
 REFERRAL = {"system": "http://snomed.info/sct", "code": "3457005", "display": "Patient referral"}
+COMMUNICATION_SYSTEM = "urn:interop-hub:communication"  # the identifier an EMR finds a notice by
 ACK_TASK = {"system": "urn:interop-hub:task-type", "code": "acknowledge-critical-result",
             "display": "Acknowledge a critical result"}
 
@@ -53,9 +60,12 @@ def _summary(conn: psycopg.Connection[Any], report: dict[str, Any]) -> str:
 
 
 def _communication(report: dict[str, Any], recipient: str, text: str, params: Any,
-                   conn: psycopg.Connection[Any]) -> dict[str, Any]:
+                   conn: psycopg.Connection[Any], to: Site | None) -> dict[str, Any]:
+    """Store the notice and queue it for the FHIR server of `to` (the hospital it is for)."""
+    rid = resources.new_id()
     body: dict[str, Any] = {
         "resourceType": "Communication", "status": "completed", "priority": "stat",
+        "identifier": [{"system": COMMUNICATION_SYSTEM, "value": rid}],
         "category": [{"coding": [ALERT_CATEGORY]}],
         "basedOn": [{"reference": f"DiagnosticReport/{report['id']}"}],
         "sent": _now().isoformat(), "recipient": [{"display": recipient}],
@@ -65,7 +75,10 @@ def _communication(report: dict[str, Any], recipient: str, text: str, params: An
     }
     if report.get("subject"):
         body["subject"] = report["subject"]
-    return resources.create(conn, body, params["Communication"])
+    stored = resources.create(conn, body, params["Communication"], rid=rid)
+    if to is not None and to.fhir is not None:
+        outbox.enqueue(conn, FHIR, destination(to.code, FHIR), "Communication", rid, 1, CRITICAL_PRIORITY)
+    return stored
 
 
 def raise_alert(conn: psycopg.Connection[Any], params: dict[str, dict[str, SearchParam]], report: dict[str, Any],
@@ -84,9 +97,9 @@ def raise_alert(conn: psycopg.Connection[Any], params: dict[str, dict[str, Searc
             f"Recommendation: consider transfer to {higher_name}. / KHẨN: {findings}. Kết quả AI sơ bộ; "
             f"cân nhắc chuyển bệnh nhân lên {higher_name}.")
     contacts = _contacts(site)
-    _communication(report, contacts[0], text, params, conn)
+    _communication(report, contacts[0], text, params, conn, site)
     if referral_code:
-        _communication(report, higher_name, text, params, conn)
+        _communication(report, higher_name, text, params, conn, higher)
     referral_body: dict[str, Any] = {
         "resourceType": "ServiceRequest", "status": "draft", "intent": "proposal", "priority": "stat",
         "code": {"coding": [REFERRAL], "text": f"Transfer to {higher_name}"},
@@ -143,7 +156,7 @@ def escalate(conn: psycopg.Connection[Any], params: dict[str, dict[str, SearchPa
             return
         report = resources.read(conn, "DiagnosticReport", alert["report_id"])
         _communication(report, contacts[step], f"ESCALATED (not acknowledged): {_summary(conn, report)}. "
-                       "Preliminary AI result, pending radiologist review.", params, conn)
+                       "Preliminary AI result, pending radiologist review.", params, conn, site)
         task["owner"] = {"display": contacts[step]}
         task["businessStatus"] = {"text": f"escalated to {contacts[step]}"}
         task["restriction"] = {"period": {"end": (_now() + timedelta(minutes=escalate_minutes)).isoformat()}}
