@@ -133,6 +133,10 @@ def known(db_url: str) -> dict[str, str]:
         conn.execute("INSERT INTO outbox (channel, destination, resource_type, resource_id, version, status, sent_at)"
                      " VALUES ('hl7', 'BVDKDN:ris', 'DiagnosticReport', %s, 2, 'sent', now() + interval '3 minutes')", (a,))
         facts.record(conn, a, event="delivered", sites=SITES)
+        # B went to its referral hospital, not yet to the ordering facility: not "delivered"
+        conn.execute("INSERT INTO outbox (channel, destination, resource_type, resource_id, version, status, sent_at)"
+                     " VALUES ('hl7', 'BVND115:hl7', 'DiagnosticReport', %s, 2, 'sent', now())", (b,))
+        facts.record(conn, b, event="delivered", sites=SITES)
         critical.acknowledge(conn, PARAMS, b, by="BS. Lê Thị Hoa")
         facts.record(conn, b, event="acknowledged", sites=SITES)
         critical.decide_transfer(conn, PARAMS, b, decision="transfer", by="BS. Lê Thị Hoa")
@@ -160,6 +164,7 @@ def test_facts_from_stored_reports(db_url: str, known: dict[str, str]) -> None:
         assert a["patient_key"] == expected and a["key_id"] == pseudonym.Pseudonymizer(SECRET.encode()).key_id
         assert a["ordered_at"] < a["images_at"] <= a["ai_result_at"] < a["reviewed_at"] < a["delivered_at"]
         assert b["critical"] and b["acknowledged_at"] and b["transfer_recommended"] and b["transfer_done"]
+        assert b["delivered_at"] is None and b["ai_delivered_at"] is None
         assert not a["critical"] and c["reviewed_at"] is None
         verdicts = {(r["code"], r["verdict"], r["ai_positive"], r["radiologist_positive"])
                     for r in conn.execute("SELECT * FROM analytics.finding_fact WHERE report_id = %s AND"

@@ -238,8 +238,10 @@ def build(conn: psycopg.Connection[Any], report: dict[str, Any], sites: dict[str
     sent = _q(conn, 
         "SELECT min(sent_at) FILTER (WHERE %(v)s::int IS NULL OR version < %(v)s::int) AS ai_at,"
         " min(sent_at) FILTER (WHERE version >= %(v)s::int) AS reviewed_at FROM outbox"
-        " WHERE resource_type = 'DiagnosticReport' AND resource_id = %(id)s AND status = 'sent'",
-        {"v": reviewed_version, "id": rid}).fetchone() or {}
+        " WHERE resource_type = 'DiagnosticReport' AND resource_id = %(id)s AND status = 'sent'"
+        # delivered means to the ordering facility (a critical report also goes to its referral hospital)
+        "   AND split_part(destination, ':', 1) = %(site)s",
+        {"v": reviewed_version, "id": rid, "site": (site_code or "").upper()}).fetchone() or {}
     alert = _q(conn, "SELECT acknowledged_at, referral_id, transfer_decision FROM critical_alert"
                          " WHERE report_id = %s", (rid,)).fetchone()
     findings = [f for f in (_finding(conn, r["reference"], verdicts, labels, reviewed_version is not None)
