@@ -135,7 +135,7 @@ def _site_code(resource: dict[str, Any]) -> str | None:
 
 
 def _model(conn: psycopg.Connection[Any], report: dict[str, Any]) -> tuple[str, str]:
-    ref = next((e.get("valueReference", {}) for e in report.get("extension", [])
+    ref: dict[str, Any] = next((e.get("valueReference", {}) for e in report.get("extension", [])
                 if e.get("url") == AI_DEVICE_EXTENSION), {})
     device = _read(conn, ref.get("reference"))
     if device:

@@ -71,7 +71,8 @@ def review_arguments(params: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     added = []
     for entry in params.get("added", []):
         parts = _parts(entry)
-        coding = parts.get("code") if isinstance(parts.get("code"), dict) else {}
+        code = parts.get("code")
+        coding: dict[str, Any] = code if isinstance(code, dict) else {}
         added.append({"system": coding.get("system", "http://snomed.info/sct"), "code": coding.get("code"),
                       "text": parts.get("text") or coding.get("display")})
     return {"action": value(params, "action"), "reviewer": value(params, "reviewer") or "",

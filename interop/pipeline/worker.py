@@ -111,7 +111,7 @@ class Worker:
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: Event, idle_wait: float = 1.0) -> None:
         """Process jobs until `stop` is set; wakes on NOTIFY, polls every `idle_wait` seconds."""
-        listener = db.connect(self.settings.database_url, autocommit=True)
+        listener = db.connect(self.settings.database_url or "", autocommit=True)
         listener.execute(f"LISTEN {jobs.CHANNEL}")
         listener.execute(f"LISTEN {outbox.CHANNEL}")
         self.schedule_refresh()

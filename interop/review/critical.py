@@ -185,7 +185,7 @@ def acknowledge(conn: psycopg.Connection[Any], params: dict[str, dict[str, Searc
             resources.update(conn, task, params["Task"])
             conn.execute("UPDATE job SET status = 'cancelled', finished_at = now()"
                          " WHERE dedupe_key LIKE %s AND status = 'queued'", (f"{ESCALATE}:{report_id}:%",))
-        return dict(conn.execute("SELECT * FROM critical_alert WHERE id = %s", (alert["id"],)).fetchone())
+        return _alert(conn, alert["id"])
 
 
 def decide_transfer(conn: psycopg.Connection[Any], params: dict[str, dict[str, SearchParam]], report_id: str, *,
@@ -203,7 +203,13 @@ def decide_transfer(conn: psycopg.Connection[Any], params: dict[str, dict[str, S
         resources.update(conn, referral, params["ServiceRequest"])
         conn.execute("UPDATE critical_alert SET transfer_decision = %s, decided_at = now(), decided_by = %s"
                      " WHERE id = %s", (decision, by, alert["id"]))
-        return dict(conn.execute("SELECT * FROM critical_alert WHERE id = %s", (alert["id"],)).fetchone())
+        return _alert(conn, alert["id"])
+
+
+def _alert(conn: psycopg.Connection[Any], alert_id: int) -> dict[str, Any]:
+    row = conn.execute("SELECT * FROM critical_alert WHERE id = %s", (alert_id,)).fetchone()
+    assert row is not None, "read in the transaction that locked it"
+    return dict(row)
 
 
 def open_alerts(conn: psycopg.Connection[Any]) -> dict[str, dict[str, Any]]:
