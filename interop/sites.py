@@ -59,6 +59,12 @@ class Site:
     extra: dict[str, Any] = field(default_factory=dict)
     fhir: FhirDestination | None = None
 
+    @property
+    def referral(self) -> str | None:
+        """The code of the higher-level hospital this site transfers to (`referral`), as written."""
+        code = self.extra.get("referral")
+        return str(code) if code else None
+
 
 AUTH_FIELDS = {
     "none": (set(), set()),

@@ -137,10 +137,8 @@ def known(db_url: str) -> dict[str, str]:
         conn.execute("INSERT INTO outbox (channel, destination, resource_type, resource_id, version, status, sent_at)"
                      " VALUES ('hl7', 'BVND115:hl7', 'DiagnosticReport', %s, 2, 'sent', now())", (b,))
         facts.record(conn, b, event="delivered", sites=SITES)
-        critical.acknowledge(conn, PARAMS, b, by="BS. Lê Thị Hoa")
-        facts.record(conn, b, event="acknowledged", sites=SITES)
+        critical.acknowledge(conn, PARAMS, b, by="BS. Lê Thị Hoa")  # each records its analytics facts
         critical.decide_transfer(conn, PARAMS, b, decision="transfer", by="BS. Lê Thị Hoa")
-        facts.record(conn, b, event="transfer", sites=SITES)
         facts.refresh(conn)
     return {"a": a, "b": b, "c": c}
 

@@ -49,7 +49,7 @@ def referral_of(conn: psycopg.Connection[Any], report: dict[str, Any], sites: di
     """The site's higher-level hospital when this report raised a critical alert; else None."""
     if site is None:
         return None
-    code = str(site.extra.get("referral") or "").upper()
+    code = (site.referral or "").upper()
     if not code or code == site.code.upper() or code not in sites:
         return None
     alerted = conn.execute("SELECT 1 FROM critical_alert WHERE report_id = %s", (report["id"],)).fetchone()

@@ -113,7 +113,6 @@ def acknowledge(rid: str) -> Response:
     with hub().pool.connection() as conn:
         try:
             alert = critical.acknowledge(conn, hub().params, rid, by=str(by))
-            facts.record(conn, rid, event="acknowledged")
             task = conn.execute("SELECT body FROM resource WHERE type = 'Task' AND id = %s",
                                 (alert["task_id"],)).fetchone()
         except ReviewError as exc:
@@ -128,7 +127,6 @@ def transfer_decision(rid: str) -> Response:
         try:
             alert = critical.decide_transfer(conn, hub().params, rid, decision=str(value(params, "decision") or ""),
                                              by=str(value(params, "by") or ""))
-            facts.record(conn, rid, event="transfer")
             referral = conn.execute("SELECT body FROM resource WHERE type = 'ServiceRequest' AND id = %s",
                                     (alert["referral_id"],)).fetchone()
         except ReviewError as exc:

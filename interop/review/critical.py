@@ -7,7 +7,8 @@ its higher-level hospital (`referral` in the sites file), a transfer recommendat
 tracks acknowledgement, owned by the site's first critical contact. An `escalate-critical` job
 runs after INTEROP_CRITICAL_ESCALATE_MINUTES: if nobody acknowledged, the Task goes to the next
 contact with a new Communication, and so on down the list. Acknowledgement, escalation and the
-transfer decision are recorded (table critical_alert and the FHIR resources' history).
+transfer decision are recorded (table critical_alert, the FHIR resources' history and, in the
+same transaction, the analytics facts).
 
 Each Communication is also queued, at the highest priority, for the FHIR server of the hospital
 it is addressed to (the ordering site's, the higher-level hospital's), when the sites file names
@@ -20,8 +21,9 @@ from typing import Any
 
 import psycopg
 
+from ..analytics import facts
 from ..delivery import outbox
-from ..delivery.sender import CRITICAL_PRIORITY, FHIR, destination
+from ..delivery.sender import CRITICAL_PRIORITY, FHIR, destination, is_critical
 from ..sites import Site
 from ..store import jobs, resources
 from ..store.search_params import SearchParam
@@ -38,10 +40,6 @@ ACK_TASK = {"system": "urn:interop-hub:task-type", "code": "acknowledge-critical
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def is_critical(report: dict[str, Any]) -> bool:
-    return any(c.get("code") == "AA" for cc in report.get("conclusionCode", []) for c in cc.get("coding", []))
 
 
 def _contacts(site: Site | None) -> list[str]:
@@ -89,7 +87,7 @@ def raise_alert(conn: psycopg.Connection[Any], params: dict[str, dict[str, Searc
     if conn.execute("SELECT 1 FROM critical_alert WHERE report_id = %s", (report["id"],)).fetchone():
         return None
     site = sites.get((site_code or "").upper())
-    referral_code = str(site.extra.get("referral")) if site and site.extra.get("referral") else None
+    referral_code = site.referral if site else None
     higher = sites.get(referral_code.upper()) if referral_code else None
     higher_name = higher.name if higher else (referral_code or "the higher-level hospital")
     findings = _summary(conn, report)
@@ -185,6 +183,7 @@ def acknowledge(conn: psycopg.Connection[Any], params: dict[str, dict[str, Searc
             resources.update(conn, task, params["Task"])
             conn.execute("UPDATE job SET status = 'cancelled', finished_at = now()"
                          " WHERE dedupe_key LIKE %s AND status = 'queued'", (f"{ESCALATE}:{report_id}:%",))
+        facts.record(conn, report_id, event="acknowledged")
         return _alert(conn, alert["id"])
 
 
@@ -203,6 +202,7 @@ def decide_transfer(conn: psycopg.Connection[Any], params: dict[str, dict[str, S
         resources.update(conn, referral, params["ServiceRequest"])
         conn.execute("UPDATE critical_alert SET transfer_decision = %s, decided_at = now(), decided_by = %s"
                      " WHERE id = %s", (decision, by, alert["id"]))
+        facts.record(conn, report_id, event="transfer")
         return _alert(conn, alert["id"])
 
 

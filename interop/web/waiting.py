@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 
 from inference_client.models import ModelDescription
+from ..delivery.sender import is_critical as report_is_critical
 from ..pipeline.orders import site_of
 from ..pipeline.report import REPORT_SYSTEM
 from ..sites import Site
@@ -68,8 +69,7 @@ def _codes(item: dict[str, Any]) -> set[str]:
 
 
 def is_critical(report: dict[str, Any], observations: list[dict[str, Any]]) -> bool:
-    in_report = any(c.get("code") == "AA" for cc in report.get("conclusionCode", []) for c in cc.get("coding", []))
-    return in_report or any("AA" in _codes(o) for o in observations)
+    return report_is_critical(report) or any("AA" in _codes(o) for o in observations)
 
 
 def parse_instant(value: Any) -> datetime | None:

@@ -27,7 +27,6 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from inference_client.models import ModelDescription, load_models
 
-from ..analytics import facts
 from ..fhir import review_api
 from ..review import actions, critical
 from ..review.errors import ReviewError
@@ -52,8 +51,7 @@ def _models(mappings_dir: Path) -> dict[str, ModelDescription]:
     return load_models(mappings_dir)
 
 
-@lru_cache(maxsize=4)
-def _sites(path: Path) -> dict[str, Site]:
+def _sites(path: Path) -> dict[str, Site]:  # load() caches the file
     return load_sites(path) if Path(path).exists() else {}
 
 
@@ -135,9 +133,7 @@ def _findings(entry: waiting.Entry) -> dict[str, bool]:
 def _apply(conn: Any, report_id: str, action: str, reviewer: str) -> None:
     hub = _hub()
     if action == "acknowledge":
-        with conn.transaction():
-            critical.acknowledge(conn, hub.params, report_id, by=reviewer)
-            facts.record(conn, report_id, event="acknowledged")
+        critical.acknowledge(conn, hub.params, report_id, by=reviewer)
         return
     entry = waiting.one(conn, report_id, alerts={}, **_lookups())
     version = request.form.get("version", "")
