@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from pydicom import Dataset
@@ -30,13 +31,4 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float 
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def shared_dir() -> "Path":
-    """The public samples and IG tables (`shared/`), beside the checkout as CI provides it;
-    INTEROP_SHARED_DIR overrides. Fails loudly rather than skipping when absent."""
-    import os
-    from pathlib import Path
-
-    path = Path(os.environ.get("INTEROP_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared")
-    if not (path / "samples").is_dir():
-        raise FileNotFoundError(f"{path} holds no samples/: set INTEROP_SHARED_DIR to the shared/ folder")
-    return path
+DATA = Path(__file__).resolve().parent / "data"  # public samples, with MANIFEST.txt per folder

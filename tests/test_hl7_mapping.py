@@ -19,11 +19,10 @@ from interop.hl7.errors import ErrorCode
 from interop.hl7.mapping import DEFAULT_DIR, load_tables
 from interop.hl7.message import MessageError, parse
 from interop.hl7.order import OrderMessage, map_order, map_patient_update
-from tests.helpers import shared_dir
+from tests.helpers import DATA
 
-SHARED = shared_dir()
-SAMPLES = SHARED / "samples" / "hl7v2"
-IG = SHARED / "v2-to-fhir"
+SAMPLES = DATA / "hl7v2"
+IG = DATA / "v2-to-fhir"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
 

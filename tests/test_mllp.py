@@ -27,9 +27,9 @@ from interop.hl7 import ack, header, mllp
 from interop.hl7.errors import AckCode, MissingSegment, UnsupportedMessage
 from tests.fixtures.mllp import (ListenerThread, RunningListener, listener_settings, raw_exchange,
                                  start_mllp_process, unframe)
-from tests.helpers import shared_dir
+from tests.helpers import DATA
 
-SAMPLES = shared_dir() / "samples" / "hl7v2"
+SAMPLES = DATA / "hl7v2"
 TABLE = header.load_table(header.table_path(REPO_ROOT / "mappings"))
 ORM = SAMPLES / "dcm4che_ORM_O01_v231_radiology.hl7"
 OMI = SAMPLES / "dcm4che_OMI_O23-ImagingOrder_v251.hl7"
