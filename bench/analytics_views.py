@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import platform
 import statistics
 import tempfile
@@ -21,10 +22,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from interop.analytics import facts, seed
-from interop.config import REPO_ROOT, Settings
-from interop.fhir.app import create_app
-from interop.store import db
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the checkout
+
+from interop.app import create_app  # noqa: E402
+from interop.config import Settings  # noqa: E402
+from interop.store import analytics as facts  # noqa: E402
+from interop.store import db  # noqa: E402
+from scripts.synthetic import analytics as seed  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 ENDPOINTS = ["findings_weekly", "districts", "turnaround", "workload", "backlog", "agreement", "critical"]
 
@@ -103,9 +109,7 @@ def main() -> None:
                 cells.append(f"{p95(samples):.0f}")
             table.append(f"| `{path}` | " + " | ".join(cells) + " |")
             print(table[-1], flush=True)
-        pool = app.extensions["interop"]._pool
-        if pool is not None:
-            pool.close()
+        app.extensions["interop"].close()
     finally:
         if server is not None:
             server.stop()

@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from interop.dicom.study import imaging_study  # noqa: E402
-from interop.dicom import synthetic  # noqa: E402
-from interop.dicom.synthetic import dataset_bytes  # noqa: E402
-from interop.runtime.orthanc import Orthanc  # noqa: E402
+from scripts.synthetic import dicom as synthetic  # noqa: E402
+from scripts.synthetic.dicom import dataset_bytes  # noqa: E402
+from scripts.peers.orthanc import Orthanc  # noqa: E402
 from interop.runtime.postgres import EmbeddedPostgres  # noqa: E402
 from interop.runtime.triton import BundledTriton  # noqa: E402
 from interop.store.db import connect, migrate  # noqa: E402
@@ -73,7 +73,7 @@ def run(family: str, count: int, size: int) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="interop-bench-", dir="/var/tmp"))
     os.chmod(work, 0o755)
     with Orthanc(work / "pacs") as pacs, EmbeddedPostgres(work / "pg") as pg, \
-            BundledTriton(ROOT / "triton_repo", work / "triton") as triton:
+            BundledTriton(ROOT / "triton_repo", work / "triton", environ=os.environ) as triton:
         migrate(pg.url)
         hub = start_hub({"DATABASE_URL": pg.url, "TRITON_URL": triton.url, "DICOMWEB_URL": pacs.dicomweb_url,
                          "INTEROP_WORKERS": "1"}, work)

@@ -161,7 +161,7 @@ def through_triton(repo: Path, models: list[str], batches: tuple[int, ...], log_
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH", "")) if p)
     results: dict = {"models": {}}
     rng = np.random.default_rng(1)
-    with BundledTriton(repo, log_dir, models=tuple(models), ready_timeout_s=300) as server:
+    with BundledTriton(repo, log_dir, models=tuple(models), ready_timeout_s=300, environ=os.environ) as server:
         log = (log_dir / "tritonserver.log").read_text(errors="replace")
         results["loaded_with"] = [line.split("] ", 1)[-1] for line in log.splitlines() if "loaded model.onnx with" in line]
         print("\n".join(results["loaded_with"]), flush=True)

@@ -1,7 +1,7 @@
 """Decode speed of pydicom's pixel-data plugins on a full-size 2048x2048 12-bit radiograph.
 
 For each compressed transfer syntax the hub must read, the synthetic chest radiograph is encoded
-once (see `interop.dicom.synthetic.compress`), then decoded with every installed plugin that
+once (see `scripts.synthetic.dicom.compress`), then decoded with every installed plugin that
 pydicom offers for that syntax: median of `--repeat` runs. A second figure shows whether the
 plugin releases the GIL: `--threads` threads each decode their own copy at once; a speed-up
 near the thread count means the decoder runs without the GIL. Prints a table and writes JSON.
@@ -27,7 +27,7 @@ from pydicom import uid  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.pixels import get_decoder, pixel_array  # noqa: E402
 
-from interop.dicom.synthetic import compress, make_chest_xray  # noqa: E402
+from scripts.synthetic.dicom import compress, make_chest_xray  # noqa: E402
 
 SYNTAXES = (uid.RLELossless, uid.JPEGLosslessSV1, uid.JPEGLSLossless, uid.JPEGLSNearLossless,
             uid.JPEG2000Lossless, uid.JPEG2000, uid.JPEGBaseline8Bit)

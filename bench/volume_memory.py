@@ -30,7 +30,7 @@ def peak_mib() -> float:
 def child(mode: str, slices: int, size: int, out_size: int, depth: int) -> dict[str, float]:
     import numpy as np
 
-    from interop.dicom.synthetic import iter_ct_head_series
+    from scripts.synthetic.dicom import iter_ct_head_series
     from interop.dicom.volume import VolumeSpec, build_volume
 
     spec = VolumeSpec(depth=depth, height=out_size, width=out_size)

@@ -1,11 +1,16 @@
-"""The `interop` command: serve, worker, mllp, migrate, build-models, demo."""
+"""The `interop` command: serve, worker, deliver, mllp, migrate, build-models, outbox, hl7,
+analytics, demo."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 from .config import ENVIRONMENT, Settings
+
+CHECKOUT = Path(__file__).resolve().parent.parent  # the source checkout, when run from one
 
 
 def _settings_help() -> str:
@@ -25,15 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("serve", help="run the hub: FHIR API, workers, and embedded PostgreSQL/Triton when not configured")
-    sub.add_parser("worker", help="run one inference worker (needs DATABASE_URL and TRITON_URL)")
+    sub.add_parser("serve", help="run the hub: FHIR API, workers, delivery, MLLP listener, and embedded"
+                                 " PostgreSQL/Triton when not configured")
+    sub.add_parser("worker", help="run one analysis worker (needs DATABASE_URL and TRITON_URL)")
+    sub.add_parser("deliver", help="run the delivery runner: results to every site, one lane per destination"
+                                   " (needs DATABASE_URL)")
     sub.add_parser("mllp", help="run the HL7 v2 MLLP listener (needs DATABASE_URL)")
     sub.add_parser("migrate", help="apply database migrations to DATABASE_URL")
     sub.add_parser("build-models", help="build the reference model weights into INTEROP_TRITON_REPO")
-    out = sub.add_parser("outbox", help="results going out: list dead letters, replay one")
-    out.add_argument("action", choices=["dead", "replay"], help="dead: list rejected/dead deliveries; replay ID")
-    out.add_argument("id", nargs="?", type=int, help="the outbox row to replay")
-    demo = sub.add_parser("demo", help="send a real DICOM study and an ImagingStudy through the hub, print the report")
+    out = sub.add_parser("outbox", help="results going out: list dead letters, replay one, show the lanes")
+    out.add_argument("action", choices=["dead", "replay", "lanes"],
+                     help="dead: list rejected/dead deliveries; replay ID; lanes: each destination's state")
+    out.add_argument("id", nargs="?", type=int, help="the delivery to replay")
+    hl7 = sub.add_parser("hl7", help="HL7 v2 messages received: list failed ones, release a control id")
+    hl7.add_argument("action", choices=["failed", "release"],
+                     help="failed: messages that could not be processed, and why; release ID: let that message's"
+                          " control id be used again (the sender resends it)")
+    hl7.add_argument("id", nargs="?", type=int, help="the message to release")
+    demo = sub.add_parser("demo", help="send a real DICOM study and an ImagingStudy through the hub, print the report"
+                                       " (from the source checkout)")
     demo.add_argument("--keep", action="store_true", help="leave the demo PACS data in INTEROP_DATA_DIR")
     demo.add_argument("--seed-analytics", type=int, metavar="N", default=None,
                       help="instead of the walk-through: write N synthetic studies into the analytics schema of"
@@ -54,27 +69,35 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     settings = Settings.from_env()
     if args.command == "serve":
-        from .runtime.supervisor import serve
+        from .runtime.supervisor import StartError, serve
 
-        return serve(settings)
+        try:
+            return serve(settings)
+        except StartError as exc:
+            print(f"interop serve: {exc}", file=sys.stderr)
+            return 2
+    if args.command in ("worker", "deliver", "mllp", "migrate", "outbox", "hl7", "analytics") \
+            and not settings.database_url:
+        parser.error("DATABASE_URL is not set")
     if args.command == "worker":
-        from .pipeline.worker import main as worker_main
+        from .workers.analysis import main as worker_main
 
         worker_main(settings)
+        return 0
+    if args.command == "deliver":
+        from .workers.delivery import main as deliver_main
+
+        deliver_main(settings)
         return 0
     if args.command == "mllp":
         from .hl7.listener import main as mllp_main
 
-        if not settings.database_url:
-            parser.error("DATABASE_URL is not set")
         mllp_main(settings)
         return 0
     if args.command == "migrate":
         from .store import db
 
-        if not settings.database_url:
-            parser.error("DATABASE_URL is not set")
-        print("\n".join(db.migrate(settings.database_url)) or "up to date")
+        print("\n".join(db.migrate(settings.database_url or "")) or "up to date")
         return 0
     if args.command == "build-models":
         from .runtime.supervisor import ensure_models
@@ -83,89 +106,81 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "outbox":
         return _outbox(parser, settings, args.action, args.id)
+    if args.command == "hl7":
+        return _hl7(parser, settings, args.action, args.id)
     if args.command == "analytics":
-        return _analytics(parser, settings, args.action, args.rekey)
-    if args.command == "demo" and args.seed_analytics is not None:
-        return _seed_analytics(settings, args.seed_analytics)
+        return _analytics(settings, args.action, args.rekey)
     if args.command == "demo":
-        from .demo import run_demo
-
-        return run_demo(settings, keep=args.keep)
+        return _demo(parser, settings, args.keep, args.seed_analytics)
     parser.print_help()
     return 2
 
 
+def _print_rows(rows: list[dict[str, object]]) -> None:
+    for row in rows:
+        print(json.dumps(row, default=str, ensure_ascii=False))
+
+
 def _outbox(parser: argparse.ArgumentParser, settings: Settings, action: str, item: int | None) -> int:
-    """Operators' view of deliveries that stopped without an AA, and replay of one of them."""
-    import json
+    """Operators' view of deliveries that stopped without success, and replay of one of them."""
+    from .ops.admin import deliveries
+    from .services.delivery import KINDS
+    from .store import db, queue
 
-    from .delivery import outbox
-    from .store import db
-
-    if not settings.database_url:
-        parser.error("DATABASE_URL is not set")
-    with db.connect(settings.database_url, autocommit=True) as conn:
+    with db.connect(settings.database_url or "", autocommit=True) as conn:
         if action == "dead":
-            for row in outbox.dead_letters(conn):
-                print(json.dumps(row, default=str, ensure_ascii=False))
+            _print_rows(deliveries(conn, ("rejected", "dead")))
+            return 0
+        if action == "lanes":
+            _print_rows(queue.lanes(conn))
             return 0
         if item is None:
-            parser.error("outbox replay needs the row id")
-        if outbox.replay(conn, item):
+            parser.error("outbox replay needs the delivery id")
+        if queue.replay(conn, item, KINDS):
             print(f"outbox row {item} queued again")
             return 0
         print(f"outbox row {item} is not dead or rejected", file=sys.stderr)
         return 1
 
 
-def _database(settings: Settings) -> tuple[str, object]:
-    """DATABASE_URL, or the embedded PostgreSQL under INTEROP_DATA_DIR (returned to be stopped)."""
-    from .store import db
+def _hl7(parser: argparse.ArgumentParser, settings: Settings, action: str, item: int | None) -> int:
+    from .store import db, hl7_messages
 
-    if settings.database_url:
-        db.migrate(settings.database_url)
-        return settings.database_url, None
-    from .runtime.postgres import EmbeddedPostgres
+    with db.connect(settings.database_url or "", autocommit=True) as conn:
+        if action == "failed":
+            _print_rows(hl7_messages.listing(conn, ("failed",)))
+            return 0
+        if item is None:
+            parser.error("hl7 release needs the message id (see `interop hl7 failed` or GET /hl7/messages)")
+        if hl7_messages.release(conn, item):
+            print(f"HL7 message {item} released: its control id can be sent again")
+            return 0
+        print(f"HL7 message {item} holds no control id (unknown, rejected, or already released)", file=sys.stderr)
+        return 1
 
-    server = EmbeddedPostgres(settings.data_dir / "postgres")
-    url = server.start()
-    db.migrate(url)
-    return url, server
 
+def _analytics(settings: Settings, action: str, rekey: bool) -> int:
+    from .services.analytics import facts
+    from .services.context import Context
+    from .store import analytics, db
 
-def _analytics(parser: argparse.ArgumentParser, settings: Settings, action: str, rekey: bool) -> int:
-    from .analytics import facts
-    from .sites import load
-    from .store import db
-
-    if not settings.database_url:
-        parser.error("DATABASE_URL is not set")
-    with db.connect(settings.database_url, autocommit=True) as conn:
+    with db.connect(settings.database_url or "", autocommit=True) as conn:
         if action == "backfill":
-            count = facts.backfill(conn, sites=load(settings.sites_file), rekey=rekey)
+            count = facts.backfill(conn, Context.from_settings(settings), rekey=rekey)
             print(f"analytics facts rebuilt for {count} reports" + (" (patient keys recomputed)" if rekey else ""))
-        for name, seconds in facts.refresh(conn).items():
+        for name, seconds in analytics.refresh(conn).items():
             print(f"refreshed {name} in {seconds:.1f}s")
     return 0
 
 
-def _seed_analytics(settings: Settings, n: int) -> int:
-    """`interop demo --seed-analytics N`: synthetic studies for the dashboard, then exit."""
-    from .analytics import facts, seed
-    from .store import db
+def _demo(parser: argparse.ArgumentParser, settings: Settings, keep: bool, seed: int | None) -> int:
+    """The demo and its synthetic data live in the checkout's scripts/, not in the installed package."""
+    if not (CHECKOUT / "scripts" / "demo.py").is_file():
+        parser.error("`interop demo` runs from the source checkout (`make demo`): scripts/demo.py is not here")
+    sys.path.insert(0, str(CHECKOUT))
+    from scripts import demo
 
-    url, server = _database(settings)
-    try:
-        with db.connect(url, autocommit=True) as conn:
-            seed.clear(conn)
-            written = seed.seed(conn, n, sites_file=settings.sites_file, mappings_dir=settings.mappings_dir)
-            facts.refresh(conn)
-        print(f"{written} synthetic studies in the analytics schema; dashboard at "
-              f"http://{settings.http_host}:{settings.http_port}/analytics/")
-    finally:
-        if server is not None:
-            server.stop()  # type: ignore[attr-defined]
-    return 0
+    return demo.seed_analytics(settings, seed) if seed is not None else demo.run_demo(settings, keep=keep)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """One immutable settings object, read from the environment once per process.
 
-Operators script against these names: keep them stable and documented in the README
-and in `interop --help`.
+`Settings` is the only reader of the environment: every other module takes what it needs from
+it (paths, timeouts, and the secrets the sites file names by variable, through `secret()`).
+Operators script against these names: keep them stable and documented in the README and in
+`interop --help`.
 """
 from __future__ import annotations
 
@@ -10,9 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-# name -> (attribute, default, help). The single list `interop --help` prints.
+# name -> (attribute, default, help). The single list `interop --help` prints. Relative paths are
+# taken from the working directory (a checkout, or the deployment's working directory).
 ENVIRONMENT: list[tuple[str, str, str | None, str]] = [
     ("INTEROP_HTTP_PORT", "http_port", "8080", "port of the FHIR API, /healthz, /readyz, /metrics"),
     ("INTEROP_HTTP_HOST", "http_host", "127.0.0.1", "address the FHIR API binds to"),
@@ -24,25 +25,30 @@ ENVIRONMENT: list[tuple[str, str, str | None, str]] = [
     ("ANALYTICS_DATABASE_URL", "analytics_database_url", None, "PostgreSQL the analytics dashboard reads (a replica of DATABASE_URL); unset: DATABASE_URL"),
     ("TRITON_URL", "triton_url", None, "Triton HTTP host:port; unset: the bundled tritonserver on INTEROP_TRITON_REPO"),
     ("DICOMWEB_URL", "dicomweb_url", None, "DICOMweb base URL of the PACS used when a study names no endpoint"),
-    ("INTEROP_DATA_DIR", "data_dir", str(REPO_ROOT / "var"), "where the embedded PostgreSQL and logs live"),
-    ("INTEROP_MAPPINGS_DIR", "mappings_dir", str(REPO_ROOT / "mappings"), "routing rules, model descriptions, sites"),
-    ("INTEROP_SITES", "sites_file", str(REPO_ROOT / "mappings" / "sites.yaml"), "facilities served: names, districts, result destinations"),
-    ("INTEROP_TRITON_REPO", "triton_repo", str(REPO_ROOT / "triton_repo"), "Triton model repository for the bundled server"),
-    ("INTEROP_WORKERS", "workers", "1", "inference worker processes started by `interop serve`"),
+    ("INTEROP_DATA_DIR", "data_dir", "var", "where the embedded PostgreSQL and logs live"),
+    ("INTEROP_MAPPINGS_DIR", "mappings_dir", "mappings", "routing rules, model descriptions, HL7 v2 tables, queue policies"),
+    ("INTEROP_SITES", "sites_file", None, "facilities served: names, districts, result destinations; unset: INTEROP_MAPPINGS_DIR/sites.yaml"),
+    ("INTEROP_TRITON_REPO", "triton_repo", "triton_repo", "Triton model repository for the bundled server"),
+    ("INTEROP_WORKERS", "workers", "1", "analysis worker processes started by `interop serve`"),
     ("INTEROP_HTTP_WORKERS", "http_workers", "2", "gunicorn worker processes for the FHIR API"),
+    ("INTEROP_DELIVERY_LANES", "delivery_lanes", "32", "destinations the delivery process serves at once (one thread each)"),
     ("INTEROP_JOB_LEASE_SECONDS", "job_lease_seconds", "120", "a claimed job whose worker stops renewing it is retried after this"),
     ("INTEROP_JOB_MAX_ATTEMPTS", "job_max_attempts", "8", "attempts before an analysis job is marked failed"),
     ("INTEROP_RETRY_BASE_SECONDS", "retry_base_seconds", "5", "first retry delay; doubles each attempt, capped at 10 minutes"),
     ("INTEROP_TRITON_TIMEOUT", "triton_timeout", "60", "seconds for one Triton inference call"),
     ("INTEROP_DICOMWEB_TIMEOUT", "dicomweb_timeout", "30", "seconds for one DICOMweb request"),
+    ("INTEROP_PACS_WAIT_MINUTES", "pacs_wait_minutes", "60", "how long a study not yet in the PACS is looked for (a site's pacs_wait_minutes wins)"),
     ("INTEROP_MAX_BODY_BYTES", "max_body_bytes", str(10 * 1024 * 1024), "largest FHIR request body accepted (413 above)"),
     ("INTEROP_CRITICAL_ESCALATE_MINUTES", "critical_escalate_minutes", "15", "an unacknowledged critical result goes to the next contact after this"),
     ("INTEROP_ANALYTICS_REFRESH_MINUTES", "analytics_refresh_minutes", "15", "how often a worker refreshes the analytics summary views"),
+    ("INTEROP_PSEUDONYM_KEY", "pseudonym_key", None, "secret of the analytics patient keys (at least 16 characters)"),
+    ("INTEROP_PSEUDONYM_KEY_FILE", "pseudonym_key_file", None, "file holding that secret; unset with no key: INTEROP_DATA_DIR/pseudonym.key, created"),
     ("INTEROP_BASE_URL", "base_url", None, "public base URL of the FHIR API, for Location and Bundle links"),
+    ("PROMETHEUS_MULTIPROC_DIR", "metrics_dir", None, "set by `interop serve`: where gunicorn workers share their request metrics"),
 ]
 
 
-def _bool_int(value: str, name: str) -> int:
+def _int(value: str, name: str) -> int:
     try:
         return int(value)
     except ValueError as exc:
@@ -61,43 +67,48 @@ class Settings:
     analytics_database_url: str | None = None
     triton_url: str | None = None
     dicomweb_url: str | None = None
-    data_dir: Path = REPO_ROOT / "var"
-    mappings_dir: Path = REPO_ROOT / "mappings"
-    sites_file: Path = REPO_ROOT / "mappings" / "sites.yaml"
-    triton_repo: Path = REPO_ROOT / "triton_repo"
+    data_dir: Path = Path("var")
+    mappings_dir: Path = Path("mappings")
+    sites_file: Path = Path("mappings") / "sites.yaml"
+    triton_repo: Path = Path("triton_repo")
     workers: int = 1
     http_workers: int = 2
+    delivery_lanes: int = 32
     job_lease_seconds: int = 120
     job_max_attempts: int = 8
     retry_base_seconds: int = 5
     triton_timeout: int = 60
     dicomweb_timeout: int = 30
+    pacs_wait_minutes: int = 60
     max_body_bytes: int = 10 * 1024 * 1024
     critical_escalate_minutes: int = 15
     analytics_refresh_minutes: int = 15
+    pseudonym_key: str | None = field(default=None, repr=False)
+    pseudonym_key_file: Path | None = None
     base_url: str | None = None
-    extra: Mapping[str, str] = field(default_factory=dict)
+    metrics_dir: Path | None = None
+    # The environment as read, for the secrets the sites file names (`secret()`); never printed.
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         """Build settings from `env` (default: os.environ); unknown variables are ignored."""
-        env = os.environ if env is None else env
+        env = dict(os.environ if env is None else env)
         types = {f.name: f.type for f in fields(cls)}
-        values: dict[str, object] = {}
+        values: dict[str, object] = {"environ": env}
         for name, attr, default, _help in ENVIRONMENT:
-            raw = env.get(name, default)
-            if raw is None or raw == "":
-                values[attr] = None if default is None else default
-                if values[attr] is None:
-                    continue
-                raw = str(values[attr])
-            kind = types[attr]
+            raw = env.get(name) or default
+            if raw is None:
+                continue
+            kind = str(types[attr])
             if kind == "int":
-                values[attr] = _bool_int(raw, name)
-            elif kind == "Path":
-                values[attr] = Path(raw)
+                values[attr] = _int(raw, name)
+            elif "Path" in kind:
+                values[attr] = Path(raw).absolute()
             else:
                 values[attr] = raw
+        if "sites_file" not in values:
+            values["sites_file"] = Path(str(values["mappings_dir"])) / "sites.yaml"
         return cls(**values)  # type: ignore[arg-type]
 
     def public_base(self) -> str:
@@ -106,9 +117,14 @@ class Settings:
             return self.base_url.rstrip("/")
         return f"http://{self.http_host}:{self.http_port}/fhir"
 
+    def secret(self, name: str | None) -> str | None:
+        """The value of an environment variable the sites file names (a token, a client secret)."""
+        return self.environ.get(name) if name else None
+
     def as_env(self) -> dict[str, str]:
-        """The settings as environment variables, to hand to child processes."""
-        out: dict[str, str] = {}
+        """The settings as environment variables, to hand to child processes (with the rest of
+        the environment this process was given, so that named secrets reach them too)."""
+        out = dict(self.environ)
         for name, attr, _default, _help in ENVIRONMENT:
             value = getattr(self, attr)
             if value is not None:

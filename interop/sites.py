@@ -1,14 +1,24 @@
 """The sites file (INTEROP_SITES, default mappings/sites.yaml): the facilities the hub serves,
 keyed by the facility code senders put in MSH-4. Unknown facilities have no site: their
-messages are accepted and recorded, and their results have no destination."""
+messages are accepted and recorded, and their results have no destination.
+
+`Sites` is what processes hold: it reads the file again when it changes (checked at most once a
+second) or on `reload()` (SIGHUP), so an operator's edit takes effect without a restart. A file
+that no longer parses is logged and the last good version is kept.
+"""
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger("interop.sites")
 
 
 class SitesError(ValueError):
@@ -21,6 +31,16 @@ class Hl7Destination:
     port: int
     receiving_application: str = "HIS"
     receiving_facility: str = ""
+    connect_timeout_seconds: float = 10.0
+    ack_timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where application acknowledgements (MSH-16) go: the sender's return address over MLLP."""
+
+    host: str
+    port: int
 
 
 @dataclass(frozen=True)
@@ -58,6 +78,14 @@ class Site:
     pacs_wait_minutes: int = 60
     extra: dict[str, Any] = field(default_factory=dict)
     fhir: FhirDestination | None = None
+    app_ack: Address | None = None
+
+    @property
+    def ack_address(self) -> Address | None:
+        """Where application acknowledgements go: `app_ack`, else the `hl7` destination."""
+        if self.app_ack is not None:
+            return self.app_ack
+        return Address(self.hl7.host, self.hl7.port) if self.hl7 is not None else None
 
     @property
     def referral(self) -> str | None:
@@ -107,29 +135,91 @@ def _site(code: str, raw: dict[str, Any]) -> Site:
         h = raw["hl7"]
         try:
             hl7 = Hl7Destination(str(h["host"]), int(h["port"]), str(h.get("receiving_application", "HIS")),
-                                 str(h.get("receiving_facility", code)))
+                                 str(h.get("receiving_facility", code)),
+                                 float(h.get("connect_timeout_seconds", 10)), float(h.get("ack_timeout_seconds", 30)))
         except (KeyError, TypeError, ValueError) as exc:
-            raise SitesError(f"site {code}: hl7 needs host and an integer port") from exc
+            raise SitesError(f"site {code}: hl7 needs host and an integer port (timeouts in seconds)") from exc
+    app_ack = None
+    if raw.get("app_ack"):
+        try:
+            app_ack = Address(str(raw["app_ack"]["host"]), int(raw["app_ack"]["port"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SitesError(f"site {code}: app_ack needs host and an integer port") from exc
     done = raw.get("exam_done") or {}
-    known = {"name", "district", "province", "hl7", "exam_done", "pacs_wait_minutes", "fhir"}
+    known = {"name", "district", "province", "hl7", "exam_done", "pacs_wait_minutes", "fhir", "app_ack"}
     return Site(
         code=code, name=str(raw["name"]), district=raw.get("district"), province=raw.get("province"), hl7=hl7,
         exam_done_order_status=frozenset(map(str, done.get("order_status", ["CM"]))),
         exam_done_result_status=frozenset(map(str, done.get("result_status", []))),
         pacs_wait_minutes=int(raw.get("pacs_wait_minutes", 60)),
         extra={k: v for k, v in raw.items() if k not in known},
-        fhir=_fhir(code, raw["fhir"]) if raw.get("fhir") else None,
+        fhir=_fhir(code, raw["fhir"]) if raw.get("fhir") else None, app_ack=app_ack,
     )
 
 
-@lru_cache(maxsize=8)
 def load(path: Path) -> dict[str, Site]:
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    """Parse a sites file: code (upper case) -> Site. Raises SitesError, OSError."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise SitesError(f"{path}: not valid YAML ({type(exc).__name__})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("sites") or {}, dict):
+        raise SitesError(f"{path}: expected a mapping `sites:` of site codes")
     return {str(code).upper(): _site(str(code), spec) for code, spec in (raw.get("sites") or {}).items()}
 
 
-def find(sites: dict[str, Site], facility: str | None) -> Site | None:
-    """The site for an MSH-4 value (HD: namespace^universal id^type; the namespace is the code)."""
-    if not facility:
-        return None
-    return sites.get(facility.split("^")[0].strip().upper())
+class Sites:
+    """The sites file as a live registry, reloaded when it changes. Thread-safe."""
+
+    CHECK_SECONDS = 1.0
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._sites: dict[str, Site] = {}
+        self._stamp: tuple[float, int] | None = None
+        self._checked = 0.0
+        self.reload()
+
+    def _file_stamp(self) -> tuple[float, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime, st.st_size)
+
+    def reload(self) -> None:
+        """Read the file now (SIGHUP); keep the last good version if it does not parse."""
+        with self._lock:
+            stamp = self._file_stamp()
+            try:
+                sites = load(self.path) if stamp is not None else {}
+            except (SitesError, OSError) as exc:
+                log.error("sites file %s not reloaded, the previous version stays: %s", self.path, exc)
+                self._stamp = stamp
+                return
+            if self._stamp is not None and stamp != self._stamp:
+                log.info("sites file %s reloaded: %d site(s)", self.path, len(sites))
+            self._sites, self._stamp = sites, stamp
+            self._checked = time.monotonic()
+
+    def current(self) -> dict[str, Site]:
+        """Every site, as the file says now."""
+        if time.monotonic() - self._checked >= self.CHECK_SECONDS:
+            self._checked = time.monotonic()
+            if self._file_stamp() != self._stamp:
+                self.reload()
+        return self._sites
+
+    def get(self, code: str | None) -> Site | None:
+        return self.current().get((code or "").strip().upper()) if code else None
+
+    def find(self, facility: str | None) -> Site | None:
+        """The site for an MSH-4 value (HD: namespace^universal id^type; the namespace is the code)."""
+        return self.get(facility.split("^")[0]) if facility else None
+
+    def referral(self, site: Site | None) -> Site | None:
+        """The site's higher-level hospital, when the sites file names one the hub knows."""
+        if site is None or not site.referral or site.referral.upper() == site.code.upper():
+            return None
+        return self.get(site.referral)

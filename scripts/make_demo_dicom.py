@@ -7,7 +7,7 @@
     python scripts/make_demo_dicom.py OUT_DIR --family mr | spine [--region CSPINE] [--compress j2k]
 
 Each radiograph is its own study unless --same-study is given. The images are fake and
-describe no person; see interop/dicom/synthetic.py.
+describe no person; see scripts/synthetic/dicom.py.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid  # noqa: E402
 
 from pydicom import uid  # noqa: E402
 
-from interop.dicom.synthetic import (  # noqa: E402
+from scripts.synthetic.dicom import (  # noqa: E402
     compress,
     dataset_bytes,
     iter_ct_head_series,

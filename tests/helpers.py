@@ -1,6 +1,7 @@
 """Small helpers shared by tests: put a synthetic study in the PACS and describe it in FHIR."""
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -8,7 +9,7 @@ from typing import Any, Callable
 from pydicom import Dataset
 
 from interop.dicom.study import imaging_study
-from interop.dicom.synthetic import dataset_bytes, make_chest_xray
+from scripts.synthetic.dicom import dataset_bytes, make_chest_xray
 
 
 def chest_study_in_pacs(orthanc: Any, seed: int, **kwargs: Any) -> Dataset:
@@ -31,4 +32,41 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float 
     raise AssertionError(f"timed out waiting for {what}")
 
 
-DATA = Path(__file__).resolve().parent / "data"  # public samples, with MANIFEST.txt per folder
+ROOT = Path(__file__).resolve().parent.parent  # the checkout
+DATA = ROOT / "tests" / "data"  # public samples, with MANIFEST.txt per folder
+
+
+def free_port() -> int:
+    """A loopback port free now (the server binds it a moment later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- deliveries, as the tests look at them ------------------------------------------------------
+def delivery_row(conn: Any, job_id: int) -> dict[str, Any]:
+    """A delivery in the outbox's words (status pending/sending/sent/rejected/dead), with the
+    message as sent under `payload`."""
+    from interop.ops.admin import delivery_row as shown
+    from interop.store import queue
+
+    found = queue.job_row(conn, job_id)
+    assert found is not None, f"no job {job_id}"
+    return {**shown(found), "payload": found["message"]}
+
+
+def time_passes(conn: Any) -> None:
+    """Make every back-off due now and close every lane's breaker (instead of sleeping through them)."""
+    conn.execute("UPDATE job SET run_after = now() WHERE status = 'queued'")
+    conn.execute("UPDATE lane SET open_until = now() WHERE open_until > now()")
+
+
+def context(**env: str) -> Any:
+    """The services' context for settings made of `env` (with this process's environment, for
+    the secrets a sites file names)."""
+    import os
+
+    from interop.config import Settings
+    from interop.services.context import Context
+
+    return Context.from_settings(Settings.from_env({**os.environ, **env}))

@@ -14,19 +14,22 @@ import pytest
 from werkzeug.serving import make_server
 
 from inference_client.models import load_models
-from interop.analytics import export, facts, forecast, pseudonym, queries, seed
-from interop.config import REPO_ROOT, Settings
-from interop.fhir.app import create_app
-from interop.pipeline import report
-from interop.review import actions, critical
-from interop.sites import load as load_sites
+from interop.app import create_app
+from interop.config import Settings
+from interop.domain import report
+from interop.services import critical, review as actions
+from interop.services.analytics import export, facts, forecast, pseudonym
+from interop.services.context import Context
+from interop.store import analytics as queries
 from interop.store import resources
 from interop.store.db import connect
 from interop.store.search_params import load
+from scripts.synthetic import analytics as seed
+from tests.helpers import ROOT as REPO_ROOT
+from tests.helpers import context
 
 MODEL = load_models(REPO_ROOT / "mappings")["chest-xray"]
 PARAMS = load(REPO_ROOT / "mappings")
-SITES = load_sites(REPO_ROOT / "mappings" / "sites.yaml")
 INDEX = {label.key: i for i, label in enumerate(MODEL.labels)}
 CODE = {label.key: label.code for label in MODEL.labels}
 SNOMED = "http://snomed.info/sct"
@@ -36,10 +39,10 @@ NAME, MRN, NATIONAL_ID, BIRTH, LINE = "Thạch-Zyxwv", "MRN-7788991", "079912345
 FREE_TEXT = "Ghi chú riêng XYZZY của bác sĩ"
 
 
-@pytest.fixture(autouse=True)
-def secret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(pseudonym.KEY_ENV, SECRET)
-    monkeypatch.setattr(pseudonym, "_cached", None)
+@pytest.fixture
+def ctx() -> Context:
+    """The services' context with a known pseudonym secret."""
+    return context(INTEROP_PSEUDONYM_KEY=SECRET)
 
 
 def _patient(conn: Any, n: int, *, address: bool) -> dict[str, Any]:
@@ -57,7 +60,7 @@ def _patient(conn: Any, n: int, *, address: bool) -> dict[str, Any]:
     return resources.create(conn, body, PARAMS["Patient"])
 
 
-def ai_report(db_url: str, n: int, *, site: str, positives: dict[str, float], address: bool = True,
+def ai_report(db_url: str, ctx: Context, n: int, *, site: str, positives: dict[str, float], address: bool = True,
               ordered_minutes_ago: int = 60) -> str:
     """A stored AI report as the worker writes it, with its patient, order and study."""
     probs = [0.02] * len(MODEL.labels)
@@ -94,17 +97,14 @@ def ai_report(db_url: str, n: int, *, site: str, positives: dict[str, float], ad
             resources.create(conn, obs, PARAMS["Observation"], rid=obs["id"])
         built["report"]["meta"] = {"tag": [tag]}
         stored = resources.create(conn, built["report"], PARAMS["DiagnosticReport"], rid=built["report"]["id"])
-        critical.raise_alert(conn, PARAMS, stored, SITES, site, 15)
-        facts.record(conn, stored["id"], event="ai_result", sites=SITES)  # the worker's hook
+        critical.raise_alert(conn, ctx, stored, ctx.sites.get(site))
+        facts.record(conn, ctx, stored["id"], event="ai_result")  # what reports.stored does
     return str(stored["id"])
 
 
-def review(db_url: str, rid: str, action: str, **kwargs: Any) -> None:
+def review(db_url: str, ctx: Context, rid: str, action: str, **kwargs: Any) -> None:
     with connect(db_url, autocommit=True) as conn:
-        def on_change(c: Any, rep: dict[str, Any]) -> None:
-            facts.record(c, rep["id"], event="reviewed", sites=SITES)  # the review's hook
-        actions.apply_review(conn, PARAMS, rid, action=action, reviewer="BS. Trần Văn Bình", on_change=on_change,
-                             critical=actions.critical_codes({"m": MODEL}), **kwargs)
+        actions.apply_review(conn, ctx, rid, action=action, reviewer="BS. Trần Văn Bình", **kwargs)
 
 
 def observation(db_url: str, rid: str, key: str) -> str:
@@ -118,29 +118,34 @@ def observation(db_url: str, rid: str, key: str) -> str:
 
 
 @pytest.fixture
-def known(db_url: str) -> dict[str, str]:
+def known(db_url: str, ctx: Context) -> dict[str, str]:
     """Three studies: A (Bien Hoa, atelectasis, signed and delivered), B (Nhon Trach, critical
     pneumothorax, atelectasis overruled, pneumonia added, acknowledged, transferred), C (Bien Hoa,
     nothing found, waiting for review)."""
-    a = ai_report(db_url, 1, site="BVDKDN", positives={"Atelectasis": 0.9})
-    b = ai_report(db_url, 2, site="TTYT_NHONTRACH", positives={"Atelectasis": 0.9, "Pneumothorax": 0.97},
+    a = ai_report(db_url, ctx, 1, site="BVDKDN", positives={"Atelectasis": 0.9})
+    b = ai_report(db_url, ctx, 2, site="TTYT_NHONTRACH", positives={"Atelectasis": 0.9, "Pneumothorax": 0.97},
                   address=False)
-    c = ai_report(db_url, 3, site="BVDKDN", positives={})
-    review(db_url, a, "sign", conclusion=FREE_TEXT)
-    review(db_url, b, "edit", findings={observation(db_url, b, "Atelectasis"): False},
+    c = ai_report(db_url, ctx, 3, site="BVDKDN", positives={})
+    review(db_url, ctx, a, "sign", conclusion=FREE_TEXT)
+    review(db_url, ctx, b, "edit", findings={observation(db_url, b, "Atelectasis"): False},
            added=[{"system": SNOMED, "code": CODE["Pneumonia"], "text": f"Viêm phổi, {NAME} {FREE_TEXT}"}])
     with connect(db_url, autocommit=True) as conn:
-        conn.execute("INSERT INTO outbox (channel, destination, resource_type, resource_id, version, status, sent_at)"
-                     " VALUES ('hl7', 'BVDKDN:ris', 'DiagnosticReport', %s, 2, 'sent', now() + interval '3 minutes')", (a,))
-        facts.record(conn, a, event="delivered", sites=SITES)
+        sent(conn, "BVDKDN:ris", a, 2, "now() + interval '3 minutes'")
+        facts.record(conn, ctx, a, event="delivered")
         # B went to its referral hospital, not yet to the ordering facility: not "delivered"
-        conn.execute("INSERT INTO outbox (channel, destination, resource_type, resource_id, version, status, sent_at)"
-                     " VALUES ('hl7', 'BVND115:hl7', 'DiagnosticReport', %s, 2, 'sent', now())", (b,))
-        facts.record(conn, b, event="delivered", sites=SITES)
-        critical.acknowledge(conn, PARAMS, b, by="BS. Lê Thị Hoa")  # each records its analytics facts
-        critical.decide_transfer(conn, PARAMS, b, decision="transfer", by="BS. Lê Thị Hoa")
+        sent(conn, "BVND115:hl7", b, 2, "now()")
+        facts.record(conn, ctx, b, event="delivered")
+        critical.acknowledge(conn, ctx, b, by="BS. Lê Thị Hoa")  # each records its analytics facts
+        critical.decide_transfer(conn, ctx, b, decision="transfer", by="BS. Lê Thị Hoa")
         facts.refresh(conn)
     return {"a": a, "b": b, "c": c}
+
+
+def sent(conn: Any, lane: str, rid: str, version: int, when: str) -> None:
+    """A delivery of the report version that the destination accepted at `when` (an SQL time)."""
+    conn.execute("INSERT INTO job (kind, dedupe_key, status, lane, series, seq, finished_at) VALUES"
+                 f" ('deliver-hl7', %s, 'done', %s, %s, %s, {when})",
+                 (f"test:{lane}:{rid}:{version}", lane, f"DiagnosticReport/{rid}", version))
 
 
 def today_filters(**kw: str) -> queries.Filters:
@@ -173,7 +178,7 @@ def test_facts_from_stored_reports(db_url: str, known: dict[str, str]) -> None:
         assert added_label["label"] == "Pneumonia"  # from mappings, not the radiologist's words
 
 
-def test_record_is_idempotent(db_url: str, known: dict[str, str]) -> None:
+def test_record_is_idempotent(db_url: str, known: dict[str, str], ctx: Context) -> None:
     def snapshot() -> tuple[Any, ...]:
         with connect(db_url) as conn:
             s = conn.execute("SELECT count(*) AS n FROM analytics.study_fact").fetchone()["n"]
@@ -183,28 +188,27 @@ def test_record_is_idempotent(db_url: str, known: dict[str, str]) -> None:
     before = snapshot()
     with connect(db_url, autocommit=True) as conn:
         for event in ("ai_result", "reviewed", "delivered", "acknowledged", "transfer", "reviewed"):
-            facts.record(conn, known["a"], event=event, sites=SITES)
-            facts.record(conn, known["b"], event=event, sites=SITES)
-        assert facts.backfill(conn, sites=SITES) == 3
-        assert facts.backfill(conn, sites=SITES) == 3
+            facts.record(conn, ctx, known["a"], event=event)
+            facts.record(conn, ctx, known["b"], event=event)
+        assert facts.backfill(conn, ctx) == 3
+        assert facts.backfill(conn, ctx) == 3
     after = snapshot()
     assert before == after and before[0] == 3 and before[1] == 3 * len(MODEL.labels) + 1
     with pytest.raises(ValueError):
         with connect(db_url) as conn:
-            facts.record(conn, known["a"], event="nonsense")
+            facts.record(conn, ctx, known["a"], event="nonsense")
 
 
-def test_rekey(db_url: str, known: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(pseudonym.KEY_ENV, "a-new-rotated-secret-abcdefghijkl")
-    monkeypatch.setattr(pseudonym, "_cached", None)
+def test_rekey(db_url: str, known: dict[str, str]) -> None:
+    rotated = context(INTEROP_PSEUDONYM_KEY="a-new-rotated-secret-abcdefghijkl")
     with connect(db_url, autocommit=True) as conn:
         old = conn.execute("SELECT patient_key FROM analytics.study_fact WHERE report_id = %s", (known["a"],)).fetchone()
-        facts.backfill(conn, sites=SITES)  # keeps the keys already given
+        facts.backfill(conn, rotated)  # keeps the keys already given
         kept = conn.execute("SELECT patient_key FROM analytics.study_fact WHERE report_id = %s", (known["a"],)).fetchone()
-        facts.backfill(conn, sites=SITES, rekey=True)
+        facts.backfill(conn, rotated, rekey=True)
         new = conn.execute("SELECT patient_key, key_id FROM analytics.study_fact WHERE report_id = %s", (known["a"],)).fetchone()
     assert old == kept and new["patient_key"] != old["patient_key"]
-    assert new["key_id"] == pseudonym.current().key_id
+    assert new["key_id"] == rotated.pseudonymizer.key_id
 
 
 def test_views_on_known_data(db_url: str, known: dict[str, str]) -> None:
@@ -349,9 +353,7 @@ def live_hub(seeded: str) -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
-        pool = app.extensions["interop"]._pool
-        if pool is not None:
-            pool.close()
+        app.extensions["interop"].close()
 
 
 def render(url: str, tmp: Path) -> str:

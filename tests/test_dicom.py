@@ -21,14 +21,14 @@ from pydicom.uid import generate_uid
 from interop.dicom import DicomError, NotAnImage, PacsUnavailable, StudyNotFound
 from interop.dicom.dicomweb import DicomWebClient, InstanceRef, multipart_boundary, parse_multipart
 from interop.dicom.pixels import preprocess, to_display_array, window
-from interop.dicom.synthetic import (
+from scripts.synthetic.dicom import (
     BASIC_TEXT_SR,
     DX_FOR_PRESENTATION,
     dataset_bytes,
     make_chest_xray,
     make_non_image,
 )
-from interop.runtime.orthanc import Orthanc
+from scripts.peers.orthanc import Orthanc
 
 
 def pydicom_file(name: str) -> Dataset:

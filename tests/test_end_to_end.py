@@ -9,7 +9,7 @@ import requests
 from fhirpy import SyncFHIRClient
 
 from inference_client.models import load_models
-from interop.config import REPO_ROOT
+from tests.helpers import ROOT as REPO_ROOT
 from tests.helpers import chest_study_in_pacs, study_resource, wait_for
 
 TERMINAL = ("completed", "failed", "rejected", "cancelled")
@@ -105,7 +105,7 @@ def test_resend_does_not_analyse_twice(hub: Any, orthanc: Any) -> None:
 def test_instances_that_are_not_images(hub: Any, orthanc: Any) -> None:
     from pydicom.uid import generate_uid
 
-    from interop.dicom.synthetic import dataset_bytes, make_chest_xray, make_non_image
+    from scripts.synthetic.dicom import dataset_bytes, make_chest_xray, make_non_image
 
     client = SyncFHIRClient(hub.fhir)
     # A structured report alone: no model reads it, recorded as not analysed.
@@ -138,7 +138,7 @@ def test_instances_that_are_not_images(hub: Any, orthanc: Any) -> None:
 
 def test_unreachable_pacs_is_retried_then_failed_with_reason(hub: Any) -> None:
     client = SyncFHIRClient(hub.fhir)
-    from interop.dicom.synthetic import make_chest_xray
+    from scripts.synthetic.dicom import make_chest_xray
 
     ds = make_chest_xray(seed=14, size=256)
     dead = "http://127.0.0.1:9/dicom-web"  # discard port: nothing listens

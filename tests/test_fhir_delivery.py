@@ -22,17 +22,20 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.serving import make_server
 
-from interop.config import Settings
-from interop.delivery import fhir_push, subscriptions
-from interop.delivery.deliver import on_report_changed
-from interop.delivery.fhir_auth import TokenCache
-from interop.delivery.sender import OutboxSender
+from interop.domain import bundle as fhir_push
+from interop.domain import subscriptions
+from interop.services import delivery, reports
+from interop.services.context import Context
+from interop.services.delivery.auth import TokenCache
 from interop.sites import SitesError, load as load_sites
 from interop.store import db, resources
+from interop.workers.delivery import Deliverer
 from tests.fixtures.fhir_server import Emr
+from tests.helpers import context, delivery_row, time_passes
 from tests.test_oru import PARAMS, PATIENT, SERVICE_REQUEST, STUDY, built_report
 
 REPORT_SYSTEM = "urn:interop-hub:report"
+FAILURES_BEFORE_ERROR = context().policies.kind(delivery.REST_HOOK).max_attempts  # then the Subscription is in error
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -50,7 +53,6 @@ def stored(db_url: str) -> Iterator[psycopg.Connection[Any]]:
 def write_sites(tmp_path: Path, fhir: str) -> Path:
     path = tmp_path / "sites.yaml"
     path.write_text("sites:\n  BVDKDN:\n    name: Benh vien Da khoa Dong Nai\n" + fhir, encoding="utf-8")
-    load_sites.cache_clear()
     return path
 
 
@@ -59,26 +61,25 @@ def bearer_sites(tmp_path: Path, emr: Emr, base: str | None = None) -> Path:
                                  "      auth: {type: bearer, token_env: TEST_EMR_TOKEN}\n")
 
 
-def make_sender(db_url: str, sites: Path, channel: str = "fhir") -> OutboxSender:
-    settings = Settings.from_env({"INTEROP_SITES": str(sites), "DATABASE_URL": db_url, "TRITON_URL": "unused:1",
-                                  "INTEROP_RETRY_BASE_SECONDS": "2"})
-    return OutboxSender(settings, worker_id="test-sender", channel=channel)
+def make_sender(db_url: str, sites: Path, channel: str | None = "fhir") -> Deliverer:
+    ctx = context(INTEROP_SITES=str(sites), DATABASE_URL=db_url, TRITON_URL="unused:1", INTEROP_RETRY_BASE_SECONDS="2")
+    kinds = delivery.KINDS if channel is None else (delivery.KIND_OF[channel],)
+    return Deliverer(ctx, worker_id="test-sender", kinds=kinds)
 
 
-def queue(conn: psycopg.Connection[Any], sender: OutboxSender, rid: str = "r1") -> list[int]:
+def on_report_changed(conn: psycopg.Connection[Any], report: dict[str, Any], ctx: Context, site: str | None) -> list[int]:
+    """A stored report version queued for its site's destinations and the Subscriptions it matches."""
+    return delivery.queue_report(conn, ctx, report, ctx.sites.get(site))
+
+
+def queue(conn: psycopg.Connection[Any], sender: Deliverer, rid: str = "r1") -> list[int]:
     with conn.transaction():
         report = resources.read(conn, "DiagnosticReport", rid)
-        return on_report_changed(conn, report, sender.sites(), "bvdkdn", PARAMS)
+        return on_report_changed(conn, report, sender.ctx, "bvdkdn")
 
 
 def row(conn: psycopg.Connection[Any], item_id: int) -> dict[str, Any]:
-    found = conn.execute("SELECT * FROM outbox WHERE id = %s", (item_id,)).fetchone()
-    assert found is not None
-    return dict(found)
-
-
-def time_passes(conn: psycopg.Connection[Any]) -> None:
-    conn.execute("UPDATE outbox SET run_after = now() WHERE status = 'pending'")
+    return delivery_row(conn, item_id)
 
 
 def emr_reports(emr: Emr) -> list[dict[str, Any]]:
@@ -86,7 +87,7 @@ def emr_reports(emr: Emr) -> list[dict[str, Any]]:
     return emr.search("DiagnosticReport", identifier=f"{REPORT_SYSTEM}|{value}")
 
 
-def drain(sender: OutboxSender, conn: psycopg.Connection[Any], rounds: int = 20) -> int:
+def drain(sender: Deliverer, conn: psycopg.Connection[Any], rounds: int = 20) -> int:
     sent = 0
     for _ in range(rounds):
         if not sender.run_once():
@@ -187,7 +188,7 @@ def test_report_arrives_once_with_its_observations(
     assert len(posts) == 2  # 16 entries in transactions of at most 8 (Medplum's cap on conditional ones)
     assert {(p["authorization"], p["status"]) for p in posts} == {(f"Bearer {emr_token}", 200)}
     # the answer was lost (say) and the row is sent again: the EMR still holds one of each
-    stored.execute("UPDATE outbox SET status = 'pending', run_after = now() WHERE id = %s", (item_id,))
+    stored.execute("UPDATE job SET status = 'queued', run_after = now() WHERE id = %s", (item_id,))
     sender = make_sender(db_url, bearer_sites(tmp_path, fhir_emr))
     try:
         assert sender.run_once() is True
@@ -284,7 +285,7 @@ def test_a_status_change_updates_the_same_emr_report(
                 resources.update(stored, obs, PARAMS["Observation"])
             report["status"] = "final"
             signed, _ = resources.update(stored, report, PARAMS["DiagnosticReport"])
-            [v2] = on_report_changed(stored, signed, sender.sites(), "BVDKDN", PARAMS)
+            [v2] = on_report_changed(stored, signed, sender.ctx, "BVDKDN")
         assert sender.run_once() is True
         assert sender.run_once() is False
     finally:
@@ -317,8 +318,9 @@ def test_client_credentials_token_is_fetched_cached_and_refreshed_once(
     sites = write_sites(tmp_path, f"    fhir:\n      base: {fhir_emr.base}\n      max_bundle_entries: 8\n      auth: {{type: client_credentials,"
                                   f" token_url: {fhir_emr.token_url}, client_id: hub, client_secret_env: TEST_EMR_SECRET,"
                                   " scope: system/*.write}\n")
-    monkeypatch.setattr(fhir_push, "_TOKENS", TokenCache())
     sender = make_sender(db_url, sites)
+    fhir = sender.channels[delivery.FHIR]
+    assert isinstance(fhir.tokens, TokenCache)  # the runner's own cache: fetched once, then reused
     try:
         queue(stored, sender)
         assert sender.run_once() is True
@@ -343,7 +345,7 @@ def test_critical_notice_reaches_the_ordering_site_and_the_higher_level_hospital
         stored: psycopg.Connection[Any], fhir_emr: Emr, emr_token: str, db_url: str, tmp_path: Path) -> None:
     """A critical report: each Communication goes to its hospital's EMR, the report also goes to
     the higher-level hospital (FHIR push and ORU with the AA flag), and so does its sign-off."""
-    from interop.review import critical
+    from interop.services import critical
     from tests.test_oru import Peer, free_port
 
     peer = Peer(free_port())
@@ -355,15 +357,14 @@ def test_critical_notice_reaches_the_ordering_site_and_the_higher_level_hospital
                     "    referral: BVND115\n    critical_contacts: [Dr A, Dr B]\n"
                     "  BVND115:\n    name: Benh vien Nhan dan 115\n" + fhir +
                     f"    hl7: {{host: 127.0.0.1, port: {peer.port}, receiving_application: RIS}}\n", encoding="utf-8")
-    load_sites.cache_clear()
-    sender = make_sender(db_url, path, channel=None)  # type: ignore[arg-type]
+    sender = make_sender(db_url, path, channel=None)
     try:
         report = resources.read(stored, "DiagnosticReport", "r1")
         with stored.transaction():
-            critical.raise_alert(stored, PARAMS, report, sender.sites(), "BVDKDN", 15)
-            on_report_changed(stored, report, sender.sites(), "BVDKDN", PARAMS)
-        queued = {(r["destination"], r["resource_type"], r["priority"]) for r in stored.execute(
-            "SELECT destination, resource_type, priority FROM outbox")}
+            critical.raise_alert(stored, sender.ctx, report, sender.ctx.sites.get("BVDKDN"))
+            on_report_changed(stored, report, sender.ctx, "BVDKDN")
+        queued = {(r["lane"], r["payload"]["resource_type"], r["priority"]) for r in stored.execute(
+            "SELECT lane, payload, priority FROM job WHERE lane IS NOT NULL")}
         assert queued == {("BVDKDN:fhir", "Communication", 0), ("BVND115:fhir", "Communication", 0),
                           ("BVDKDN:fhir", "DiagnosticReport", 0), ("BVND115:fhir", "DiagnosticReport", 0),
                           ("BVND115:hl7", "DiagnosticReport", 0)}
@@ -383,8 +384,8 @@ def test_critical_notice_reaches_the_ordering_site_and_the_higher_level_hospital
         signed = {k: v for k, v in report.items() if k != "meta"}
         signed["status"] = "final"
         with stored.transaction():
-            on_report_changed(stored, resources.update(stored, signed, PARAMS["DiagnosticReport"])[0], sender.sites(),
-                              "BVDKDN", PARAMS)
+            on_report_changed(stored, resources.update(stored, signed, PARAMS["DiagnosticReport"])[0], sender.ctx,
+                              "BVDKDN")
         assert drain(sender, stored) == 3
         assert len(peer.received) == 2 and "|F|" in peer.received[1].split("OBR|")[1]
         assert emr_reports(fhir_emr)[0]["status"] == "final"
@@ -453,7 +454,7 @@ def subscribe(hub: fhirpy.SyncFHIRClient, receiver: Receiver, criteria: str, **c
     return sub
 
 
-def new_report(conn: psycopg.Connection[Any], sender: OutboxSender, rid: str, status: str = "preliminary") -> list[int]:
+def new_report(conn: psycopg.Connection[Any], sender: Deliverer, rid: str, status: str = "preliminary") -> list[int]:
     built = built_report(critical=False, report_id=rid)
     built["report"]["status"] = status
     built["report"]["identifier"][0]["value"] += f"-{rid}"
@@ -461,7 +462,7 @@ def new_report(conn: psycopg.Connection[Any], sender: OutboxSender, rid: str, st
         for body in built["observations"]:
             resources.create(conn, body, PARAMS["Observation"], rid=body["id"])
         report = resources.create(conn, built["report"], PARAMS["DiagnosticReport"], rid=rid)
-        return on_report_changed(conn, report, sender.sites(), None, PARAMS)
+        return on_report_changed(conn, report, sender.ctx, None)
 
 
 def test_subscription_is_notified_of_matching_reports_only(
@@ -507,11 +508,11 @@ def test_a_failing_endpoint_puts_the_subscription_into_error(
     sender = make_sender(db_url, write_sites(tmp_path, ""), channel="rest-hook")
     try:
         [item_id] = new_report(stored, sender, "r9")
-        for _ in range(subscriptions.FAILURES_BEFORE_ERROR):
+        for _ in range(FAILURES_BEFORE_ERROR):
             assert sender.run_once() is True
             time_passes(stored)
         assert sender.run_once() is False
-        assert len(failing.received) == subscriptions.FAILURES_BEFORE_ERROR
+        assert len(failing.received) == FAILURES_BEFORE_ERROR
         assert row(stored, item_id)["status"] == "dead"
         sub.refresh()
         assert sub["status"] == "error" and "HTTP 500" in sub["error"]
@@ -525,21 +526,23 @@ def test_a_failing_endpoint_puts_the_subscription_into_error(
         assert drain(sender, stored) == 1
     finally:
         sender.close()
-    assert len(failing.received) == subscriptions.FAILURES_BEFORE_ERROR + 1
+    assert len(failing.received) == FAILURES_BEFORE_ERROR + 1
 
 
-def test_criteria_match_like_a_search() -> None:
+def test_criteria_match_like_a_search(db_url: str) -> None:
     built = built_report(critical=False)
-    report = built["report"]
     params = PARAMS
-    query = subscriptions.parse_criteria("DiagnosticReport?status=preliminary&category=RAD", params)
-    assert subscriptions.matches(query, report, params["DiagnosticReport"])
-    for criteria in ("DiagnosticReport?status=final", "DiagnosticReport?status:not=preliminary",
-                     "DiagnosticReport?patient=Patient/other", "DiagnosticReport?code=http://snomed.info/sct|36554-4"):
-        assert not subscriptions.matches(subscriptions.parse_criteria(criteria, params), report,
-                                         params["DiagnosticReport"]), criteria
-    assert subscriptions.matches(subscriptions.parse_criteria("DiagnosticReport?patient=p1", params), report,
-                                 params["DiagnosticReport"])
+    with db.connect(db_url, autocommit=True) as conn:
+        report = resources.create(conn, built["report"], params["DiagnosticReport"], rid=built["report"]["id"])
+
+        def matches(criteria: str) -> bool:  # the store's own search decides, as for GET DiagnosticReport?...
+            return resources.matches(conn, "DiagnosticReport", report["id"], subscriptions.parse_criteria(criteria, params))
+
+        assert matches("DiagnosticReport?status=preliminary&category=RAD")
+        for criteria in ("DiagnosticReport?status=final", "DiagnosticReport?status:not=preliminary",
+                         "DiagnosticReport?patient=Patient/other", "DiagnosticReport?code=http://snomed.info/sct|36554-4"):
+            assert not matches(criteria), criteria
+        assert matches("DiagnosticReport?patient=p1")
     for bad in ("Observation?status=final", "DiagnosticReport?_count=5", None, "DiagnosticReport?nope=1"):
         with pytest.raises(subscriptions.SubscriptionError):
             subscriptions.parse_criteria(bad, params)

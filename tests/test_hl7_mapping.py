@@ -12,17 +12,29 @@ import yaml
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 
-from interop.config import REPO_ROOT
+from tests.helpers import ROOT as REPO_ROOT
 from interop.fhir.validation import validate
 from interop.hl7 import charset
 from interop.hl7.errors import ErrorCode
-from interop.hl7.mapping import DEFAULT_DIR, load_tables
+from interop.hl7.mapping import load_tables
 from interop.hl7.message import MessageError, parse
-from interop.hl7.order import OrderMessage, map_order, map_patient_update
+from interop.hl7.order import OrderMessage
+from interop.hl7.order import map_order as _map_order
+from interop.hl7.order import map_patient_update as _map_patient_update
 from tests.helpers import DATA
 
 SAMPLES = DATA / "hl7v2"
 IG = DATA / "v2-to-fhir"
+DEFAULT_DIR = REPO_ROOT / "mappings" / "hl7v2"
+TABLES = load_tables(DEFAULT_DIR)
+
+
+def map_order(text: str) -> OrderMessage:
+    return _map_order(text, TABLES)
+
+
+def map_patient_update(text: str) -> Any:
+    return _map_patient_update(text, TABLES)
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
 

@@ -225,7 +225,7 @@ def test_patient_updates_and_unknown_facility(hl7_hub: HubProcess, receiver: Rec
     with connect(db_url) as conn:
         row = conn.execute("SELECT status, sending_facility FROM hl7_message WHERE control_id = 'U1'").fetchone()
         assert row == {"status": "processed", "sending_facility": "UNKNOWN_CLINIC"}
-        assert conn.execute("SELECT count(*) AS n FROM outbox").fetchone()["n"] == 0
+        assert conn.execute("SELECT count(*) AS n FROM job WHERE lane IS NOT NULL").fetchone()["n"] == 0
 
 
 def test_metrics_and_dead_letter_cli(hl7_hub: HubProcess, db_url: str) -> None:
@@ -238,9 +238,11 @@ def test_metrics_and_dead_letter_cli(hl7_hub: HubProcess, db_url: str) -> None:
              30, what="the message to show as processed")
     from interop.store.db import connect
     with connect(db_url, autocommit=True) as conn:
-        conn.execute("INSERT INTO outbox (channel, destination, resource_type, resource_id, version, status, last_answer)"
-                      " VALUES ('hl7', 'BVDKDN:hl7', 'DiagnosticReport', 'r1', 1, 'rejected', 'MSA|AE|X')")
-        row_id = conn.execute("SELECT id FROM outbox").fetchone()["id"]
+        conn.execute("INSERT INTO job (kind, dedupe_key, status, lane, series, seq, payload, answer) VALUES"
+                     " ('deliver-hl7', 'test-rejected', 'rejected', 'BVDKDN:hl7', 'DiagnosticReport/r1', 1,"
+                     " '{\"resource_type\": \"DiagnosticReport\", \"resource_id\": \"r1\", \"version\": 1}',"
+                     " 'MSA|AE|X')")
+        row_id = conn.execute("SELECT id FROM job WHERE dedupe_key = 'test-rejected'").fetchone()["id"]
     env = {**hl7_hub.env, "DATABASE_URL": db_url}
     listed = subprocess.run([sys.executable, "-m", "interop.cli", "outbox", "dead"], env=env, capture_output=True,
                             text=True, check=True)

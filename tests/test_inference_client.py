@@ -12,7 +12,7 @@ import yaml
 from inference_client.models import ModelDescriptionError, load_models
 from inference_client.routing import StudyFacts, check_models_known, load_rules, route
 from inference_client.triton import InferenceFailed, ModelNotFound, TritonClient, TritonUnavailable
-from interop.config import REPO_ROOT
+from tests.helpers import ROOT as REPO_ROOT
 
 MAPPINGS = REPO_ROOT / "mappings"
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]

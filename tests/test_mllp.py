@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from hl7.mllp import open_hl7_connection
 
-from interop.config import REPO_ROOT
+from tests.helpers import ROOT as REPO_ROOT
 from interop.hl7 import ack, header, mllp
 from interop.hl7.errors import AckCode, MissingSegment, UnsupportedMessage
 from tests.fixtures.mllp import (ListenerThread, RunningListener, listener_settings, raw_exchange,
@@ -177,9 +177,10 @@ def test_missing_required_segment_is_named() -> None:
 
 
 def test_version_outside_the_range_is_rejected() -> None:
-    h, ids = header.read(sample(ORM, msh12="2.6"))
-    problem = header.check(h, ids, TABLE)
-    assert problem is not None and problem.error_code == 203 and problem.field == 12
+    for version in ("2.7", "2.2", "2.5.²", "2.5a"):  # ORM^O01 was withdrawn in v2.7
+        h, ids = header.read(sample(ORM, msh12=version))
+        problem = header.check(h, ids, TABLE)
+        assert problem is not None and problem.error_code == 203 and problem.field == 12, version
 
 
 # -- the ACK ---------------------------------------------------------------------------------------
@@ -260,10 +261,10 @@ def test_duplicates_are_acknowledged_again_without_a_second_job(mllp_listener: R
     assert [msa_code(a) for a in first + again] == ["AA", "AA", "AA"]
     assert "duplicate" in ack_fields(again[0])["MSA"][3]
     assert len(messages(db_url)) == 1 and len(jobs(db_url)) == 1
-    # a rejected message resent is rejected again, still one row
+    # a rejected message resent is judged again (it holds no control id), and each copy is kept
     oru = (SAMPLES / "dcm4che_ORU_R01-SR_v251.hl7").read_bytes()
     assert [msa_code(a) for a in exchange(mllp_listener.port, oru, oru)] == ["AR", "AR"]
-    assert len(messages(db_url)) == 2 and len(jobs(db_url)) == 1
+    assert len(messages(db_url)) == 3 and len(jobs(db_url)) == 1
     # the same control id from another facility is another message
     assert msa_code(exchange(mllp_listener.port, sample(ORM, msh4="OTHER_SITE"))[0]) == "AA"
     assert len(jobs(db_url)) == 2

@@ -16,8 +16,8 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEGLSLossless, RLELossless, generate_uid
 
 from inference_client.models import load_models
-from interop.config import REPO_ROOT
-from interop.dicom import synthetic
+from tests.helpers import ROOT as REPO_ROOT
+from scripts.synthetic import dicom as synthetic
 from tests.fixtures.hub import HubProcess, start_hub, stop_hub
 from tests.helpers import study_resource, wait_for
 

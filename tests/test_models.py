@@ -13,7 +13,7 @@ import pytest
 from inference_client.models import check_against_triton, load_models
 from inference_client.routing import StudyFacts, load_rules, route
 from inference_client.triton import InferenceFailed, TritonClient
-from interop.config import REPO_ROOT
+from tests.helpers import ROOT as REPO_ROOT
 
 MAPPINGS = REPO_ROOT / "mappings"
 TRITON_REPO = REPO_ROOT / "triton_repo"

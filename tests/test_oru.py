@@ -1,6 +1,6 @@
-"""Results out as HL7 v2.5.1 ORU^R01 over MLLP, through the PostgreSQL outbox.
+"""Results out as HL7 v2.5.1 ORU^R01 over MLLP, through the one queue's delivery lanes.
 
-Content: the message built from a real report (`interop.pipeline.report.build` with the shipped
+Content: the message built from a real report (`interop.domain.report.build` with the shipped
 chest model) is parsed by two independent parsers, hl7apy and python-hl7, and every field is
 checked where it must land. Delivery: against python-hl7's own asyncio MLLP server on loopback,
 which records what it receives and answers AA, AE, AR, garbage, nothing, or hangs up.
@@ -23,16 +23,15 @@ import pytest
 from hl7apy.parser import parse_message
 
 from inference_client.models import load_models
-from interop.config import Settings
-from interop.delivery import outbox
-from interop.delivery.mllp_client import BadAck, MllpClient, PeerUnavailable, parse_ack
-from interop.delivery.sender import OutboxSender, queue_report_delivery
+from interop.domain import report as report_builder
 from interop.hl7 import oru
-from interop.hl7.errors import AckCode
-from interop.pipeline import report as report_builder
-from interop.sites import load as load_sites
-from interop.store import db, resources
+from interop.hl7.client import BadAck, MllpClient, PeerUnavailable, parse_ack
+from interop.ops.admin import deliveries
+from interop.services import delivery
+from interop.store import db, queue as jobs, resources
 from interop.store.search_params import load as load_params
+from interop.workers.delivery import Deliverer
+from tests.helpers import context, delivery_row, free_port, time_passes
 
 MAPPINGS = Path("mappings")
 MODEL = load_models(MAPPINGS)["chest-xray"]
@@ -246,12 +245,6 @@ def test_parse_ack() -> None:
 
 
 # -- an independent MLLP peer ---------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Peer:
     """python-hl7's asyncio MLLP server in a thread; `mode` says how it answers."""
 
@@ -330,34 +323,29 @@ def stored(db_url: str) -> Iterator[psycopg.Connection[Any]]:
     conn.close()
 
 
-def make_sender(db_url: str, tmp_path: Path, port: int, **kwargs: Any) -> OutboxSender:
+def make_sender(db_url: str, tmp_path: Path, port: int, *, ack_timeout: float = 2.0,
+                connect_timeout: float = 2.0) -> Deliverer:
     sites = tmp_path / "sites.yaml"
     sites.write_text(
         "sites:\n  BVDKDN:\n    name: Benh vien Da khoa Dong Nai\n"
-        f"    hl7: {{host: 127.0.0.1, port: {port}, receiving_application: HIS}}\n"
+        f"    hl7: {{host: 127.0.0.1, port: {port}, receiving_application: HIS, connect_timeout_seconds: {connect_timeout},"
+        f" ack_timeout_seconds: {ack_timeout}}}\n"
         "  NOHL7:\n    name: no destination\n", encoding="utf-8")
-    settings = Settings.from_env({"INTEROP_SITES": str(sites), "DATABASE_URL": db_url, "TRITON_URL": "unused:1",
-                                  "INTEROP_RETRY_BASE_SECONDS": "2"})
-    kwargs.setdefault("ack_timeout", 2.0)
-    kwargs.setdefault("connect_timeout", 2.0)
-    return OutboxSender(settings, worker_id="test-sender", **kwargs)
+    ctx = context(INTEROP_SITES=str(sites), DATABASE_URL=db_url, TRITON_URL="unused:1", INTEROP_RETRY_BASE_SECONDS="2")
+    return Deliverer(ctx, worker_id="test-sender")
 
 
-def queue(conn: psycopg.Connection[Any], sender: OutboxSender, rid: str = "r1") -> list[int]:
+def queue(conn: psycopg.Connection[Any], sender: Deliverer, rid: str = "r1") -> list[int]:
     with conn.transaction():
         report = resources.read(conn, "DiagnosticReport", rid)
-        return queue_report_delivery(conn, report, load_sites(sender.settings.sites_file), "bvdkdn")
+        return delivery.queue_report(conn, sender.ctx, report, sender.ctx.sites.get("bvdkdn"))
 
 
 def row(conn: psycopg.Connection[Any], item_id: int) -> dict[str, Any]:
-    found = conn.execute("SELECT * FROM outbox WHERE id = %s", (item_id,)).fetchone()
-    assert found is not None
-    return dict(found)
+    return delivery_row(conn, item_id)
 
 
-def time_passes(conn: psycopg.Connection[Any]) -> None:
-    """Make every back-off due now (instead of sleeping through it)."""
-    conn.execute("UPDATE outbox SET run_after = now() WHERE status = 'pending'")
+REFUSED_ATTEMPTS = context().policies.kind(delivery.HL7).refused_attempts  # HL7 AR: tried this often in all
 
 
 # -- delivery -------------------------------------------------------------------------------
@@ -443,18 +431,18 @@ def test_ae_is_rejected_at_once_kept_visible_and_replayable(
         assert got["status"] == "rejected" and got["last_error"].startswith("AE")
         assert f"MSA|AE|{got['control_id']}" in got["last_answer"]
         assert sender.run_once() is False  # not retried blindly
-        letters = outbox.dead_letters(stored)
+        letters = deliveries(stored, ("rejected", "dead"))
         assert [(d["id"], d["status"]) for d in letters] == [(item_id, "rejected")]
         assert "MSA|AE" in letters[0]["last_answer"]
-        assert outbox.items(stored, "DiagnosticReport", "r1")[0]["status"] == "rejected"
+        assert jobs.series_jobs(stored, "DiagnosticReport/r1")[0]["status"] == "rejected"
         peer.mode = "AA"
-        assert outbox.replay(stored, item_id) is True
-        assert outbox.replay(stored, item_id) is False  # already pending
+        assert jobs.replay(stored, item_id, delivery.KINDS) is True
+        assert jobs.replay(stored, item_id, delivery.KINDS) is False  # already pending
         assert sender.run_once() is True
     finally:
         sender.close()
     got = row(stored, item_id)
-    assert got["status"] == "sent" and outbox.dead_letters(stored) == []
+    assert got["status"] == "sent" and deliveries(stored, ("rejected", "dead")) == []
     first, second = peer.control_ids()
     assert first != second and got["control_id"] == second  # rebuilt with a new control id
 
@@ -466,17 +454,17 @@ def test_ar_is_retried_a_few_times_then_rejected(
     try:
         [item_id] = queue(stored, sender)
         statuses = []
-        for _ in range(outbox.REJECT_ATTEMPTS[AckCode.AR]):
+        for _ in range(REFUSED_ATTEMPTS):
             assert sender.run_once() is True
             statuses.append(row(stored, item_id)["status"])
             time_passes(stored)
         assert sender.run_once() is False
     finally:
         sender.close()
-    assert statuses == ["pending"] * (outbox.REJECT_ATTEMPTS[AckCode.AR] - 1) + ["rejected"]
+    assert statuses == ["pending"] * (REFUSED_ATTEMPTS - 1) + ["rejected"]
     got = row(stored, item_id)
     assert "MSA|AR|" in got["last_answer"] and len(set(peer.control_ids())) == 1
-    assert [d["id"] for d in outbox.dead_letters(stored)] == [item_id]
+    assert [d["id"] for d in deliveries(stored, ("rejected", "dead"))] == [item_id]
 
 
 def test_new_version_is_sent_again_as_final(
@@ -502,31 +490,69 @@ def test_new_version_is_sent_again_as_final(
 
 def test_claim_order_priority_and_versions(stored: psycopg.Connection[Any]) -> None:
     conn = stored
-    a = outbox.enqueue(conn, "hl7", "BVDKDN:hl7", "DiagnosticReport", "x", 1)
-    b = outbox.enqueue(conn, "hl7", "BVDKDN:hl7", "DiagnosticReport", "x", 2)
-    c = outbox.enqueue(conn, "hl7", "BVDKDN:hl7", "DiagnosticReport", "y", 1, priority=0)
-    assert outbox.enqueue(conn, "hl7", "BVDKDN:hl7", "DiagnosticReport", "x", 1) is None
-    first = outbox.claim(conn, "w1", 60)
-    second = outbox.claim(conn, "w2", 60)
+
+    def enqueue(rid: str, version: int, priority: int = 5) -> int | None:
+        return jobs.enqueue(conn, delivery.HL7, {"resource_type": "DiagnosticReport", "resource_id": rid,
+                                                 "version": version},
+                            dedupe_key=f"deliver:BVDKDN:hl7:DiagnosticReport/{rid}/{version}", priority=priority,
+                            lane="BVDKDN:hl7", series=f"DiagnosticReport/{rid}", seq=version)
+
+    a = enqueue("x", 1)
+    b = enqueue("x", 2)
+    c = enqueue("y", 1, priority=0)
+    assert enqueue("x", 1) is None
+
+    def claim(worker: str) -> jobs.Job | None:  # three at once in the lane: the order is what is tested
+        return jobs.claim(conn, worker, 60, kinds=delivery.KINDS, lane_limit=3)
+
+    first = claim("w1")
+    second = claim("w2")
     assert first is not None and second is not None and (first.id, second.id) == (c, a)
-    assert outbox.claim(conn, "w3", 60) is None  # x v2 waits for x v1
+    assert claim("w3") is None  # x v2 waits for x v1
     with conn.transaction():
-        outbox.mark_sent(conn, second, "MSH|^~\\&\rMSA|AA|1", "1")
-    third = outbox.claim(conn, "w3", 60)
+        jobs.complete(conn, second, answer="MSH|^~\\&\rMSA|AA|1")
+    third = claim("w3")
     assert third is not None and third.id == b
-    with pytest.raises(outbox.LeaseLost):
+    with pytest.raises(jobs.LeaseLost):
         with conn.transaction():
-            outbox.mark_sent(conn, second, "again", "1")
-    assert outbox.depth(conn) == {"sending": 2, "sent": 1}
+            jobs.complete(conn, second, answer="again")
+    assert jobs.depth(conn) == {"running": 2, "done": 1}
+
+
+def test_lane_runs_one_delivery_at_a_time_and_its_breaker_closes_it(stored: psycopg.Connection[Any]) -> None:
+    conn = stored
+    ctx = context()
+    for rid in ("p", "q"):
+        jobs.enqueue(conn, delivery.HL7, {}, dedupe_key=f"k-{rid}", lane="SLOW:hl7", series=f"DiagnosticReport/{rid}",
+                     seq=1)
+    jobs.enqueue(conn, delivery.HL7, {}, dedupe_key="k-other", lane="OTHER:hl7", series="DiagnosticReport/o", seq=1)
+    held = jobs.claim(conn, "w1", 60, kinds=delivery.KINDS, lane="SLOW:hl7")
+    assert held is not None
+    assert jobs.claim(conn, "w2", 60, kinds=delivery.KINDS, lane="SLOW:hl7") is None  # one at a time
+    other = jobs.claim(conn, "w2", 60, kinds=delivery.KINDS)
+    assert other is not None and other.lane == "OTHER:hl7"  # another destination is not held up
+    assert jobs.ready_lanes(conn, delivery.KINDS, 1) == []
+    with conn.transaction():
+        jobs.retry_later(conn, held, "PeerUnavailable", 0)
+    breaker = ctx.policies.breaker
+    for n in range(1, breaker.failures + 1):
+        with conn.transaction():
+            closed = jobs.lane_failed(conn, "SLOW:hl7", "PeerUnavailable", breaker)
+        assert (closed is not None) == (n >= breaker.failures)
+    assert jobs.claim(conn, "w3", 60, kinds=delivery.KINDS) is None  # closed: nothing of it is claimed
+    assert [lane["open"] for lane in jobs.lanes(conn) if lane["name"] == "SLOW:hl7"] == [True]
+    with conn.transaction():
+        jobs.lane_succeeded(conn, "SLOW:hl7")
+    assert jobs.ready_lanes(conn, delivery.KINDS, 1) == ["SLOW:hl7"]
+    assert jobs.claim(conn, "w3", 60, kinds=delivery.KINDS) is not None
 
 
 def test_site_without_hl7_destination_queues_nothing(stored: psycopg.Connection[Any], db_url: str,
                                                      tmp_path: Path) -> None:
     sender = make_sender(db_url, tmp_path, 1)
-    sites = load_sites(sender.settings.sites_file)
     report = resources.read(stored, "DiagnosticReport", "r1")
-    assert queue_report_delivery(stored, report, sites, "NOHL7") == []
-    assert queue_report_delivery(stored, report, sites, "UNKNOWN") == []
+    assert delivery.queue_report(stored, sender.ctx, report, sender.ctx.sites.get("NOHL7")) == []
+    assert delivery.queue_report(stored, sender.ctx, report, sender.ctx.sites.get("UNKNOWN")) == []
     sender.close()
 
 

@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 from interop.dicom import IncompleteSeries, NoSuitableSeries, NotAnImage, NoViews
 from interop.dicom.dicomweb import DicomWebClient, InstanceRef, iter_multipart, parse_multipart
 from interop.dicom.pixels import decode_frame, to_display_array
-from interop.dicom.synthetic import (
+from scripts.synthetic.dicom import (
     MG_FOR_PRESENTATION,
     compress,
     dataset_bytes,
@@ -42,7 +42,7 @@ from interop.dicom.volume import (
     facts_from_dataset,
     series_facts,
 )
-from interop.runtime.orthanc import Orthanc
+from scripts.peers.orthanc import Orthanc
 
 ROOT = Path(__file__).resolve().parent.parent
 LOSSLESS = [uid.RLELossless, uid.JPEGLosslessSV1, uid.JPEGLossless, uid.JPEGLSLossless, uid.JPEG2000Lossless]

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from interop.store import jobs
+from interop.store import queue as jobs
 from interop.store.db import connect, migrate
 
 
@@ -69,7 +69,7 @@ def test_retry_backs_off(db_url: str) -> None:
         job = jobs.claim(conn, "w", 60)
         assert job is not None
         with conn.transaction():
-            assert jobs.retry_later(conn, job, "PacsUnavailable", base_seconds=30) == 30
+            assert jobs.retry_later(conn, job, "PacsUnavailable", jobs.backoff_seconds(job.attempts, 30)) == 30
         assert jobs.claim(conn, "w", 60) is None  # not due yet
         row = conn.execute("SELECT status, last_error, run_after > now() + interval '25 seconds' AS later FROM job").fetchone()
         assert row == {"status": "queued", "last_error": "PacsUnavailable", "later": True}

@@ -6,9 +6,11 @@ from typing import Any
 from flask.testing import FlaskClient
 
 from inference_client.models import load_models
-from interop.config import REPO_ROOT
-from interop.pipeline import report
-from interop.review import critical
+from tests.helpers import ROOT as REPO_ROOT
+from tests.helpers import context
+from interop.domain import report
+from interop.services import critical
+from interop.store import queue as jobs
 from interop.store import resources
 from interop.store.db import connect
 from interop.store.search_params import load
@@ -31,7 +33,7 @@ def make_report(db_url: str, *, critical_finding: bool = False, site: str | None
         for obs in built["observations"]:
             resources.create(conn, obs, PARAMS["Observation"], rid=obs["id"])
         stored = resources.create(conn, built["report"], PARAMS["DiagnosticReport"], rid=built["report"]["id"])
-        critical.raise_alert(conn, PARAMS, stored, {}, site, 15)
+        critical.raise_alert(conn, context(), stored, None)
     return stored
 
 
@@ -146,30 +148,29 @@ def test_critical_alert_acknowledge_and_transfer(client: FlaskClient, db_url: st
         "resourceType": "Parameters", "parameter": [{"name": "by", "valueString": "x"}]}).status_code == 404
 
 
-def test_escalation_goes_down_the_contact_list(db_url: str) -> None:
-    from interop.sites import Site
-    from interop.store import jobs
-
-    sites = {"BVDKDN": Site(code="BVDKDN", name="BV DK Dong Nai",
-                            extra={"critical_contacts": ["Dr A", "Dr B"], "referral": "BVND115"}),
-             "BVND115": Site(code="BVND115", name="Benh vien Nhan dan 115")}
+def test_escalation_goes_down_the_contact_list(db_url: str, tmp_path: Any) -> None:
+    sites = tmp_path / "sites.yaml"
+    sites.write_text("sites:\n  BVDKDN: {name: BV DK Dong Nai, critical_contacts: [Dr A, Dr B], referral: BVND115}\n"
+                     "  BVND115: {name: Benh vien Nhan dan 115}\n", encoding="utf-8")
+    ctx = context(INTEROP_SITES=str(sites), INTEROP_CRITICAL_ESCALATE_MINUTES="0")
     rep = make_report(db_url, critical_finding=False)
     with connect(db_url, autocommit=True) as conn:
         with conn.transaction():
             crit = dict(rep)
             crit["conclusionCode"] = [{"coding": [{"code": "AA"}]}]
-            task = critical.raise_alert(conn, PARAMS, crit, sites, "BVDKDN", 0)
+            task = critical.raise_alert(conn, ctx, crit, ctx.sites.get("BVDKDN"))
         assert task is not None and task["owner"] == {"display": "Dr A"}
         recipients = [r["body"]["recipient"][0]["display"] for r in conn.execute(
             "SELECT body FROM resource WHERE type = 'Communication' ORDER BY last_updated")]
         assert recipients == ["Dr A", "Benh vien Nhan dan 115"]
         job = jobs.claim(conn, "t", 60)
         assert job is not None and job.kind == critical.ESCALATE
-        critical.escalate(conn, PARAMS, job, sites, 0)
+        critical.escalate(conn, ctx, job)
         owner = resources.read(conn, "Task", task["id"])["owner"]
         assert owner == {"display": "Dr B"}
         job = jobs.claim(conn, "t", 60)
-        critical.escalate(conn, PARAMS, job, sites, 0)
+        assert job is not None
+        critical.escalate(conn, ctx, job)
         final = resources.read(conn, "Task", task["id"])
         assert "all 2 contacts notified" in final["businessStatus"]["text"]
         assert jobs.claim(conn, "t", 60) is None

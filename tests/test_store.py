@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from interop.config import REPO_ROOT
+from tests.helpers import ROOT as REPO_ROOT
 from interop.store import resources
 from interop.store.db import connect
 from interop.store.search_params import load

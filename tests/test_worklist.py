@@ -15,21 +15,22 @@ from flask.testing import FlaskClient
 from PIL import Image
 
 from inference_client.models import load_models
-from interop.config import REPO_ROOT
+from tests.helpers import ROOT as REPO_ROOT
 from interop.dicom.study import imaging_study
-from interop.dicom.synthetic import make_chest_xray
-from interop.pipeline import report
-from interop.pipeline.orders import site_tag
-from interop.review import critical
-from interop.sites import load as load_sites
+from scripts.synthetic.dicom import make_chest_xray
+from interop.domain import report
+from interop.domain.vocabulary import site_tag
+from interop.services import critical
 from interop.store import resources
+from interop.store.reviews import open_alerts
+from tests.helpers import context
 from interop.store.db import connect
 from interop.store.search_params import load
 from tests.helpers import chest_study_in_pacs
 
 MODEL = load_models(REPO_ROOT / "mappings")["chest-xray"]
 PARAMS = load(REPO_ROOT / "mappings")
-SITES = load_sites(REPO_ROOT / "mappings" / "sites.yaml")
+CTX = context()
 CRITICAL = next(i for i, label in enumerate(MODEL.labels) if label.critical)
 REVIEWER = "BS. Trần Văn Bình"
 
@@ -63,7 +64,7 @@ def make_report(db_url: str, *, mrn: str, critical_finding: bool = False, waited
             resources.create(conn, obs, PARAMS["Observation"], rid=obs["id"])
         built["report"]["meta"] = {"tag": [site_tag(site)]}
         stored = resources.create(conn, built["report"], PARAMS["DiagnosticReport"], rid=built["report"]["id"])
-        critical.raise_alert(conn, PARAMS, stored, SITES, site, 15)
+        critical.raise_alert(conn, CTX, stored, CTX.sites.get(site))
     return stored
 
 
@@ -187,7 +188,7 @@ def test_acknowledge_critical_from_list_and_study(client: FlaskClient, db_url: s
     done = post(client, urgent["id"], "acknowledge", back="list")
     assert done.status_code == 303 and "done=acknowledge" in done.headers["Location"]
     with connect(db_url) as conn:
-        assert urgent["id"] not in critical.open_alerts(conn)
+        assert urgent["id"] not in open_alerts(conn)
         alert = conn.execute("SELECT acknowledged_by, task_id FROM critical_alert WHERE report_id = %s",
                              (urgent["id"],)).fetchone()
     assert alert is not None and alert["acknowledged_by"] == REVIEWER

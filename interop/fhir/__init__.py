@@ -1,1 +1,1 @@
-"""The hub's FHIR R4 REST API (Flask)."""
+"""The hub's FHIR R4 REST API: interactions, operations, errors as OperationOutcomes."""

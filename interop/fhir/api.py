@@ -2,9 +2,12 @@
 
 Writes are validated, then stored with their search index (and, for an available
 ImagingStudy, its analysis Task and queue entry) in one transaction. Reads serve stored JSON.
+An ImagingStudy posted again with a DICOM Study Instance UID the hub holds (a client's retry
+without If-None-Exist) updates the stored one: one study, one analysis, one report lineage.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -12,15 +15,18 @@ import orjson
 import psycopg
 from flask import Blueprint, Response, current_app, request
 
-from ..delivery import subscriptions
-from ..pipeline import intake
+from ..domain import search, subscriptions
+from ..services import intake
+from ..services.errors import IntakeError
 from ..store import resources
-from . import capability, search
+from . import capability
 from .errors import (
     BadRequest, BusinessRule, FhirError, GoneError, MethodNotAllowed, NotAcceptable,
     NotFoundError, PreconditionFailed, UnsupportedMediaType, issue, outcome,
 )
 from .validation import validate
+
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # FHIR R4 id
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 JSON_TYPES = ("application/fhir+json", "application/json")
@@ -57,9 +63,11 @@ def negotiate() -> None:
             raise UnsupportedMediaType(f"Content-Type must be application/fhir+json, not {ctype or 'missing'}")
 
 
-def _known(rtype: str) -> None:
+def _known(rtype: str, rid: str | None = None) -> None:
     if rtype not in capability.RESOURCES:
-        raise NotFoundError(f"resource type {rtype} is not supported here")
+        raise NotFoundError(f"resource type {rtype[:64]} is not supported here")
+    if rid is not None and not FHIR_ID.fullmatch(rid):
+        raise NotFoundError(f"{rtype}/{rid[:64]!r} is not a FHIR id, so there is no such resource")
 
 
 def _parse_body(rtype: str) -> dict[str, Any]:
@@ -71,7 +79,7 @@ def _parse_body(rtype: str) -> dict[str, Any]:
     if not isinstance(body, dict) or "resourceType" not in body:
         raise BadRequest("the body is not a FHIR resource (no resourceType)")
     if body["resourceType"] != rtype:
-        raise BadRequest(f"resourceType {body['resourceType']!r} does not match the URL ({rtype})")
+        raise BadRequest(f"resourceType {str(body['resourceType'])[:64]!r} does not match the URL ({rtype})")
     validate(body, hub().settings.mappings_dir)
     if rtype == "Subscription":  # delivery: rest-hook only, criteria checked, requested -> active
         try:
@@ -94,10 +102,21 @@ def _if_match() -> int | None:
 def _after_write(conn: psycopg.Connection[Any], stored: dict[str, Any]) -> None:
     if stored["resourceType"] == "ImagingStudy":
         try:
-            intake.accept_study(conn, stored, hub().params, hub().settings.dicomweb_url,
-                                hub().settings.job_max_attempts)
-        except intake.IntakeError as exc:
+            intake.accept_study(conn, hub().ctx, stored)
+        except IntakeError as exc:
             raise BusinessRule(exc.reason, issues=[issue("business-rule", exc.reason, expression=exc.expression)]) from None
+
+
+def _write(conn: psycopg.Connection[Any], body: dict[str, Any], if_match: int | None = None) -> tuple[dict[str, Any], bool]:
+    """Store a new version (or a new resource when `body` has no id); (stored, created)."""
+    try:
+        if "id" not in body:
+            return resources.create(conn, body, hub().params[body["resourceType"]]), True
+        return resources.update(conn, body, hub().params[body["resourceType"]], if_match)
+    except resources.VersionConflict as exc:
+        raise PreconditionFailed(str(exc)) from None
+    except resources.NotIndexable as exc:
+        raise BusinessRule(str(exc)) from None
 
 
 def _prefer_minimal() -> bool:
@@ -112,41 +131,52 @@ def create(rtype: str) -> Response:
     body = _parse_body(rtype)
     body.pop("id", None)
     criteria = request.headers.get("If-None-Exist")
+    status = 201
     with hub().pool.connection() as conn, conn.transaction():
         if criteria:
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{rtype}?{criteria}",))
+            resources.lock(conn, f"{rtype}?{criteria}")
             found = _search(conn, rtype, parse_qsl(criteria, keep_blank_values=True), count=2)[1]
             if len(found) > 1:
                 raise PreconditionFailed("If-None-Exist matches more than one resource")
             if found:
                 return respond(found[0], 200, _version_headers(found[0], location=True))
-        stored = resources.create(conn, body, hub().params[rtype])
+        same = None
+        if rtype == "ImagingStudy" and intake.study_uid(body):
+            resources.lock(conn, f"ImagingStudy?uid={intake.study_uid(body)}")
+            same = intake.same_study(conn, hub().ctx, body)
+        if same is not None:  # the same study again: a retry, or news of it (registered -> available)
+            stored, status = same, 200
+            if _content(same) != _content(body):
+                stored = _write(conn, {**body, "id": same["id"]})[0]
+        else:
+            stored = _write(conn, body)[0]
         _after_write(conn, stored)
     if _prefer_minimal():
-        return Response(status=201, headers=_version_headers(stored, location=True))
-    return respond(stored, 201, _version_headers(stored, location=True))
+        return Response(status=status, headers=_version_headers(stored, location=True))
+    return respond(stored, status, _version_headers(stored, location=True))
+
+
+def _content(resource: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in resource.items() if k not in ("id", "meta")}
 
 
 @bp.put("/<rtype>/<rid>")
 def update(rtype: str, rid: str) -> Response:
-    _known(rtype)
+    _known(rtype, rid)
     if not capability.writable(rtype):
         raise MethodNotAllowed(f"{rtype} is written by the hub, not by clients")
     body = _parse_body(rtype)
     if body.get("id") != rid:
         raise BadRequest("the resource id must match the URL")
     with hub().pool.connection() as conn, conn.transaction():
-        try:
-            stored, created = resources.update(conn, body, hub().params[rtype], _if_match())
-        except resources.VersionConflict as exc:
-            raise PreconditionFailed(str(exc)) from None
+        stored, created = _write(conn, body, _if_match())
         _after_write(conn, stored)
     return respond(stored, 201 if created else 200, _version_headers(stored, location=created))
 
 
 @bp.get("/<rtype>/<rid>")
 def read(rtype: str, rid: str) -> Response:
-    _known(rtype)
+    _known(rtype, rid)
     with hub().pool.connection() as conn:
         body = _read(conn, rtype, rid)
     return respond(body, 200, _version_headers(body))
@@ -163,8 +193,8 @@ def _read(conn: psycopg.Connection[Any], rtype: str, rid: str) -> dict[str, Any]
 
 @bp.get("/<rtype>/<rid>/_history/<vid>")
 def vread(rtype: str, rid: str, vid: str) -> Response:
-    _known(rtype)
-    if not vid.isdigit():
+    _known(rtype, rid)
+    if not (vid.isascii() and vid.isdigit()) or len(vid) > 9:
         raise NotFoundError(f"{rtype}/{rid} has no version {vid}")
     with hub().pool.connection() as conn:
         try:
@@ -176,7 +206,7 @@ def vread(rtype: str, rid: str, vid: str) -> Response:
 
 @bp.get("/<rtype>/<rid>/_history")
 def history(rtype: str, rid: str) -> Response:
-    _known(rtype)
+    _known(rtype, rid)
     with hub().pool.connection() as conn:
         try:
             versions = resources.history(conn, rtype, rid)
@@ -195,7 +225,10 @@ def _search(
     conn: psycopg.Connection[Any], rtype: str, args: list[tuple[str, str]], count: int | None = None
 ) -> tuple[search.Search, list[dict[str, Any]], int]:
     lenient = "handling=lenient" in request.headers.get("Prefer", "")
-    parsed = search.parse(rtype, args, hub().params.get(rtype, {}), lenient=lenient)
+    try:
+        parsed = search.parse(rtype, args, hub().params.get(rtype, {}), lenient=lenient)
+    except search.SearchError as exc:
+        raise BadRequest(str(exc)) from None
     if count is not None:
         parsed.query.count = count
     total, found = resources.search(conn, rtype, parsed.query)

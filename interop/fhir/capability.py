@@ -21,7 +21,7 @@ RESOURCES: dict[str, list[str]] = {
     "ServiceRequest": READ,
     "Encounter": READ,
     "Communication": READ,
-    # rest-hook Subscriptions on DiagnosticReport (interop.delivery.subscriptions)
+    # rest-hook Subscriptions on DiagnosticReport (interop.domain.subscriptions)
     "Subscription": READ + WRITE,
 }
 

@@ -26,14 +26,33 @@ def required_codes(mappings_dir: Path) -> dict[str, dict[tuple[str, ...], frozen
             for rtype, paths in raw.items()}
 
 
+MAX_DEPTH = 64  # nesting of objects and arrays; FHIR resources need a dozen at most
+
+
+def depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """How deeply `value` nests (stops counting past `limit`), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if deepest > limit:
+                return deepest
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
 def validate(body: dict[str, Any], mappings_dir: Path | None = None) -> None:
     """Raise InvalidResource (400) with one issue per problem; returns nothing on success."""
+    if depth(body) > MAX_DEPTH:
+        raise InvalidResource(f"the resource nests deeper than {MAX_DEPTH} levels")
     if mappings_dir is not None:
         problems = [
             issue("code-invalid", f"{'.'.join(path)}: not a code of its required value set",
                   expression=f"{body['resourceType']}.{'.'.join(path)}")
             for path, codes in required_codes(mappings_dir).get(body["resourceType"], {}).items()
-            for value in walk(body, path) if value not in codes
+            for value in walk(body, path) if not isinstance(value, str) or value not in codes
         ]
         if problems:
             raise InvalidResource("a coded element has a code outside its required value set", issues=problems)
@@ -41,5 +60,5 @@ def validate(body: dict[str, Any], mappings_dir: Path | None = None) -> None:
         _model(body["resourceType"]).model_validate(body)
     except pydantic.ValidationError as exc:
         raise InvalidResource("the resource is not valid FHIR R4", issues=validation_issues(exc)) from None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
         raise InvalidResource(f"the resource is not valid FHIR R4 ({type(exc).__name__})") from None

@@ -55,8 +55,10 @@ def should_send(header: Header | None, code: AckCode) -> bool:
 
 
 def build(header: Header | None, code: AckCode, problem: Hl7Error | None = None, text: str = "",
-          control_id: str | None = None, timestamp: str | None = None) -> bytes:
-    """The ACK message (segments separated by CR, no MLLP frame)."""
+          control_id: str | None = None, timestamp: str | None = None, *, application: bool = False) -> bytes:
+    """The ACK message (segments separated by CR, no MLLP frame). `application`: an application
+    acknowledgement sent later, as a message of its own (MSH-15 AL: the sender commits it with a
+    CA, which is how the hub knows it arrived; MSH-16 NE)."""
     if header is not None:
         sep, enc = header.field_sep, header.encoding_chars
         version = header.version or DEFAULT_VERSION
@@ -77,8 +79,10 @@ def build(header: Header | None, code: AckCode, problem: Hl7Error | None = None,
         "MSH", enc, fields_from[0], fields_from[1], fields_to[0], fields_to[1], stamp, "", msg_type,
         control_id or new_control_id(), processing, version,
     ]
-    if charset_label:
-        msh += ["", "", "", "", "", charset_label]
+    if application or charset_label:
+        msh += ["", "", "AL" if application else "", "NE" if application else "", "", charset_label]
+    while msh[-1] == "":
+        msh.pop()
     if problem is not None and not text:
         text = problem.message
     msa = sep.join(["MSA", code.value, original_id, escape(text, sep, comp, sub, enc[1], enc[2])[:80]])

@@ -46,6 +46,7 @@ class ErrorCode(int, Enum):
     UNSUPPORTED_EVENT_CODE = 201
     UNSUPPORTED_PROCESSING_ID = 202
     UNSUPPORTED_VERSION_ID = 203
+    DUPLICATE_KEY = 205
     APPLICATION_INTERNAL_ERROR = 207
 
     @property
@@ -63,15 +64,17 @@ _TEXT = {
     ErrorCode.UNSUPPORTED_EVENT_CODE: "Unsupported event code",
     ErrorCode.UNSUPPORTED_PROCESSING_ID: "Unsupported processing id",
     ErrorCode.UNSUPPORTED_VERSION_ID: "Unsupported version id",
+    ErrorCode.DUPLICATE_KEY: "Duplicate key identifier",
     ErrorCode.APPLICATION_INTERNAL_ERROR: "Application internal error",
 }
 
 
 def version_key(version: str) -> tuple[int, ...]:
-    """'2.5.1' -> (2, 5, 1), for comparing HL7 versions."""
+    """'2.5.1' -> (2, 5, 1), for comparing HL7 versions; stops at the first part that is not ASCII
+    digits ('2.5.²' -> (2, 5): a superscript is a digit to Python, never to HL7)."""
     out = []
     for part in version.split("."):
-        if not part.isdigit():
+        if not (part.isascii() and part.isdigit()):
             break
         out.append(int(part))
     return tuple(out)
@@ -163,6 +166,29 @@ class MissingSegment(Hl7Error):
 
     def location(self, comp: str = "^") -> str:
         return self.segment  # the segment is absent: no sequence or field to point at
+
+
+class BadValue(Hl7Error):
+    """A header field that cannot be taken as it is: too long, or with control characters."""
+
+    error_code = ErrorCode.DATA_TYPE
+
+
+class DuplicateControlId(Hl7Error):
+    """The control id was used before by the same sender for a message with other content."""
+
+    error_code = ErrorCode.DUPLICATE_KEY
+
+    def __init__(self) -> None:
+        super().__init__("MSH-10 was already used by this sender for a different message; "
+                         "send it with a new control id", "MSH", 10)
+
+
+class InternalError(Hl7Error):
+    """Something in the hub went wrong reading this message; the sender may resend it later."""
+
+    def __init__(self) -> None:
+        super().__init__("the message could not be read by the hub; it was stored, send it again later")
 
 
 class TooLarge(Hl7Error):

@@ -5,6 +5,7 @@ worker parses the whole message later. Pure. Raises the errors of `interop.hl7.e
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -13,10 +14,15 @@ from typing import Any
 import yaml
 
 from . import charset
-from .errors import (BadCharset, BadDelimiters, BadHeader, ErrorCode, Hl7Error, MissingSegment, NotHl7,
+from .errors import (BadCharset, BadDelimiters, BadHeader, BadValue, ErrorCode, Hl7Error, MissingSegment, NotHl7,
                      UnsupportedMessage, version_key)
 
 DEFAULT_ENCODING = "^~\\&"
+VERSION = re.compile(r"[0-9]+(\.[0-9]+)*")  # MSH-12.1 in ASCII digits: '2.5.1', never '2.5.²'
+# Longest value taken in each MSH field the hub stores: an HD (MSH-3..6) is at most 227 characters,
+# MSH-10 199 (v2.7's ST; v2.5 says 20, but senders use UUIDs), the codes far less. A longer value is
+# refused (AR, ERR 102) rather than cut, so that what is stored and acknowledged is what was sent.
+FIELD_LIMITS = {3: 227, 4: 227, 5: 227, 6: 227, 9: 64, 10: 199, 11: 16, 12: 64, 15: 16, 16: 16, 18: 64}
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,12 @@ def read(data: bytes) -> tuple[Header, list[str]]:
         charset=label,
     )
     problem: Hl7Error | None = None
-    if not header.control_id:
+    too_long = next((n for n, limit in FIELD_LIMITS.items() if len(_field(fields, n)) > limit), None)
+    if too_long is not None:
+        problem = BadValue(f"MSH-{too_long} is longer than {FIELD_LIMITS[too_long]} characters", "MSH", too_long)
+    elif b"\x00" in data:
+        problem = BadValue("the message holds NUL characters, which HL7 v2 does not allow", "MSH")
+    elif not header.control_id:
         problem = BadHeader("MSH-10 (message control id) is empty", "MSH", 10)
     elif label not in charset.CODECS:
         problem = BadCharset()
@@ -138,7 +149,7 @@ def table_path(mappings_dir: Path) -> Path:
 
 def _code(value: str) -> str:
     """A message code, version or trigger safe to quote in an ACK: short, plain characters."""
-    return "".join(c for c in value[:16] if c.isalnum() or c in "._-") or "(none)"
+    return "".join(c for c in value[:16] if (c.isascii() and c.isalnum()) or c in "._-") or "(none)"
 
 
 def check(header: Header, segment_ids: list[str], table: dict[str, Accepted]) -> Hl7Error | None:
@@ -151,7 +162,7 @@ def check(header: Header, segment_ids: list[str], table: dict[str, Accepted]) ->
         return UnsupportedMessage(f"message type {_code(header.message_code)} is not accepted here",
                                   ErrorCode.UNSUPPORTED_MESSAGE_TYPE, 9)
     low, high = accepted.versions
-    if not low <= version_key(header.version)[: len(high)] <= high or not version_key(header.version):
+    if not VERSION.fullmatch(header.version) or not low <= version_key(header.version)[: len(high)] <= high:
         return UnsupportedMessage(f"version {_code(header.version)} of {header.message_type} is not accepted here",
                                   ErrorCode.UNSUPPORTED_VERSION_ID, 12)
     present = set(segment_ids)

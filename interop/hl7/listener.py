@@ -3,13 +3,17 @@
 For each frame: read the MSH by plain splitting and check the message against
 mappings/hl7v2/accepted_messages.yaml (microseconds; the full parse and the FHIR mapping run
 later, in a `process-hl7` job). Then ONE statement on an autocommit connection stores the
-message and, when it is accepted, queues its job and notifies the workers: one round trip,
-one commit. Only after that statement returns is the ACK written. A message acknowledged AA
-(or CA) is therefore in the database even if this process dies the next instant.
+message and, when it is accepted, queues its job and notifies the workers
+(`interop.store.hl7_messages`). Only after that statement returns is the ACK written. A message
+acknowledged AA (or CA) is therefore in the database even if this process dies the next instant.
 
-Duplicates (the same MSH-10 from the same MSH-3/MSH-4) are not stored or queued again: they
-get the code stored the first time. Rejected messages (AR/AE) are stored too, with the
-reason; an ACK received is neither stored nor answered.
+Every frame gets an answer unless the database is down: a header the hub cannot take (too long,
+odd characters, an unknown version) is AR with an ERR naming the field, and a fault of the hub's
+own while reading one message is AR with ERR 207, that message stored as rejected; the
+connection stays open for the next message. Only messages that were accepted hold their control
+id (MSH-3/MSH-4/MSH-10): the same message sent again gets the first answer and is not processed
+again; another message with a held control id is refused (AR, ERR 205); a rejected message can
+be sent again once fixed.
 
 Database unavailable: the connection is closed without an answer. Every MLLP sender treats a
 missing ACK as "not delivered" and sends again (on a new connection), which is exactly what
@@ -17,23 +21,25 @@ is wanted; an AE or AR would make many senders give up on the message or park it
 person. Nothing is acknowledged before it is stored.
 
 Logs carry the row id, message type, sizes and the ACK code: never patient data, and never
-the control id itself (a short hash when there is no row).
+the control id itself.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import signal
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from .. import policies
 from ..config import Settings
-from . import ack, mllp
-from .errors import AckCode, Hl7Error, TooLarge
+from ..store import hl7_messages
+from . import ack, charset, mllp
+from .errors import AckCode, DuplicateControlId, Hl7Error, InternalError, TooLarge
 from .header import Accepted, Header, check, load_table, read, table_path
 
 log = logging.getLogger("interop.hl7.listener")
@@ -42,36 +48,8 @@ READ_BYTES = 256 * 1024
 DB_TIMEOUT_SECONDS = 5.0  # waiting for a pooled connection before giving up on a message
 STATEMENT_TIMEOUT_MS = 10_000  # a store that hangs longer is abandoned (no ACK; the sender retries)
 POOL_MAX = 8
-JOB_KIND = "process-hl7"
-
-# One statement: store, queue (accepted only), notify; or find the earlier copy of a duplicate.
-STORE_SQL = """
-WITH ins AS (
-    INSERT INTO hl7_message (sending_application, sending_facility, receiving_application,
-        receiving_facility, control_id, message_type, message_structure, version, processing_id,
-        accept_ack_type, app_ack_type, charset, raw, ack_code, ack_error, status)
-    VALUES (%(sa)s, %(sf)s, %(ra)s, %(rf)s, %(cid)s, %(type)s, %(structure)s, %(version)s,
-        %(processing)s, %(accept)s, %(app)s, %(charset)s, %(raw)b, %(ack)s, %(ack_error)s, %(status)s)
-    ON CONFLICT (sending_application, sending_facility, control_id) DO NOTHING
-    RETURNING id, status
-), queued AS (
-    INSERT INTO job (kind, payload, dedupe_key, max_attempts)
-    SELECT %(kind)s, jsonb_build_object('message', ins.id), 'hl7:' || ins.id, %(max_attempts)s
-    FROM ins WHERE ins.status = 'accepted'
-    RETURNING id
-), notified AS (
-    SELECT pg_notify('interop_jobs', '') FROM queued
-)
-SELECT ins.id, true AS inserted, NULL::text AS ack_code, (SELECT count(*) FROM notified) AS notified
-FROM ins
-UNION ALL
-SELECT m.id, false, m.ack_code, 0 FROM hl7_message m
-WHERE NOT EXISTS (SELECT 1 FROM ins)
-  AND m.sending_application = %(sa)s AND m.sending_facility = %(sf)s AND m.control_id = %(cid)s
-"""
-
-FIND_SQL = ("SELECT id, false, ack_code, 0 FROM hl7_message"
-            " WHERE sending_application = %s AND sending_facility = %s AND control_id = %s")
+STORED_CHARS = 256  # header values kept in columns (a refused, longer one stays whole in `raw`)
+EXIT_PORT_IN_USE = 3  # `interop mllp` exit status when its port is taken (the supervisor stops then)
 
 _TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
@@ -80,19 +58,8 @@ class DatabaseUnavailable(Exception):
     """The message could not be stored now; the sender must send it again."""
 
 
-@dataclass(frozen=True)
-class Stored:
-    id: int
-    duplicate: bool
-    ack_code: str | None  # the code stored with the earlier copy, for a duplicate
-
-
 def _clean(value: str | None) -> str | None:
-    return None if value is None else value.replace("\x00", "")
-
-
-def _hash(value: str) -> str:
-    return hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()[:10]
+    return None if value is None else value.replace("\x00", "")[:STORED_CHARS]
 
 
 _BASE = {AckCode.CA: AckCode.AA, AckCode.CE: AckCode.AE, AckCode.CR: AckCode.AR}
@@ -107,43 +74,83 @@ class Listener:
         self.table = table
         self.max_bytes = settings.mllp_max_bytes
         self.idle = settings.mllp_idle_seconds
+        process = policies.load(settings.mappings_dir, settings.job_max_attempts).kind(hl7_messages.PROCESS_KIND)
+        self.job = {"kind": process.kind, "max_attempts": process.max_attempts, "priority": process.priority}
         self.counts = {"messages": 0, "accepted": 0, "rejected": 0, "duplicates": 0, "unavailable": 0}
 
     # -- storage ---------------------------------------------------------------------------
-    async def store(self, raw: bytes, header: Header | None, problem: Hl7Error | None, code: AckCode) -> Stored:
+    def _params(self, raw: bytes, header: Header | None, problem: Hl7Error | None, code: AckCode) -> dict[str, Any]:
         h = header
-        params = {
+
+        def field(value: str | None) -> str | None:
+            return _clean(value) or None
+
+        return {
             "sa": _clean(h.sending_application) if h else "", "sf": _clean(h.sending_facility) if h else "",
             "ra": _clean(h.receiving_application) if h else "", "rf": _clean(h.receiving_facility) if h else "",
             # no control id read: NULL, never a duplicate of anything
-            "cid": _clean(h.control_id) or None if h else None,
-            "type": _clean(h.message_type) or None if h else None,
-            "structure": _clean(h.structure) or None if h else None,
-            "version": _clean(h.version) or None if h else None,
-            "processing": _clean(h.processing_id) or None if h else None,
-            "accept": _clean(h.accept_ack_type) or None if h else None,
-            "app": _clean(h.app_ack_type) or None if h else None,
-            "charset": _clean(h.charset) or None if h else None,
-            "raw": raw, "ack": code.value, "ack_error": problem.message if problem else None,
-            "status": "accepted" if problem is None else "rejected",
-            "kind": JOB_KIND, "max_attempts": self.settings.job_max_attempts,
+            "cid": field(h.control_id) if h else None, "type": field(h.message_type) if h else None,
+            "structure": field(h.structure) if h else None, "version": field(h.version) if h else None,
+            "processing": field(h.processing_id) if h else None, "accept": field(h.accept_ack_type) if h else None,
+            "app": field(h.app_ack_type) if h else None, "charset": field(h.charset) if h else None,
+            "raw": raw, "sha": hashlib.sha256(charset.normalise_segments(raw)).digest(),
+            "ack": code.value, "ack_error": problem.message if problem else None,
+            "status": "accepted" if problem is None else "rejected", **self.job,
         }
+
+    async def store(self, params: dict[str, Any]) -> hl7_messages.Stored:
+        """Store an accepted message and queue it (or find the earlier holder of its control id)."""
         try:
             async with self.pool.connection(timeout=DB_TIMEOUT_SECONDS) as conn:
-                cur = await conn.execute(STORE_SQL, params)
+                cur = await conn.execute(hl7_messages.ACCEPT_SQL, params)
                 row = await cur.fetchone()
                 if row is None:  # a concurrent copy committed while our statement ran
-                    cur = await conn.execute(FIND_SQL, (params["sa"], params["sf"], params["cid"]))
+                    cur = await conn.execute(hl7_messages.FIND_SQL, params)
                     row = await cur.fetchone()
         except _TRANSIENT as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
         if row is None:
             raise DatabaseUnavailable("the message was neither stored nor found")
-        return Stored(id=int(row[0]), duplicate=not row[1], ack_code=row[2])
+        return hl7_messages.stored(row)
+
+    async def store_rejected(self, params: dict[str, Any]) -> int:
+        """Keep a refused message with its reason (it holds no control id)."""
+        try:
+            async with self.pool.connection(timeout=DB_TIMEOUT_SECONDS) as conn:
+                cur = await conn.execute(hl7_messages.REJECT_SQL, params)
+                row = await cur.fetchone()
+        except _TRANSIENT as exc:
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+        assert row is not None, "INSERT ... RETURNING gives a row"
+        return int(row[0])
 
     # -- one message -----------------------------------------------------------------------
     async def message(self, raw: bytes, too_large: mllp.FrameTooLarge | None = None) -> bytes | None:
-        """The ACK for one frame (None: no answer). Raises DatabaseUnavailable."""
+        """The ACK for one frame (None: no answer). Raises DatabaseUnavailable, and nothing else:
+        a fault of the hub's own in reading the message is answered AR (ERR 207)."""
+        header: Header | None = None
+        try:
+            header = read(raw)[0]
+        except Exception:  # noqa: BLE001 - _message answers a header that cannot be read
+            header = None
+        try:
+            return await self._message(raw, too_large)
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:  # a bug must cost one message an AR, never the connection
+            log.error("MLLP message of %d bytes: unexpected %s; answered AR", len(raw), type(exc).__name__)
+            log.debug("MLLP message failure", exc_info=exc)
+            problem = InternalError()
+            code = ack.answer_code(header, problem)
+            try:
+                await self.store_rejected(self._params(raw, header, problem, code))
+            except Exception as store_exc:  # noqa: BLE001 - answered all the same; the sender resends
+                if isinstance(store_exc, DatabaseUnavailable):
+                    raise
+                log.error("MLLP message: could not store the refused message (%s)", type(store_exc).__name__)
+            return ack.build(header, code, problem) if ack.should_send(header, code) else None
+
+    async def _message(self, raw: bytes, too_large: mllp.FrameTooLarge | None) -> bytes | None:
         header: Header | None
         problem: Hl7Error | None
         try:
@@ -157,30 +164,36 @@ class Listener:
             log.debug("ACK received and ignored (%d bytes)", len(raw))
             return None
         code = ack.answer_code(header, problem)
-        stored = await self.store(raw, header, problem, code)
+        params = self._params(raw, header, problem, code)
         self.counts["messages"] += 1
         text = ""
-        if stored.duplicate:
-            self.counts["duplicates"] += 1
-            earlier = AckCode(stored.ack_code) if stored.ack_code in AckCode.__members__ else code
-            base = _BASE.get(earlier, earlier)
-            code = base.commit if ack.enhanced(header) else base
-            if code.accepted:
-                problem = None
+        duplicate = False
+        if problem is None:
+            stored = await self.store(params)
+            row_id = stored.id
+            if stored.duplicate and stored.same_content:  # a resend: the first answer, nothing processed again
+                duplicate = True
+                self.counts["duplicates"] += 1
+                earlier = AckCode(stored.ack_code) if stored.ack_code in AckCode.__members__ else code
+                base = _BASE.get(earlier, earlier)
+                code = base.commit if ack.enhanced(header) else base
                 text = "duplicate: already received"
-            elif problem is None or problem.ack_code != base:
-                problem = Hl7Error("duplicate of a message rejected earlier")
-                problem.ack_code = base
+            elif stored.duplicate:  # the same control id for another message: refused, kept, never dropped
+                problem = DuplicateControlId()
+                code = ack.answer_code(header, problem)
+                row_id = await self.store_rejected(self._params(raw, header, problem, code))
+        else:
+            row_id = await self.store_rejected(params)
         if code.accepted:
             self.counts["accepted"] += 1
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("message %d %s stored (%d bytes), %s%s", stored.id, header.message_type if header else "",
-                          len(raw), code.value, " (duplicate)" if stored.duplicate else "")
+                log.debug("message %d %s stored (%d bytes), %s%s", row_id, header.message_type if header else "",
+                          len(raw), code.value, " (duplicate)" if duplicate else "")
         else:
             self.counts["rejected"] += 1
-            log.info("message %d %s (%d bytes) answered %s: %s%s", stored.id,
-                     header.message_type if header else "(no header)", too_large.size if too_large else len(raw),
-                     code.value, problem.message if problem else "", " (duplicate)" if stored.duplicate else "")
+            log.info("message %d %s (%d bytes) answered %s: %s", row_id,
+                     header.message_type[:20] if header else "(no header)",
+                     too_large.size if too_large else len(raw), code.value, problem.message if problem else "")
         if not ack.should_send(header, code):
             return None
         return ack.build(header, code, None if code.accepted else problem, text)
@@ -253,7 +266,6 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         settings.database_url, min_size=1, max_size=POOL_MAX, kwargs={"autocommit": True, "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"},
         open=False, name="interop-mllp", timeout=DB_TIMEOUT_SECONDS,
     )
-    await pool.open(wait=False)  # start even while the database is down: messages wait for it
     listener = Listener(settings, pool, table)
     connections: set[asyncio.Task[Any]] = set()
 
@@ -267,6 +279,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
             connections.discard(task)
 
     server = await asyncio.start_server(on_connect, settings.mllp_host, settings.mllp_port, limit=READ_BYTES)
+    await pool.open(wait=False)  # serve even while the database is down: messages wait for it
     log.info("MLLP listener on %s:%s (max %d bytes a message, idle timeout %ss)", settings.mllp_host,
              settings.mllp_port, settings.mllp_max_bytes, settings.mllp_idle_seconds)
     if ready is not None:
@@ -297,4 +310,11 @@ def main(settings: Settings) -> None:
         except asyncio.CancelledError:
             pass
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        log.error("MLLP port %s:%s is already in use: the listener cannot start", settings.mllp_host,
+                  settings.mllp_port)
+        raise SystemExit(EXIT_PORT_IN_USE) from None

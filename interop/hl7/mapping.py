@@ -21,7 +21,6 @@ import yaml
 from .errors import ErrorCode
 from .message import Component, MessageError, Repetition, Segment
 
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "mappings" / "hl7v2"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
 
@@ -55,8 +54,8 @@ def _read_dir(path: Path) -> dict[str, dict[str, Any]]:
 
 
 @lru_cache(maxsize=4)
-def load_tables(path: Path = DEFAULT_DIR) -> Tables:
-    """Read and check every table under `path` (mappings/hl7v2)."""
+def load_tables(path: Path) -> Tables:
+    """Read and check every table under `path` (INTEROP_MAPPINGS_DIR/hl7v2)."""
     path = Path(path)
     tables = Tables(_read_dir(path / "segments"), {v["datatype"]: v for v in _read_dir(path / "datatypes").values()},
                     {v["name"]: v for v in _read_dir(path / "codesystems").values()}, _read_dir(path / "messages"))

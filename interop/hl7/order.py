@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ErrorCode
-from .mapping import DEFAULT_DIR, V2_0203, Context, Tables, build_resource, load_tables
+from .mapping import V2_0203, Context, Tables, build_resource
 from .message import Message, MessageError, MissingSegmentError, Segment, parse
 
 ORDER_TYPES = ("ORM^O01", "OMI^O23")
@@ -112,11 +112,10 @@ def _typed(identifiers: list[dict[str, Any]], code: str) -> dict[str, Any] | Non
     return None
 
 
-def map_order(text: str, tables: Tables | None = None) -> OrderMessage:
+def map_order(text: str, tables: Tables) -> OrderMessage:
     """An ORM^O01 or OMI^O23 (text from `charset.decode`) as FHIR and order facts.
 
     Raises MessageError (not an order, PID or ORC missing, a field that is not its datatype)."""
-    tables = tables or load_tables(DEFAULT_DIR)
     msg = parse(text)
     spec = _spec(msg, tables, ORDER_TYPES)
     default_ns = msg.sending_facility
@@ -146,15 +145,9 @@ def map_order(text: str, tables: Tables | None = None) -> OrderMessage:
     return OrderMessage(msg.message_type, msg.control_id, msg.sending_facility, msg.version, patient, encounter, orders)
 
 
-def map_patient_update(text: str, tables: Tables | None = None) -> PatientUpdate:
+def map_patient_update(text: str, tables: Tables) -> PatientUpdate:
     """An ADT^A08/A31 (also A01/A04) as the Patient (and Encounter) it updates."""
-    tables = tables or load_tables(DEFAULT_DIR)
     msg = parse(text)
     spec = _spec(msg, tables, PATIENT_TYPES)
     patient, encounter, _pid = _patient_and_encounter(msg, spec, tables, msg.sending_facility)
     return PatientUpdate(msg.message_type, msg.control_id, msg.sending_facility, msg.version, patient, encounter)
-
-
-def tables_at(path: Path) -> Tables:
-    """The tables of another mappings folder (INTEROP_MAPPINGS_DIR/hl7v2)."""
-    return load_tables(Path(path))

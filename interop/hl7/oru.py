@@ -39,18 +39,14 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Iterable
 
-from ..pipeline.report import (AI_DEVICE_EXTENSION, DISCLAIMER, MODEL_SYSTEM, NOT_VALIDATED,
-                               OBSERVATION_SYSTEM, REPORT_SYSTEM, SNOMED)
+from ..domain.vocabulary import (AI_DEVICE_EXTENSION, DISCLAIMER, INTERPRETATION, LOINC, MODEL_SYSTEM,
+                                 NOT_VALIDATED, OBSERVATION_SYSTEM, REPORT_SYSTEM, SNOMED, UCUM, V2_0203)
 from .errors import escape as _escape
 
 VERSION = "2.5.1"
 MESSAGE_TYPE = "ORU^R01^ORU_R01"
 CHARSET = "UNICODE UTF-8"
 SENDING_APPLICATION = "INTEROP_AI"
-V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
-LOINC = "http://loinc.org"
-UCUM = "http://unitsofmeasure.org"
-INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 
 # FHIR system URI -> HL7 table 0396 coding system name.
 CODING_SYSTEMS = {SNOMED: "SCT", LOINC: "LN", UCUM: "UCUM", "http://dicom.nema.org/resources/ontology/DCM": "DCM",

@@ -1,9 +1,13 @@
-"""`interop serve`: start what is not given (PostgreSQL, Triton), then the API, the workers and
-the HL7 v2 MLLP listener.
+"""`interop serve`: start what is not given (PostgreSQL, Triton), then the API, the analysis
+workers, the delivery runner and the HL7 v2 MLLP listener.
 
-Children are separate processes (gunicorn for the API, one process per worker, one for the
-MLLP listener) so that a crash in one is contained; a worker or the listener that dies is
-restarted. SIGTERM or SIGINT stops everything this process started, in reverse order.
+Children are separate processes (gunicorn for the API, one process per analysis worker, one
+delivery runner, one MLLP listener) so that a crash in one is contained; a worker, the delivery
+runner or the listener that dies is restarted. Every child dies with the supervisor, even when
+it is killed with SIGKILL, and the next start ends the Triton and recovers the PostgreSQL a
+crashed supervisor left. The supervisor refuses to start, naming the port, when the HTTP or
+MLLP port is taken. SIGTERM or SIGINT stops everything this process started, in reverse order;
+SIGHUP makes every process read the sites file again.
 """
 from __future__ import annotations
 
@@ -21,13 +25,28 @@ from threading import Event
 
 from ..config import Settings
 from ..store import db
+from .processes import die_with_parent, port_in_use
 
 log = logging.getLogger("interop.serve")
+
+EXIT_PORT_IN_USE = 3  # what `interop mllp` exits with when its port is taken
+
+
+class StartError(RuntimeError):
+    """The hub cannot start (a port is taken, a dependency failed); the message says why."""
+
+
+def build_script() -> Path:
+    """The reference-model builder of the source checkout."""
+    return Path(__file__).resolve().parents[2] / "scripts" / "build_reference_models.py"
 
 
 def ensure_models(repo: Path) -> None:
     """Build the reference weights when they are missing (deterministic; skips when current)."""
-    script = Path(__file__).resolve().parents[2] / "scripts" / "build_reference_models.py"
+    script = build_script()
+    if not script.is_file():
+        raise StartError(f"the reference models are built by {script}, which is part of the source checkout;"
+                         " set TRITON_URL to a Triton serving the models instead")
     subprocess.run([sys.executable, str(script), "--repo", str(repo)], check=True)
 
 
@@ -48,37 +67,34 @@ def start_dependencies(settings: Settings, stack: ExitStack) -> Settings:
         from .triton import BundledTriton
 
         ensure_models(settings.triton_repo)
-        triton = stack.enter_context(BundledTriton(settings.triton_repo, settings.data_dir / "triton"))
+        triton = stack.enter_context(BundledTriton(settings.triton_repo, settings.data_dir / "triton",
+                                                   environ=settings.environ))
         settings = replace(settings, triton_url=triton.url)
         log.info("bundled Triton started on %s", triton.url)
     return settings
 
 
-def _child_env(settings: Settings, metrics_dir: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(settings.as_env())
-    env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
+def check_ports(settings: Settings) -> None:
+    for what, host, port in (("HTTP (INTEROP_HTTP_PORT)", settings.http_host, settings.http_port),
+                             ("MLLP (INTEROP_MLLP_PORT)", settings.mllp_host, settings.mllp_port)):
+        if port_in_use(host, port):
+            raise StartError(f"the {what} port {host}:{port} is already in use by another process;"
+                             " stop it or choose another port")
+
+
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, env=env, preexec_fn=die_with_parent())
 
 
 def _gunicorn(settings: Settings, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--workers", str(settings.http_workers),
-         "--bind", f"{settings.http_host}:{settings.http_port}", "--graceful-timeout", "10",
-         "--no-control-socket",
-         "--access-logfile", "-", "--access-logformat", '%(m)s %(U)s %(s)s %(L)ss',
-         "interop.fhir.app:create_app()"],
-        env=env,
-    )
+    return _spawn([sys.executable, "-m", "gunicorn", "--workers", str(settings.http_workers),
+                   "--bind", f"{settings.http_host}:{settings.http_port}", "--graceful-timeout", "10",
+                   "--no-control-socket", "--access-logfile", "-", "--access-logformat", '%(m)s %(U)s %(s)s %(L)ss',
+                   "interop.app:create_app()"], env)
 
 
-def _worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "interop.cli", "worker"], env=env)
-
-
-def _mllp(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "interop.cli", "mllp"], env=env)
+def _command(name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return _spawn([sys.executable, "-m", "interop.cli", name], env)
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
@@ -93,14 +109,24 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
 
 def serve(settings: Settings, ready: Event | None = None) -> int:
     stop = Event()
+    children: list[subprocess.Popen[bytes]] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: [c.send_signal(signal.SIGHUP) for c in children if c.poll() is None])
+    try:
+        check_ports(settings)
+    except StartError as exc:
+        log.error("%s", exc)
+        return 2
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="interop-metrics-") as metrics_dir:
         settings = start_dependencies(settings, stack)
-        env = _child_env(settings, metrics_dir)
+        env = replace(settings, metrics_dir=Path(metrics_dir)).as_env()
+        env.setdefault("PYTHONUNBUFFERED", "1")
         api = _gunicorn(settings, env)
-        workers = [_worker(env) for _ in range(settings.workers)]
-        mllp = _mllp(env)
+        workers = [_command("worker", env) for _ in range(settings.workers)]
+        deliver = _command("deliver", env)
+        mllp = _command("mllp", env)
+        children[:] = [api, *workers, deliver, mllp]
         log.info("hub serving FHIR on http://%s:%s/fhir and HL7 v2 MLLP on %s:%s with %d worker(s)",
                  settings.http_host, settings.http_port, settings.mllp_host, settings.mllp_port, len(workers))
         if ready is not None:
@@ -112,17 +138,26 @@ def serve(settings: Settings, ready: Event | None = None) -> int:
                     log.error("the API server exited with %s; stopping", api.returncode)
                     code = 1
                     break
+                if mllp.poll() == EXIT_PORT_IN_USE:
+                    log.error("the MLLP listener cannot bind %s:%s; stopping", settings.mllp_host, settings.mllp_port)
+                    code = 2
+                    break
                 for i, proc in enumerate(workers):
                     if proc.poll() is not None:
                         log.warning("worker exited with %s; restarting it", proc.returncode)
                         time.sleep(1)
-                        workers[i] = _worker(env)
+                        workers[i] = _command("worker", env)
+                if deliver.poll() is not None:
+                    log.warning("delivery runner exited with %s; restarting it", deliver.returncode)
+                    time.sleep(1)
+                    deliver = _command("deliver", env)
                 if mllp.poll() is not None:
                     log.warning("MLLP listener exited with %s; restarting it", mllp.returncode)
                     time.sleep(1)
-                    mllp = _mllp(env)
+                    mllp = _command("mllp", env)
+                children[:] = [api, *workers, deliver, mllp]
         finally:
-            for proc in [mllp, *workers, api]:
+            for proc in [mllp, deliver, *workers, api]:
                 _stop(proc)
             log.info("hub stopped")
         return code

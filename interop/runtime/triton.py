@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Mapping
+
+from .processes import PidFile, die_with_parent, free_port
 
 STUB = "triton_python_backend_stub"
 
@@ -65,13 +67,6 @@ def backend_directory() -> Path:
     return root / "backends"
 
 
-def free_port() -> int:
-    """A loopback port that is free now (the server binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -90,12 +85,17 @@ class BundledTriton:
         ready_timeout_s: float = 120.0,
         models: tuple[str, ...] = (),
         extra_args: tuple[str, ...] = (),
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.log_dir = Path(log_dir)
         self.ready_timeout_s = ready_timeout_s
         self.models = models  # models that must be ready too (all loaded ones are checked by /v2/health/ready)
         self.extra_args = extra_args
+        self.environ = dict(environ or {})  # the settings' environment, handed to the server
+        # The server runs in its own session (a Ctrl-C in the shell reaches the supervisor, which
+        # stops it in order); the pid file lets the next start end one a crashed supervisor left.
+        self.pid_file = PidFile(self.log_dir / "tritonserver.pid", "tritonserver", str(self.model_repository))
         self.http_port = 0
         self.grpc_port = 0
         self.metrics_port = 0
@@ -135,14 +135,16 @@ class BundledTriton:
         if not self.model_repository.is_dir():
             raise TritonStartError(f"model repository {self.model_repository} does not exist")
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.pid_file.end_orphan()
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
-        env = dict(os.environ)
+        env = dict(self.environ)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         with open(self.log_dir / "tritonserver.stdout.log", "ab") as out:
             self._proc = subprocess.Popen(
                 self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True,  # a Ctrl-C in the shell reaches us, and we stop it
+                env=env, start_new_session=True, preexec_fn=die_with_parent(),
             )
+        self.pid_file.write(self._proc.pid)
         try:
             self._wait_ready()
         except BaseException:
@@ -187,6 +189,7 @@ class BundledTriton:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        self.pid_file.remove()
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:

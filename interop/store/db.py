@@ -22,6 +22,14 @@ def connect(url: str, **kwargs: Any) -> psycopg.Connection[dict[str, Any]]:
     return psycopg.connect(url, row_factory=dict_row, **kwargs)
 
 
+def scalar(conn: psycopg.Connection[Any], sql: str, args: Any = None) -> Any:
+    """The first column of the first row (None when there is no row), whatever the row factory."""
+    row = conn.execute(sql, args).fetchone()  # type: ignore[arg-type]
+    if row is None:
+        return None
+    return next(iter(row.values())) if isinstance(row, dict) else row[0]
+
+
 def pool(url: str, *, min_size: int = 1, max_size: int = 8) -> ConnectionPool:
     """A pool per process; opened by the caller (never at import time)."""
     return ConnectionPool(

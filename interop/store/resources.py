@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import psycopg
 from psycopg.types.json import Jsonb
 
+from .db import scalar
 from .search_params import SearchParam, index_rows
 
 
@@ -31,6 +32,14 @@ class Gone(StoreError):
 
 class VersionConflict(StoreError):
     """If-Match named a version that is no longer current (HTTP 412)."""
+
+
+class NotIndexable(StoreError):
+    """A code, identifier or reference too long to search by (HTTP 422); the message is safe."""
+
+
+STRING_INDEX_CHARS = 200  # a string is searchable by its first 200 characters (prefix search)
+TOKEN_INDEX_CHARS = 512   # a longer code, identifier or reference is refused: it could not be found
 
 
 @dataclass
@@ -59,10 +68,15 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+def lock(conn: psycopg.Connection[Any], key: str) -> None:
+    """Serialise writers of the same key (a conditional create's criteria) until the caller's
+    transaction ends."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (key,))
+
+
 def _now(conn: psycopg.Connection[Any]) -> datetime:
-    row = conn.execute("SELECT clock_timestamp() AS now").fetchone()
-    assert row is not None
-    return row["now"] if isinstance(row, dict) else row[0]
+    now: datetime = scalar(conn, "SELECT clock_timestamp()")
+    return now
 
 
 def _with_meta(body: dict[str, Any], rid: str, version: int, ts: datetime) -> dict[str, Any]:
@@ -102,7 +116,7 @@ def _insert(conn: psycopg.Connection[Any], rtype: str, rid: str, version: int, b
         (rtype, rid, version, ts, Jsonb(stored)),
     )
     conn.execute("DELETE FROM search_index WHERE type = %s AND id = %s", (rtype, rid))
-    rows = index_rows(stored, params)
+    rows = _indexable(rtype, index_rows(stored, params), params)
     if rows:
         with conn.cursor() as cur:
             cur.executemany(
@@ -110,6 +124,21 @@ def _insert(conn: psycopg.Connection[Any], rtype: str, rid: str, version: int, b
                 [(rtype, rid, p, s, v) for p, s, v in rows],
             )
     return stored
+
+
+def _indexable(rtype: str, rows: list[tuple[str, str | None, str]],
+               params: dict[str, SearchParam]) -> list[tuple[str, str | None, str]]:
+    """Index rows within what PostgreSQL's index takes: strings cut to their searchable prefix,
+    tokens and references refused past TOKEN_INDEX_CHARS."""
+    out = []
+    for name, system, value in rows:
+        if params[name].type == "string":
+            value = value[:STRING_INDEX_CHARS]
+        elif len(value) > TOKEN_INDEX_CHARS or len(system or "") > TOKEN_INDEX_CHARS:
+            raise NotIndexable(f"{rtype}: a value of search parameter {name} is longer than {TOKEN_INDEX_CHARS}"
+                               " characters")
+        out.append((name, system, value))
+    return sorted(set(out), key=lambda r: (r[0], r[1] or "", r[2]))
 
 
 def create(
@@ -131,19 +160,10 @@ def update(
     """Store a new version; creates when the id is new. Returns (stored, created)."""
     rtype, rid = body["resourceType"], body["id"]
     with conn.transaction():
-        row = conn.execute(
-            "SELECT version FROM resource WHERE type = %s AND id = %s FOR UPDATE", (rtype, rid)
-        ).fetchone()
-        current = _first(row)
+        current = scalar(conn, "SELECT version FROM resource WHERE type = %s AND id = %s FOR UPDATE", (rtype, rid))
         if if_match is not None and current != if_match:
             raise VersionConflict(f"{rtype}/{rid} is at version {current}, not {if_match}")
         return _write(conn, rtype, rid, (current or 0) + 1, body, params), current is None
-
-
-def _first(row: Any) -> Any:
-    if row is None:
-        return None
-    return next(iter(row.values())) if isinstance(row, dict) else row[0]
 
 
 def read(conn: psycopg.Connection[Any], rtype: str, rid: str) -> dict[str, Any]:
@@ -167,6 +187,13 @@ def vread(conn: psycopg.Connection[Any], rtype: str, rid: str, version: int) -> 
     return row["body"]  # type: ignore[no-any-return]
 
 
+def first_stored(conn: psycopg.Connection[Any], rtype: str, rid: str) -> datetime | None:
+    """When the resource's first version was stored (None when unknown)."""
+    first: datetime | None = scalar(conn, "SELECT min(last_updated) FROM resource_history WHERE type = %s AND id = %s",
+                                    (rtype, rid))
+    return first
+
+
 def history(conn: psycopg.Connection[Any], rtype: str, rid: str) -> list[dict[str, Any]]:
     """Every version, newest first."""
     rows = conn.execute(
@@ -185,10 +212,10 @@ def _criterion_sql(crit: Criterion) -> tuple[str, list[Any]]:
         if crit.param.type == "string":
             if crit.modifier == "exact":
                 ors.append("s.value = %s")
-                args.append(value.lower())
+                args.append(value.lower()[:STRING_INDEX_CHARS])
             else:
                 ors.append("s.value LIKE %s")
-                args.append(value.lower().replace("%", r"\%").replace("_", r"\_") + "%")
+                args.append(value.lower()[:STRING_INDEX_CHARS].replace("%", r"\%").replace("_", r"\_") + "%")
         elif crit.param.type == "reference" and "/" not in value:
             ors.append("s.value LIKE %s")
             args.append("%/" + value)
@@ -233,7 +260,7 @@ def search(
         where.append(sql)
         args.extend(crit_args)
     clause = " AND ".join(where)
-    total = _first(conn.execute(f"SELECT count(*) FROM resource r WHERE {clause}", args).fetchone())
+    total = scalar(conn, f"SELECT count(*) FROM resource r WHERE {clause}", args)
     order = "DESC" if query.descending else "ASC"
     rows = conn.execute(
         f"SELECT body FROM resource r WHERE {clause} ORDER BY r.last_updated {order}, r.id"
@@ -241,6 +268,12 @@ def search(
         [*args, query.count, query.offset],
     ).fetchall()
     return int(total or 0), [r["body"] for r in rows]
+
+
+def matches(conn: psycopg.Connection[Any], rtype: str, rid: str, query: Query) -> bool:
+    """Whether the stored resource is in the result of the search `query` (as a search would find it)."""
+    narrowed = Query(criteria=query.criteria, ids=[rid], last_updated=query.last_updated, count=1)
+    return search(conn, rtype, narrowed)[0] > 0
 
 
 def read_many(

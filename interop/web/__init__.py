@@ -1,1 +1,1 @@
-"""Web pages for people: the radiologists' worklist (`/worklist`), served by the hub itself."""
+"""Pages for people: the radiologists' reading worklist and the provincial analytics dashboard."""

@@ -19,7 +19,8 @@ from PIL import Image
 from ..dicom.dicomweb import DicomWebClient, InstanceRef
 from ..dicom.errors import DicomError, NotAnImage, StudyNotFound
 from ..dicom.pixels import to_display_array
-from ..pipeline import intake
+from ..services import intake
+from ..services.errors import IntakeError
 from ..store import resources
 
 MAX_PX = 1024
@@ -47,7 +48,7 @@ def source(conn: psycopg.Connection[Any], report_id: str, default_url: str | Non
         raise ImageUnavailable("the report or its study is not known", 404) from None
     try:
         base = intake.resolve_endpoint(conn, study) or default_url
-    except intake.IntakeError as exc:
+    except IntakeError as exc:
         raise ImageUnavailable(exc.reason, 502) from None
     uid = intake.study_uid(study)
     if not base or not uid:

@@ -13,11 +13,10 @@ from typing import Any
 import psycopg
 
 from inference_client.models import ModelDescription
-from ..delivery.sender import is_critical as report_is_critical
-from ..pipeline.orders import site_of
-from ..pipeline.report import REPORT_SYSTEM
+
+from ..domain.vocabulary import REPORT_SYSTEM, codes, is_critical, site_of
 from ..sites import Site
-from ..store import resources
+from ..store import resources, worklist
 
 LIMIT = 500  # a province's backlog; past this the page says how many more wait
 
@@ -65,11 +64,7 @@ class Entry:
 
 
 def _codes(item: dict[str, Any]) -> set[str]:
-    return {str(c.get("code")) for i in item.get("interpretation", []) for c in i.get("coding", [])}
-
-
-def is_critical(report: dict[str, Any], observations: list[dict[str, Any]]) -> bool:
-    return report_is_critical(report) or any("AA" in _codes(o) for o in observations)
+    return codes(item.get("interpretation") or [])
 
 
 def parse_instant(value: Any) -> datetime | None:
@@ -168,15 +163,8 @@ def entries(conn: psycopg.Connection[Any], reports: list[dict[str, Any]], *, mod
 def waiting(conn: psycopg.Connection[Any], *, models: dict[str, ModelDescription], sites: dict[str, Site],
             alerts: dict[str, dict[str, Any]], limit: int = LIMIT) -> tuple[int, list[Entry]]:
     """(how many wait, the first `limit` of them): critical first, then the oldest `issued` first."""
-    row = conn.execute("SELECT count(*) AS n FROM resource WHERE type = 'DiagnosticReport' AND NOT deleted"
-                       " AND body->>'status' = 'preliminary'").fetchone()
-    total = int(row["n"]) if row else 0
-    rows = conn.execute(
-        "SELECT body FROM resource WHERE type = 'DiagnosticReport' AND NOT deleted"
-        " AND body->>'status' = 'preliminary'"
-        " ORDER BY coalesce(body->'conclusionCode' @> '[{\"coding\": [{\"code\": \"AA\"}]}]', false) DESC,"
-        " (body->>'issued')::timestamptz NULLS LAST, id LIMIT %s", (limit,)).fetchall()
-    found = entries(conn, [r["body"] for r in rows], models=models, sites=sites, alerts=alerts)
+    total, reports = worklist.waiting_reports(conn, limit)
+    found = entries(conn, reports, models=models, sites=sites, alerts=alerts)
     never = datetime.max.replace(tzinfo=timezone.utc)
     # Python re-sorts because an Observation marked AA also makes a report critical.
     found.sort(key=lambda e: (not e.critical, e.issued or never))

@@ -17,22 +17,16 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response as BaseResponse
 
-from inference_client.models import ModelDescription, load_models
-
-from ..fhir import review_api
-from ..review import actions, critical
-from ..review.errors import ReviewError
-from ..sites import Site
-from ..sites import load as load_sites
+from ..services import critical, review as reviews
+from ..services.errors import ReviewError
 from ..store import resources
+from ..store.reviews import open_alerts
 from . import image, waiting
 from .labels import LABELS
 
@@ -44,15 +38,6 @@ ACTIONS = ("sign", "edit", "reject", "acknowledge")
 
 def _hub() -> Any:
     return current_app.extensions["interop"]
-
-
-@lru_cache(maxsize=4)
-def _models(mappings_dir: Path) -> dict[str, ModelDescription]:
-    return load_models(mappings_dir)
-
-
-def _sites(path: Path) -> dict[str, Site]:  # load() caches the file
-    return load_sites(path) if Path(path).exists() else {}
 
 
 def _lang() -> str:
@@ -67,8 +52,8 @@ def _context(**extra: Any) -> dict[str, Any]:
 
 
 def _lookups() -> dict[str, Any]:
-    settings = _hub().settings
-    return {"models": _models(settings.mappings_dir), "sites": _sites(settings.sites_file)}
+    ctx = _hub().ctx
+    return {"models": ctx.models, "sites": ctx.sites.current()}
 
 
 @bp.after_request
@@ -84,7 +69,7 @@ def _headers(response: Response) -> Response:
 @bp.get("/")
 def worklist() -> Response:
     with _hub().pool.connection() as conn:
-        total, found = waiting.waiting(conn, alerts=critical.open_alerts(conn), **_lookups())
+        total, found = waiting.waiting(conn, alerts=open_alerts(conn), **_lookups())
     done = request.args.get("done")
     return Response(render_template("worklist/list.html", **_context(
         total=total, entries=found, done=done if done in ACTIONS else None)), content_type="text/html; charset=utf-8")
@@ -93,7 +78,7 @@ def worklist() -> Response:
 def _study_page(report_id: str, *, error: ReviewError | None = None, form: Any = None) -> Response:
     with _hub().pool.connection() as conn:
         try:
-            entry = waiting.one(conn, report_id, alerts=critical.open_alerts(conn), **_lookups())
+            entry = waiting.one(conn, report_id, alerts=open_alerts(conn), **_lookups())
         except resources.StoreError:
             entry = None
     if entry is None:
@@ -131,9 +116,9 @@ def _findings(entry: waiting.Entry) -> dict[str, bool]:
 
 
 def _apply(conn: Any, report_id: str, action: str, reviewer: str) -> None:
-    hub = _hub()
+    ctx = _hub().ctx
     if action == "acknowledge":
-        critical.acknowledge(conn, hub.params, report_id, by=reviewer)
+        critical.acknowledge(conn, ctx, report_id, by=reviewer)
         return
     entry = waiting.one(conn, report_id, alerts={}, **_lookups())
     version = request.form.get("version", "")
@@ -148,10 +133,8 @@ def _apply(conn: Any, report_id: str, action: str, reviewer: str) -> None:
         findings, conclusion = calls, _text(request.form.get("conclusion")) or None
     elif action == "reject":
         conclusion = _text(request.form.get("reason")) or None
-    actions.apply_review(conn, hub.params, report_id, action=action, reviewer=reviewer, conclusion=conclusion,
-                         findings=findings, if_version=int(version) if version.isdigit() else None,
-                         critical=review_api.critical_codes(hub.settings.mappings_dir),
-                         on_change=review_api.redeliver)
+    reviews.apply_review(conn, ctx, report_id, action=action, reviewer=reviewer, conclusion=conclusion,
+                         findings=findings, if_version=int(version) if version.isascii() and version.isdigit() else None)
 
 
 @bp.post("/<report_id>/review")

@@ -1,0 +1,121 @@
+"""The Flask app factory: gunicorn calls `create_app()` in each worker process.
+
+It mounts the edges that speak HTTP: the FHIR API (`fhir`), the pages for people (`web`: the
+radiologists' worklist and the provincial dashboard) and the operators' endpoints (`ops`:
+health, metrics, dead letters, HL7 messages). Nothing connects at import time or in the
+factory: the connection pool opens on the first request in each process (after gunicorn
+forks), and closes with the process.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import psycopg
+from flask import Flask, Response, request
+from psycopg_pool import ConnectionPool
+from werkzeug.exceptions import HTTPException
+
+from .config import Settings
+from .fhir import api, errors, operations
+from .ops import admin, health
+from .services.context import Context
+from .store import db
+from .store.search_params import SearchParam
+from .web import dashboard, worklist
+
+log = logging.getLogger("interop.http")
+
+HTTP_STATUS_ERRORS: dict[int, type[errors.FhirError]] = {
+    400: errors.BadRequest, 404: errors.NotFoundError, 405: errors.MethodNotAllowed,
+    406: errors.NotAcceptable, 413: errors.TooLarge, 415: errors.UnsupportedMediaType,
+}
+
+
+@dataclass
+class Hub:
+    """Per-process state of the HTTP edges: the services' context and a lazily opened pool."""
+
+    ctx: Context
+    started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    _pool: ConnectionPool | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return self.ctx.settings
+
+    @property
+    def params(self) -> dict[str, dict[str, SearchParam]]:
+        return self.ctx.params
+
+    @property
+    def pool(self) -> ConnectionPool:
+        if self._pool is None:
+            if not self.settings.database_url:
+                raise errors.Unavailable("DATABASE_URL is not set")
+            self._pool = db.pool(self.settings.database_url)
+            self._pool.open(wait=True, timeout=30)
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask("interop")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["interop"] = Hub(Context.from_settings(settings))
+    app.register_blueprint(api.bp)
+    app.register_blueprint(operations.bp)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(admin.bp)
+    app.register_blueprint(dashboard.bp)
+    app.register_blueprint(worklist.bp)
+
+    @app.errorhandler(errors.FhirError)
+    def fhir_error(exc: errors.FhirError) -> Response:
+        return api.error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        kind = HTTP_STATUS_ERRORS.get(exc.code or 500, errors.FhirError)
+        wrapped = kind(exc.description or exc.name)
+        wrapped.status = exc.code or 500
+        return api.error_response(wrapped)
+
+    @app.errorhandler(psycopg.DataError)
+    def bad_value(exc: psycopg.DataError) -> Response:
+        # PostgreSQL refused a value (a NUL character, an encoding, a number out of range): the
+        # request's fault, not the hub's. Nothing was stored: the transaction rolled back.
+        log.info("refused value (%s) on %s %s", type(exc).__name__, request.method, request.url_rule)
+        return api.error_response(errors.BadRequest("a value in the request cannot be stored or searched"))
+
+    @app.errorhandler(RecursionError)
+    def too_deep(exc: RecursionError) -> Response:
+        return api.error_response(errors.BadRequest("the request nests too deeply"))
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        # The exception text may quote patient data or SQL: log its type and where, not its text.
+        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url_rule)
+        log.debug("unhandled error", exc_info=exc)
+        wrapped = errors.FhirError("internal error; the request was not applied")
+        wrapped.status, wrapped.code = 500, "exception"
+        return api.error_response(wrapped)
+
+    @app.before_request
+    def _start_timer() -> None:
+        request.environ["interop.start"] = time.perf_counter()
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        health.observe_request(request, response)
+        return response
+
+    return app
+

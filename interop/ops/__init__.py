@@ -1,0 +1,1 @@
+"""Endpoints for operators: liveness, readiness, metrics, dead letters, HL7 messages."""

@@ -1,0 +1,126 @@
+"""Liveness, readiness and Prometheus metrics. None of these need auth.
+
+Queue depth, job latency by stage, HL7 messages, deliveries and the lanes' circuit breakers are
+read from PostgreSQL at scrape time, so every replica reports the same shared truth; request
+counters use prometheus_client's multiprocess mode under gunicorn (PROMETHEUS_MULTIPROC_DIR).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import orjson
+import requests
+from flask import Blueprint, Request, Response, current_app
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.registry import Collector
+
+from ..services.delivery import CHANNEL_OF, KINDS as DELIVERY_KINDS
+from ..store import hl7_messages, queue
+from ..store import metrics as figures
+from .admin import OUTBOX_STATUS
+
+bp = Blueprint("health", __name__)
+
+REQUESTS = Counter("interop_http_requests_total", "FHIR API requests", ["method", "status"])
+LATENCY = Histogram("interop_http_request_seconds", "FHIR API request latency", ["method"])
+
+
+def observe_request(request: Request, response: Response) -> None:
+    start = request.environ.get("interop.start")
+    REQUESTS.labels(request.method, str(response.status_code)).inc()
+    if start is not None:
+        LATENCY.labels(request.method).observe(time.perf_counter() - start)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return Response('{"status":"alive"}', content_type="application/json")
+
+
+def _checks() -> dict[str, str]:
+    hub = current_app.extensions["interop"]
+    checks: dict[str, str] = {}
+    try:
+        with hub.pool.connection(timeout=3) as conn:
+            figures.check(conn)
+        checks["database"] = "ok"
+        checks["queue"] = "ok"
+    except Exception as exc:  # readiness reports, it does not raise
+        checks["database"] = f"unavailable ({type(exc).__name__})"
+        checks["queue"] = "unknown"
+    url = hub.settings.triton_url
+    if not url:
+        checks["triton"] = "not configured"
+    else:
+        try:
+            base = url if url.startswith("http") else f"http://{url}"
+            ok = requests.get(f"{base}/v2/health/ready", timeout=2).status_code == 200
+            checks["triton"] = "ok" if ok else "not ready"
+        except requests.RequestException as exc:
+            checks["triton"] = f"unavailable ({type(exc).__name__})"
+    return checks
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    checks = _checks()
+    ready = all(v == "ok" for v in checks.values())
+    return Response(orjson.dumps({"status": "ready" if ready else "not ready", "checks": checks}),
+                    status=200 if ready else 503, content_type="application/json")
+
+
+class QueueCollector(Collector):
+    """The shared queue, HL7 messages, deliveries and lanes, from the database."""
+
+    def __init__(self, hub: Any):
+        self.hub = hub
+
+    def collect(self) -> Iterator[Any]:
+        depth = GaugeMetricFamily("interop_jobs", "analysis jobs in the queue by status", labels=["status"])
+        stages = SummaryMetricFamily("interop_job_stage_seconds",
+                                     "time per pipeline stage, jobs finished in the last hour", labels=["stage"])
+        messages = GaugeMetricFamily("interop_hl7_messages", "HL7 v2 messages received, by status",
+                                     labels=["status"])
+        deliveries = GaugeMetricFamily("interop_outbox", "result deliveries by channel and status",
+                                       labels=["channel", "status"])
+        lane_open = GaugeMetricFamily("interop_lane_open", "1 while a destination's circuit breaker is open",
+                                      labels=["lane"])
+        lane_waiting = GaugeMetricFamily("interop_lane_waiting", "deliveries waiting per destination",
+                                         labels=["lane"])
+        shown = {v: k for k, v in OUTBOX_STATUS.items()}
+        with self.hub.pool.connection(timeout=3) as conn:
+            for row in figures.jobs_by_status(conn, self.hub.ctx.policies.pool("analysis")):
+                depth.add_metric([row["status"]], row["n"])
+            for row in figures.stage_seconds(conn):
+                stages.add_metric([row["stage"]], row["n"], row["total"])
+            for status, n in sorted(hl7_messages.counts(conn).items()):
+                messages.add_metric([status], n)
+            for row in figures.deliveries(conn, DELIVERY_KINDS):
+                deliveries.add_metric([CHANNEL_OF[row["kind"]], shown.get(row["status"], row["status"])], row["n"])
+            for lane in queue.lanes(conn):
+                lane_open.add_metric([lane["name"]], 1 if lane["open"] else 0)
+                lane_waiting.add_metric([lane["name"]], lane["waiting"])
+        yield from (depth, stages, messages, deliveries, lane_open, lane_waiting)
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    hub = current_app.extensions["interop"]
+    registry = CollectorRegistry()
+    if hub.settings.metrics_dir:
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry, path=str(hub.settings.metrics_dir))
+    else:
+        registry.register(REQUESTS)
+        registry.register(LATENCY)
+    try:
+        registry.register(QueueCollector(hub))
+        body = generate_latest(registry)
+    except Exception:  # database down: still serve the process metrics
+        registry = CollectorRegistry()
+        registry.register(REQUESTS)
+        body = generate_latest(registry)
+    return Response(body, content_type=CONTENT_TYPE_LATEST)

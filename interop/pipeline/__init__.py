@@ -1,1 +1,0 @@
-"""The analysis pipeline: intake (queue a study), the worker, and the report it builds."""

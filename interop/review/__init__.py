@@ -1,1 +1,0 @@
-"""Radiologist review of AI reports, and critical-result notifications."""

@@ -1,0 +1,154 @@
+"""Results going out: queued here, in the transaction that stored them; sent by the delivery
+runner (`interop.workers.delivery`) through one channel per kind of destination.
+
+A delivery is a job of the one queue (`interop.store.queue`) in a lane, its destination:
+
+| kind               | lane                 | what goes                                                  |
+|--------------------|----------------------|------------------------------------------------------------|
+| `deliver-hl7`      | `SITE:hl7`           | the report version as ORU^R01 over MLLP (`hl7`)             |
+| `deliver-fhir`     | `SITE:fhir`          | the report version, or a critical notice, as a FHIR transaction (`fhir`) |
+| `notify-rest-hook` | `Subscription/<id>`  | a rest-hook notification (`rest_hook`)                      |
+| `hl7-app-ack`      | `SITE:hl7` (or `SITE:ack`) | an application acknowledgement of an HL7 message (`app_ack`) |
+
+A report version is queued once per destination (the job key), versions of one report go in
+order in a lane, and a critical result's go first (priority 0). A channel builds the message
+(`prepare`, from the store), sends it (`send`, network only) and says what the answer means
+(an `Outcome`); the runner applies the policy of `mappings/queue.yaml` to that outcome.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
+
+from ...domain.subscriptions import TARGET, SubscriptionError, parse_criteria
+from ...domain.vocabulary import CRITICAL_PRIORITY, priority, version_of
+from ...sites import Site
+from ...store import queue, resources, reviews
+from ...store.resources import ANY_SYSTEM, Criterion, Query
+from ..context import Context
+
+HL7 = "deliver-hl7"
+FHIR = "deliver-fhir"
+REST_HOOK = "notify-rest-hook"
+APP_ACK = "hl7-app-ack"
+KINDS = (HL7, FHIR, REST_HOOK, APP_ACK)
+CHANNEL_OF = {HL7: "hl7", FHIR: "fhir", REST_HOOK: "rest-hook", APP_ACK: "hl7-ack"}  # as operators name them
+KIND_OF = {v: k for k, v in CHANNEL_OF.items()}
+MAX_SUBSCRIPTIONS = 10_000
+
+
+def lane(site_code: str, channel: str) -> str:
+    """A destination's lane: `SITE:hl7`, `SITE:fhir`."""
+    return f"{site_code.upper()}:{channel}"
+
+
+# -- what a channel tells the runner ------------------------------------------------------------
+@dataclass(frozen=True)
+class Outcome:
+    """What came of one try. `state`: sent | retry (no usable answer: transient) | refused (the
+    peer answered no; `final` when the same message would get the same answer) | dead (cannot
+    be built or has nowhere to go). `error` holds no patient data; `answer` is as received."""
+
+    state: str
+    error: str | None = None
+    answer: str | None = None
+    final: bool = True
+
+    @classmethod
+    def sent(cls, answer: str) -> "Outcome":
+        return cls("sent", answer=answer)
+
+    @classmethod
+    def retry(cls, error: str, answer: str | None = None) -> "Outcome":
+        return cls("retry", error=error, answer=answer)
+
+    @classmethod
+    def refused(cls, error: str, answer: str | None, *, final: bool = True) -> "Outcome":
+        return cls("refused", error=error, answer=answer, final=final)
+
+    @classmethod
+    def dead(cls, error: str) -> "Outcome":
+        return cls("dead", error=error)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message ready to go: its id (MSH-10, Bundle id) and its text (ER7, JSON)."""
+
+    id: str
+    text: str
+
+
+class Channel(Protocol):
+    def prepare(self, conn: psycopg.Connection[Any], job: queue.Job) -> Message | Outcome:
+        """Build the message from the store (or say why it cannot go: Outcome.dead)."""
+
+    def send(self, job: queue.Job, message: Message) -> Outcome:
+        """Send it and say what the answer means. Network only: no transaction is held."""
+
+    def ended(self, conn: psycopg.Connection[Any], job: queue.Job, outcome: Outcome, status: str) -> None:
+        """In the transaction that ends the job (`status`: done, rejected, dead): the channel's follow-up."""
+
+
+# -- queueing (in the caller's transaction) -----------------------------------------------------------
+def _enqueue(conn: psycopg.Connection[Any], ctx: Context, kind: str, lane_name: str, resource: dict[str, Any],
+             prio: int) -> int | None:
+    rtype, rid, version = resource["resourceType"], resource["id"], version_of(resource)
+    series = f"{rtype}/{rid}"
+    policy = ctx.policies.kind(kind)
+    return queue.enqueue(conn, kind, {"resource_type": rtype, "resource_id": rid, "version": version},
+                         dedupe_key=f"deliver:{lane_name}:{series}/{version}", max_attempts=policy.max_attempts,
+                         priority=min(prio, policy.priority), lane=lane_name, series=series, seq=version)
+
+
+def queue_report(conn: psycopg.Connection[Any], ctx: Context, report: dict[str, Any], site: Site | None) -> list[int]:
+    """Queue a stored report version for every destination of its site and, when the report
+    raised a critical alert, of the site's higher-level hospital; and for every active rest-hook
+    Subscription it matches. Priority 0 for a critical version. Returns the new job ids (a version
+    already queued for a destination is not queued again)."""
+    prio = priority(report)
+    ids: list[int | None] = []
+    targets = [site]
+    if site is not None and reviews.has_alert(conn, report["id"]):
+        targets.append(ctx.sites.referral(site))
+    for target in targets:
+        if target is None:
+            continue
+        if target.hl7 is not None:
+            ids.append(_enqueue(conn, ctx, HL7, lane(target.code, "hl7"), report, prio))
+        if target.fhir is not None:
+            ids.append(_enqueue(conn, ctx, FHIR, lane(target.code, "fhir"), report, prio))
+    for sub in matching_subscriptions(conn, ctx, report):
+        ids.append(_enqueue(conn, ctx, REST_HOOK, f"Subscription/{sub['id']}", report, prio))
+    return [i for i in ids if i is not None]
+
+
+def queue_notice(conn: psycopg.Connection[Any], ctx: Context, resource: dict[str, Any], to: Site | None) -> int | None:
+    """Queue a critical notice (a stored Communication) for the FHIR server of the hospital it is
+    for, first in line. None when that hospital has no FHIR destination."""
+    if to is None or to.fhir is None:
+        return None
+    return _enqueue(conn, ctx, FHIR, lane(to.code, "fhir"), resource, CRITICAL_PRIORITY)
+
+
+def active_subscriptions(conn: psycopg.Connection[Any], ctx: Context) -> list[dict[str, Any]]:
+    status = ctx.params.get("Subscription", {}).get("status")
+    query = Query(count=MAX_SUBSCRIPTIONS)
+    if status is not None:
+        query.criteria.append(Criterion(status, [(ANY_SYSTEM, "active")]))
+    return [s for s in resources.search(conn, "Subscription", query)[1] if s.get("status") == "active"]
+
+
+def matching_subscriptions(conn: psycopg.Connection[Any], ctx: Context, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The active Subscriptions whose criteria, run as a search on the store, find this report."""
+    out = []
+    for sub in active_subscriptions(conn, ctx):
+        try:
+            query = parse_criteria(sub.get("criteria"), ctx.params)
+        except SubscriptionError:
+            continue  # stored before a search parameter was removed from the mappings: never matches
+        if resources.matches(conn, TARGET, report["id"], query):
+            out.append(sub)
+    return out

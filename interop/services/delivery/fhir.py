@@ -1,0 +1,162 @@
+"""The FHIR channel: a report version (or a critical notice) as one FHIR R4 transaction Bundle,
+pushed to the site's HIS/EMR (`fhir` in the sites file). The Bundle and the meaning of the
+EMR's answer are `interop.domain.bundle` (pure); this module reads the store and sends.
+
+2xx: sent (the transaction-response is kept). 401/403: a new OAuth2 token once and the Bundle
+again, then refused. 408/429/5xx, timeouts, refused connections: retry. Any other 4xx: refused
+for good, the OperationOutcome kept for an operator to fix and replay. Every entry is
+conditional, so a retry after a partial push repeats nothing.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import psycopg
+import requests
+
+from ...domain.bundle import (BuildError, Outcome as Answer, build_bundle, build_notice, classify, locations,
+                              references, resolve, split, split_reference)
+from ...sites import FhirDestination, Site
+from ...store import queue, resources
+from ..context import Context
+from . import Message, Outcome
+from .auth import AuthError, TokenCache
+
+FHIR_JSON = "application/fhir+json"
+MAX_ANSWER = 20000
+
+
+def _read(conn: psycopg.Connection[Any], ref: str | None) -> dict[str, Any] | None:
+    target = split_reference(ref or "")
+    if target is None:
+        return None
+    try:
+        return resources.read(conn, *target)
+    except (resources.NotFound, resources.Gone):
+        return None
+
+
+def bundle_for(conn: psycopg.Connection[Any], report_id: str, version: int, bundle_id: str | None = None) -> dict[str, Any]:
+    """The Bundle for a stored report version: the report as it was at `version`, its current
+    Observations and Device, and the Patient/ServiceRequest/ImagingStudy for their identifiers."""
+    try:
+        report = resources.vread(conn, "DiagnosticReport", report_id, version)
+    except resources.NotFound as exc:
+        raise BuildError(f"DiagnosticReport/{report_id} has no version {version}") from exc
+    observations = []
+    for ref in report.get("result") or []:
+        obs = _read(conn, ref.get("reference"))
+        if obs is None:
+            raise BuildError(f"a result of DiagnosticReport/{report_id} is missing")
+        observations.append(obs)
+    device_refs = [r["reference"] for r in references([report.get("extension"), [o.get("device") for o in observations]])
+                   if r["reference"].startswith("Device/")]
+    device = _read(conn, device_refs[0]) if device_refs else None
+    if device_refs and device is None:
+        raise BuildError(f"the Device of DiagnosticReport/{report_id} is missing")
+    context_refs = {r["reference"] for r in references([report, observations])
+                    if r["reference"].split("/")[0] in ("Patient", "ServiceRequest", "ImagingStudy")}
+    context = [c for c in (_read(conn, ref) for ref in sorted(context_refs)) if c]
+    return build_bundle(report, observations, device, context=context, bundle_id=bundle_id)
+
+
+def notice_for(conn: psycopg.Connection[Any], rtype: str, rid: str, version: int,
+               bundle_id: str | None = None) -> dict[str, Any]:
+    """The Bundle for a stored notice (a Communication), with what it points at for identifiers."""
+    try:
+        resource = resources.vread(conn, rtype, rid, version)
+    except resources.NotFound as exc:
+        raise BuildError(f"{rtype}/{rid} has no version {version}") from exc
+    context = [c for c in (_read(conn, r["reference"]) for r in references(resource)) if c]
+    return build_notice(resource, context=context, bundle_id=bundle_id)
+
+
+def _diagnostics(answer: str) -> str:
+    """The first issue of an OperationOutcome answer, for `last_error` (the whole answer is kept)."""
+    try:
+        issue = (json.loads(answer).get("issue") or [{}])[0]
+    except (ValueError, AttributeError):
+        return "no OperationOutcome"
+    return str(issue.get("diagnostics") or (issue.get("details") or {}).get("text") or issue.get("code") or "")
+
+
+class FhirChannel:
+    """`deliver-fhir` jobs: a report version or a notice, as transactions to `SITE:fhir`."""
+
+    def __init__(self, ctx: Context, *, tokens: TokenCache | None = None, session: requests.Session | None = None):
+        self.ctx = ctx
+        self.tokens = tokens or TokenCache(ctx.settings.secret)
+        self.session = session or requests.Session()
+
+    def _site(self, job: queue.Job) -> Site | None:
+        site = self.ctx.sites.get((job.lane or "").split(":", 1)[0])
+        return site if site is not None and site.fhir is not None else None
+
+    def prepare(self, conn: psycopg.Connection[Any], job: queue.Job) -> Message | Outcome:
+        if self._site(job) is None:
+            return Outcome.dead(f"no fhir destination for {job.lane} in the sites file")
+        if job.message and job.message_id:
+            return Message(job.message_id, job.message)
+        bundle_id = str(uuid.uuid4())
+        p = job.payload
+        try:
+            if p["resource_type"] == "DiagnosticReport":
+                bundle = bundle_for(conn, p["resource_id"], int(p["version"]), bundle_id)
+            else:
+                bundle = notice_for(conn, p["resource_type"], p["resource_id"], int(p["version"]), bundle_id)
+        except BuildError as exc:
+            return Outcome.dead(f"cannot build the Bundle: {exc}"[:500])
+        return Message(bundle_id, json.dumps(bundle, ensure_ascii=False))
+
+    def send(self, job: queue.Job, message: Message) -> Outcome:
+        site = self._site(job)
+        if site is None or site.fhir is None:
+            return Outcome.dead(f"no fhir destination for {job.lane} in the sites file")
+        dest = site.fhir
+        try:
+            status, answer = self._push(dest, json.loads(message.text))
+            if classify(status) is Answer.UNAUTHORIZED and dest.auth.type == "client_credentials":
+                status, answer = self._push(dest, json.loads(message.text), refresh=True)
+        except AuthError as exc:
+            if exc.transient:
+                return Outcome.retry(f"AuthError: {exc}")
+            return Outcome.refused(f"AuthError: {exc}", None)
+        except requests.RequestException as exc:
+            return Outcome.retry(f"{type(exc).__name__}: the FHIR server did not answer")
+        kind = classify(status)
+        if kind is Answer.SENT:
+            return Outcome.sent(answer)
+        if kind is Answer.RETRY:
+            return Outcome.retry(f"HTTP {status}", answer)
+        return Outcome.refused(f"HTTP {status}: {_diagnostics(answer)}"[:500], answer)
+
+    def _push(self, dest: FhirDestination, bundle: dict[str, Any], *, refresh: bool = False) -> tuple[int, str]:
+        """POST the Bundle (in parts when the site caps transactions); the first answer that is not
+        2xx stops it."""
+        found: dict[str, str] = {}
+        status, text = 0, ""
+        for part in split(bundle, dest.max_bundle_entries):
+            part = resolve(part, found)
+            status, text = self._post(dest, part, refresh=refresh)
+            refresh = False
+            if classify(status) is not Answer.SENT:
+                break
+            try:
+                found.update(locations(part, json.loads(text)))
+            except ValueError:
+                pass
+        return status, text
+
+    def _post(self, dest: FhirDestination, bundle: dict[str, Any], *, refresh: bool = False) -> tuple[int, str]:
+        headers = {"Content-Type": f"{FHIR_JSON}; charset=utf-8", "Accept": FHIR_JSON,
+                   "X-Request-Id": str(bundle.get("id", ""))}
+        headers.update(self.tokens.headers(dest.auth, dest.timeout_seconds, refresh=refresh))
+        answer = self.session.post(dest.base, data=json.dumps(bundle, ensure_ascii=False).encode("utf-8"),
+                                   headers=headers, timeout=(min(10.0, dest.timeout_seconds), dest.timeout_seconds),
+                                   allow_redirects=False)
+        return answer.status_code, answer.text[:MAX_ANSWER]
+
+    def ended(self, conn: psycopg.Connection[Any], job: queue.Job, outcome: Outcome, status: str) -> None:
+        pass

@@ -1,0 +1,323 @@
+"""The provincial analytics schema: writing the de-identified facts, refreshing the summary
+views, and the views as parameterised queries with the dashboard's filters.
+
+Each query returns plain rows (dicts). The unfiltered form of each is a SQL view in schema
+`analytics` (migration 0005, documented in docs/ANALYTICS.md); these run the same aggregation
+with a WHERE clause built only from fixed column names and bound parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import date, timedelta
+from typing import Any, Callable, Mapping
+
+import psycopg
+from psycopg.rows import dict_row
+
+from .db import scalar
+
+DEFAULT_WEEKS = 26
+
+COLUMNS = ("report_id", "patient_key", "key_id", "age_band", "sex", "district", "commune", "province", "facility",
+           "facility_district", "modality", "body_part", "procedure_code", "model_name", "model_version",
+           "report_status", "critical", "positives", "ordered_at", "images_at", "ai_result_at", "ai_delivered_at",
+           "reviewed_at", "delivered_at", "acknowledged_at", "reviewer_group", "transfer_recommended",
+           "transfer_done")
+FINDING_COLUMNS = ("report_id", "observation_id", "code_system", "code", "label", "probability", "ai_positive",
+                   "verdict", "radiologist_positive", "final_positive", "critical")
+_UPSERT = (
+    f"INSERT INTO analytics.study_fact ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"
+    " ON CONFLICT (report_id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[1:] if c not in ("patient_key", "key_id"))
+    + ", patient_key = CASE WHEN %s OR analytics.study_fact.patient_key IS NULL THEN EXCLUDED.patient_key"
+      " ELSE analytics.study_fact.patient_key END"
+    + ", key_id = CASE WHEN %s OR analytics.study_fact.patient_key IS NULL THEN EXCLUDED.key_id"
+      " ELSE analytics.study_fact.key_id END"
+    + ", updated_at = now()"
+)
+MATERIALISED = ("analytics.mv_study_daily", "analytics.mv_finding_weekly")
+
+
+# -- writing ----------------------------------------------------------------------------------------
+def upsert_facts(conn: psycopg.Connection[Any], fact: dict[str, Any], findings: list[tuple[Any, ...]], *,
+                 rekey: bool = False) -> None:
+    """One report's study fact and finding facts, replacing what was there (a savepoint inside the
+    caller's transaction). The patient key of an existing row is kept unless `rekey`."""
+    with conn.transaction():
+        conn.execute(_UPSERT, [*(fact[c] for c in COLUMNS), rekey, rekey])  # type: ignore[arg-type]
+        conn.execute("DELETE FROM analytics.finding_fact WHERE report_id = %s", (fact["report_id"],))
+        if findings:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    f"INSERT INTO analytics.finding_fact ({', '.join(FINDING_COLUMNS)})"
+                    f" VALUES ({', '.join(['%s'] * len(FINDING_COLUMNS))})",
+                    [(fact["report_id"], *f) for f in findings])
+
+
+def ai_report_ids(conn: psycopg.Connection[Any], device_extension: str) -> list[str]:
+    """Every stored AI report (those naming their model's Device), oldest first."""
+    rows = conn.execute("SELECT id FROM resource WHERE type = 'DiagnosticReport' AND NOT deleted"
+                        " AND body->'extension' @> %s::jsonb ORDER BY last_updated, id",
+                        (f'[{{"url": "{device_extension}"}}]',)).fetchall()
+    return [r["id"] for r in rows]
+
+
+def forget_deleted_reports(conn: psycopg.Connection[Any]) -> None:
+    """Facts whose report is gone (deleted) are removed too (synthetic demo facts are kept)."""
+    conn.execute("DELETE FROM analytics.study_fact s WHERE NOT EXISTS (SELECT 1 FROM resource r WHERE"
+                 " r.type = 'DiagnosticReport' AND r.id = s.report_id AND NOT r.deleted)"
+                 " AND s.report_id NOT LIKE 'synthetic-%%'")
+
+
+def delivered(conn: psycopg.Connection[Any], series: str, site: str, reviewed_version: int | None) -> dict[str, Any]:
+    """When the site first accepted the AI's version (`ai_at`) and the reviewed one (`reviewed_at`)."""
+    row = conn.execute(
+        "SELECT min(finished_at) FILTER (WHERE %(v)s::int IS NULL OR seq < %(v)s::int) AS ai_at,"
+        " min(finished_at) FILTER (WHERE seq >= %(v)s::int) AS reviewed_at FROM job"
+        " WHERE series = %(series)s AND status = 'done' AND kind IN ('deliver-hl7', 'deliver-fhir')"
+        " AND split_part(lane, ':', 1) = %(site)s",
+        {"v": reviewed_version, "series": series, "site": site}).fetchone()
+    return dict(row) if row else {}
+
+
+def refresh(conn: psycopg.Connection[Any]) -> dict[str, float]:
+    """Refresh the materialised views (CONCURRENTLY once populated); seconds per view.
+
+    Needs an autocommit connection or runs in the caller's transaction (then not concurrently).
+    """
+    import time
+
+    out: dict[str, float] = {}
+    for name in MATERIALISED:
+        start = time.perf_counter()
+        populated = scalar(conn, "SELECT ispopulated FROM pg_matviews WHERE schemaname || '.' || matviewname = %s",
+                           (name,))
+        concurrently = " CONCURRENTLY" if populated else ""
+        conn.execute(f"REFRESH MATERIALIZED VIEW{concurrently} {name}")  # type: ignore[arg-type]
+        out[name] = round(time.perf_counter() - start, 3)
+        conn.execute("INSERT INTO analytics.refresh_log (name, refreshed_at, seconds) VALUES (%s, now(), %s)"
+                     " ON CONFLICT (name) DO UPDATE SET refreshed_at = EXCLUDED.refreshed_at,"
+                     " seconds = EXCLUDED.seconds", (name, out[name]))
+    return out
+
+
+# -- reading: the dashboard's views ---------------------------------------------------------------
+
+
+class FilterError(ValueError):
+    """A filter value the dashboard cannot use (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class Filters:
+    start: date
+    end: date
+    district: str | None = None
+    facility: str | None = None
+    modality: str | None = None
+    finding: str | None = None  # a finding code
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, str], today: date | None = None) -> "Filters":
+        today = today or date.today()
+        try:
+            end = date.fromisoformat(args["end"]) if args.get("end") else today
+            start = date.fromisoformat(args["start"]) if args.get("start") else end - timedelta(weeks=DEFAULT_WEEKS)
+        except ValueError:
+            raise FilterError("start and end must be dates (YYYY-MM-DD)") from None
+        if start > end:
+            raise FilterError("start is after end")
+        if (end - start).days > 3 * 366:
+            raise FilterError("the period is limited to three years")
+
+        def text(name: str) -> str | None:
+            value = (args.get(name) or "").strip()
+            if len(value) > 100:
+                raise FilterError(f"{name} is too long")
+            return value or None
+
+        return cls(start, end, text("district"), text("facility"), text("modality"), text("finding"))
+
+    def as_args(self) -> dict[str, str]:
+        out = {"start": self.start.isoformat(), "end": self.end.isoformat()}
+        for name in ("district", "facility", "modality", "finding"):
+            if getattr(self, name):
+                out[name] = str(getattr(self, name))
+        return out
+
+
+def _week_start(day: date) -> date:
+    return day - timedelta(days=day.weekday())
+
+
+def _where(f: Filters, time_col: str, available: tuple[str, ...], weekly: bool) -> tuple[str, dict[str, Any]]:
+    """WHERE clause over fixed column names; values are bound parameters."""
+    clauses = [f"{time_col} >= %(start)s", f"{time_col} <= %(end)s"]
+    args: dict[str, Any] = {"start": _week_start(f.start) if weekly else f.start, "end": f.end}
+    for name, column in (("district", "district"), ("facility", "facility"), ("modality", "modality"),
+                         ("finding", "code")):
+        value = getattr(f, name)
+        if value is not None and column in available:
+            clauses.append(f"{column} = %({name})s")
+            args[name] = value
+    return " AND ".join(clauses), args
+
+
+def _rows(conn: psycopg.Connection[Any], sql: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return [dict(r) for r in cur.execute(sql, args).fetchall()]  # type: ignore[arg-type]
+
+
+FINDING_MV = ("district", "facility", "modality", "code")
+STUDY_FACT = ("district", "facility", "modality")
+
+
+def findings_weekly(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]:
+    """Positive findings per week, district and finding (counts, rate per 1,000 studies read for
+    that finding), then the province total per week and finding (level = 'province'; it ignores
+    the district filter so a district can be read against its province)."""
+    where, args = _where(f, "study_week", FINDING_MV, weekly=True)
+    district_rows = _rows(conn, f"""
+        SELECT study_week AS week, 'district' AS level, province, district, code_system, code, label,
+               sum(assessed)::bigint AS studies, sum(positive)::bigint AS positives,
+               round(1000.0 * sum(positive) / nullif(sum(assessed), 0), 1)::float AS rate_per_1000
+        FROM analytics.mv_finding_weekly WHERE {where}
+        GROUP BY study_week, province, district, code_system, code, label
+        ORDER BY study_week, province, district, code""", args)
+    where, args = _where(replace(f, district=None), "study_week", FINDING_MV, weekly=True)
+    province_rows = _rows(conn, f"""
+        SELECT study_week AS week, 'province' AS level, province, NULL::text AS district, code_system, code, label,
+               sum(assessed)::bigint AS studies, sum(positive)::bigint AS positives,
+               round(1000.0 * sum(positive) / nullif(sum(assessed), 0), 1)::float AS rate_per_1000
+        FROM analytics.mv_finding_weekly WHERE {where}
+        GROUP BY study_week, province, code_system, code, label
+        ORDER BY study_week, province, code""", args)
+    return district_rows + province_rows
+
+
+def district_table(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]:
+    """Per district over the period: studies, critical studies, and positives per finding."""
+    where, args = _where(f, "study_day", STUDY_FACT, weekly=False)
+    studies = {(r["province"], r["district"]): r for r in _rows(conn, f"""
+        SELECT province, district, sum(studies)::bigint AS studies, sum(critical)::bigint AS critical
+        FROM analytics.mv_study_daily WHERE {where} GROUP BY province, district""", args)}
+    where, args = _where(f, "study_week", FINDING_MV, weekly=True)
+    out = []
+    for r in _rows(conn, f"""
+        SELECT province, district, sum(positive)::bigint AS positives, sum(assessed)::bigint AS assessed
+        FROM analytics.mv_finding_weekly WHERE {where} GROUP BY province, district""", args):
+        base = studies.get((r["province"], r["district"]), {"studies": 0, "critical": 0})
+        out.append({"province": r["province"], "district": r["district"], "studies": int(base["studies"]),
+                    "critical": int(base["critical"]), "positive_findings": int(r["positives"]),
+                    "positive_per_1000_reads": round(1000.0 * r["positives"] / r["assessed"], 1) if r["assessed"] else None})
+    return sorted(out, key=lambda r: (r["province"], r["district"]))
+
+
+_PCT = "percentile_cont({q}) WITHIN GROUP (ORDER BY extract(epoch FROM {b} - {a}) / 60)"
+
+
+def _pct(q: float, a: str, b: str, name: str) -> str:
+    return f"round(({_PCT.format(q=q, a=a, b=b)})::numeric, 1)::float AS {name}"
+
+
+def turnaround(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]:
+    """p50/p90 minutes per facility and week: order -> AI result -> reviewed -> delivered."""
+    where, args = _where(f, "study_week", STUDY_FACT, weekly=True)
+    steps = [("ordered_at", "ai_result_at", "order_to_ai"), ("ai_result_at", "reviewed_at", "ai_to_reviewed"),
+             ("reviewed_at", "delivered_at", "reviewed_to_delivered"), ("ordered_at", "delivered_at", "order_to_delivered")]
+    cols = ", ".join(_pct(q, a, b, f"{n}_p{int(q * 100)}") for a, b, n in steps for q in (0.5, 0.9))
+    return _rows(conn, f"""
+        SELECT study_week AS week, province, facility, count(*) AS studies, {cols}
+        FROM analytics.study_fact WHERE {where} AND report_status <> 'cancelled'
+        GROUP BY study_week, province, facility ORDER BY study_week, facility""", args)
+
+
+def workload(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]:
+    """Studies per facility per day, by modality."""
+    where, args = _where(f, "study_day", STUDY_FACT, weekly=False)
+    return _rows(conn, f"""
+        SELECT study_day AS day, province, facility, modality, sum(studies)::bigint AS studies
+        FROM analytics.mv_study_daily WHERE {where}
+        GROUP BY study_day, province, facility, modality ORDER BY study_day, facility, modality""", args)
+
+
+def backlog(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]:
+    """Reports waiting for a radiologist now, per reviewing group (the period does not apply)."""
+    clauses, args = ["report_status = 'preliminary'"], {}
+    for name in ("district", "facility", "modality"):
+        if getattr(f, name):
+            clauses.append(f"{name} = %({name})s")
+            args[name] = getattr(f, name)
+    return _rows(conn, f"""
+        SELECT reviewer_group, count(*) AS waiting,
+               round((extract(epoch FROM now() - min(ai_result_at)) / 3600)::numeric, 1)::float AS oldest_hours,
+               round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM now() - ai_result_at))
+                      / 3600)::numeric, 1)::float AS median_wait_hours,
+               count(*) FILTER (WHERE ai_result_at < now() - interval '24 hours') AS over_24h,
+               count(*) FILTER (WHERE critical) AS critical
+        FROM analytics.study_fact WHERE {' AND '.join(clauses)}
+        GROUP BY reviewer_group ORDER BY reviewer_group""", args)
+
+
+def agreement(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]:
+    """AI versus the radiologist's verdict per model version and finding, with counts."""
+    where, args = _where(f, "study_week", FINDING_MV, weekly=True)
+    return _rows(conn, f"""
+        SELECT model_name, model_version, code_system, code, label,
+               sum(reviewed)::bigint AS reviewed, sum(agree)::bigint AS agree, sum(disagree)::bigint AS disagree,
+               sum(added)::bigint AS added, sum(tp)::bigint AS tp, sum(fp)::bigint AS fp,
+               sum(fn)::bigint AS fn, sum(tn)::bigint AS tn,
+               round(sum(agree)::numeric / nullif(sum(agree) + sum(disagree), 0), 3)::float AS agreement,
+               round(sum(tp)::numeric / nullif(sum(tp) + sum(fn), 0), 3)::float AS sensitivity,
+               round(sum(tp)::numeric / nullif(sum(tp) + sum(fp), 0), 3)::float AS ppv
+        FROM analytics.mv_finding_weekly WHERE {where}
+        GROUP BY model_name, model_version, code_system, code, label
+        HAVING sum(reviewed) > 0
+        ORDER BY model_name, code, model_version""", args)
+
+
+def critical(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]:
+    """Critical findings per facility and week: counts, minutes to acknowledgement, transfers."""
+    where, args = _where(f, "study_week", STUDY_FACT, weekly=True)
+    return _rows(conn, f"""
+        SELECT study_week AS week, province, facility, count(*) AS critical_studies,
+               count(acknowledged_at) AS acknowledged,
+               {_pct(0.5, 'ai_result_at', 'acknowledged_at', 'ack_minutes_p50')},
+               {_pct(0.9, 'ai_result_at', 'acknowledged_at', 'ack_minutes_p90')},
+               count(*) FILTER (WHERE transfer_recommended) AS transfers_recommended,
+               count(*) FILTER (WHERE transfer_done) AS transfers_done
+        FROM analytics.study_fact WHERE critical AND {where}
+        GROUP BY study_week, province, facility ORDER BY study_week, facility""", args)
+
+
+def options(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """What the filters can choose from (and the date range of the data)."""
+    out: dict[str, Any] = {}
+    for name, sql in (
+        ("districts", "SELECT DISTINCT district AS v FROM analytics.mv_study_daily ORDER BY 1"),
+        ("facilities", "SELECT DISTINCT facility AS v FROM analytics.mv_study_daily ORDER BY 1"),
+        ("modalities", "SELECT DISTINCT modality AS v FROM analytics.mv_study_daily ORDER BY 1"),
+    ):
+        out[name] = [r["v"] for r in _rows(conn, sql, {})]
+    out["findings"] = _rows(conn, "SELECT code, min(label) AS label, sum(positive)::bigint AS positives"
+                                  " FROM analytics.mv_finding_weekly GROUP BY code ORDER BY 3 DESC, 1", {})
+    span = _rows(conn, "SELECT min(study_day) AS first, max(study_day) AS last FROM analytics.mv_study_daily", {})[0]
+    out["first_day"], out["last_day"] = span["first"], span["last"]
+    refreshed = _rows(conn, "SELECT min(refreshed_at) AS t FROM analytics.refresh_log", {})[0]
+    out["refreshed_at"] = refreshed["t"]
+    return out
+
+
+# name -> (function, count columns that are numbers of studies, statistics over those studies)
+VIEWS: dict[str, tuple[Callable[[psycopg.Connection[Any], Filters], list[dict[str, Any]]], tuple[str, ...], tuple[str, ...]]] = {
+    "findings_weekly": (findings_weekly, ("studies", "positives"), ("rate_per_1000",)),
+    "districts": (district_table, ("studies", "critical", "positive_findings"), ("positive_per_1000_reads",)),
+    "turnaround": (turnaround, ("studies",), tuple(f"{n}_p{q}" for n in ("order_to_ai", "ai_to_reviewed",
+                   "reviewed_to_delivered", "order_to_delivered") for q in (50, 90))),
+    "workload": (workload, ("studies",), ()),
+    "backlog": (backlog, ("waiting", "over_24h", "critical"), ("oldest_hours", "median_wait_hours")),
+    "agreement": (agreement, ("reviewed", "agree", "disagree", "added", "tp", "fp", "fn", "tn"),
+                  ("agreement", "sensitivity", "ppv")),
+    "critical": (critical, ("critical_studies", "acknowledged", "transfers_recommended", "transfers_done"),
+                 ("ack_minutes_p50", "ack_minutes_p90")),
+}

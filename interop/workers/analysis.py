@@ -1,0 +1,172 @@
+"""`interop worker`: the analysis runner. Claims the jobs of the `analysis` pool (mappings/queue.yaml)
+and hands each to its service; turns the outcome into done, retry-later or failed.
+
+Several runners (in one hub or in several replicas) share the queue in PostgreSQL. A handler
+completes its job in the transaction that stores its result, while the runner still holds the
+lease; a crash before that commit leaves the job to be retried. Results are delivered by the
+delivery runner (`interop.workers.delivery`), so a hospital that does not answer never slows an
+analysis.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import uuid
+from threading import Event
+from typing import Any, Callable
+
+import psycopg
+
+from inference_client.triton import ModelNotFound, TritonClient, TritonError, TritonUnavailable
+
+from ..config import Settings
+from ..dicom.errors import DicomError, NotAnImage
+from ..services import critical, orders, tasks
+from ..services.analysis import WAIT_SECONDS, Analyser, Timings
+from ..services.analytics import facts
+from ..services.context import Context
+from ..services.errors import NoModel, Permanent, Transient, Waiting
+from ..services.intake import ANALYSE
+from ..store import db, queue, resources
+
+log = logging.getLogger("interop.worker")
+
+Handler = Callable[[psycopg.Connection[Any], Context, queue.Job, Timings], Any]
+Failed = Callable[[psycopg.Connection[Any], Context, queue.Job, str, BaseException | None], None]
+
+
+def _reason(exc: BaseException) -> str:
+    """The safe, short reason of our own exceptions (they never carry patient data)."""
+    text = getattr(exc, "reason", None) or str(exc)
+    return f"{type(exc).__name__}: {text}"[:500]
+
+
+class Runner:
+    def __init__(self, ctx: Context, worker_id: str | None = None):
+        settings = ctx.settings
+        if not settings.database_url or not settings.triton_url:
+            raise RuntimeError("the worker needs DATABASE_URL and TRITON_URL")
+        self.ctx = ctx
+        self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.kinds = ctx.policies.pool("analysis")
+        self.conn = db.connect(settings.database_url, autocommit=True)
+        analyser = Analyser(ctx, TritonClient(settings.triton_url, timeout_s=settings.triton_timeout))
+        self.handlers: dict[str, Handler] = {
+            ANALYSE: lambda conn, ctx, job, timings: analyser(conn, job, timings),
+            orders.PROCESS_HL7: orders.process_message, orders.FIND_STUDY: orders.find_study,
+            critical.ESCALATE: critical.escalate, facts.REFRESH: facts.refresh,
+        }
+        self.on_fail: dict[str, Failed] = {orders.PROCESS_HL7: orders.message_failed}
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, stop: Event, idle_wait: float = 1.0) -> None:
+        """Process jobs until `stop` is set; wakes on NOTIFY, polls every `idle_wait` seconds."""
+        listener = db.connect(self.ctx.settings.database_url or "", autocommit=True)
+        listener.execute(f"LISTEN {queue.CHANNEL}")
+        facts.schedule_refresh(self.conn, self.ctx)
+        log.info("worker %s started", self.id)
+        try:
+            while not stop.is_set():
+                if self.run_once():
+                    continue
+                select.select([listener.fileno()], [], [], idle_wait)
+                for _ in listener.notifies(timeout=0):
+                    pass
+        finally:
+            listener.close()
+            log.info("worker %s stopped", self.id)
+
+    def run_once(self) -> bool:
+        """Claim and process one job; False when none is ready."""
+        job = queue.claim(self.conn, self.id, self.ctx.settings.job_lease_seconds, kinds=self.kinds)
+        if job is None:
+            return False
+        self.process(job)
+        return True
+
+    # -- one job ----------------------------------------------------------------------------
+    def process(self, job: queue.Job) -> None:
+        """Run the job's handler; turn its outcome into done, retry-later or failed."""
+        timings = Timings()
+        handler = self.handlers.get(job.kind)
+        try:
+            if handler is None:
+                raise Permanent(f"unknown job kind {job.kind}")
+            if job.attempts > job.max_attempts:
+                raise Permanent(f"gave up after {job.max_attempts} attempts")
+            handler(self.conn, self.ctx, job, timings)
+        except queue.LeaseLost:
+            log.warning("job %s: lease lost, result dropped", job.id)
+        except NoModel as exc:
+            with self.conn.transaction():
+                tasks.update(self.conn, self.ctx, job.payload["task"], "rejected", reason=str(exc))
+                queue.complete(self.conn, job, timings.stages)
+        except Waiting as exc:
+            self._retry(job, exc.reason, timings, waiting=True)
+        except (Permanent, NotAnImage, ModelNotFound) as exc:
+            self._fail(job, _reason(exc), timings, exc)
+        except Transient as exc:
+            self._retry(job, exc.reason, timings)
+        except (DicomError, TritonError) as exc:
+            if getattr(exc, "is_transient", isinstance(exc, TritonUnavailable)):
+                self._retry(job, _reason(exc), timings)
+            else:
+                self._fail(job, _reason(exc), timings, exc)
+        except resources.NotFound:
+            self._fail(job, "a resource the job needs is no longer in the store", timings)
+        except psycopg.DataError as exc:  # a value PostgreSQL refuses: the same on every try
+            self._fail(job, f"a value cannot be stored ({type(exc).__name__})", timings, exc)
+        except Exception as exc:  # unknown: retry, and log the type only (text may hold patient data)
+            log.error("job %s (%s): unexpected %s", job.id, job.kind, type(exc).__name__)
+            log.debug("job failure", exc_info=exc)
+            self._retry(job, f"internal error ({type(exc).__name__})", timings)
+
+    def _retry(self, job: queue.Job, reason: str, timings: Timings, *, waiting: bool = False) -> None:
+        if job.attempts >= job.max_attempts and not waiting:
+            self._fail(job, reason, timings)
+            return
+        policy = self.ctx.policies.kind(job.kind)
+        delay = WAIT_SECONDS if waiting else queue.backoff_seconds(job.attempts, self.ctx.settings.retry_base_seconds,
+                                                                   policy.backoff_cap_seconds)
+        try:
+            with self.conn.transaction():
+                queue.retry_later(self.conn, job, reason, delay, refund=waiting)
+                if "task" in job.payload and not waiting:
+                    tasks.update(self.conn, self.ctx, job.payload["task"], "in-progress",
+                                 business=f"waiting to retry in {delay}s: {reason}")
+            log.warning("job %s (%s): %s; retry in %ss", job.id, job.kind, reason, delay)
+        except queue.LeaseLost:
+            log.warning("job %s: lease lost while scheduling a retry", job.id)
+
+    def _fail(self, job: queue.Job, reason: str, timings: Timings, exc: BaseException | None = None) -> None:
+        try:
+            with self.conn.transaction():
+                queue.finish(self.conn, job, "failed", reason, timings=timings.stages)
+                if "task" in job.payload:
+                    tasks.update(self.conn, self.ctx, job.payload["task"], "failed", reason=reason, business="failed")
+                if job.kind in self.on_fail:
+                    self.on_fail[job.kind](self.conn, self.ctx, job, reason, exc)
+            log.warning("job %s (%s) failed: %s", job.id, job.kind, reason)
+        except queue.LeaseLost:
+            log.warning("job %s: lease lost while failing it", job.id)
+
+
+def main(settings: Settings) -> None:
+    """`interop worker`: run one analysis worker until SIGTERM/SIGINT."""
+    import signal
+
+    stop = Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    ctx = Context.from_settings(settings)
+    signal.signal(signal.SIGHUP, lambda *_: ctx.sites.reload())
+    runner = Runner(ctx)
+    try:
+        runner.run(stop)
+    finally:
+        runner.close()

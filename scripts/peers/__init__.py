@@ -1,0 +1,1 @@
+"""Stand-in peers for the demo and the tests: a PACS (Orthanc) and a RIS (MLLP)."""

@@ -1,0 +1,1 @@
+"""Synthetic data: DICOM studies that describe no person, and analytics facts for the dashboard."""
