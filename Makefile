@@ -8,7 +8,7 @@ PEERS  := tests/peers/node_modules/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: demo test serve models system-deps bench clean
+.PHONY: demo test check serve models system-deps bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,14 @@ demo: $(STAMP) system-deps models
 serve: $(STAMP) models
 	$(BIN)/interop serve
 
-test: $(STAMP) system-deps $(PEERS) models
+# lint, types (strict where the rest stands), the layering contract, dead code: zero findings
+check: $(STAMP)
+	$(BIN)/ruff check interop inference_client scripts tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/vulture
+
+test: $(STAMP) system-deps $(PEERS) models check
 	$(BIN)/python -m pytest
 
 bench: $(STAMP) system-deps models

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import platform
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,11 +23,11 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the checkout
 
-from interop.app import create_app  # noqa: E402
-from interop.config import Settings  # noqa: E402
-from interop.store import analytics as facts  # noqa: E402
-from interop.store import db  # noqa: E402
-from scripts.synthetic import analytics as seed  # noqa: E402
+from interop.app import create_app
+from interop.config import Settings
+from interop.store import analytics as facts
+from interop.store import db
+from scripts.synthetic import analytics as seed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,12 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from interop.dicom.study import imaging_study  # noqa: E402
-from scripts.synthetic import dicom as synthetic  # noqa: E402
-from scripts.synthetic.dicom import dataset_bytes  # noqa: E402
-from scripts.peers.orthanc import Orthanc  # noqa: E402
 from interop.runtime.postgres import EmbeddedPostgres  # noqa: E402
 from interop.runtime.triton import BundledTriton  # noqa: E402
 from interop.store.db import connect, migrate  # noqa: E402
+from scripts.peers.orthanc import Orthanc  # noqa: E402
+from scripts.synthetic import dicom as synthetic  # noqa: E402
+from scripts.synthetic.dicom import dataset_bytes  # noqa: E402
 from tests.fixtures.hub import start_hub, stop_hub  # noqa: E402
 
 

@@ -79,7 +79,8 @@ def direct(repo: Path, models: list[str], batches: tuple[int, ...]) -> dict:
     ort_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     info = {"onnxruntime": ort.__version__, "ort_providers": ort.get_available_providers(),
             "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
-            "route": "onnxruntime CUDAExecutionProvider" if ort_cuda else "TorchGraph (PyTorch CUDA, fp32, cuDNN; TF32 convolutions allowed as PyTorch's default)"}
+            "route": "onnxruntime CUDAExecutionProvider" if ort_cuda else
+                     "TorchGraph (PyTorch CUDA, fp32, cuDNN; TF32 convolutions allowed as PyTorch's default)"}
     print(f"direct route: {info['route']}; {info}", flush=True)
     results: dict = {"info": info, "models": {}}
     rng = np.random.default_rng(0)
@@ -108,7 +109,7 @@ def direct(repo: Path, models: list[str], batches: tuple[int, ...]) -> dict:
                     dev = {k: torch.from_numpy(v).cuda() for k, v in f.items()}
 
                     def on_gpu():
-                        graph(dev)
+                        graph(dev)  # noqa: F821 (bound in the loop, called at once)
                         torch.cuda.synchronize()
                     t_gpu = timed(on_gpu)
             except torch.cuda.OutOfMemoryError:
@@ -198,7 +199,8 @@ def through_triton(repo: Path, models: list[str], batches: tuple[int, ...], log_
 
 
 def table(direct_r: dict, triton_r: dict | None) -> str:
-    lines = ["| model | item | best direct, host→host (batch) | best direct, GPU-resident (batch) | best via Triton (batch) | Triton / direct host→host |",
+    lines = ["| model | item | best direct, host→host (batch) | best direct, GPU-resident (batch)"
+             " | best via Triton (batch) | Triton / direct host→host |",
              "|---|---|---|---|---|---|"]
     items = {"mammography": "exam (4 views)", "brain_ct": "volume", "brain_mr": "volume"}
     for name, r in direct_r["models"].items():
@@ -241,7 +243,8 @@ def main() -> int:
         try:
             triton_r = through_triton(args.repo, models, batches, log_dir)
         except Exception as exc:  # report what happened; the direct figures still count
-            tail = (log_dir / "tritonserver.log").read_text(errors="replace")[-3000:] if (log_dir / "tritonserver.log").is_file() else ""
+            log = log_dir / "tritonserver.log"
+            tail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
             triton_r = {"error": f"{type(exc).__name__}: {exc}", "log_tail": tail, "models": {}}
             print(f"Triton run failed: {triton_r['error']}\n{tail}", flush=True)
     if args.out:

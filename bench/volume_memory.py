@@ -30,8 +30,8 @@ def peak_mib() -> float:
 def child(mode: str, slices: int, size: int, out_size: int, depth: int) -> dict[str, float]:
     import numpy as np
 
-    from scripts.synthetic.dicom import iter_ct_head_series
     from interop.dicom.volume import VolumeSpec, build_volume
+    from scripts.synthetic.dicom import iter_ct_head_series
 
     spec = VolumeSpec(depth=depth, height=out_size, width=out_size)
     list(iter_ct_head_series(0, slices=2, size=size))  # warm imports and caches

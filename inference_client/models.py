@@ -132,7 +132,7 @@ class Categories:
     bands: tuple[Category, ...]
     system: str | None = None
 
-    def category(self, outputs: "list[float] | tuple[float, ...]") -> Category:
+    def category(self, outputs: list[float] | tuple[float, ...]) -> Category:
         score = max(outputs)
         chosen = self.bands[0]
         for band in self.bands:
@@ -190,13 +190,13 @@ class _Reader:
             raise self._fail(key, "is required")
         return self.data[key]
 
-    def str(self, key: str, default: Any = ...) -> str:
+    def text(self, key: str, default: Any = ...) -> str:
         value = self.get(key, default)
         if not isinstance(value, str) or not value.strip():
             raise self._fail(key, f"must be a non-empty string, got {value!r}")
         return value.strip()
 
-    def opt_str(self, key: str) -> str | None:
+    def opt_text(self, key: str) -> str | None:
         value = self.data.get(key)
         if value is None:
             return None
@@ -206,7 +206,7 @@ class _Reader:
             raise self._fail(key, f"must be a non-empty string or null, got {value!r}")
         return value.strip()
 
-    def bool(self, key: str, default: Any = ...) -> bool:
+    def flag(self, key: str, default: Any = ...) -> bool:
         value = self.get(key, default)
         if not isinstance(value, bool):
             raise self._fail(key, f"must be true or false, got {value!r}")
@@ -228,7 +228,7 @@ class _Reader:
             raise self._fail(key, f"must be a list of {length} numbers, got {value!r}")
         return tuple(float(v) for v in value)
 
-    def sub(self, key: str) -> "_Reader":
+    def sub(self, key: str) -> _Reader:
         return _Reader(self.get(key), f"{self.where}: {key}")
 
     def display(self, key: str) -> Display:
@@ -236,7 +236,7 @@ class _Reader:
         if isinstance(value, str):
             raise self._fail(key, "must give both languages: {en: ..., vi: ...}")
         d = self.sub(key)
-        return Display(en=d.str("en"), vi=d.str("vi"))
+        return Display(en=d.text("en"), vi=d.text("vi"))
 
 
 def _label(data: Any, where: str) -> Label:
@@ -245,12 +245,12 @@ def _label(data: Any, where: str) -> Label:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise ModelDescriptionError(f"{where}: 'threshold' must be a number from 0 to 1, got {threshold!r}")
     return Label(
-        key=r.str("key"),
+        key=r.text("key"),
         display=r.display("display"),
         threshold=float(threshold),
-        code=r.opt_str("code"),
-        system=r.str("system", SNOMED),
-        critical=r.bool("critical", False),
+        code=r.opt_text("code"),
+        system=r.text("system", SNOMED),
+        critical=r.flag("critical", False),
     )
 
 
@@ -295,14 +295,14 @@ def _assembly(r: _Reader, tensor: TensorSpec, where: str) -> Assembly:
         return Assembly(kind="image", tensor=tensor.name)
     a = r.sub("assembly")
     where = a.where
-    kind = a.str("kind")
+    kind = a.text("kind")
     if kind not in ASSEMBLY_KINDS:
         raise ModelDescriptionError(f"{where}: 'kind' must be one of {list(ASSEMBLY_KINDS)}, got {kind!r}")
-    name = a.str("tensor", tensor.name)
+    name = a.text("tensor", tensor.name)
     if name != tensor.name:
         raise ModelDescriptionError(f"{where}: 'tensor' is {name!r} but input 'name' is {tensor.name!r}")
     if kind == "image":
-        reduce = a.str("reduce", "max")
+        reduce = a.text("reduce", "max")
         if reduce != "max":
             raise ModelDescriptionError(f"{where}: 'reduce' must be max, got {reduce!r}")
         return Assembly(kind=kind, tensor=name, reduce=reduce)
@@ -317,15 +317,15 @@ def _assembly(r: _Reader, tensor: TensorSpec, where: str) -> Assembly:
         views = []
         for i, item in enumerate(raw):
             v = _Reader(item, f"{where}: views[{i}]")
-            laterality = v.str("laterality").upper()
+            laterality = v.text("laterality").upper()
             if laterality not in ("R", "L"):
                 raise ModelDescriptionError(f"{v.where}: 'laterality' must be R or L, got {laterality!r}")
-            views.append(View(laterality=laterality, view=v.str("view").upper()))
+            views.append(View(laterality=laterality, view=v.text("view").upper()))
         expected = (len(views), 1, size[0], size[1])
         if tensor.shape != expected:
             raise ModelDescriptionError(f"{where}: {len(views)} views of {list(size)} give {list(expected)} "
                                         f"but input 'shape' is {list(tensor.shape)}")
-        return Assembly(kind=kind, tensor=name, views=tuple(views), present=a.opt_str("present"),
+        return Assembly(kind=kind, tensor=name, views=tuple(views), present=a.opt_text("present"),
                         size=(size[0], size[1]), normalise=normalise)
     depth = a.ints("depth", 1)[0] if isinstance(a.get("depth"), list) else a.get("depth")
     if isinstance(depth, bool) or not isinstance(depth, int) or depth <= 0:
@@ -353,7 +353,7 @@ def _assembly(r: _Reader, tensor: TensorSpec, where: str) -> Assembly:
             raise ModelDescriptionError(f"{sr.where}: 'min_slices' must be a positive integer, got {min_slices!r}")
         bounds = _numbers(thickness, sr.where, "slice_thickness_mm", 2) if thickness is not None else None
         series = SeriesChoice(
-            orientation=sr.opt_str("orientation"),
+            orientation=sr.opt_text("orientation"),
             prefer_description=_strings(sr.data.get("prefer_description") or [], sr.where, "prefer_description"),
             kernel=_strings(sr.data.get("kernel") or [], sr.where, "kernel"),
             slice_thickness_mm=(bounds[0], bounds[1]) if bounds else None,
@@ -365,7 +365,7 @@ def _assembly(r: _Reader, tensor: TensorSpec, where: str) -> Assembly:
 
 def _categories(r: _Reader, where: str) -> Categories:
     c = r.sub("categories")
-    score = c.str("score", "max")
+    score = c.text("score", "max")
     if score != "max":
         raise ModelDescriptionError(f"{c.where}: 'score' must be max, got {score!r}")
     raw = c.get("bands")
@@ -377,11 +377,11 @@ def _categories(r: _Reader, where: str) -> Categories:
         low = b.get("min")
         if isinstance(low, bool) or not isinstance(low, (int, float)) or not 0.0 <= low <= 1.0:
             raise ModelDescriptionError(f"{b.where}: 'min' must be a number from 0 to 1, got {low!r}")
-        bands.append(Category(min=float(low), key=b.str("key") if not isinstance(b.get("key"), int) else str(b.get("key")),
-                              display=b.display("display"), code=b.opt_str("code")))
+        bands.append(Category(min=float(low), key=b.text("key") if not isinstance(b.get("key"), int) else str(b.get("key")),
+                              display=b.display("display"), code=b.opt_text("code")))
     if bands[0].min != 0.0 or any(x.min >= y.min for x, y in zip(bands, bands[1:])):
         raise ModelDescriptionError(f"{c.where}: 'bands' must start at min 0 and increase")
-    return Categories(score=score, bands=tuple(bands), system=c.opt_str("system"))
+    return Categories(score=score, bands=tuple(bands), system=c.opt_text("system"))
 
 
 def check_against_triton(description: ModelDescription, triton_client: Any) -> list[str]:
@@ -403,7 +403,8 @@ def check_against_triton(description: ModelDescription, triton_client: Any) -> l
         problems.append(f"Triton input {name!r} is not described")
     outputs = {o["name"]: tuple(int(d) for d in o["dims"]) for o in config.get("output", [])}
     if description.output not in outputs:
-        problems.append(f"output {description.output!r} is not an output of {description.triton_model} (it has {sorted(outputs)})")
+        problems.append(f"output {description.output!r} is not an output of {description.triton_model}"
+                        f" (it has {sorted(outputs)})")
     elif outputs[description.output] != description.output_shape:
         problems.append(f"output {description.output!r}: description {list(description.output_shape)}, "
                         f"Triton {list(outputs[description.output])}")
@@ -419,13 +420,13 @@ def parse_model(data: Any, source: Path | None = None) -> ModelDescription:
     """Validate one description (already parsed from YAML) and build the dataclass."""
     where = str(source) if source else "model description"
     r = _Reader(data, where)
-    name = r.str("name")
+    name = r.text("name")
 
     inp = r.sub("input")
-    dtype = inp.str("dtype").upper()
+    dtype = inp.text("dtype").upper()
     if dtype not in DTYPES:
         raise ModelDescriptionError(f"{where}: input: 'dtype' must be one of {sorted(DTYPES)}, got {dtype!r}")
-    tensor = TensorSpec(name=inp.str("name"), shape=inp.ints("shape"), dtype=dtype)
+    tensor = TensorSpec(name=inp.text("name"), shape=inp.ints("shape"), dtype=dtype)
     assembly = _assembly(r, tensor, where)
 
     preprocessing = None
@@ -444,21 +445,21 @@ def parse_model(data: Any, source: Path | None = None) -> ModelDescription:
         seen.add(label.key)
 
     rc = r.sub("report_code")
-    report_code = Coding(system=rc.str("system", LOINC), code=rc.opt_str("code"), display=rc.str("display"))
+    report_code = Coding(system=rc.text("system", LOINC), code=rc.opt_text("code"), display=rc.text("display"))
     categories = _categories(r, where) if r.data.get("categories") is not None else None
 
     output = r.sub("output")
     return ModelDescription(
         name=name,
-        triton_model=r.str("triton_model"),
+        triton_model=r.text("triton_model"),
         version=str(r.get("version")),
         display=r.display("display"),
         input=tensor,
         preprocessing=preprocessing,
-        output=output.str("name"),
+        output=output.text("name"),
         labels=labels,
         report_code=report_code,
-        reference_model=r.bool("reference_model"),
+        reference_model=r.flag("reference_model"),
         source=source,
         assembly=assembly,
         categories=categories,

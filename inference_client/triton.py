@@ -9,7 +9,8 @@ never work" (model not deployed, wrong input), so errors are classified here, on
 from __future__ import annotations
 
 import socket
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import tritonclient.http as httpclient
@@ -75,7 +76,7 @@ class TritonClient:
             self._client.close()
             self._client = None
 
-    def __enter__(self) -> "TritonClient":
+    def __enter__(self) -> TritonClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -119,7 +120,7 @@ class TritonClient:
         value = (params.get("model_version_label") or {}).get("string_value")
         return str(value) if value else None
 
-    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    def infer(self, model: str, inputs: dict[str, np.ndarray[Any, Any]], outputs: list[str]) -> dict[str, np.ndarray[Any, Any]]:
         """Run one request with binary tensors; returns the named outputs as numpy arrays."""
         request_inputs = []
         for name, array in inputs.items():
@@ -133,7 +134,7 @@ class TritonClient:
             lambda c: c.infer(model, request_inputs, outputs=request_outputs, timeout=None),
             model=model,
         )
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, np.ndarray[Any, Any]] = {}
         for name in outputs:
             array = result.as_numpy(name)
             if array is None:

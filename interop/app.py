@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import psycopg
 from flask import Flask, Response, request
@@ -39,7 +39,7 @@ class Hub:
     """Per-process state of the HTTP edges: the services' context and a lazily opened pool."""
 
     ctx: Context
-    started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    started: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     _pool: ConnectionPool | None = None
 
     @property

@@ -180,7 +180,7 @@ def _demo(parser: argparse.ArgumentParser, settings: Settings, keep: bool, seed:
     sys.path.insert(0, str(CHECKOUT))
     from scripts import demo
 
-    return demo.seed_analytics(settings, seed) if seed is not None else demo.run_demo(settings, keep=keep)
+    return int(demo.seed_analytics(settings, seed) if seed is not None else demo.run_demo(settings, keep=keep))
 
 
 if __name__ == "__main__":

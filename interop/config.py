@@ -8,9 +8,9 @@ Operators script against these names: keep them stable and documented in the REA
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
 
 # name -> (attribute, default, help). The single list `interop --help` prints. Relative paths are
 # taken from the working directory (a checkout, or the deployment's working directory).
@@ -19,32 +19,41 @@ ENVIRONMENT: list[tuple[str, str, str | None, str]] = [
     ("INTEROP_HTTP_HOST", "http_host", "127.0.0.1", "address the FHIR API binds to"),
     ("INTEROP_MLLP_PORT", "mllp_port", "2575", "port of the HL7 v2 MLLP listener"),
     ("INTEROP_MLLP_HOST", "mllp_host", "127.0.0.1", "address the HL7 v2 MLLP listener binds to"),
-    ("INTEROP_MLLP_MAX_BYTES", "mllp_max_bytes", str(1024 * 1024), "largest HL7 v2 message accepted over MLLP (AR and close above)"),
+    ("INTEROP_MLLP_MAX_BYTES", "mllp_max_bytes", str(1024 * 1024),
+     "largest HL7 v2 message accepted over MLLP (AR and close above)"),
     ("INTEROP_MLLP_IDLE_SECONDS", "mllp_idle_seconds", "300", "an MLLP connection silent this long is closed"),
     ("DATABASE_URL", "database_url", None, "PostgreSQL URL; unset: an embedded PostgreSQL under INTEROP_DATA_DIR"),
-    ("ANALYTICS_DATABASE_URL", "analytics_database_url", None, "PostgreSQL the analytics dashboard reads (a replica of DATABASE_URL); unset: DATABASE_URL"),
+    ("ANALYTICS_DATABASE_URL", "analytics_database_url", None,
+     "PostgreSQL the analytics dashboard reads (a replica of DATABASE_URL); unset: DATABASE_URL"),
     ("TRITON_URL", "triton_url", None, "Triton HTTP host:port; unset: the bundled tritonserver on INTEROP_TRITON_REPO"),
     ("DICOMWEB_URL", "dicomweb_url", None, "DICOMweb base URL of the PACS used when a study names no endpoint"),
     ("INTEROP_DATA_DIR", "data_dir", "var", "where the embedded PostgreSQL and logs live"),
     ("INTEROP_MAPPINGS_DIR", "mappings_dir", "mappings", "routing rules, model descriptions, HL7 v2 tables, queue policies"),
-    ("INTEROP_SITES", "sites_file", None, "facilities served: names, districts, result destinations; unset: INTEROP_MAPPINGS_DIR/sites.yaml"),
+    ("INTEROP_SITES", "sites_file", None,
+     "facilities served: names, districts, result destinations; unset: INTEROP_MAPPINGS_DIR/sites.yaml"),
     ("INTEROP_TRITON_REPO", "triton_repo", "triton_repo", "Triton model repository for the bundled server"),
     ("INTEROP_WORKERS", "workers", "1", "analysis worker processes started by `interop serve`"),
     ("INTEROP_HTTP_WORKERS", "http_workers", "2", "gunicorn worker processes for the FHIR API"),
     ("INTEROP_DELIVERY_LANES", "delivery_lanes", "32", "destinations the delivery process serves at once (one thread each)"),
-    ("INTEROP_JOB_LEASE_SECONDS", "job_lease_seconds", "120", "a claimed job whose worker stops renewing it is retried after this"),
+    ("INTEROP_JOB_LEASE_SECONDS", "job_lease_seconds", "120",
+     "a claimed job whose worker stops renewing it is retried after this"),
     ("INTEROP_JOB_MAX_ATTEMPTS", "job_max_attempts", "8", "attempts before an analysis job is marked failed"),
     ("INTEROP_RETRY_BASE_SECONDS", "retry_base_seconds", "5", "first retry delay; doubles each attempt, capped at 10 minutes"),
     ("INTEROP_TRITON_TIMEOUT", "triton_timeout", "60", "seconds for one Triton inference call"),
     ("INTEROP_DICOMWEB_TIMEOUT", "dicomweb_timeout", "30", "seconds for one DICOMweb request"),
-    ("INTEROP_PACS_WAIT_MINUTES", "pacs_wait_minutes", "60", "how long a study not yet in the PACS is looked for (a site's pacs_wait_minutes wins)"),
+    ("INTEROP_PACS_WAIT_MINUTES", "pacs_wait_minutes", "60",
+     "how long a study not yet in the PACS is looked for (a site's pacs_wait_minutes wins)"),
     ("INTEROP_MAX_BODY_BYTES", "max_body_bytes", str(10 * 1024 * 1024), "largest FHIR request body accepted (413 above)"),
-    ("INTEROP_CRITICAL_ESCALATE_MINUTES", "critical_escalate_minutes", "15", "an unacknowledged critical result goes to the next contact after this"),
-    ("INTEROP_ANALYTICS_REFRESH_MINUTES", "analytics_refresh_minutes", "15", "how often a worker refreshes the analytics summary views"),
+    ("INTEROP_CRITICAL_ESCALATE_MINUTES", "critical_escalate_minutes", "15",
+     "an unacknowledged critical result goes to the next contact after this"),
+    ("INTEROP_ANALYTICS_REFRESH_MINUTES", "analytics_refresh_minutes", "15",
+     "how often a worker refreshes the analytics summary views"),
     ("INTEROP_PSEUDONYM_KEY", "pseudonym_key", None, "secret of the analytics patient keys (at least 16 characters)"),
-    ("INTEROP_PSEUDONYM_KEY_FILE", "pseudonym_key_file", None, "file holding that secret; unset with no key: INTEROP_DATA_DIR/pseudonym.key, created"),
+    ("INTEROP_PSEUDONYM_KEY_FILE", "pseudonym_key_file", None,
+     "file holding that secret; unset with no key: INTEROP_DATA_DIR/pseudonym.key, created"),
     ("INTEROP_BASE_URL", "base_url", None, "public base URL of the FHIR API, for Location and Bundle links"),
-    ("PROMETHEUS_MULTIPROC_DIR", "metrics_dir", None, "set by `interop serve`: where gunicorn workers share their request metrics"),
+    ("PROMETHEUS_MULTIPROC_DIR", "metrics_dir", None,
+     "set by `interop serve`: where gunicorn workers share their request metrics"),
 ]
 
 
@@ -91,7 +100,7 @@ class Settings:
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Build settings from `env` (default: os.environ); unknown variables are ignored."""
         env = dict(os.environ if env is None else env)
         types = {f.name: f.type for f in fields(cls)}

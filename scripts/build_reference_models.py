@@ -8,7 +8,8 @@ with seeded random weights (architectures and input contracts: docs/MODELS.md):
 | Triton model  | architecture                                            | input -> output                              |
 |---------------|---------------------------------------------------------|----------------------------------------------|
 | chest_xray    | DenseNet-121 (CheXNet layout)                           | image [N,3,224,224] -> probabilities [N,14]   |
-| mammography   | ResNet-22 view trunk (Wu et al. 2019), CC+MLO per breast | views [N,4,1,256,208] + present [N,4] -> breast_scores [N,2] |
+| mammography   | ResNet-22 view trunk (Wu et al. 2019), CC+MLO per breast |
+|               |   views [N,4,1,256,208] + present [N,4] -> breast_scores [N,2] |
 | brain_ct      | 3D ResNet-10 (MedicalNet layout), 3 HU windows          | volume [N,3,32,128,128] -> probabilities [N,6] |
 | brain_mr      | 3D ResNet-10, z-scored                                  | volume [N,1,32,128,128] -> probabilities [N,5] |
 | spine_xray    | DenseNet-121                                            | image [N,3,224,224] -> probabilities [N,4]    |
@@ -39,8 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference_models import brain, chest, mammography, spine  # noqa: E402
-from reference_models.common import Reference, is_current  # noqa: E402
+from reference_models import brain, chest, mammography, spine
+from reference_models.common import Reference, is_current
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCES: dict[str, Reference] = {r.name: r for r in (

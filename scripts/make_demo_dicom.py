@@ -17,11 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pydicom.uid import generate_uid  # noqa: E402
+from pydicom import uid
+from pydicom.uid import generate_uid
 
-from pydicom import uid  # noqa: E402
-
-from scripts.synthetic.dicom import (  # noqa: E402
+from scripts.synthetic.dicom import (
     compress,
     dataset_bytes,
     iter_ct_head_series,

@@ -6,9 +6,10 @@ import re
 import shutil
 import subprocess
 import threading
-from datetime import date, datetime, timedelta, timezone
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from werkzeug.serving import make_server
@@ -17,7 +18,8 @@ from inference_client.models import load_models
 from interop.app import create_app
 from interop.config import Settings
 from interop.domain import report
-from interop.services import critical, review as actions
+from interop.services import critical
+from interop.services import review as actions
 from interop.services.analytics import export, facts, forecast, pseudonym
 from interop.services.context import Context
 from interop.store import analytics as queries
@@ -70,7 +72,7 @@ def ai_report(db_url: str, ctx: Context, n: int, *, site: str, positives: dict[s
     with connect(db_url, autocommit=True) as conn, conn.transaction():
         patient = _patient(conn, n, address=address)
         subject = {"reference": f"Patient/{patient['id']}"}
-        authored = (datetime.now(timezone.utc) - timedelta(minutes=ordered_minutes_ago)).isoformat()
+        authored = (datetime.now(UTC) - timedelta(minutes=ordered_minutes_ago)).isoformat()
         order = resources.create(conn, {
             "resourceType": "ServiceRequest", "status": "active", "intent": "order", "subject": subject,
             "authoredOn": authored, "meta": {"tag": [tag]}, "note": [{"text": FREE_TEXT}],
@@ -88,7 +90,7 @@ def ai_report(db_url: str, ctx: Context, n: int, *, site: str, positives: dict[s
         built = report.build(study=study, study_uid=f"1.2.3.{n}", model=MODEL, version="0.1.0-reference",
                              probabilities=probs, report_id=resources.new_id(),
                              observation_ids=[resources.new_id() for _ in MODEL.labels],
-                             issued=datetime.now(timezone.utc).isoformat())
+                             issued=datetime.now(UTC).isoformat())
         try:
             resources.read(conn, "Device", built["device"]["id"])
         except resources.NotFound:
@@ -157,7 +159,8 @@ def test_facts_from_stored_reports(db_url: str, known: dict[str, str]) -> None:
     with connect(db_url) as conn:
         rows = {r["report_id"]: r for r in conn.execute("SELECT * FROM analytics.study_fact").fetchall()}
         a, b, c = rows[known["a"]], rows[known["b"]], rows[known["c"]]
-        assert (a["district"], a["commune"], a["province"], a["facility"]) == ("Bien Hoa", "Phường Tân Phong", "Dong Nai", "BVDKDN")
+        assert (a["district"], a["commune"], a["province"], a["facility"]) == (
+            "Bien Hoa", "Phường Tân Phong", "Dong Nai", "BVDKDN")
         assert (b["district"], b["facility"], b["facility_district"]) == ("Nhon Trach", "TTYT_NHONTRACH", "Nhon Trach")
         assert a["age_band"] == "65-74" and a["sex"] == "male"  # born 1961-03-14
         assert (a["modality"], a["body_part"], a["procedure_code"]) == ("CR", "CHEST", "36554-4")
@@ -248,7 +251,8 @@ def test_views_on_known_data(db_url: str, known: dict[str, str]) -> None:
         assert queries.critical(conn, today_filters(facility="BVDKDN")) == []
         assert [r["waiting"] for r in queries.backlog(conn, today_filters())] == [1]
         assert {r["code"]: r["sensitivity"] for r in queries.agreement(conn, today_filters())}[CODE["Atelectasis"]] == 1.0
-        assert {r["district"]: r["studies"] for r in queries.district_table(conn, today_filters())} == {"Bien Hoa": 2, "Nhon Trach": 1}
+        assert {r["district"]: r["studies"] for r in queries.district_table(conn, today_filters())} == {
+            "Bien Hoa": 2, "Nhon Trach": 1}
 
 
 def _analytics_relations(conn: Any) -> list[str]:
@@ -269,7 +273,8 @@ def test_no_identifiers_in_any_table_or_view(db_url: str, known: dict[str, str])
         assert {"study_fact", "finding_fact", "findings_weekly", "turnaround_weekly", "workload_daily",
                 "review_backlog", "ai_agreement", "critical_weekly", "mv_study_daily", "mv_finding_weekly"} <= set(relations)
         for rel in relations:
-            text = conn.execute(f'SELECT coalesce(string_agg(row_to_json(t)::text, \' \'), \'\') AS t FROM analytics."{rel}" t').fetchone()["t"]
+            text = conn.execute("SELECT coalesce(string_agg(row_to_json(t)::text, ' '), '') AS t"
+                                f' FROM analytics."{rel}" t').fetchone()["t"]
             for needle in needles:
                 assert needle not in text, f"{needle!r} found in analytics.{rel}"
         for fn, _c, _s in queries.VIEWS.values():

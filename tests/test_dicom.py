@@ -6,9 +6,9 @@ import http.server
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -21,6 +21,7 @@ from pydicom.uid import generate_uid
 from interop.dicom import DicomError, NotAnImage, PacsUnavailable, StudyNotFound
 from interop.dicom.dicomweb import DicomWebClient, InstanceRef, multipart_boundary, parse_multipart
 from interop.dicom.pixels import preprocess, to_display_array, window
+from scripts.peers.orthanc import Orthanc
 from scripts.synthetic.dicom import (
     BASIC_TEXT_SR,
     DX_FOR_PRESENTATION,
@@ -28,7 +29,6 @@ from scripts.synthetic.dicom import (
     make_chest_xray,
     make_non_image,
 )
-from scripts.peers.orthanc import Orthanc
 
 
 def pydicom_file(name: str) -> Dataset:
@@ -202,7 +202,7 @@ def test_silent_pacs_times_out_as_pacs_unavailable() -> None:
 class _Failing(http.server.BaseHTTPRequestHandler):
     status = 503
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         body = b"patient DOE^JANE is not here"
         self.send_response(self.status)
         self.send_header("Content-Type", "text/plain")
@@ -224,7 +224,8 @@ def failing_pacs() -> Iterator[http.server.HTTPServer]:
     server.server_close()
 
 
-@pytest.mark.parametrize("status, error, transient", [(503, PacsUnavailable, True), (500, PacsUnavailable, True), (400, DicomError, False)])
+@pytest.mark.parametrize("status, error, transient",
+                         [(503, PacsUnavailable, True), (500, PacsUnavailable, True), (400, DicomError, False)])
 def test_http_errors_are_mapped(
     failing_pacs: http.server.HTTPServer, status: int, error: type[DicomError], transient: bool
 ) -> None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import fhirpy
 import psycopg
@@ -24,10 +25,11 @@ from werkzeug.serving import make_server
 
 from interop.domain import bundle as fhir_push
 from interop.domain import subscriptions
-from interop.services import delivery, reports
+from interop.services import delivery
 from interop.services.context import Context
 from interop.services.delivery.auth import TokenCache
-from interop.sites import SitesError, load as load_sites
+from interop.sites import SitesError
+from interop.sites import load as load_sites
 from interop.store import db, resources
 from interop.workers.delivery import Deliverer
 from tests.fixtures.fhir_server import Emr
@@ -57,7 +59,8 @@ def write_sites(tmp_path: Path, fhir: str) -> Path:
 
 
 def bearer_sites(tmp_path: Path, emr: Emr, base: str | None = None) -> Path:
-    return write_sites(tmp_path, f"    fhir:\n      base: {base or emr.base}\n      timeout_seconds: 5\n      max_bundle_entries: 8\n"
+    return write_sites(tmp_path, f"    fhir:\n      base: {base or emr.base}\n      timeout_seconds: 5\n"
+                                 "      max_bundle_entries: 8\n"
                                  "      auth: {type: bearer, token_env: TEST_EMR_TOKEN}\n")
 
 
@@ -198,7 +201,8 @@ def test_report_arrives_once_with_its_observations(
     [again] = emr_reports(fhir_emr)
     assert again["id"] == report["id"] and again["result"] == report["result"]
     assert len(fhir_emr.search("Device", identifier="urn:interop-hub:model|chest-xray@0.1.0-reference")) == 1
-    assert len(fhir_emr.search("Observation", identifier=f"urn:interop-hub:observation|{observations[0]['identifier'][0]['value']}")) == 1
+    first = observations[0]["identifier"][0]["value"]
+    assert len(fhir_emr.search("Observation", identifier=f"urn:interop-hub:observation|{first}")) == 1
 
 
 def test_emr_down_for_a_while_then_delivered_late_but_once(
@@ -315,7 +319,8 @@ def test_client_credentials_token_is_fetched_cached_and_refreshed_once(
         stored: psycopg.Connection[Any], fhir_emr: Emr, db_url: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEST_EMR_SECRET", "s3cret")
-    sites = write_sites(tmp_path, f"    fhir:\n      base: {fhir_emr.base}\n      max_bundle_entries: 8\n      auth: {{type: client_credentials,"
+    sites = write_sites(tmp_path, f"    fhir:\n      base: {fhir_emr.base}\n      max_bundle_entries: 8\n"
+                                  "      auth: {type: client_credentials,"
                                   f" token_url: {fhir_emr.token_url}, client_id: hub, client_secret_env: TEST_EMR_SECRET,"
                                   " scope: system/*.write}\n")
     sender = make_sender(db_url, sites)
@@ -404,7 +409,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 receiver.received.append({"path": self.path, "headers": dict(self.headers), "body": body})
                 self.send_response(receiver.status)

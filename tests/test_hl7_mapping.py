@@ -4,15 +4,15 @@ validators (fhir.resources R4B with the hub's write-time checks, and HL7's R4 JS
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 
-from tests.helpers import ROOT as REPO_ROOT
 from interop.fhir.validation import validate
 from interop.hl7 import charset
 from interop.hl7.errors import ErrorCode
@@ -22,6 +22,7 @@ from interop.hl7.order import OrderMessage
 from interop.hl7.order import map_order as _map_order
 from interop.hl7.order import map_patient_update as _map_patient_update
 from tests.helpers import DATA
+from tests.helpers import ROOT as REPO_ROOT
 
 SAMPLES = DATA / "hl7v2"
 IG = DATA / "v2-to-fhir"

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import hl7
 import pytest
@@ -28,7 +29,8 @@ def orm(control_id: str, *, order_control: str = "NW", order_status: str = "SC",
         f"PID|||{patient_id}^^^{facility}^MR||{name}||19580214|M|||12 Le Loi^^Bien Hoa^^^VN",
         f"PV1||O|XQ^^^{facility}||||1234^TRAN^BINH^^^BS|||||||||||V{control_id}^^^{facility}",
         f"ORC|{order_control}|{placer}^HIS|{filler}^RIS||{order_status}||^^^20261122083000^^R||20261122083000|||1234^TRAN^BINH^^^BS",
-        f"OBR|1|{placer}^HIS|{filler}^RIS|36554-4^XR Chest Single view^LN|||20261122083000|||||||||1234^TRAN^BINH^^^BS||{accession}||||||DX||^^^20261122083000^^R||||^cough 3 weeks",
+        f"OBR|1|{placer}^HIS|{filler}^RIS|36554-4^XR Chest Single view^LN|||20261122083000|||||||||1234^TRAN^BINH^^^BS"
+        f"||{accession}||||||DX||^^^20261122083000^^R||||^cough 3 weeks",
     ]
     if study_uid:
         segments.append(f"ZDS|{study_uid}^HUB^Application^DICOM")

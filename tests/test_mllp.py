@@ -22,12 +22,18 @@ import psycopg
 import pytest
 from hl7.mllp import open_hl7_connection
 
-from tests.helpers import ROOT as REPO_ROOT
 from interop.hl7 import ack, header, mllp
 from interop.hl7.errors import AckCode, MissingSegment, UnsupportedMessage
-from tests.fixtures.mllp import (ListenerThread, RunningListener, listener_settings, raw_exchange,
-                                 start_mllp_process, unframe)
+from tests.fixtures.mllp import (
+    ListenerThread,
+    RunningListener,
+    listener_settings,
+    raw_exchange,
+    start_mllp_process,
+    unframe,
+)
 from tests.helpers import DATA
+from tests.helpers import ROOT as REPO_ROOT
 
 SAMPLES = DATA / "hl7v2"
 TABLE = header.load_table(header.table_path(REPO_ROOT / "mappings"))

@@ -5,8 +5,9 @@ a copy of mappings/ where the critical labels' thresholds are 0 must mark them c
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -16,9 +17,9 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEGLSLossless, RLELossless, generate_uid
 
 from inference_client.models import load_models
-from tests.helpers import ROOT as REPO_ROOT
 from scripts.synthetic import dicom as synthetic
 from tests.fixtures.hub import HubProcess, start_hub, stop_hub
+from tests.helpers import ROOT as REPO_ROOT
 from tests.helpers import study_resource, wait_for
 
 MODELS = load_models(REPO_ROOT / "mappings")

@@ -125,7 +125,7 @@ def test_model_py_is_one_file() -> None:
 
 
 def test_critical_labels_and_categories() -> None:
-    assert [l.key for l in MODELS["brain-ct"].critical_labels] == ["intracranial_haemorrhage", "midline_shift"]
+    assert [label.key for label in MODELS["brain-ct"].critical_labels] == ["intracranial_haemorrhage", "midline_shift"]
     assert MODELS["brain-ct"].labels[0].code == "1386000"
     cats = MODELS["mammography"].categories
     assert cats is not None

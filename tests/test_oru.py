@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import threading
 import time
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import hl7
 import hl7.mllp
@@ -28,7 +28,8 @@ from interop.hl7 import oru
 from interop.hl7.client import BadAck, MllpClient, PeerUnavailable, parse_ack
 from interop.ops.admin import deliveries
 from interop.services import delivery
-from interop.store import db, queue as jobs, resources
+from interop.store import db, resources
+from interop.store import queue as jobs
 from interop.store.search_params import load as load_params
 from interop.workers.delivery import Deliverer
 from tests.helpers import context, delivery_row, free_port, time_passes
@@ -38,7 +39,7 @@ MODEL = load_models(MAPPINGS)["chest-xray"]
 PARAMS = load_params(MAPPINGS.resolve())
 CRITICAL = next(i for i, label in enumerate(MODEL.labels) if label.critical)
 UNCODED = next(i for i, label in enumerate(MODEL.labels) if label.code is None)
-NOW = datetime(2026, 11, 20, 1, 6, 7, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 20, 1, 6, 7, tzinfo=UTC)
 STUDY_UID = "1.2.840.99999.1.20261120.1"
 
 PATIENT = {

@@ -18,18 +18,6 @@ from pydicom.uid import generate_uid
 from interop.dicom import IncompleteSeries, NoSuitableSeries, NotAnImage, NoViews
 from interop.dicom.dicomweb import DicomWebClient, InstanceRef, iter_multipart, parse_multipart
 from interop.dicom.pixels import decode_frame, to_display_array
-from scripts.synthetic.dicom import (
-    MG_FOR_PRESENTATION,
-    compress,
-    dataset_bytes,
-    iter_ct_head_series,
-    make_chest_xray,
-    make_ct_head_series,
-    make_mammogram,
-    make_mammography_exam,
-    make_mr_brain_series,
-    make_spine_xray,
-)
 from interop.dicom.views import STANDARD_VIEWS, ViewSlot, ViewSpec, assemble_views, select_views, view_of_dataset
 from interop.dicom.volume import (
     BRAIN_CT_RULES,
@@ -43,6 +31,18 @@ from interop.dicom.volume import (
     series_facts,
 )
 from scripts.peers.orthanc import Orthanc
+from scripts.synthetic.dicom import (
+    MG_FOR_PRESENTATION,
+    compress,
+    dataset_bytes,
+    iter_ct_head_series,
+    make_chest_xray,
+    make_ct_head_series,
+    make_mammogram,
+    make_mammography_exam,
+    make_mr_brain_series,
+    make_spine_xray,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 LOSSLESS = [uid.RLELossless, uid.JPEGLosslessSV1, uid.JPEGLossless, uid.JPEGLSLossless, uid.JPEG2000Lossless]

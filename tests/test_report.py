@@ -8,8 +8,8 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 
 from inference_client.models import load_models
-from tests.helpers import ROOT as REPO_ROOT
 from interop.domain import report
+from tests.helpers import ROOT as REPO_ROOT
 
 MODEL = load_models(REPO_ROOT / "mappings")["chest-xray"]
 STUDY = {"resourceType": "ImagingStudy", "id": "s1", "status": "available",

@@ -6,14 +6,14 @@ from typing import Any
 from flask.testing import FlaskClient
 
 from inference_client.models import load_models
-from tests.helpers import ROOT as REPO_ROOT
-from tests.helpers import context
 from interop.domain import report
 from interop.services import critical
 from interop.store import queue as jobs
 from interop.store import resources
 from interop.store.db import connect
 from interop.store.search_params import load
+from tests.helpers import ROOT as REPO_ROOT
+from tests.helpers import context
 
 MODEL = load_models(REPO_ROOT / "mappings")["chest-xray"]
 PARAMS = load(REPO_ROOT / "mappings")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import threading
 
-from tests.helpers import ROOT as REPO_ROOT
 from interop.store import resources
 from interop.store.db import connect
 from interop.store.search_params import load
+from tests.helpers import ROOT as REPO_ROOT
 
 PARAMS = load(REPO_ROOT / "mappings")
 

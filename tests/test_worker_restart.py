@@ -42,7 +42,7 @@ def test_killed_worker_job_completes_once(client: Any, db_url: str, triton_url: 
         stop_hub(second)
     row = job_row(db_url)
     assert row["attempts"] == 2
-    reports = client.get(f"/fhir/DiagnosticReport?subject=Patient/restart").get_json()
+    reports = client.get("/fhir/DiagnosticReport?subject=Patient/restart").get_json()
     assert reports["total"] == 1
     assert reports["entry"][0]["resource"]["imagingStudy"] == [{"reference": f"ImagingStudy/{study_id}"}]
     task = client.get(f"/fhir/Task?focus=ImagingStudy/{study_id}").get_json()["entry"][0]["resource"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +15,17 @@ from flask.testing import FlaskClient
 from PIL import Image
 
 from inference_client.models import load_models
-from tests.helpers import ROOT as REPO_ROOT
 from interop.dicom.study import imaging_study
-from scripts.synthetic.dicom import make_chest_xray
 from interop.domain import report
 from interop.domain.vocabulary import site_tag
 from interop.services import critical
 from interop.store import resources
-from interop.store.reviews import open_alerts
-from tests.helpers import context
 from interop.store.db import connect
+from interop.store.reviews import open_alerts
 from interop.store.search_params import load
-from tests.helpers import chest_study_in_pacs
+from scripts.synthetic.dicom import make_chest_xray
+from tests.helpers import ROOT as REPO_ROOT
+from tests.helpers import chest_study_in_pacs, context
 
 MODEL = load_models(REPO_ROOT / "mappings")["chest-xray"]
 PARAMS = load(REPO_ROOT / "mappings")
@@ -47,7 +46,7 @@ def make_report(db_url: str, *, mrn: str, critical_finding: bool = False, waited
         ds = chest_study_in_pacs(orthanc, seed=seed, patient_id=mrn, size=512)
     else:
         ds = make_chest_xray(seed=seed, patient_id=mrn, size=64)
-    issued = (datetime.now(timezone.utc) - waited).isoformat()
+    issued = (datetime.now(UTC) - waited).isoformat()
     with connect(db_url, autocommit=True) as conn, conn.transaction():
         patient = resources.create(conn, {"resourceType": "Patient", "identifier": [
             {"system": "urn:test:mrn", "value": mrn}]}, PARAMS["Patient"])

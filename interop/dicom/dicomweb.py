@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
-from types import TracebackType
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import requests
 from pydicom import dcmread
@@ -103,7 +103,7 @@ class InstanceRef:
         return self.rows is not None and self.columns is not None
 
     @classmethod
-    def from_dicom_json(cls, item: Mapping[str, Any]) -> "InstanceRef":
+    def from_dicom_json(cls, item: Mapping[str, Any]) -> InstanceRef:
         """Build from one DICOM JSON object (PS3.18 F.2) of a QIDO-RS answer."""
         study, series, instance = _first(item, "0020000D"), _first(item, "0020000E"), _first(item, "00080018")
         if not (study and series and instance):
@@ -326,12 +326,10 @@ class DicomWebClient:
         if self._owns_session:
             self.session.close()
 
-    def __enter__(self) -> "DicomWebClient":
+    def __enter__(self) -> DicomWebClient:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # timeout=(connect, read): connecting to a dead host fails fast; `read` bounds each wait for bytes.

@@ -7,13 +7,14 @@ become luminance. `preprocess` turns that image into a normalised (C, H, W) tens
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
+from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom import uid
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder, pixel_array
 
 from interop.dicom.errors import NotAnImage
@@ -58,7 +59,7 @@ def check_image(ds: Dataset) -> None:
         raise NotAnImage("instance has no image size")
 
 
-def decode_frame(ds: Dataset, index: int = 0) -> np.ndarray:
+def decode_frame(ds: Dataset, index: int = 0) -> np.ndarray[Any, Any]:
     """Stored values of frame `index` (rows, columns[, samples]); NotAnImage if they cannot be decoded.
 
     Only that frame is decoded, and nothing is cached on `ds` (unlike `ds.pixel_array`). The
@@ -92,7 +93,7 @@ def decode_frame(ds: Dataset, index: int = 0) -> np.ndarray:
     return stored
 
 
-def to_display_array(ds: Dataset) -> np.ndarray:
+def to_display_array(ds: Dataset) -> np.ndarray[Any, Any]:
     """The first frame of `ds` as float32 (rows, columns) in [0, 1]; raises NotAnImage."""
     stored = decode_frame(ds, 0)
 
@@ -119,9 +120,10 @@ def to_display_array(ds: Dataset) -> np.ndarray:
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
-def _luminance(rgb: np.ndarray, bits: int) -> np.ndarray:
+def _luminance(rgb: np.ndarray[Any, Any], bits: int) -> np.ndarray[Any, Any]:
     scale = float((1 << bits) - 1) if np.issubdtype(rgb.dtype, np.integer) else max(float(rgb.max()), 1e-6)
-    return np.clip((rgb.astype(np.float32) @ _LUMA) / scale, 0.0, 1.0)
+    luminance: np.ndarray[Any, Any] = np.clip((rgb.astype(np.float32) @ _LUMA) / scale, 0.0, 1.0)
+    return luminance
 
 
 def _frame_item(ds: Dataset, sequence: str, frame: int = 0) -> Dataset | None:
@@ -148,7 +150,7 @@ def _first_number(value: Any) -> float | None:
         return None
 
 
-def modality_values(stored: np.ndarray, ds: Dataset, frame: int = 0) -> np.ndarray:
+def modality_values(stored: np.ndarray[Any, Any], ds: Dataset, frame: int = 0) -> np.ndarray[Any, Any]:
     """Stored values through the Modality LUT or rescale slope/intercept (HU for CT), as float32.
 
     The rescale comes from the top level, else from frame `frame`'s functional groups (enhanced
@@ -169,7 +171,7 @@ def modality_values(stored: np.ndarray, ds: Dataset, frame: int = 0) -> np.ndarr
     return values
 
 
-def _grayscale(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+def _grayscale(stored: np.ndarray[Any, Any], ds: Dataset) -> np.ndarray[Any, Any]:
     values = modality_values(stored, ds)
 
     # VOI: a lookup table first (what the modality intended for display), then a window.
@@ -195,18 +197,19 @@ def _grayscale(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     return _scale(values, float(low), float(high))
 
 
-def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
+def _scale(values: np.ndarray[Any, Any], low: float, high: float) -> np.ndarray[Any, Any]:
     if high <= low:
         return np.zeros(values.shape, dtype=np.float32)
     out = (values - np.float32(low)) * np.float32(1.0 / (high - low))
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def window(values: np.ndarray, centre: float, width: float, function: str = "LINEAR") -> np.ndarray:
+def window(values: np.ndarray[Any, Any], centre: float, width: float, function: str = "LINEAR") -> np.ndarray[Any, Any]:
     """Window centre/width to [0, 1], per PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT, SIGMOID)."""
     values = values.astype(np.float32, copy=False)
     if function == "SIGMOID":
-        return (1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))).astype(np.float32)
+        sigmoid: np.ndarray[Any, Any] = (1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))).astype(np.float32)
+        return sigmoid
     if function == "LINEAR_EXACT":
         return _scale(values, centre - width / 2.0, centre + width / 2.0)
     # LINEAR: x <= c - 0.5 - (w-1)/2 -> 0; x > c - 0.5 + (w-1)/2 -> 1; linear between.
@@ -218,14 +221,14 @@ def window(values: np.ndarray, centre: float, width: float, function: str = "LIN
 
 
 def preprocess(
-    image: np.ndarray,
+    image: np.ndarray[Any, Any],
     *,
     size: tuple[int, int] = (224, 224),
     channels: int = 3,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     pad_value: float = 0.0,
-) -> np.ndarray:
+) -> np.ndarray[Any, Any]:
     """A (H, W) image in [0, 1] to a float32 (channels, height, width) model input.
 
     The aspect ratio is kept: the image is padded to a square with `pad_value` (centred), then
@@ -255,7 +258,7 @@ def preprocess(
     return out
 
 
-def _per_channel(values: Sequence[float], channels: int, name: str) -> np.ndarray:
+def _per_channel(values: Sequence[float], channels: int, name: str) -> np.ndarray[Any, Any]:
     arr = np.asarray(list(values), dtype=np.float32).ravel()
     if arr.size == 1:
         return np.repeat(arr, channels)

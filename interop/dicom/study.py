@@ -5,7 +5,8 @@ as a HIS would when it posts one.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Union
+from collections.abc import Iterable
+from typing import Any
 
 from pydicom import Dataset
 
@@ -15,7 +16,7 @@ DCM = "http://dicom.nema.org/resources/ontology/DCM"
 SOP_CLASS = "urn:ietf:rfc:3986"
 ACSN = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}
 
-Instance = Union[Dataset, InstanceRef]
+Instance = Dataset | InstanceRef
 
 
 def _facts(item: Instance) -> dict[str, Any]:

@@ -17,8 +17,9 @@ or, when that is missing, from where the breast tissue touches the image edge.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -68,7 +69,7 @@ class ViewSpec:
     std: float = 1.0
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> "ViewSpec":
+    def from_mapping(cls, data: Mapping[str, Any]) -> ViewSpec:
         """From YAML/JSON: `views: [{laterality: R, view: CC}, ...]` and the other field names."""
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
@@ -83,8 +84,8 @@ class ViewSpec:
 
 @dataclass
 class AssembledViews:
-    pixels: np.ndarray  # float32 [V, 1, H, W]
-    present: np.ndarray  # float32 [V]: 1.0 found, 0.0 missing (its plane is zeros)
+    pixels: np.ndarray[Any, Any]  # float32 [V, 1, H, W]
+    present: np.ndarray[Any, Any]  # float32 [V]: 1.0 found, 0.0 missing (its plane is zeros)
     instance_uids: tuple[str | None, ...]  # the SOP Instance UID used for each view
     undecodable: int = 0  # candidates skipped because their pixels could not be read
     flipped: tuple[bool, ...] = field(default_factory=tuple)
@@ -147,7 +148,7 @@ def select_views(refs: Iterable[InstanceRef], spec: ViewSpec) -> dict[ViewSlot, 
 
 
 # -- pixels ----------------------------------------------------------------------------------------
-def chest_wall_side(ds: Dataset, image: np.ndarray) -> Literal["left", "right"]:
+def chest_wall_side(ds: Dataset, image: np.ndarray[Any, Any]) -> Literal["left", "right"]:
     """Where the chest wall is in the stored image: PatientOrientation, else the tissue at the edges."""
     orientation = ds.get("PatientOrientation")
     if orientation is not None and not isinstance(orientation, str) and len(orientation) >= 1:
@@ -160,7 +161,7 @@ def chest_wall_side(ds: Dataset, image: np.ndarray) -> Literal["left", "right"]:
     return "left" if float(image[:, :strip].mean()) >= float(image[:, -strip:].mean()) else "right"
 
 
-def _fit(image: np.ndarray, spec: ViewSpec) -> np.ndarray:
+def _fit(image: np.ndarray[Any, Any], spec: ViewSpec) -> np.ndarray[Any, Any]:
     rows, cols = image.shape
     scale = min(spec.height / rows, spec.width / cols)
     new_rows, new_cols = max(1, round(rows * scale)), max(1, round(cols * scale))
@@ -173,7 +174,7 @@ def _fit(image: np.ndarray, spec: ViewSpec) -> np.ndarray:
     return out
 
 
-def view_image(ds: Dataset, spec: ViewSpec) -> tuple[np.ndarray, bool]:
+def view_image(ds: Dataset, spec: ViewSpec) -> tuple[np.ndarray[Any, Any], bool]:
     """One mammogram to a (height, width) plane in 0..1 with the chest wall on `spec.chest_wall`."""
     image = to_display_array(ds)
     flip = chest_wall_side(ds, image) != spec.chest_wall
@@ -215,7 +216,7 @@ def assemble_views(datasets: Iterable[Dataset], spec: ViewSpec) -> AssembledView
         extra = f"; {undecodable} could not be decoded" if undecodable else ""
         raise NoViews(f"none of the views {', '.join(str(s) for s in spec.views)} is in the study{extra}")
     if spec.mean or spec.std != 1.0:
-        for i in np.flatnonzero(present):  # missing views stay zeros: the model also gets `present`
-            out[i] -= np.float32(spec.mean)
+        for view in np.flatnonzero(present):  # missing views stay zeros: the model also gets `present`
+            out[view] -= np.float32(spec.mean)
             out[i] /= np.float32(spec.std)
     return AssembledViews(out, present, tuple(uids), undecodable, tuple(flipped))

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -29,7 +30,8 @@ from pydicom.dataset import Dataset
 
 from interop.dicom.dicomweb import InstanceRef
 from interop.dicom.errors import IncompleteSeries, NoSuitableSeries, NotAnImage
-from interop.dicom.pixels import decode_frame, frame_item as _frame_item, modality_values
+from interop.dicom.pixels import decode_frame, modality_values
+from interop.dicom.pixels import frame_item as _frame_item
 
 # -- series facts and the choice ----------------------------------------------------------------
 
@@ -156,13 +158,13 @@ class SeriesRules:
     exclude: tuple[str, ...] = (r"LOCALI[ZS]ER", r"SCOUT", r"TOPOGRAM", r"SURVIEW", r"\bDOSE\b", r"\bMIP\b")
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> "SeriesRules":
+    def from_mapping(cls, data: Mapping[str, Any]) -> SeriesRules:
         """From a YAML/JSON mapping with the field names; lists become tuples."""
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown series rule(s): {', '.join(sorted(unknown))}")
-        values = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
+        values: dict[str, Any] = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
         return cls(**values)
 
 
@@ -254,7 +256,7 @@ class VolumeSpec:
     min_slices: int = 3
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> "VolumeSpec":
+    def from_mapping(cls, data: Mapping[str, Any]) -> VolumeSpec:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
@@ -275,18 +277,18 @@ BRAIN_CT_WINDOWS = ((40.0, 80.0), (80.0, 200.0))  # brain, subdural
 @dataclass
 class _Slice:
     position: float
-    plane: np.ndarray  # float32 (height, width), already resized
+    plane: np.ndarray[Any, Any]  # float32 (height, width), already resized
 
 
-def build_volume(datasets: Iterable[Dataset], spec: VolumeSpec) -> np.ndarray:
+def build_volume(datasets: Iterable[Dataset], spec: VolumeSpec) -> np.ndarray[Any, Any]:
     """Slices (or frames) of one series, in any order, to a float32 [C, D, H, W] tensor.
 
     Raises IncompleteSeries (gaps, duplicates, mixed orientation or series, too few slices) and
     NotAnImage (a slice that cannot be decoded, no slices at all). Reasons carry no patient data.
     """
     slices: list[_Slice] = []
-    normal: np.ndarray | None = None
-    orientation: np.ndarray | None = None
+    normal: np.ndarray[Any, Any] | None = None
+    orientation: np.ndarray[Any, Any] | None = None
     series_uid: str | None = None
     skipped_localizers = 0
     for ds in datasets:
@@ -305,9 +307,9 @@ def build_volume(datasets: Iterable[Dataset], spec: VolumeSpec) -> np.ndarray:
                 orientation = iop
                 normal = np.cross(iop[:3], iop[3:])
                 normal /= max(float(np.linalg.norm(normal)), 1e-9)
-            elif float(np.abs(np.dot(np.cross(iop[:3], iop[3:]), normal))) < 0.999:  # > 2.5 degrees apart
-                raise IncompleteSeries("slices of different orientations in one series")
             assert normal is not None
+            if float(np.abs(np.dot(np.cross(iop[:3], iop[3:]), normal))) < 0.999:  # > 2.5 degrees apart
+                raise IncompleteSeries("slices of different orientations in one series")
             stored = decode_frame(ds, frame)
             if stored.ndim != 2:
                 raise NotAnImage("a volume needs single-sample (grayscale) slices")
@@ -328,7 +330,7 @@ def build_volume(datasets: Iterable[Dataset], spec: VolumeSpec) -> np.ndarray:
     return _normalise(volume, spec)
 
 
-def _geometry(ds: Dataset, frame: int) -> tuple[np.ndarray, np.ndarray]:
+def _geometry(ds: Dataset, frame: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     iop = ds.get("ImageOrientationPatient")
     ipp = ds.get("ImagePositionPatient")
     if iop is None:
@@ -342,7 +344,7 @@ def _geometry(ds: Dataset, frame: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray([float(v) for v in iop]), np.asarray([float(v) for v in ipp])
 
 
-def _check_spacing(positions: np.ndarray, spec: VolumeSpec) -> None:
+def _check_spacing(positions: np.ndarray[Any, Any], spec: VolumeSpec) -> None:
     if len(positions) < max(spec.min_slices, 2):
         raise IncompleteSeries(f"the series has {len(positions)} slice(s); at least {max(spec.min_slices, 2)} needed")
     steps = np.diff(positions)
@@ -359,7 +361,7 @@ def _check_spacing(positions: np.ndarray, spec: VolumeSpec) -> None:
             f"{max(missing, 1)} slice(s) missing in {int(gaps.sum())} gap(s) (median spacing {median:.2f} mm)")
 
 
-def _resize(values: np.ndarray, spec: VolumeSpec) -> np.ndarray:
+def _resize(values: np.ndarray[Any, Any], spec: VolumeSpec) -> np.ndarray[Any, Any]:
     rows, cols = values.shape
     if (rows, cols) == (spec.height, spec.width):
         return np.ascontiguousarray(values, dtype=np.float32)
@@ -375,14 +377,16 @@ def _resize(values: np.ndarray, spec: VolumeSpec) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32).copy()
 
 
-def _resample_depth(stack: Sequence[np.ndarray], positions: np.ndarray, depth: int, interpolation: str) -> np.ndarray:
+def _resample_depth(stack: Sequence[np.ndarray[Any, Any]], positions: np.ndarray[Any, Any], depth: int,
+                    interpolation: str) -> np.ndarray[Any, Any]:
     """`depth` planes evenly spaced from the first slice's position to the last one's (sorted `stack`)."""
     if depth < 1:
         raise ValueError("depth must be at least 1")
     targets = np.linspace(positions[0], positions[-1], depth) if depth > 1 else np.array([positions.mean()])
     if interpolation == "nearest":
         nearest = np.abs(positions[None, :] - targets[:, None]).argmin(axis=1)
-        return np.stack([stack[i] for i in nearest]).astype(np.float32, copy=False)
+        planes: np.ndarray[Any, Any] = np.stack([stack[i] for i in nearest]).astype(np.float32, copy=False)
+        return planes
     upper = np.clip(np.searchsorted(positions, targets, side="right"), 1, len(positions) - 1)
     lower = upper - 1
     span = positions[upper] - positions[lower]
@@ -394,7 +398,7 @@ def _resample_depth(stack: Sequence[np.ndarray], positions: np.ndarray, depth: i
     return out
 
 
-def _normalise(volume: np.ndarray, spec: VolumeSpec) -> np.ndarray:
+def _normalise(volume: np.ndarray[Any, Any], spec: VolumeSpec) -> np.ndarray[Any, Any]:
     if spec.normalise == "window" and spec.windows:
         out = np.empty((len(spec.windows),) + volume.shape, dtype=np.float32)
         for channel, (centre, width) in enumerate(spec.windows):

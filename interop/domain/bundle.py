@@ -27,7 +27,8 @@ from __future__ import annotations
 import enum
 import json
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import quote
 
 from .vocabulary import DICOM_UID_SYSTEM, HUB_SYSTEM
@@ -107,7 +108,7 @@ def split_reference(ref: str) -> tuple[str, str] | None:
 
 def _for_emr(resource: dict[str, Any], local: dict[str, str], known: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """A copy without the hub's id/meta, its references rewritten (module docstring)."""
-    out = json.loads(json.dumps(resource))
+    out: dict[str, Any] = json.loads(json.dumps(resource))
     out.pop("id", None)
     out.pop("meta", None)
     out.pop("text", None)
@@ -185,7 +186,7 @@ def resolve(part: dict[str, Any], locations: dict[str, str]) -> dict[str, Any]:
     the EMR) made literal. Pure."""
     if not locations:
         return part
-    out = json.loads(json.dumps(part))
+    out: dict[str, Any] = json.loads(json.dumps(part))
     for ref in references([e.get("resource") for e in out["entry"]]):
         if ref["reference"] in locations:
             ref["reference"] = locations[ref["reference"]]

@@ -7,13 +7,24 @@ AI-generated and (for reference models) not clinically validated.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from inference_client.models import ModelDescription
 
-from .vocabulary import (AI_DEVICE_EXTENSION, DIAGNOSTIC_SERVICE, DISCLAIMER, IMAGING_CATEGORY, INTERPRETATION,
-                         MODEL_SYSTEM, NOT_VALIDATED, OBSERVATION_SYSTEM, REPORT_SYSTEM, UCUM)
+from .vocabulary import (
+    AI_DEVICE_EXTENSION,
+    DIAGNOSTIC_SERVICE,
+    DISCLAIMER,
+    IMAGING_CATEGORY,
+    INTERPRETATION,
+    MODEL_SYSTEM,
+    NOT_VALIDATED,
+    OBSERVATION_SYSTEM,
+    REPORT_SYSTEM,
+    UCUM,
+)
 
 HUB_NS = uuid.UUID("6f1c2f0e-2d7b-4b53-9f5e-2a7c1b7d9e10")
 

@@ -6,9 +6,9 @@ restores FHIR's default of ignoring it.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterable
 
 from ..store.resources import ANY_SYSTEM, Criterion, Query
 from ..store.search_params import SearchParam, normalise_reference

@@ -4,7 +4,8 @@ it for? which version is it?). Pure: no I/O, imports nothing of the hub.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 # -- code systems -------------------------------------------------------------------------------
 SNOMED = "http://snomed.info/sct"

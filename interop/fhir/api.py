@@ -16,13 +16,23 @@ import psycopg
 from flask import Blueprint, Response, current_app, request
 
 from ..domain import search, subscriptions
+from ..domain.vocabulary import study_uid
 from ..services import intake
 from ..services.errors import IntakeError
 from ..store import resources
 from . import capability
 from .errors import (
-    BadRequest, BusinessRule, FhirError, GoneError, MethodNotAllowed, NotAcceptable,
-    NotFoundError, PreconditionFailed, UnsupportedMediaType, issue, outcome,
+    BadRequest,
+    BusinessRule,
+    FhirError,
+    GoneError,
+    MethodNotAllowed,
+    NotAcceptable,
+    NotFoundError,
+    PreconditionFailed,
+    UnsupportedMediaType,
+    issue,
+    outcome,
 )
 from .validation import validate
 
@@ -48,7 +58,8 @@ def _version_headers(body: dict[str, Any], location: bool = False) -> dict[str, 
     meta = body.get("meta", {})
     headers = {"ETag": f'W/"{meta.get("versionId")}"', "Last-Modified": meta.get("lastUpdated", "")}
     if location:
-        headers["Location"] = f"{hub().settings.public_base()}/{body['resourceType']}/{body['id']}/_history/{meta.get('versionId')}"
+        where = f"{body['resourceType']}/{body['id']}/_history/{meta.get('versionId')}"
+        headers["Location"] = f"{hub().settings.public_base()}/{where}"
     return headers
 
 
@@ -73,7 +84,7 @@ def _known(rtype: str, rid: str | None = None) -> None:
 def _parse_body(rtype: str) -> dict[str, Any]:
     raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
     try:
-        body = orjson.loads(raw)
+        body: Any = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise BadRequest("the body is not valid JSON") from None
     if not isinstance(body, dict) or "resourceType" not in body:
@@ -86,7 +97,7 @@ def _parse_body(rtype: str) -> dict[str, Any]:
             body = subscriptions.prepare(body, hub().params)
         except subscriptions.SubscriptionError as exc:
             raise BusinessRule(str(exc)) from None
-    return body
+    return dict(body)
 
 
 def _if_match() -> int | None:
@@ -141,8 +152,8 @@ def create(rtype: str) -> Response:
             if found:
                 return respond(found[0], 200, _version_headers(found[0], location=True))
         same = None
-        if rtype == "ImagingStudy" and intake.study_uid(body):
-            resources.lock(conn, f"ImagingStudy?uid={intake.study_uid(body)}")
+        if rtype == "ImagingStudy" and study_uid(body):
+            resources.lock(conn, f"ImagingStudy?uid={study_uid(body)}")
             same = intake.same_study(conn, hub().ctx, body)
         if same is not None:  # the same study again: a retry, or news of it (registered -> available)
             stored, status = same, 200

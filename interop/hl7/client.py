@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import AckCode
-from .mllp import FrameTooLarge, Framer
+from .mllp import Framer, FrameTooLarge
 from .mllp import frame as mllp_frame
 
 MAX_ACK_BYTES = 1024 * 1024  # an ACK is a few hundred bytes; anything near this is not one
@@ -90,7 +90,7 @@ class MllpClient:
         where = f"{self.host}:{self.port}"
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             raise PeerUnavailable(f"{where}: connect timed out after {self.connect_timeout}s") from exc
         except OSError as exc:
             raise PeerUnavailable(f"{where}: cannot connect ({type(exc).__name__})") from exc
@@ -100,7 +100,7 @@ class MllpClient:
                 sock.settimeout(self.ack_timeout)
                 sock.sendall(frame(message, self.encoding))
                 data = self._read_block(sock, deadline, where)
-            except socket.timeout as exc:
+            except TimeoutError as exc:
                 raise PeerUnavailable(f"{where}: no complete answer within {self.ack_timeout}s") from exc
             except OSError as exc:
                 raise PeerUnavailable(f"{where}: connection failed ({type(exc).__name__})") from exc
@@ -114,7 +114,7 @@ class MllpClient:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise socket.timeout()
+                raise TimeoutError()
             sock.settimeout(remaining)
             chunk = sock.recv(65536)
             if not chunk:

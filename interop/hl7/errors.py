@@ -22,7 +22,7 @@ class AckCode(str, Enum):
     CR = "CR"  # enhanced mode: commit reject
 
     @property
-    def commit(self) -> "AckCode":
+    def commit(self) -> AckCode:
         """The enhanced-mode (commit) counterpart of an original-mode code."""
         return _COMMIT.get(self, self)
 

@@ -14,8 +14,18 @@ from typing import Any
 import yaml
 
 from . import charset
-from .errors import (BadCharset, BadDelimiters, BadHeader, BadValue, ErrorCode, Hl7Error, MissingSegment, NotHl7,
-                     UnsupportedMessage, version_key)
+from .errors import (
+    BadCharset,
+    BadDelimiters,
+    BadHeader,
+    BadValue,
+    ErrorCode,
+    Hl7Error,
+    MissingSegment,
+    NotHl7,
+    UnsupportedMessage,
+    version_key,
+)
 
 DEFAULT_ENCODING = "^~\\&"
 VERSION = re.compile(r"[0-9]+(\.[0-9]+)*")  # MSH-12.1 in ASCII digits: '2.5.1', never '2.5.²'

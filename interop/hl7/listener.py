@@ -131,7 +131,7 @@ class Listener:
         header: Header | None = None
         try:
             header = read(raw)[0]
-        except Exception:  # noqa: BLE001 - _message answers a header that cannot be read
+        except Exception:
             header = None
         try:
             return await self._message(raw, too_large)
@@ -144,7 +144,7 @@ class Listener:
             code = ack.answer_code(header, problem)
             try:
                 await self.store_rejected(self._params(raw, header, problem, code))
-            except Exception as store_exc:  # noqa: BLE001 - answered all the same; the sender resends
+            except Exception as store_exc:
                 if isinstance(store_exc, DatabaseUnavailable):
                     raise
                 log.error("MLLP message: could not store the refused message (%s)", type(store_exc).__name__)
@@ -263,7 +263,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         raise RuntimeError("the MLLP listener needs DATABASE_URL")
     table = load_table(table_path(settings.mappings_dir))
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        settings.database_url, min_size=1, max_size=POOL_MAX, kwargs={"autocommit": True, "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"},
+        settings.database_url, min_size=1, max_size=POOL_MAX,
+        kwargs={"autocommit": True, "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"},
         open=False, name="interop-mllp", timeout=DB_TIMEOUT_SECONDS,
     )
     listener = Listener(settings, pool, table)

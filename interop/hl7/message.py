@@ -17,8 +17,8 @@ field), never a value from the message, so they are safe in an ERR segment, a lo
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from .errors import AckCode, ErrorCode, Hl7Error
 
@@ -71,7 +71,7 @@ class Component(str):
 
     subs: tuple[str, ...]
 
-    def __new__(cls, subs: tuple[str, ...]) -> "Component":
+    def __new__(cls, subs: tuple[str, ...]) -> Component:
         obj = super().__new__(cls, "&".join(subs) if len(subs) > 1 else (subs[0] if subs else ""))
         obj.subs = subs
         return obj
@@ -142,12 +142,6 @@ class Message:
 
     def first(self, segment_id: str) -> Segment | None:
         return next((s for s in self.segments if s.id == segment_id), None)
-
-    def require(self, segment_id: str) -> Segment:
-        found = self.first(segment_id)
-        if found is None:
-            raise MissingSegmentError(segment_id, self.message_type or "the message")
-        return found
 
     def get(self, segment_id: str, n: int, occurrence: int = 1) -> list[Repetition]:
         """Field n of the occurrence-th segment with this id, as repetitions of components."""
@@ -272,7 +266,8 @@ def parse(text: str) -> Message:
         raw_fields = line.split(fsep)[1:]
         if seg_id == "MSH":
             # MSH-1 is the separator itself and MSH-2 the encoding characters: neither is split.
-            fields = [(Repetition((Component((fsep,)),)),), (Repetition((Component((msh2,)),)),)]
+            fields: list[tuple[Repetition, ...]] = [(Repetition((Component((fsep,)),)),),
+                                                   (Repetition((Component((msh2,)),)),)]
             fields += [_repetitions(f, enc) for f in raw_fields[1:]]
         else:
             fields = [_repetitions(f, enc) for f in raw_fields]

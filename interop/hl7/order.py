@@ -10,7 +10,6 @@ mapped). References between the resources (`subject`, `encounter`, `basedOn`) ar
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .errors import ErrorCode

@@ -34,13 +34,25 @@ engines), and the radiologist's sign-off covers the findings the report lists.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Iterable
+from typing import Any
 
-from ..domain.vocabulary import (AI_DEVICE_EXTENSION, DISCLAIMER, INTERPRETATION, LOINC, MODEL_SYSTEM,
-                                 NOT_VALIDATED, OBSERVATION_SYSTEM, REPORT_SYSTEM, SNOMED, UCUM, V2_0203)
+from ..domain.vocabulary import (
+    AI_DEVICE_EXTENSION,
+    DISCLAIMER,
+    INTERPRETATION,
+    LOINC,
+    MODEL_SYSTEM,
+    NOT_VALIDATED,
+    OBSERVATION_SYSTEM,
+    REPORT_SYSTEM,
+    SNOMED,
+    UCUM,
+    V2_0203,
+)
 from .errors import escape as _escape
 
 VERSION = "2.5.1"
@@ -129,7 +141,7 @@ def dtm(value: str | datetime | None) -> str:
         return ""
     if isinstance(value, datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         return value.strftime("%Y%m%d%H%M%S") + value.strftime("%z")
     match = _FHIR_TIME.match(value.strip())
     if not match:
@@ -220,7 +232,7 @@ def _identifier_of_type(resource: dict[str, Any], code: str) -> dict[str, Any] |
     for ident in resource.get("identifier") or []:
         for coding in (ident.get("type") or {}).get("coding", []):
             if coding.get("code") == code and coding.get("system", V2_0203) == V2_0203:
-                return ident
+                return dict(ident)
     return None
 
 

@@ -7,7 +7,8 @@ counters use prometheus_client's multiprocess mode under gunicorn (PROMETHEUS_MU
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import requests
@@ -16,7 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
-from ..services.delivery import CHANNEL_OF, KINDS as DELIVERY_KINDS
+from ..services.delivery import CHANNEL_OF
+from ..services.delivery import KINDS as DELIVERY_KINDS
 from ..store import hl7_messages, queue
 from ..store import metrics as figures
 from .admin import OUTBOX_STATUS
@@ -112,7 +114,7 @@ def metrics() -> Response:
     if hub.settings.metrics_dir:
         from prometheus_client import multiprocess
 
-        multiprocess.MultiProcessCollector(registry, path=str(hub.settings.metrics_dir))
+        multiprocess.MultiProcessCollector(registry, path=str(hub.settings.metrics_dir))  # type: ignore[no-untyped-call]
     else:
         registry.register(REQUESTS)
         registry.register(LATENCY)

@@ -85,7 +85,7 @@ class EmbeddedPostgres:
             self._server.cleanup()
             self._server = None
 
-    def __enter__(self) -> "EmbeddedPostgres":
+    def __enter__(self) -> EmbeddedPostgres:
         self.start()
         return self
 

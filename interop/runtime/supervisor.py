@@ -112,7 +112,13 @@ def serve(settings: Settings, ready: Event | None = None) -> int:
     children: list[subprocess.Popen[bytes]] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: [c.send_signal(signal.SIGHUP) for c in children if c.poll() is None])
+
+    def reload_sites(*_: object) -> None:  # every child reads the sites file again
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGHUP)
+
+    signal.signal(signal.SIGHUP, reload_sites)
     try:
         check_ports(settings)
     except StartError as exc:

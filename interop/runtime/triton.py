@@ -18,9 +18,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Mapping
 
 from .processes import PidFile, die_with_parent, free_port
 
@@ -201,11 +200,9 @@ class BundledTriton:
                     pass
                 proc.wait(timeout=5)
 
-    def __enter__(self) -> "BundledTriton":
+    def __enter__(self) -> BundledTriton:
         self.start()
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

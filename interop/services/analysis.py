@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -141,8 +142,8 @@ class Analyser:
         """Assemble the model's input from the PACS (streamed), infer, and reduce to one value per label."""
         kind = assembly.kind(model)
         start, fetched = time.perf_counter(), timings.stages.get("retrieve", 0.0)
-        outputs: list[np.ndarray] = []
-        present: np.ndarray | None = None
+        outputs: list[np.ndarray[Any, Any]] = []
+        present: np.ndarray[Any, Any] | None = None
         inference = 0.0
         if kind == "image":
             for inputs in assembly.image_batches(client, model, refs):
@@ -169,7 +170,7 @@ class Analyser:
                     values[side] = None
         return values
 
-    def _infer(self, model: ModelDescription, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def _infer(self, model: ModelDescription, inputs: dict[str, np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
         result = self.triton.infer(model.triton_model, inputs, [model.output])
         out = np.asarray(result[model.output], dtype=np.float32)
         return out.reshape(out.shape[0], -1)
@@ -177,7 +178,7 @@ class Analyser:
     def _store(self, conn: psycopg.Connection[Any], job: queue.Job, study: dict[str, Any],
                results: list[dict[str, Any]], timings: Timings) -> None:
         start = time.perf_counter()
-        issued = datetime.now(timezone.utc).isoformat()
+        issued = datetime.now(UTC).isoformat()
         params = self.ctx.params
         stored_reports = []
         for result in results:
@@ -209,6 +210,6 @@ def _before(deadline: str | None) -> bool:
     if not deadline:
         return False
     try:
-        return datetime.now(timezone.utc) < datetime.fromisoformat(deadline)
+        return datetime.now(UTC) < datetime.fromisoformat(deadline)
     except ValueError:
         return False

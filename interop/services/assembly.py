@@ -8,8 +8,9 @@ streams instances from the PACS into it, so no study is held in memory twice.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -19,8 +20,15 @@ from ..dicom import pixels
 from ..dicom.dicomweb import DicomWebClient, InstanceRef
 from ..dicom.errors import NotAnImage
 from ..dicom.views import ViewSlot, ViewSpec, assemble_views, select_views
-from ..dicom.volume import (BRAIN_CT_RULES, BRAIN_MR_RULES, SeriesRules, VolumeSpec, build_volume,
-                            choose_series, series_facts)
+from ..dicom.volume import (
+    BRAIN_CT_RULES,
+    BRAIN_MR_RULES,
+    SeriesRules,
+    VolumeSpec,
+    build_volume,
+    choose_series,
+    series_facts,
+)
 
 IMAGE_BATCH = 8
 
@@ -40,7 +48,10 @@ def volume_spec(a: Assembly) -> VolumeSpec:
     if a.windows:
         return VolumeSpec(depth=a.depth, height=a.size[0], width=a.size[1], normalise="window",
                           windows=tuple((w.center, w.width) for w in a.windows))
-    return VolumeSpec(depth=a.depth, height=a.size[0], width=a.size[1], normalise=a.normalise or "zscore")
+    normalise = a.normalise or "zscore"
+    if normalise not in ("window", "zscore", "none"):
+        raise ValueError(f"assembly.normalise {normalise!r} is not window, zscore or none")
+    return VolumeSpec(depth=a.depth, height=a.size[0], width=a.size[1], normalise=normalise)  # type: ignore[arg-type]
 
 
 def series_rules(a: Assembly, modality: str | None) -> SeriesRules:
@@ -61,17 +72,18 @@ def series_rules(a: Assembly, modality: str | None) -> SeriesRules:
     return replace(rules, **changes)  # type: ignore[arg-type]
 
 
-def zscore(image: np.ndarray) -> np.ndarray:
+def zscore(image: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     v = image.astype(np.float64)
-    return ((v - v.mean()) / max(float(v.std()), 1e-6)).astype(np.float32)
+    scored: np.ndarray[Any, Any] = ((v - v.mean()) / max(float(v.std()), 1e-6)).astype(np.float32)
+    return scored
 
 
 def image_batches(client: DicomWebClient, model: ModelDescription,
-                  refs: list[InstanceRef]) -> Iterator[dict[str, np.ndarray]]:
+                  refs: list[InstanceRef]) -> Iterator[dict[str, np.ndarray[Any, Any]]]:
     """Rows of one image each (instances without pixels are skipped), IMAGE_BATCH at a time."""
     prep = model.preprocessing
     assert prep is not None, f"{model.name}: kind image needs preprocessing"
-    rows: list[np.ndarray] = []
+    rows: list[np.ndarray[Any, Any]] = []
     for ref in refs:
         if not ref.probably_image and ref.sop_class_uid:
             continue  # the search already says there are no pixels (SR, PDF, ...)
@@ -82,7 +94,7 @@ def image_batches(client: DicomWebClient, model: ModelDescription,
             continue
         finally:
             del ds
-        rows.append(pixels.preprocess(image, size=tuple(prep.resize), channels=prep.channels, mean=prep.mean,
+        rows.append(pixels.preprocess(image, size=(prep.resize[0], prep.resize[1]), channels=prep.channels, mean=prep.mean,
                                       std=prep.std))
         if len(rows) == IMAGE_BATCH:
             yield {model.input.name: np.stack(rows).astype(np.float32)}
@@ -91,7 +103,7 @@ def image_batches(client: DicomWebClient, model: ModelDescription,
         yield {model.input.name: np.stack(rows).astype(np.float32)}
 
 
-def views_input(client: DicomWebClient, model: ModelDescription, refs: list[InstanceRef]) -> dict[str, np.ndarray]:
+def views_input(client: DicomWebClient, model: ModelDescription, refs: list[InstanceRef]) -> dict[str, np.ndarray[Any, Any]]:
     a = model.assembly
     assert a is not None
     spec = view_spec(a)
@@ -104,7 +116,7 @@ def views_input(client: DicomWebClient, model: ModelDescription, refs: list[Inst
     return {a.tensor: views[None].astype(np.float32), (a.present or "present"): assembled.present[None].astype(np.float32)}
 
 
-def volume_input(client: DicomWebClient, model: ModelDescription, refs: list[InstanceRef]) -> dict[str, np.ndarray]:
+def volume_input(client: DicomWebClient, model: ModelDescription, refs: list[InstanceRef]) -> dict[str, np.ndarray[Any, Any]]:
     a = model.assembly
     assert a is not None
     modality = next((r.modality for r in refs if r.modality), None)

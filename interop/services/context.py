@@ -13,7 +13,6 @@ from inference_client.models import ModelDescription, load_models
 
 from .. import policies
 from ..config import Settings
-from ..hl7.header import Accepted, load_table, table_path
 from ..hl7.mapping import Tables, load_tables
 from ..sites import Sites
 from ..store.search_params import SearchParam, load
@@ -30,7 +29,7 @@ class Context:
     _models: dict[str, ModelDescription] | None = field(default=None, repr=False)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Context":
+    def from_settings(cls, settings: Settings) -> Context:
         return cls(settings, load(settings.mappings_dir), Sites(settings.sites_file),
                    policies.load(settings.mappings_dir, settings.job_max_attempts))
 
@@ -55,10 +54,6 @@ class Context:
     def hl7_tables(self) -> Tables:
         """The HL7 v2-to-FHIR tables of INTEROP_MAPPINGS_DIR/hl7v2."""
         return load_tables(self.settings.mappings_dir / "hl7v2")
-
-    @cached_property
-    def accepted_messages(self) -> dict[str, Accepted]:
-        return load_table(table_path(self.settings.mappings_dir))
 
     @cached_property
     def pseudonymizer(self) -> Pseudonymizer:

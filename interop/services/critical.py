@@ -16,13 +16,21 @@ addressed to; the report itself goes to both hospitals (`delivery.queue_report`)
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 
-from ..domain.vocabulary import (ACK_TASK, ALERT_CATEGORY, COMMUNICATION_SYSTEM, REFERRAL, codes, is_critical,
-                                 reference_id, without_meta)
+from ..domain.vocabulary import (
+    ACK_TASK,
+    ALERT_CATEGORY,
+    COMMUNICATION_SYSTEM,
+    REFERRAL,
+    codes,
+    is_critical,
+    reference_id,
+    without_meta,
+)
 from ..sites import Site
 from ..store import queue, resources, reviews
 from . import delivery
@@ -34,7 +42,7 @@ ESCALATE = "escalate-critical"
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _contacts(site: Site | None) -> list[str]:

@@ -8,14 +8,14 @@ queue key is the UID, and a second ImagingStudy with a UID the hub holds updates
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 
 from ..domain.vocabulary import ANALYSIS_TASK, DICOM_UID_SYSTEM, site_of, study_uid
 from ..store import queue, resources
-from ..store.resources import ANY_SYSTEM, Criterion, Query
+from ..store.resources import Criterion, Query
 from .context import Context
 from .errors import IntakeError
 
@@ -69,7 +69,7 @@ def same_study(conn: psycopg.Connection[Any], ctx: Context, study: dict[str, Any
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _task(study: dict[str, Any], status: str, reason: str | None = None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ visible as FHIR: the resources, and a Task per order (`Task?focus=ServiceRequest
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -22,7 +22,7 @@ import psycopg
 from ..dicom.dicomweb import DicomWebClient
 from ..dicom.errors import DicomError
 from ..dicom.study import imaging_study
-from ..domain.vocabulary import FIND_STUDY_TASK, V2_0203, site_tag, without_meta
+from ..domain.vocabulary import FIND_STUDY_TASK, V2_0203, site_tag, study_uid, without_meta
 from ..hl7 import charset
 from ..hl7.errors import Hl7Error
 from ..hl7.message import MessageError
@@ -42,7 +42,7 @@ CANCEL = ("CA", "DC", "OC", "OD")
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _id_type(identifier: dict[str, Any]) -> str | None:
@@ -173,7 +173,7 @@ def _withdraw(conn: psycopg.Connection[Any], ctx: Context, request_id: str) -> N
     based_on = Query(criteria=[Criterion(ctx.params["ImagingStudy"]["based-on"],
                                          [(ANY_SYSTEM, f"ServiceRequest/{request_id}")])], count=50)
     for study in resources.search(conn, "ImagingStudy", based_on)[1]:
-        uid = intake.study_uid(study)
+        uid = study_uid(study)
         if uid:
             queue.cancel(conn, intake.analysis_key(uid))
     for task in _tasks(conn, ctx, request_id):

@@ -9,13 +9,23 @@ version stays readable at `_history`.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 
-from ..domain.vocabulary import (DISCLAIMER, IMAGING_CATEGORY, INTERPRETATION, OBSERVATION_SYSTEM, REJECTED,
-                                 REVIEWED, SNOMED, codes, reference_id, without_meta)
+from ..domain.vocabulary import (
+    DISCLAIMER,
+    IMAGING_CATEGORY,
+    INTERPRETATION,
+    OBSERVATION_SYSTEM,
+    REJECTED,
+    REVIEWED,
+    SNOMED,
+    codes,
+    reference_id,
+    without_meta,
+)
 from ..store import resources, reviews
 from . import reports
 from .context import Context
@@ -110,7 +120,7 @@ def apply_review(
         if action == "sign" and findings:
             raise ReviewError("`sign` takes the AI findings as they are: use `edit` to change them", 422)
         status = NEW_STATUS[action]
-        now = datetime.now(timezone.utc).isoformat()
+        now = datetime.now(UTC).isoformat()
         refs = [oid for oid in (reference_id(r, "Observation") for r in report.get("result") or []) if oid]
         if set(findings) - set(refs):
             raise ReviewError(f"{len(set(findings) - set(refs))} finding(s) are not results of this report", 422)

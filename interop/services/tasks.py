@@ -2,7 +2,7 @@
 acknowledging a critical result). One way to move it on, used by every service."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -13,7 +13,7 @@ from .context import Context
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def update(conn: psycopg.Connection[Any], ctx: Context, task: dict[str, Any] | str, status: str, *,

@@ -7,9 +7,10 @@ with a WHERE clause built only from fixed column names and bound parameters.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
@@ -44,7 +45,7 @@ def upsert_facts(conn: psycopg.Connection[Any], fact: dict[str, Any], findings: 
     """One report's study fact and finding facts, replacing what was there (a savepoint inside the
     caller's transaction). The patient key of an existing row is kept unless `rekey`."""
     with conn.transaction():
-        conn.execute(_UPSERT, [*(fact[c] for c in COLUMNS), rekey, rekey])  # type: ignore[arg-type]
+        conn.execute(_UPSERT, [*(fact[c] for c in COLUMNS), rekey, rekey])
         conn.execute("DELETE FROM analytics.finding_fact WHERE report_id = %s", (fact["report_id"],))
         if findings:
             with conn.cursor() as cur:
@@ -93,7 +94,7 @@ def refresh(conn: psycopg.Connection[Any]) -> dict[str, float]:
         populated = scalar(conn, "SELECT ispopulated FROM pg_matviews WHERE schemaname || '.' || matviewname = %s",
                            (name,))
         concurrently = " CONCURRENTLY" if populated else ""
-        conn.execute(f"REFRESH MATERIALIZED VIEW{concurrently} {name}")  # type: ignore[arg-type]
+        conn.execute(f"REFRESH MATERIALIZED VIEW{concurrently} {name}")
         out[name] = round(time.perf_counter() - start, 3)
         conn.execute("INSERT INTO analytics.refresh_log (name, refreshed_at, seconds) VALUES (%s, now(), %s)"
                      " ON CONFLICT (name) DO UPDATE SET refreshed_at = EXCLUDED.refreshed_at,"
@@ -118,7 +119,7 @@ class Filters:
     finding: str | None = None  # a finding code
 
     @classmethod
-    def from_args(cls, args: Mapping[str, str], today: date | None = None) -> "Filters":
+    def from_args(cls, args: Mapping[str, str], today: date | None = None) -> Filters:
         today = today or date.today()
         try:
             end = date.fromisoformat(args["end"]) if args.get("end") else today
@@ -165,7 +166,7 @@ def _where(f: Filters, time_col: str, available: tuple[str, ...], weekly: bool) 
 
 def _rows(conn: psycopg.Connection[Any], sql: str, args: dict[str, Any]) -> list[dict[str, Any]]:
     with conn.cursor(row_factory=dict_row) as cur:
-        return [dict(r) for r in cur.execute(sql, args).fetchall()]  # type: ignore[arg-type]
+        return [dict(r) for r in cur.execute(sql, args).fetchall()]
 
 
 FINDING_MV = ("district", "facility", "modality", "code")

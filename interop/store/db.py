@@ -24,7 +24,7 @@ def connect(url: str, **kwargs: Any) -> psycopg.Connection[dict[str, Any]]:
 
 def scalar(conn: psycopg.Connection[Any], sql: str, args: Any = None) -> Any:
     """The first column of the first row (None when there is no row), whatever the row factory."""
-    row = conn.execute(sql, args).fetchone()  # type: ignore[arg-type]
+    row = conn.execute(sql, args).fetchone()
     if row is None:
         return None
     return next(iter(row.values())) if isinstance(row, dict) else row[0]
@@ -68,7 +68,7 @@ def migrate(url: str) -> list[str]:
                 if number in done:
                     continue
                 with conn.transaction():
-                    conn.execute(sql)  # type: ignore[arg-type]
+                    conn.execute(sql)
                     conn.execute(
                         "INSERT INTO schema_migration (version, name) VALUES (%s, %s)", (number, name)
                     )

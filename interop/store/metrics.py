@@ -1,7 +1,8 @@
 """What /metrics reads from the shared database at scrape time (every replica reports the same)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import psycopg
 

@@ -22,9 +22,9 @@ it; its answer is kept); `dead` (a delivery given up); `cancelled` (withdrawn). 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -33,10 +33,9 @@ from .db import scalar
 
 CHANNEL = "interop_jobs"  # NOTIFY channel: runners LISTEN to wake up at once
 MAX_BACKOFF_SECONDS = 600
-STATUSES = ("queued", "running", "done", "failed", "cancelled", "rejected", "dead")
 ENDED_BADLY = ("failed", "rejected", "dead")
 
-_COLUMNS = ("id", "kind", "payload", "attempts", "max_attempts", "created_at", "priority", "lane", "series", "seq",
+_COLUMNS = ("id", "kind", "payload", "attempts", "max_attempts", "priority", "lane", "series", "seq",
             "message", "message_id")
 _RETURNING = ", ".join(f"job.{c}" for c in _COLUMNS)
 _VISIBLE = ("id, kind, lane, series, seq, payload, priority, status, attempts, max_attempts, message_id, answer,"
@@ -51,7 +50,6 @@ class Job:
     attempts: int
     max_attempts: int
     worker: str
-    created_at: datetime
     priority: int = 5
     lane: str | None = None
     series: str | None = None
@@ -178,7 +176,7 @@ def _lane_has_room(conn: psycopg.Connection[Any], lane: str, job_id: int, limit:
 def _job(row: Any, worker: str) -> Job:
     r = row if isinstance(row, dict) else dict(zip(_COLUMNS, row))
     return Job(id=r["id"], kind=r["kind"], payload=r["payload"], attempts=r["attempts"],
-               max_attempts=r["max_attempts"], worker=worker, created_at=r["created_at"], priority=r["priority"],
+               max_attempts=r["max_attempts"], worker=worker, priority=r["priority"],
                lane=r["lane"], series=r["series"], seq=r["seq"], message=r["message"], message_id=r["message_id"])
 
 
@@ -278,8 +276,10 @@ def replay(conn: psycopg.Connection[Any], job_id: int, kinds: Sequence[str] | No
 
 
 def status_of(conn: psycopg.Connection[Any], job_id: int, kinds: Sequence[str] | None = None) -> str | None:
-    return scalar(conn, "SELECT status FROM job WHERE id = %s AND (%s::text[] IS NULL OR kind = ANY(%s::text[]))",
-                  (job_id, list(kinds) if kinds is not None else None, list(kinds) if kinds is not None else None))
+    status: str | None = scalar(conn, "SELECT status FROM job WHERE id = %s AND (%s::text[] IS NULL OR kind = ANY(%s::text[]))",
+                              (job_id, list(kinds) if kinds is not None else None,
+                               list(kinds) if kinds is not None else None))
+    return status
 
 
 def listing(conn: psycopg.Connection[Any], statuses: Sequence[str], kinds: Sequence[str], *,

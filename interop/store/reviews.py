@@ -2,8 +2,9 @@
 and the critical-result alerts waiting for someone to acknowledge them (`critical_alert`)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import psycopg
 

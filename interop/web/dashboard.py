@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from datetime import date, timedelta
-from typing import Any, Iterator
+from typing import Any
 
 from flask import Blueprint, Response, current_app, render_template, request
 from psycopg_pool import ConnectionPool
@@ -35,7 +36,7 @@ def _pool() -> ConnectionPool:
         pool = db.pool(url, max_size=4)
         pool.open(wait=True, timeout=30)
         current_app.extensions["interop.analytics.pool"] = pool
-    return pool  # type: ignore[no-any-return]
+    return pool
 
 
 def _json(body: Any, status: int = 200) -> Response:

@@ -19,6 +19,7 @@ from PIL import Image
 from ..dicom.dicomweb import DicomWebClient, InstanceRef
 from ..dicom.errors import DicomError, NotAnImage, StudyNotFound
 from ..dicom.pixels import to_display_array
+from ..domain.vocabulary import study_uid
 from ..services import intake
 from ..services.errors import IntakeError
 from ..store import resources
@@ -50,7 +51,7 @@ def source(conn: psycopg.Connection[Any], report_id: str, default_url: str | Non
         base = intake.resolve_endpoint(conn, study) or default_url
     except IntakeError as exc:
         raise ImageUnavailable(exc.reason, 502) from None
-    uid = intake.study_uid(study)
+    uid = study_uid(study)
     if not base or not uid:
         raise ImageUnavailable("the study has no DICOMweb endpoint or no Study Instance UID", 404)
     return base, uid
@@ -68,7 +69,7 @@ def choose(refs: list[InstanceRef]) -> InstanceRef:
     return series[len(series) // 2]
 
 
-def to_image(display: np.ndarray, max_px: int = MAX_PX) -> Image.Image:
+def to_image(display: np.ndarray[Any, Any], max_px: int = MAX_PX) -> Image.Image:
     """A float (H, W) display array in 0..1 as an 8-bit greyscale image no larger than max_px."""
     image = Image.fromarray(np.clip(display * 255.0 + 0.5, 0, 255).astype(np.uint8))
     image.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)

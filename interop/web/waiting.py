@@ -7,7 +7,7 @@ critical when its conclusionCode or one of its Observations' interpretations say
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -74,7 +74,7 @@ def parse_instant(value: Any) -> datetime | None:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _ref_id(ref: dict[str, Any] | None) -> str:
@@ -165,7 +165,7 @@ def waiting(conn: psycopg.Connection[Any], *, models: dict[str, ModelDescription
     """(how many wait, the first `limit` of them): critical first, then the oldest `issued` first."""
     total, reports = worklist.waiting_reports(conn, limit)
     found = entries(conn, reports, models=models, sites=sites, alerts=alerts)
-    never = datetime.max.replace(tzinfo=timezone.utc)
+    never = datetime.max.replace(tzinfo=UTC)
     # Python re-sorts because an Observation marked AA also makes a report critical.
     found.sort(key=lambda e: (not e.critical, e.issued or never))
     return total, found

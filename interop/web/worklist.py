@@ -16,14 +16,15 @@ module's own (never an exception's text from elsewhere). Cross-site form posts a
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response as BaseResponse
 
-from ..services import critical, review as reviews
+from ..services import critical
+from ..services import review as reviews
 from ..services.errors import ReviewError
 from ..store import resources
 from ..store.reviews import open_alerts
@@ -47,7 +48,7 @@ def _lang() -> str:
 
 def _context(**extra: Any) -> dict[str, Any]:
     lang = _lang()
-    return {"lang": lang, "labels": LABELS[lang], "now": datetime.now(timezone.utc),
+    return {"lang": lang, "labels": LABELS[lang], "now": datetime.now(UTC),
             "waited_text": waiting.waited_text, **extra}
 
 

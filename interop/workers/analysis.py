@@ -14,8 +14,9 @@ import os
 import select
 import socket
 import uuid
+from collections.abc import Callable
 from threading import Event
-from typing import Any, Callable
+from typing import Any
 
 import psycopg
 

@@ -127,7 +127,7 @@ class Orthanc:
         }
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> "Orthanc":
+    def start(self) -> Orthanc:
         if self._process is not None:
             return self
         binary, plugin = find_orthanc()
@@ -196,7 +196,7 @@ class Orthanc:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def __enter__(self) -> "Orthanc":
+    def __enter__(self) -> Orthanc:
         return self.start()
 
     def __exit__(

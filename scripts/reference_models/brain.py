@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 from onnx import helper
 
-from .common import (IR_VERSION, OPSET, Graph, Reference, basic_block, calibrated_head, run, save,
-                     spec_hash)
+from .common import IR_VERSION, OPSET, Graph, Reference, basic_block, calibrated_head, run, save, spec_hash
 
 VERSION = "0.1.0-reference"
 DEPTH, HEIGHT, WIDTH = 32, 128, 128

@@ -20,8 +20,9 @@ never die, or Triton unloads the model).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +61,8 @@ class TorchGraph:
         torch = self.torch
         env = dict(self.consts)
         for name, value in feeds.items():
-            env[name] = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
+            env[name] = value if isinstance(value, torch.Tensor) else \
+                torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
         with torch.inference_mode():
             for op, ins, outs, attrs in self.nodes:
                 env[outs[0]] = self._OPS[op](self, [env[i] for i in ins], attrs)
@@ -79,13 +81,14 @@ class TorchGraph:
                   dilation=a.get("dilations", 1), groups=a.get("group", 1))
 
     def _pool(self, kind: str) -> Callable:
-        def pool(self: "TorchGraph", x: list, a: dict) -> Any:
+        def pool(self: TorchGraph, x: list, a: dict) -> Any:
             F = self.torch.nn.functional
             k = len(a["kernel_shape"])
             pads = a.get("pads", [0] * 2 * k)[:k]
             if kind == "max":
                 fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[k]
-                return fn(x[0], a["kernel_shape"], a.get("strides", a["kernel_shape"]), pads, ceil_mode=bool(a.get("ceil_mode", 0)))
+                return fn(x[0], a["kernel_shape"], a.get("strides", a["kernel_shape"]), pads,
+                          ceil_mode=bool(a.get("ceil_mode", 0)))
             fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[k]
             return fn(x[0], a["kernel_shape"], a.get("strides", a["kernel_shape"]), pads,
                       ceil_mode=bool(a.get("ceil_mode", 0)), count_include_pad=bool(a.get("count_include_pad", 0)))

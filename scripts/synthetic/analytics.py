@@ -51,8 +51,8 @@ def _labels(mappings_dir: Path) -> tuple[str, list[Label]]:
     from inference_client.models import load_models
 
     model = load_models(mappings_dir)["chest-xray"]
-    return model.name, [Label(l.key, l.system if l.code else "", l.code or l.key, l.display.en, l.critical)
-                        for l in model.labels]
+    return model.name, [Label(label.key, label.system if label.code else "", label.code or label.key,
+                              label.display.en, label.critical) for label in model.labels]
 
 
 def _copy(conn: psycopg.Connection[Any], table: str, columns: tuple[str, ...], frame: Any) -> None:

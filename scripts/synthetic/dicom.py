@@ -11,14 +11,15 @@ Everything here is fake: the names, identifiers and images describe no person.
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Iterator
 from io import BytesIO
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"

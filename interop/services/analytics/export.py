@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import date, datetime, timedelta, timezone
-from typing import Any, Sequence
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import psycopg
 
@@ -107,7 +108,7 @@ def measure_report(conn: psycopg.Connection[Any], week: date, *, province: str |
         "status": "complete",
         "type": "summary",
         "measure": MEASURE,
-        "date": datetime.now(timezone.utc).isoformat(),
+        "date": datetime.now(UTC).isoformat(),
         "period": {"start": week.isoformat(), "end": (week + timedelta(days=6)).isoformat()},
         "reporter": {"display": f"Imaging AI hub, {province or ', '.join(provinces) or 'all provinces'}"},
         "improvementNotation": {"coding": [{

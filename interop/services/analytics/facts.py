@@ -13,15 +13,17 @@ lines and free text are read only to be hashed or banded, and never written.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Iterable
+from typing import Any
 
 import psycopg
 
 from ...domain.vocabulary import AI_DEVICE_EXTENSION, PATIENT_REF_SYSTEM, site_of
 from ...sites import Site
-from ...store import analytics as store, queue, resources, reviews
+from ...store import analytics as store
+from ...store import queue, resources, reviews
 from ..context import Context
 from .pseudonym import Pseudonymizer
 

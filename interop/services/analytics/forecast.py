@@ -13,11 +13,15 @@ to the mean of its last weeks with a Poisson interval.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+
+Array = np.ndarray[Any, Any]
+Prediction = tuple[Array, Array, Array, str]  # mean, lower, upper, method
 
 MIN_WEEKS = 20
 SEASON = 52
@@ -40,7 +44,7 @@ class Forecast:
         return asdict(self)
 
 
-def _ets(values: np.ndarray, horizon: int, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def _ets(values: Array, horizon: int, alpha: float) -> Prediction:
     from statsmodels.tools.sm_exceptions import ConvergenceWarning
     from statsmodels.tsa.exponential_smoothing.ets import ETSModel
 
@@ -59,7 +63,7 @@ def _ets(values: np.ndarray, horizon: int, alpha: float) -> tuple[np.ndarray, np
             ETS_SEASONAL_METHOD if seasonal else ETS_METHOD)
 
 
-def _fallback(values: np.ndarray, horizon: int, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def _fallback(values: Array, horizon: int, alpha: float) -> Prediction:
     from scipy.stats import poisson
 
     recent = values[-8:] if len(values) else np.zeros(1)
@@ -70,7 +74,7 @@ def _fallback(values: np.ndarray, horizon: int, alpha: float) -> tuple[np.ndarra
     return np.full(horizon, mu), np.full(horizon, float(lower)), np.full(horizon, float(upper)), method
 
 
-def predict(values: Sequence[float], horizon: int, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def predict(values: Sequence[float] | Array, horizon: int, alpha: float = 0.05) -> Prediction:
     """(mean, lower, upper, method) for the next `horizon` weeks."""
     series = np.asarray(values, dtype=float)
     if len(series) < MIN_WEEKS or not np.any(series):

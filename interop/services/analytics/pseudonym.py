@@ -40,7 +40,7 @@ class Pseudonymizer:
         return hashlib.sha256(b"interop-pseudonym-key-id|" + self.secret).hexdigest()[:12]
 
     def patient_key(self, system: str | None, value: str) -> str:
-        message = f"{(system or '').strip()}|{value.strip()}".encode("utf-8")
+        message = f"{(system or '').strip()}|{value.strip()}".encode()
         return hmac.new(self.secret, message, hashlib.sha256).hexdigest()
 
 

@@ -57,19 +57,19 @@ class Outcome:
     final: bool = True
 
     @classmethod
-    def sent(cls, answer: str) -> "Outcome":
+    def sent(cls, answer: str) -> Outcome:
         return cls("sent", answer=answer)
 
     @classmethod
-    def retry(cls, error: str, answer: str | None = None) -> "Outcome":
+    def retry(cls, error: str, answer: str | None = None) -> Outcome:
         return cls("retry", error=error, answer=answer)
 
     @classmethod
-    def refused(cls, error: str, answer: str | None, *, final: bool = True) -> "Outcome":
+    def refused(cls, error: str, answer: str | None, *, final: bool = True) -> Outcome:
         return cls("refused", error=error, answer=answer, final=final)
 
     @classmethod
-    def dead(cls, error: str) -> "Outcome":
+    def dead(cls, error: str) -> Outcome:
         return cls("dead", error=error)
 
 

@@ -16,8 +16,18 @@ from typing import Any
 import psycopg
 import requests
 
-from ...domain.bundle import (BuildError, Outcome as Answer, build_bundle, build_notice, classify, locations,
-                              references, resolve, split, split_reference)
+from ...domain.bundle import (
+    BuildError,
+    build_bundle,
+    build_notice,
+    classify,
+    locations,
+    references,
+    resolve,
+    split,
+    split_reference,
+)
+from ...domain.bundle import Outcome as Answer
 from ...sites import FhirDestination, Site
 from ...store import queue, resources
 from ..context import Context

@@ -13,7 +13,7 @@ Connect and answer timeouts are the destination's (`hl7.connect_timeout_seconds`
 from __future__ import annotations
 
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -125,7 +125,7 @@ class Hl7Channel:
         control_id = new_control_id(job.id)
         try:
             text = render(conn, job.payload["resource_id"], int(job.payload["version"]), site, control_id,
-                          datetime.now(timezone.utc), sending_facility=self.sending_facility)
+                          datetime.now(UTC), sending_facility=self.sending_facility)
         except RenderError as exc:
             return Outcome.dead(f"cannot build the message: {exc}"[:500])
         return Message(control_id, text)

@@ -1,0 +1,26 @@
+"""What vulture cannot see being used: names read by Jinja templates, called by gunicorn or by
+prometheus_client, and the package's API the tests use (`vulture`, in `make test`, reads this file
+with the package; it is never imported)."""
+from inference_client import models, routing, triton
+from interop import app
+from interop.dicom import dicomweb, views, volume
+from interop.hl7 import mllp, order
+from interop.ops.health import QueueCollector
+from interop.store import queue
+from interop.web.waiting import Entry, FindingRow
+
+FindingRow.text_en, FindingRow.text_vi  # worklist/_findings.html
+Entry.patient_identifier, Entry.waited_seconds  # worklist/list.html, study.html
+QueueCollector.collect  # prometheus_client calls it on every scrape
+app.create_app  # gunicorn: "interop.app:create_app()"
+
+# API and value objects the tests read
+models.ModelDescription.critical_labels, models.check_against_triton, routing.check_models_known
+triton.TritonClient.is_ready, triton.TritonClient.model_ready
+dicomweb.InstanceRef.image_position, dicomweb.InstanceRef.number_of_series_related_instances
+views.ViewSpec.from_mapping, views.AssembledViews.instance_uids
+volume.SeriesRules.from_mapping, volume.VolumeSpec.from_mapping, volume.facts_from_dataset, volume.BRAIN_CT_WINDOWS
+mllp.Framer.in_frame
+order.Order.requested_procedure_id, order.Order.scheduled_procedure_step_id, order.Order.station_name
+order.Order.station_ae_titles, order.Order.requester
+queue.series_jobs, queue.job_row
