@@ -79,6 +79,7 @@ class Site:
     extra: dict[str, Any] = field(default_factory=dict)
     fhir: FhirDestination | None = None
     app_ack: Address | None = None
+    dicomweb: str | None = None  # this site's PACS (DICOMweb base URL)
 
     @property
     def ack_address(self) -> Address | None:
@@ -146,7 +147,7 @@ def _site(code: str, raw: dict[str, Any]) -> Site:
         except (KeyError, TypeError, ValueError) as exc:
             raise SitesError(f"site {code}: app_ack needs host and an integer port") from exc
     done = raw.get("exam_done") or {}
-    known = {"name", "district", "province", "hl7", "exam_done", "pacs_wait_minutes", "fhir", "app_ack"}
+    known = {"name", "district", "province", "hl7", "exam_done", "pacs_wait_minutes", "fhir", "app_ack", "dicomweb"}
     return Site(
         code=code, name=str(raw["name"]), district=raw.get("district"), province=raw.get("province"), hl7=hl7,
         exam_done_order_status=frozenset(map(str, done.get("order_status", ["CM"]))),
@@ -154,6 +155,7 @@ def _site(code: str, raw: dict[str, Any]) -> Site:
         pacs_wait_minutes=int(raw.get("pacs_wait_minutes", 60)),
         extra={k: v for k, v in raw.items() if k not in known},
         fhir=_fhir(code, raw["fhir"]) if raw.get("fhir") else None, app_ack=app_ack,
+        dicomweb=str(raw["dicomweb"]).rstrip("/") if raw.get("dicomweb") else None,
     )
 
 
@@ -217,6 +219,13 @@ class Sites:
     def find(self, facility: str | None) -> Site | None:
         """The site for an MSH-4 value (HD: namespace^universal id^type; the namespace is the code)."""
         return self.get(facility.split("^")[0]) if facility else None
+
+    def by_pacs(self, dicomweb: str | None) -> Site | None:
+        """The site whose PACS is at this DICOMweb base URL (a study posted over FHIR names its PACS)."""
+        if not dicomweb:
+            return None
+        wanted = dicomweb.rstrip("/")
+        return next((s for s in self.current().values() if s.dicomweb == wanted), None)
 
     def referral(self, site: Site | None) -> Site | None:
         """The site's higher-level hospital, when the sites file names one the hub knows."""

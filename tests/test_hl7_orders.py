@@ -3,96 +3,17 @@ Patient and a ServiceRequest, its exam's images are found in the PACS, the study
 and the result goes back as ORU^R01 to an independent MLLP server (python-hl7)."""
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import hl7
 import pytest
 import requests
 import yaml
-from hl7.mllp import open_hl7_connection, start_hl7_server
 
 from tests.fixtures.hub import HubProcess, free_port, start_hub, stop_hub
+from tests.fixtures.mllp import SEP, Receiver, orm, send
 from tests.helpers import chest_study_in_pacs, wait_for
-
-SEP = "\r"
-
-
-def orm(control_id: str, *, order_control: str = "NW", order_status: str = "SC", placer: str = "PL1001",
-        filler: str = "FL1001", accession: str = "ACC1001", study_uid: str = "", patient_id: str = "BN0001",
-        name: str = "NGUYỄN^VĂN AN", facility: str = "BVDKDN") -> bytes:
-    segments = [
-        f"MSH|^~\\&|HIS|{facility}|AIHUB|PROVINCE|20261122083000||ORM^O01|{control_id}|P|2.3.1||||||UNICODE UTF-8",
-        f"PID|||{patient_id}^^^{facility}^MR||{name}||19580214|M|||12 Le Loi^^Bien Hoa^^^VN",
-        f"PV1||O|XQ^^^{facility}||||1234^TRAN^BINH^^^BS|||||||||||V{control_id}^^^{facility}",
-        f"ORC|{order_control}|{placer}^HIS|{filler}^RIS||{order_status}||^^^20261122083000^^R||20261122083000|||1234^TRAN^BINH^^^BS",
-        f"OBR|1|{placer}^HIS|{filler}^RIS|36554-4^XR Chest Single view^LN|||20261122083000|||||||||1234^TRAN^BINH^^^BS"
-        f"||{accession}||||||DX||^^^20261122083000^^R||||^cough 3 weeks",
-    ]
-    if study_uid:
-        segments.append(f"ZDS|{study_uid}^HUB^Application^DICOM")
-    return SEP.join(segments).encode("utf-8")
-
-
-class Receiver:
-    """An independent MLLP server (python-hl7) standing in for a hospital integration engine."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.messages: list[hl7.Message] = []
-        self.ready = threading.Event()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert self.ready.wait(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def handle(reader: Any, writer: Any) -> None:
-            try:
-                while not writer.is_closing():
-                    message = await reader.readmessage()
-                    self.messages.append(message)
-                    writer.writemessage(message.create_ack("AA"))
-                    await writer.drain()
-            except asyncio.IncompleteReadError:
-                pass
-            finally:
-                writer.close()
-
-        async def main() -> None:
-            async with await start_hl7_server(handle, host="127.0.0.1", port=self.port, encoding="utf-8"):
-                self.ready.set()
-                await asyncio.Event().wait()
-
-        try:
-            self.loop.run_until_complete(main())
-        except RuntimeError:
-            pass
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-
-async def _send(port: int, payloads: list[bytes]) -> list[str]:
-    reader, writer = await open_hl7_connection("127.0.0.1", port, encoding="utf-8")
-    answers = []
-    try:
-        for payload in payloads:
-            writer.writemessage(payload.decode("utf-8"))
-            await writer.drain()
-            answers.append(str(await asyncio.wait_for(reader.readmessage(), 10)))
-    finally:
-        writer.close()
-    return answers
-
-
-def send(port: int, *payloads: bytes) -> list[str]:
-    return asyncio.run(_send(port, list(payloads)))
 
 
 @pytest.fixture

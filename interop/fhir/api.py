@@ -110,12 +110,25 @@ def _if_match() -> int | None:
     return int(digits)
 
 
+def _business(exc: IntakeError) -> BusinessRule:
+    return BusinessRule(exc.reason, issues=[issue("business-rule", exc.reason, expression=exc.expression)])
+
+
+def _before_write(conn: psycopg.Connection[Any], body: dict[str, Any]) -> dict[str, Any]:
+    if body["resourceType"] != "ImagingStudy":
+        return body
+    try:
+        return intake.tag_site(conn, hub().ctx, body)
+    except IntakeError as exc:
+        raise _business(exc) from None
+
+
 def _after_write(conn: psycopg.Connection[Any], stored: dict[str, Any]) -> None:
     if stored["resourceType"] == "ImagingStudy":
         try:
             intake.accept_study(conn, hub().ctx, stored)
         except IntakeError as exc:
-            raise BusinessRule(exc.reason, issues=[issue("business-rule", exc.reason, expression=exc.expression)]) from None
+            raise _business(exc) from None
 
 
 def _write(conn: psycopg.Connection[Any], body: dict[str, Any], if_match: int | None = None) -> tuple[dict[str, Any], bool]:
@@ -151,6 +164,7 @@ def create(rtype: str) -> Response:
                 raise PreconditionFailed("If-None-Exist matches more than one resource")
             if found:
                 return respond(found[0], 200, _version_headers(found[0], location=True))
+        body = _before_write(conn, body)
         same = None
         if rtype == "ImagingStudy" and study_uid(body):
             resources.lock(conn, f"ImagingStudy?uid={study_uid(body)}")
@@ -180,7 +194,7 @@ def update(rtype: str, rid: str) -> Response:
     if body.get("id") != rid:
         raise BadRequest("the resource id must match the URL")
     with hub().pool.connection() as conn, conn.transaction():
-        stored, created = _write(conn, body, _if_match())
+        stored, created = _write(conn, _before_write(conn, body), _if_match())
         _after_write(conn, stored)
     return respond(stored, 201 if created else 200, _version_headers(stored, location=created))
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from ..domain.vocabulary import ANALYSIS_TASK, DICOM_UID_SYSTEM, site_of, study_uid
+from ..domain.vocabulary import ANALYSIS_TASK, DICOM_UID_SYSTEM, site_of, site_tag, study_uid
 from ..store import queue, resources
 from ..store.resources import Criterion, Query
 from .context import Context
@@ -54,6 +54,20 @@ def resolve_endpoint(conn: psycopg.Connection[Any], study: dict[str, Any]) -> st
                 raise IntakeError(f"endpoint {target[:80]} is not active", where)
             return str(endpoint["address"]).rstrip("/")
     return None
+
+
+def tag_site(conn: psycopg.Connection[Any], ctx: Context, study: dict[str, Any]) -> dict[str, Any]:
+    """The study as it is stored: tagged with its facility, so that its report goes back there. A
+    HIS says so itself (meta.tag `urn:interop-hub:site`); otherwise the site whose PACS the study
+    names (the sites file's `dicomweb`) is the one."""
+    if site_of(study):
+        return study
+    site = ctx.sites.by_pacs(resolve_endpoint(conn, study))
+    if site is None:
+        return study
+    meta = dict(study.get("meta") or {})
+    meta["tag"] = [*(meta.get("tag") or []), site_tag(site.code)]
+    return {**study, "meta": meta}
 
 
 def same_study(conn: psycopg.Connection[Any], ctx: Context, study: dict[str, Any]) -> dict[str, Any] | None:

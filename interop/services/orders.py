@@ -212,7 +212,7 @@ def _queue_find_study(conn: psycopg.Connection[Any], ctx: Context, request: dict
 def find_study(conn: psycopg.Connection[Any], ctx: Context, job: queue.Job, _timings: object = None) -> None:
     p = job.payload
     site = ctx.sites.get(str(p.get("site") or ""))
-    pacs = (site.extra.get("dicomweb") if site else None) or ctx.settings.dicomweb_url
+    pacs = (site.dicomweb if site else None) or ctx.settings.dicomweb_url
     if not pacs:
         raise Permanent("no PACS is configured for this site (sites file `dicomweb` or DICOMWEB_URL)")
     if not p.get("study_uid") and not p.get("accession"):

@@ -198,7 +198,7 @@ class DeliveryPool:
         finally:
             self.stopping.set()
             for thread in list(self.threads.values()):
-                thread.join(timeout=60)
+                thread.join(timeout=5)  # a lane stuck on a silent peer: its lease hands the job on
             if listener is not None:
                 listener.close()
             log.info("delivery runner %s stopped", self.id)
