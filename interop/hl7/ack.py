@@ -14,7 +14,7 @@ import time
 
 from . import charset
 from .errors import AckCode, Hl7Error, escape
-from .header import DEFAULT_ENCODING, Header
+from .header import DEFAULT_ENCODING, VERSION, Header
 
 HUB_APPLICATION = "INTEROP"
 HUB_FACILITY = "HUB"
@@ -61,7 +61,7 @@ def build(header: Header | None, code: AckCode, problem: Hl7Error | None = None,
     CA, which is how the hub knows it arrived; MSH-16 NE)."""
     if header is not None:
         sep, enc = header.field_sep, header.encoding_chars
-        version = header.version or DEFAULT_VERSION
+        version = header.version if VERSION.fullmatch(header.version) else DEFAULT_VERSION
         processing = header.processing_id or "P"
         trigger = header.trigger
         fields_to = (header.sending_application, header.sending_facility)

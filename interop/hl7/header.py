@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ from .errors import (
 )
 
 DEFAULT_ENCODING = "^~\\&"
-VERSION = re.compile(r"[0-9]+(\.[0-9]+)*")  # MSH-12.1 in ASCII digits: '2.5.1', never '2.5.²'
+VERSION = re.compile(r"[0-9]+(\.[0-9]+)*")
+CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # in a header value: never meant, often a broken sender
 # Longest value taken in each MSH field the hub stores: an HD (MSH-3..6) is at most 227 characters,
 # MSH-10 199 (v2.7's ST; v2.5 says 20, but senders use UUIDs), the codes far less. A longer value is
 # refused (AR, ERR 102) rather than cut, so that what is stored and acknowledged is what was sent.
@@ -120,6 +120,8 @@ def read(data: bytes) -> tuple[Header, list[str]]:
         problem = BadValue(f"MSH-{too_long} is longer than {FIELD_LIMITS[too_long]} characters", "MSH", too_long)
     elif b"\x00" in data:
         problem = BadValue("the message holds NUL characters, which HL7 v2 does not allow", "MSH")
+    elif (odd := next((n for n in FIELD_LIMITS if CONTROL.search(_field(fields, n))), None)) is not None:
+        problem = BadValue(f"MSH-{odd} holds control characters", "MSH", odd)
     elif not header.control_id:
         problem = BadHeader("MSH-10 (message control id) is empty", "MSH", 10)
     elif label not in charset.CODECS:
@@ -141,7 +143,6 @@ class Accepted:
     required: tuple[str, ...]
 
 
-@lru_cache(maxsize=8)
 def load_table(path: Path) -> dict[str, Accepted]:
     """mappings/hl7v2/accepted_messages.yaml: message type -> versions and required segments."""
     raw: dict[str, Any] = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}

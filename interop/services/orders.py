@@ -24,7 +24,7 @@ from ..dicom.errors import DicomError
 from ..dicom.study import imaging_study
 from ..domain.vocabulary import FIND_STUDY_TASK, V2_0203, site_tag, study_uid, without_meta
 from ..hl7 import charset
-from ..hl7.errors import Hl7Error
+from ..hl7.errors import ErrorCode, Hl7Error
 from ..hl7.message import MessageError
 from ..hl7.order import Order, map_order, map_patient_update
 from ..sites import Site
@@ -126,7 +126,8 @@ def _upsert(conn: psycopg.Connection[Any], ctx: Context, new: dict[str, Any],
 
 def _patient(conn: psycopg.Connection[Any], ctx: Context, patient: dict[str, Any]) -> dict[str, Any]:
     if not patient.get("identifier"):
-        raise Permanent("the message names no patient identifier (PID-3)")
+        raise MessageError("the message names no patient identifier (PID-3)", "PID", 3,
+                           error_code=ErrorCode.REQUIRED_FIELD_MISSING)
     return _upsert(conn, ctx, patient)
 
 
