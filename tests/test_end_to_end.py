@@ -169,3 +169,24 @@ def test_bad_input_over_http_keeps_the_hub_serving(hub: Any) -> None:
         assert response.status_code == status
         assert response.json()["resourceType"] == "OperationOutcome"
     assert requests.get(f"{hub.fhir}/metadata", timeout=10).status_code == 200
+
+
+def test_a_study_posted_before_its_images_waits_for_them(hub: Any, orthanc: Any) -> None:
+    """The HIS posts the study as the modality starts sending: the hub looks for the images until
+    they come (the site's pacs_wait_minutes, else INTEROP_PACS_WAIT_MINUTES), as for an HL7 order."""
+    from scripts.synthetic.dicom import dataset_bytes, make_chest_xray
+
+    client = SyncFHIRClient(hub.fhir)
+    ds = make_chest_xray(seed=16, size=256)
+    study = client.resource("ImagingStudy", **study_resource([ds], "early", orthanc.dicomweb_url))
+    study.save()
+
+    def waiting() -> Any:
+        tasks = client.resources("Task").search(focus=f"ImagingStudy/{study.id}").fetch()
+        return tasks and (tasks[0].get("businessStatus") or {}).get("text") == "waiting for the images in the PACS"
+
+    wait_for(waiting, 30, what="the analysis to wait for the images")
+    orthanc.upload(dataset_bytes(ds))  # the modality's images arrive
+    task = finished_task(client, study.id, timeout=60)
+    assert task["status"] == "completed", task.get("statusReason")
+    assert len(client.resources("DiagnosticReport").search(subject="Patient/early").fetch()) == 1

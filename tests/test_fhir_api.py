@@ -236,3 +236,77 @@ def test_patient_round_trip_and_name_search(client: FlaskClient) -> None:
     assert created.status_code == 201
     found = client.get("/fhir/Patient?name=trầ").get_json(force=True)
     assert [e["resource"]["id"] for e in found["entry"]] == [created.get_json(force=True)["id"]]
+
+
+# -- a client's retry, and what a fuzzer sends (issue 10) --------------------------------------
+def test_a_retried_post_of_the_same_study_is_one_study_and_one_analysis(client: FlaskClient, db_url: str) -> None:
+    first = post(client, "ImagingStudy", study(status="registered"))
+    retry = post(client, "ImagingStudy", study(status="registered"))  # no If-None-Exist: a plain retry
+    assert (first.status_code, retry.status_code) == (201, 200)
+    sid = first.get_json(force=True)["id"]
+    assert retry.get_json(force=True)["id"] == sid and retry.get_json(force=True)["meta"]["versionId"] == "1"
+    available = post(client, "ImagingStudy", study())  # news of the same study: now available
+    again = post(client, "ImagingStudy", study())
+    assert (available.status_code, again.status_code) == (200, 200)
+    assert available.get_json(force=True)["id"] == sid and available.get_json(force=True)["status"] == "available"
+    assert again.get_json(force=True)["meta"]["versionId"] == "2"  # the same content: nothing new stored
+    assert client.get("/fhir/ImagingStudy").get_json(force=True)["total"] == 1
+    assert len(jobs(db_url)) == 1
+    tasks = client.get(f"/fhir/Task?focus=ImagingStudy/{sid}").get_json(force=True)
+    assert tasks["total"] == 1
+
+
+def _deep(levels: int) -> str:
+    """A Patient whose extensions nest `levels` deep, as JSON text (too deep for json.dumps)."""
+    inner = '{"url": "urn:x", "valueString": "leaf"}'
+    return ('{"resourceType": "Patient", "extension": [' + '{"url": "urn:x", "extension": [' * levels + inner
+            + "]}" * levels + "]}")
+
+
+@pytest.mark.parametrize("name,rtype,body,status", [
+    ("an object where a code goes", "Patient", {"resourceType": "Patient", "gender": {}}, 400),
+    ("a list where a code goes", "Patient", {"resourceType": "Patient", "gender": ["male"]}, 400),
+    ("1,000-deep extensions", "Patient", _deep(1000), 400),
+    ("an identifier too long to search by", "Patient",
+     {"resourceType": "Patient", "identifier": [{"system": "urn:x", "value": "9" * 600}]}, 422),
+    ("a NUL in a string", "Patient", {"resourceType": "Patient", "name": [{"family": "A\u0000B"}]}, 400),
+])
+def test_type_confused_and_oversized_values_are_4xx(client: FlaskClient, name: str, rtype: str, body: Any,
+                                                     status: int) -> None:
+    data = body if isinstance(body, str) else json.dumps(body)
+    response = client.post(f"/fhir/{rtype}", data=data, content_type=FHIR)
+    assert response.status_code == status, (name, response.get_data(as_text=True)[:300])
+    assert response.get_json(force=True)["resourceType"] == "OperationOutcome"
+    assert client.get(f"/fhir/{rtype}").get_json(force=True)["total"] == 0  # nothing half-stored
+
+
+def test_odd_operation_parameters_ids_and_search_values_are_4xx(client: FlaskClient) -> None:
+    for params in ([[]], [{"name": 5}], "action", [{"name": "action", "part": [[]]}]):
+        response = client.post("/fhir/DiagnosticReport/x/$review", content_type=FHIR,
+                               data=json.dumps({"resourceType": "Parameters", "parameter": params}))
+        assert response.status_code == 400, params
+    typed = client.post("/fhir/DiagnosticReport/x/$review", content_type=FHIR, data=json.dumps(
+        {"resourceType": "Parameters", "parameter": [{"name": "action", "valueInteger": 3}]}))
+    assert typed.status_code == 400
+    for path in ("/fhir/Patient/%00", "/fhir/Patient/" + "x" * 65, "/fhir/Patient/a%2Fb/_history",
+                 "/fhir/Patient/p1/_history/%C2%B2"):
+        assert client.get(path).status_code == 404, path
+    for query in ("name=a%00b", "identifier=%00", "_id=" + "x" * 2000, "name:foo%00=x"):
+        response = client.get(f"/fhir/Patient?{query}")
+        assert response.status_code == 400, query
+        assert response.get_json(force=True)["resourceType"] == "OperationOutcome"
+
+
+def test_a_95_mib_name_under_the_default_body_limit_is_refused(db_url: str) -> None:
+    from interop.app import create_app
+    from interop.config import Settings
+
+    app = create_app(Settings.from_env({"DATABASE_URL": db_url}))  # the default 10 MiB body limit
+    try:
+        client = app.test_client()
+        body = json.dumps({"resourceType": "Patient", "name": [{"family": "N" * (9 * 1024 * 1024 + 512 * 1024)}]})
+        response = client.post("/fhir/Patient", data=body, content_type=FHIR)
+        assert response.status_code == 400 and "1048576 characters" in response.get_data(as_text=True)
+        assert client.get("/fhir/Patient").get_json(force=True)["total"] == 0
+    finally:
+        app.extensions["interop"].close()

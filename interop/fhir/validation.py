@@ -27,13 +27,17 @@ def required_codes(mappings_dir: Path) -> dict[str, dict[tuple[str, ...], frozen
 
 
 MAX_DEPTH = 64  # nesting of objects and arrays; FHIR resources need a dozen at most
+MAX_STRING = 1024 * 1024  # FHIR R4: "strings SHALL NOT exceed 1MB (1024*1024 characters) in size"
 
 
 def depth(value: Any, limit: int = MAX_DEPTH) -> int:
-    """How deeply `value` nests (stops counting past `limit`), without recursion."""
+    """How deeply `value` nests (stops counting past `limit`), without recursion; a string past
+    FHIR's 1 MB limit counts as too deep (it is refused all the same)."""
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, level = stack.pop()
+        if isinstance(item, str) and len(item) > MAX_STRING:
+            return limit + 1
         if isinstance(item, (dict, list)):
             deepest = max(deepest, level)
             if deepest > limit:
@@ -46,7 +50,8 @@ def depth(value: Any, limit: int = MAX_DEPTH) -> int:
 def validate(body: dict[str, Any], mappings_dir: Path | None = None) -> None:
     """Raise InvalidResource (400) with one issue per problem; returns nothing on success."""
     if depth(body) > MAX_DEPTH:
-        raise InvalidResource(f"the resource nests deeper than {MAX_DEPTH} levels")
+        raise InvalidResource(f"the resource nests deeper than {MAX_DEPTH} levels, or holds a string longer than"
+                              f" FHIR's limit of {MAX_STRING} characters")
     if mappings_dir is not None:
         problems = [
             issue("code-invalid", f"{'.'.join(path)}: not a code of its required value set",

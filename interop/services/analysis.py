@@ -33,7 +33,11 @@ from .errors import NoModel, Waiting
 
 log = logging.getLogger("interop.analysis")
 
-WAIT_SECONDS = 30  # how often a study not yet in the PACS is looked for
+
+
+def wait_seconds(retry_base_seconds: int) -> int:
+    """How often a study not yet in the PACS is looked for: three retry bases, at most 30 s."""
+    return max(1, min(30, 3 * retry_base_seconds))
 
 
 @dataclass

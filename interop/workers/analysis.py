@@ -25,7 +25,7 @@ from inference_client.triton import ModelNotFound, TritonClient, TritonError, Tr
 from ..config import Settings
 from ..dicom.errors import DicomError, NotAnImage
 from ..services import critical, orders, tasks
-from ..services.analysis import WAIT_SECONDS, Analyser, Timings
+from ..services.analysis import Analyser, Timings, wait_seconds
 from ..services.analytics import facts
 from ..services.context import Context
 from ..services.errors import NoModel, Permanent, Transient, Waiting
@@ -132,8 +132,8 @@ class Runner:
             self._fail(job, reason, timings)
             return
         policy = self.ctx.policies.kind(job.kind)
-        delay = WAIT_SECONDS if waiting else queue.backoff_seconds(job.attempts, self.ctx.settings.retry_base_seconds,
-                                                                   policy.backoff_cap_seconds)
+        base = self.ctx.settings.retry_base_seconds
+        delay = wait_seconds(base) if waiting else queue.backoff_seconds(job.attempts, base, policy.backoff_cap_seconds)
         try:
             with self.conn.transaction():
                 queue.retry_later(self.conn, job, reason, delay, refund=waiting)
