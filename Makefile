@@ -45,8 +45,10 @@ check: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/vulture
 
+# two test processes (pytest-xdist), each with its own PostgreSQL, Triton and PACS: the suite waits on
+# peers more than it computes, so two keep two cores busy
 test: $(STAMP) system-deps $(PEERS) models check
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 bench: $(STAMP) system-deps models
 	$(BIN)/python bench/latency.py

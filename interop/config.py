@@ -32,6 +32,8 @@ ENVIRONMENT: list[tuple[str, str, str | None, str]] = [
     ("INTEROP_SITES", "sites_file", None,
      "facilities served: names, districts, result destinations; unset: INTEROP_MAPPINGS_DIR/sites.yaml"),
     ("INTEROP_TRITON_REPO", "triton_repo", "triton_repo", "Triton model repository for the bundled server"),
+    ("INTEROP_TRITON_MODELS", "triton_models", None,
+     "models the bundled Triton loads, comma-separated (e.g. chest_xray); unset: every model of the repository"),
     ("INTEROP_WORKERS", "workers", "1", "analysis worker processes started by `interop serve`"),
     ("INTEROP_HTTP_WORKERS", "http_workers", "2", "gunicorn worker processes for the FHIR API"),
     ("INTEROP_DELIVERY_LANES", "delivery_lanes", "32", "destinations the delivery process serves at once (one thread each)"),
@@ -80,6 +82,7 @@ class Settings:
     mappings_dir: Path = Path("mappings")
     sites_file: Path = Path("mappings") / "sites.yaml"
     triton_repo: Path = Path("triton_repo")
+    triton_models: str | None = None
     workers: int = 1
     http_workers: int = 2
     delivery_lanes: int = 32

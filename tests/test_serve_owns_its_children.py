@@ -60,7 +60,8 @@ def data_dir() -> Any:
 
 def test_kill_9_takes_the_children_and_the_next_start_cleans_up(data_dir: Path) -> None:
     repo = ROOT / "triton_repo"
-    env = {"INTEROP_HTTP_WORKERS": "1", "DATABASE_URL": "", "TRITON_URL": ""}  # embedded, bundled: owned by serve
+    # the embedded PostgreSQL and the bundled Triton (one model, to start quickly): what serve owns
+    env = {"INTEROP_HTTP_WORKERS": "1", "DATABASE_URL": "", "TRITON_URL": "", "INTEROP_TRITON_MODELS": "chest_xray"}
     first = start_hub(env, data_dir)
     supervisor = psutil.Process(first.proc.pid)
     children = supervisor.children(recursive=True)

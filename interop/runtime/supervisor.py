@@ -67,8 +67,9 @@ def start_dependencies(settings: Settings, stack: ExitStack) -> Settings:
         from .triton import BundledTriton
 
         ensure_models(settings.triton_repo)
+        models = tuple(m.strip() for m in (settings.triton_models or "").split(",") if m.strip())
         triton = stack.enter_context(BundledTriton(settings.triton_repo, settings.data_dir / "triton",
-                                                   environ=settings.environ))
+                                                   environ=settings.environ, models=models, load_only=models))
         settings = replace(settings, triton_url=triton.url)
         log.info("bundled Triton started on %s", triton.url)
     return settings
@@ -97,11 +98,15 @@ def _command(name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return _spawn([sys.executable, "-m", "interop.cli", name], env)
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
+def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 15.0) -> None:
+    """SIGTERM to all at once (each stops in its own time), then SIGKILL what is left at `timeout`."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
         try:
-            proc.wait(timeout)
+            proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -163,7 +168,6 @@ def serve(settings: Settings, ready: Event | None = None) -> int:
                     mllp = _command("mllp", env)
                 children[:] = [api, *workers, deliver, mllp]
         finally:
-            for proc in [mllp, deliver, *workers, api]:
-                _stop(proc)
+            _stop([mllp, deliver, *workers, api])
             log.info("hub stopped")
         return code

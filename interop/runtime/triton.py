@@ -85,12 +85,14 @@ class BundledTriton:
         models: tuple[str, ...] = (),
         extra_args: tuple[str, ...] = (),
         environ: Mapping[str, str] | None = None,
+        load_only: tuple[str, ...] = (),
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.log_dir = Path(log_dir)
         self.ready_timeout_s = ready_timeout_s
         self.models = models  # models that must be ready too (all loaded ones are checked by /v2/health/ready)
         self.extra_args = extra_args
+        self.load_only = load_only  # empty: every model of the repository
         self.environ = dict(environ or {})  # the settings' environment, handed to the server
         # The server runs in its own session (a Ctrl-C in the shell reaches the supervisor, which
         # stops it in order); the pid file lets the next start end one a crashed supervisor left.
@@ -124,6 +126,8 @@ class BundledTriton:
             # memory region, which then grows, responses came back empty after large requests.
             "--backend-config=python,shm-default-byte-size=67108864",
             f"--log-file={self.log_path}",
+            *(["--model-control-mode=explicit", *(f"--load-model={name}" for name in self.load_only)]
+              if self.load_only else []),
             *self.extra_args,
         ]
 

@@ -31,6 +31,7 @@ from ..services.context import Context
 from ..services.errors import NoModel, Permanent, Transient, Waiting
 from ..services.intake import ANALYSE
 from ..store import db, queue, resources
+from . import signals
 
 log = logging.getLogger("interop.worker")
 
@@ -65,8 +66,8 @@ class Runner:
         self.conn.close()
 
     # -- the loop ---------------------------------------------------------------------------
-    def run(self, stop: Event, idle_wait: float = 1.0) -> None:
-        """Process jobs until `stop` is set; wakes on NOTIFY, polls every `idle_wait` seconds."""
+    def run(self, stop: Event, idle_wait: float = 1.0, wake_fd: int | None = None) -> None:
+        """Process jobs until `stop` is set; wakes on NOTIFY (or on `wake_fd`), polls every `idle_wait` seconds."""
         listener = db.connect(self.ctx.settings.database_url or "", autocommit=True)
         listener.execute(f"LISTEN {queue.CHANNEL}")
         facts.schedule_refresh(self.conn, self.ctx)
@@ -75,7 +76,8 @@ class Runner:
             while not stop.is_set():
                 if self.run_once():
                     continue
-                select.select([listener.fileno()], [], [], idle_wait)
+                select.select([listener.fileno(), *([wake_fd] if wake_fd is not None else [])], [], [], idle_wait)
+                signals.drain(wake_fd)
                 for _ in listener.notifies(timeout=0):
                     pass
         finally:
@@ -159,15 +161,10 @@ class Runner:
 
 def main(settings: Settings) -> None:
     """`interop worker`: run one analysis worker until SIGTERM/SIGINT."""
-    import signal
-
-    stop = Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     ctx = Context.from_settings(settings)
-    signal.signal(signal.SIGHUP, lambda *_: ctx.sites.reload())
+    stop, wake_fd = signals.install(ctx.sites.reload)
     runner = Runner(ctx)
     try:
-        runner.run(stop)
+        runner.run(stop, wake_fd=wake_fd)
     finally:
         runner.close()

@@ -35,6 +35,7 @@ from ..services.delivery.fhir import FhirChannel
 from ..services.delivery.hl7 import SENDING_FACILITY, Hl7Channel
 from ..services.delivery.rest_hook import RestHookChannel
 from ..store import db, queue
+from . import signals
 
 log = logging.getLogger("interop.delivery")
 
@@ -176,7 +177,7 @@ class DeliveryPool:
                     break
         return len(self.threads)
 
-    def run(self, stop: threading.Event, idle_wait: float = 1.0) -> None:
+    def run(self, stop: threading.Event, idle_wait: float = 1.0, wake_fd: int | None = None) -> None:
         listener: psycopg.Connection[Any] | None = None
         log.info("delivery runner %s started (up to %d lanes)", self.id, self.ctx.settings.delivery_lanes)
         try:
@@ -186,7 +187,8 @@ class DeliveryPool:
                         listener = db.connect(self.ctx.settings.database_url or "", autocommit=True)
                         listener.execute(f"LISTEN {queue.CHANNEL}")
                     self.start_ready_lanes(listener)
-                    select.select([listener.fileno()], [], [], idle_wait)
+                    select.select([listener.fileno(), *([wake_fd] if wake_fd is not None else [])], [], [], idle_wait)
+                    signals.drain(wake_fd)
                     for _ in listener.notifies(timeout=0):
                         pass
                 except psycopg.Error as exc:
@@ -206,14 +208,9 @@ class DeliveryPool:
 
 def main(settings: Settings) -> None:
     """`interop deliver`: deliver results until SIGTERM/SIGINT."""
-    import signal
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     ctx = Context.from_settings(settings)
-    signal.signal(signal.SIGHUP, lambda *_: ctx.sites.reload())
-    DeliveryPool(ctx).run(stop)
+    stop, wake_fd = signals.install(ctx.sites.reload)
+    DeliveryPool(ctx).run(stop, wake_fd=wake_fd)
 
 
 __all__ = ["Deliverer", "DeliveryPool", "Message", "Outcome", "main"]
