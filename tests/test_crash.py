@@ -21,6 +21,18 @@ ORDERS = 1200
 KILLS = 3
 
 
+def gone(group: int, timeout: float = 30) -> None:
+    """Wait until no process of the killed supervisor's group is left (its children die with it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes of group {group} outlived their supervisor")
+
+
 def test_acknowledged_orders_survive_three_kill_9(db_url: str, tmp_path: Path) -> None:
     ports = {"INTEROP_MLLP_PORT": str(free_port()), "INTEROP_HTTP_PORT": str(free_port())}
     env = {"DATABASE_URL": db_url, "TRITON_URL": "", "INTEROP_TRITON_MODELS": "chest_xray",  # bundled: owned by serve
@@ -38,6 +50,7 @@ def test_acknowledged_orders_survive_three_kill_9(db_url: str, tmp_path: Path) -
                 time.sleep(0.05)
             os.kill(hubs[-1].proc.pid, signal.SIGKILL)  # the supervisor: no chance to clean up
             hubs[-1].proc.wait(10)
+            gone(hubs[-1].proc.pid)  # as an init system does, restart once the old processes are gone
             hubs.append(start_hub(env, tmp_path))
             tritons.append(int((tmp_path / "triton" / "tritonserver.pid").read_text().split()[0]))
 

@@ -200,9 +200,13 @@ def test_a_hung_hospital_holds_only_its_own_results(
             assert analysed < 15, f"GOOD{n} was analysed {analysed:.1f} s after exam-done"
         arrives("GOOD's reports in its EMR", lambda: [emr_status(fhir_emr, uid) for uid in good_uids],
                 ["preliminary"] * 3)
-        stuck = requests.get(f"{hub.base}/outbox?status=pending,sending", timeout=10).json()
-        assert {d["destination"] for d in stuck} <= {"HUNG:hl7", "HUNG:fhir"}
-        assert len(stuck) >= 12  # each hung result waits for both of its destinations
+        def stuck() -> list[dict[str, Any]]:
+            found: list[dict[str, Any]] = requests.get(f"{hub.base}/outbox?status=pending,sending", timeout=10).json()
+            return found
+
+        wait_for(lambda: {d["destination"] for d in stuck()} <= {"HUNG:hl7", "HUNG:fhir"}, 15,
+                 what="only the hung hospital's deliveries to be waiting")
+        assert len(stuck()) >= 12  # each hung result waits for both of its destinations
     finally:
         stop_hub(hub)
         hung_ris.close()
