@@ -27,6 +27,7 @@ from hl7.mllp import open_hl7_connection
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from interop.runtime.processes import free_port  # noqa: E402
 from interop.store import db  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "samples" / "hl7v2" / "dcm4che_ORM_O01_v231_radiology.hl7"
@@ -54,12 +55,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:

@@ -1,7 +1,6 @@
 """Small helpers shared by tests: put a synthetic study in the PACS and describe it in FHIR."""
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 from pydicom import Dataset
 
 from interop.dicom.study import imaging_study
+from interop.runtime.processes import free_port  # noqa: F401  (the tests' one way to a free port)
 from scripts.synthetic.dicom import dataset_bytes, make_chest_xray
 
 
@@ -35,13 +35,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float 
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout
 DATA = ROOT / "tests" / "data"  # public samples, with MANIFEST.txt per folder
-
-
-def free_port() -> int:
-    """A loopback port free now (the server binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- deliveries, as the tests look at them ------------------------------------------------------

@@ -67,10 +67,14 @@ def codes(concepts: Any) -> set[str]:
             if isinstance(c, dict)}
 
 
+def is_critical_finding(observation: dict[str, Any]) -> bool:
+    """A finding is critical when its interpretation says AA (critical abnormal)."""
+    return "AA" in codes(observation.get("interpretation") or [])
+
+
 def is_critical(report: dict[str, Any], observations: Sequence[dict[str, Any]] = ()) -> bool:
     """A report is critical when its conclusionCode, or one of its results' interpretations, says AA."""
-    return "AA" in codes(report.get("conclusionCode") or []) or any(
-        "AA" in codes(o.get("interpretation") or []) for o in observations)
+    return "AA" in codes(report.get("conclusionCode") or []) or any(is_critical_finding(o) for o in observations)
 
 
 def priority(report: dict[str, Any]) -> int:

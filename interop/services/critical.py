@@ -16,7 +16,7 @@ addressed to; the report itself goes to both hospitals (`delivery.queue_report`)
 """
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -26,8 +26,8 @@ from ..domain.vocabulary import (
     ALERT_CATEGORY,
     COMMUNICATION_SYSTEM,
     REFERRAL,
-    codes,
     is_critical,
+    is_critical_finding,
     reference_id,
     without_meta,
 )
@@ -37,12 +37,10 @@ from . import delivery
 from .analytics import facts
 from .context import Context
 from .errors import ReviewError
+from .tasks import utc_now
 
 ESCALATE = "escalate-critical"
 
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _contacts(site: Site | None) -> list[str]:
@@ -54,7 +52,7 @@ def _summary(conn: psycopg.Connection[Any], report: dict[str, Any]) -> str:
     found = []
     for ref in report.get("result") or []:
         obs = resources.read(conn, "Observation", reference_id(ref, "Observation") or "")
-        if "AA" in codes(obs.get("interpretation") or []):
+        if is_critical_finding(obs):
             p = (obs.get("valueQuantity") or {}).get("value")
             found.append(f"{obs['code'].get('text')}" + (f" (p={p:.2f})" if isinstance(p, (int, float)) else ""))
     return ", ".join(found) or "critical finding"
@@ -69,7 +67,7 @@ def _communication(conn: psycopg.Connection[Any], ctx: Context, report: dict[str
         "identifier": [{"system": COMMUNICATION_SYSTEM, "value": rid}],
         "category": [{"coding": [ALERT_CATEGORY]}],
         "basedOn": [{"reference": f"DiagnosticReport/{report['id']}"}],
-        "sent": _now().isoformat(), "recipient": [{"display": recipient}],
+        "sent": utc_now().isoformat(), "recipient": [{"display": recipient}],
         "sender": {"display": "Imaging AI hub"},
         "payload": [{"contentString": text}],
         "reasonCode": [{"text": "Critical finding suspected by AI"}],
@@ -102,7 +100,7 @@ def raise_alert(conn: psycopg.Connection[Any], ctx: Context, report: dict[str, A
         "resourceType": "ServiceRequest", "status": "draft", "intent": "proposal", "priority": "stat",
         "code": {"coding": [REFERRAL], "text": f"Transfer to {higher_name}"},
         "reasonReference": [{"reference": f"DiagnosticReport/{report['id']}"}],
-        "performer": [{"display": higher_name}], "authoredOn": _now().isoformat(),
+        "performer": [{"display": higher_name}], "authoredOn": utc_now().isoformat(),
         "note": [{"text": "Recommended by the hub on an AI-suspected critical finding; a clinician decides."}],
         "subject": report.get("subject") or {"display": "unknown patient"},
     }
@@ -114,8 +112,8 @@ def raise_alert(conn: psycopg.Connection[Any], ctx: Context, report: dict[str, A
         "resourceType": "Task", "status": "requested", "intent": "order", "priority": "stat",
         "code": {"coding": [ACK_TASK], "text": ACK_TASK["display"]},
         "focus": {"reference": f"DiagnosticReport/{report['id']}"}, "owner": {"display": contacts[0]},
-        "authoredOn": _now().isoformat(),
-        "restriction": {"period": {"end": (_now() + timedelta(minutes=minutes)).isoformat()}},
+        "authoredOn": utc_now().isoformat(),
+        "restriction": {"period": {"end": (utc_now() + timedelta(minutes=minutes)).isoformat()}},
         "businessStatus": {"text": f"notified {contacts[0]}"},
     }
     if report.get("subject"):
@@ -156,7 +154,7 @@ def escalate(conn: psycopg.Connection[Any], ctx: Context, job: queue.Job, _timin
         task["owner"] = {"display": contacts[step]}
         task["businessStatus"] = {"text": f"escalated to {contacts[step]}"}
         minutes = ctx.settings.critical_escalate_minutes
-        task["restriction"] = {"period": {"end": (_now() + timedelta(minutes=minutes)).isoformat()}}
+        task["restriction"] = {"period": {"end": (utc_now() + timedelta(minutes=minutes)).isoformat()}}
         resources.update(conn, task, ctx.params["Task"])
         reviews.escalated(conn, alert["id"], step)
         _schedule(conn, ctx, alert["report_id"], step + 1)
@@ -177,7 +175,7 @@ def acknowledge(conn: psycopg.Connection[Any], ctx: Context, report_id: str, *, 
             reviews.acknowledged(conn, alert["id"], by)
             body = without_meta(task)
             body.update(status="completed", businessStatus={"text": f"acknowledged by {by}"},
-                        lastModified=_now().isoformat())
+                        lastModified=utc_now().isoformat())
             task = resources.update(conn, body, ctx.params["Task"])[0]
             queue.cancel_queued(conn, f"{ESCALATE}:{report_id}:")
         facts.record(conn, ctx, report_id, event="acknowledged")
@@ -201,7 +199,7 @@ def decide_transfer(conn: psycopg.Connection[Any], ctx: Context, report_id: str,
             referral.update(status="active", intent="order")
         else:
             referral.update(status="revoked")
-        referral["note"] = [*referral.get("note", []), {"text": f"{decision} decided by {by}", "time": _now().isoformat()}]
+        referral["note"] = [*referral.get("note", []), {"text": f"{decision} decided by {by}", "time": utc_now().isoformat()}]
         stored = resources.update(conn, referral, ctx.params["ServiceRequest"])[0]
         reviews.decided(conn, alert["id"], decision, by)
         facts.record(conn, ctx, report_id, event="transfer")

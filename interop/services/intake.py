@@ -8,7 +8,7 @@ queue key is the UID, and a second ImagingStudy with a UID the hub holds updates
 """
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -18,6 +18,7 @@ from ..store import queue, resources
 from ..store.resources import Criterion, Query
 from .context import Context
 from .errors import IntakeError
+from .tasks import utc_now
 
 WADO_RS = "dicom-wado-rs"
 ANALYSE = "analyse-study"
@@ -82,15 +83,12 @@ def same_study(conn: psycopg.Connection[Any], ctx: Context, study: dict[str, Any
     return found[0] if found else None
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
 
 def _task(study: dict[str, Any], status: str, reason: str | None = None) -> dict[str, Any]:
     task: dict[str, Any] = {
         "resourceType": "Task", "status": status, "intent": "order", "priority": "routine",
         "code": {"coding": [ANALYSIS_TASK], "text": ANALYSIS_TASK["display"]},
-        "focus": {"reference": f"ImagingStudy/{study['id']}"}, "authoredOn": _now().isoformat(),
+        "focus": {"reference": f"ImagingStudy/{study['id']}"}, "authoredOn": utc_now().isoformat(),
     }
     if "subject" in study:
         task["for"] = study["subject"]
@@ -125,6 +123,6 @@ def accept_study(conn: psycopg.Connection[Any], ctx: Context, study: dict[str, A
     task = resources.create(conn, _task(study, "requested"), ctx.params["Task"])
     policy = ctx.policies.kind(ANALYSE)
     queue.enqueue(conn, ANALYSE, {"study": study["id"], "task": task["id"], "study_uid": uid, "dicomweb": endpoint,
-                                  "deadline": (_now() + timedelta(minutes=wait)).isoformat()},
+                                  "deadline": (utc_now() + timedelta(minutes=wait)).isoformat()},
                   dedupe_key=key, max_attempts=policy.max_attempts, priority=policy.priority)
     return task

@@ -14,7 +14,7 @@ visible as FHIR: the resources, and a Task per order (`Task?focus=ServiceRequest
 """
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -34,15 +34,13 @@ from . import intake, tasks
 from .context import Context
 from .delivery.app_ack import queue_app_ack
 from .errors import Permanent, Transient, Waiting
+from .tasks import utc_now
 
 PROCESS_HL7 = hl7_messages.PROCESS_KIND
 FIND_STUDY = "find-study"
 ADT_TYPES = ("ADT^A08", "ADT^A31", "ADT^A01", "ADT^A04")
 CANCEL = ("CA", "DC", "OC", "OD")
 
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _id_type(identifier: dict[str, Any]) -> str | None:
@@ -198,14 +196,14 @@ def _queue_find_study(conn: psycopg.Connection[Any], ctx: Context, request: dict
         "code": {"coding": [FIND_STUDY_TASK], "text": FIND_STUDY_TASK["display"]},
         "focus": {"reference": f"ServiceRequest/{request['id']}"}, "for": request["subject"],
         "basedOn": [{"reference": f"ServiceRequest/{request['id']}"}],
-        "authoredOn": _now().isoformat(),
-        "restriction": {"period": {"end": (_now() + wait).isoformat()}},
+        "authoredOn": utc_now().isoformat(),
+        "restriction": {"period": {"end": (utc_now() + wait).isoformat()}},
     }, ctx.params["Task"])
     policy = ctx.policies.kind(FIND_STUDY)
     queue.enqueue(conn, FIND_STUDY, {
         "service_request": request["id"], "task": task["id"], "study_uid": order.study_instance_uid,
         "accession": order.accession, "site": site.code if site else facility,
-        "deadline": (_now() + wait).isoformat(),
+        "deadline": (utc_now() + wait).isoformat(),
     }, dedupe_key=key, max_attempts=policy.max_attempts, priority=policy.priority)
 
 
@@ -225,7 +223,7 @@ def find_study(conn: psycopg.Connection[Any], ctx: Context, job: queue.Job, _tim
         if not uids and p.get("accession"):
             uids = client.find_study_uids(accession=p["accession"])
         if not uids:
-            if _now() >= datetime.fromisoformat(p["deadline"]):
+            if utc_now() >= datetime.fromisoformat(p["deadline"]):
                 raise Permanent("the images did not arrive in the PACS before the deadline")
             tasks.update(conn, ctx, task, "in-progress", business="waiting for the images in the PACS")
             raise Waiting("the images are not in the PACS yet")

@@ -35,10 +35,5 @@ def stored(conn: psycopg.Connection[Any], ctx: Context, report: dict[str, Any], 
 
 def _study(conn: psycopg.Connection[Any], report: dict[str, Any]) -> dict[str, Any] | None:
     """The report's ImagingStudy (a report made before site tags were kept takes its study's)."""
-    for ref in report.get("imagingStudy") or []:
-        rid = str(ref.get("reference") or "").removeprefix("ImagingStudy/")
-        try:
-            return resources.read(conn, "ImagingStudy", rid)
-        except resources.StoreError:
-            continue
-    return None
+    return next((s for s in (resources.find(conn, r.get("reference")) for r in report.get("imagingStudy") or [])
+                 if s), None)

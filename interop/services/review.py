@@ -23,6 +23,7 @@ from ..domain.vocabulary import (
     REVIEWED,
     SNOMED,
     codes,
+    is_critical_finding,
     reference_id,
     without_meta,
 )
@@ -53,10 +54,6 @@ def _interpretation(positive: bool, critical: bool) -> list[dict[str, Any]]:
     if positive and critical:
         out.append({"coding": [{"system": INTERPRETATION, "code": "AA", "display": "Critical abnormal"}]})
     return out
-
-
-def _critical(obs: dict[str, Any]) -> bool:
-    return "AA" in codes(obs.get("interpretation") or [])
 
 
 def _critical_label(obs: dict[str, Any], critical: frozenset[tuple[str | None, str]]) -> bool:
@@ -139,8 +136,9 @@ def apply_review(
                 verdict, said_value = ("agree" if said == ai else "disagree"), said
             obs["status"] = status
             if action != "reject" and said != current:
-                obs["interpretation"] = _interpretation(said, _critical(obs) or _critical_label(obs, ctx.critical_codes))
-            still_critical = still_critical or _critical(obs)
+                critical = is_critical_finding(obs) or _critical_label(obs, ctx.critical_codes)
+                obs["interpretation"] = _interpretation(said, critical)
+            still_critical = still_critical or is_critical_finding(obs)
             note = f"Radiologist ({reviewer}): {'present' if said else 'absent'}" if action != "reject" else \
                 f"AI result rejected by {reviewer}"
             obs["note"] = [*obs.get("note", []), {"text": note, "time": now}]

@@ -12,8 +12,13 @@ from ..store import resources
 from .context import Context
 
 
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 def now() -> str:
-    return datetime.now(UTC).isoformat()
+    """The time now, as FHIR writes an instant."""
+    return utc_now().isoformat()
 
 
 def update(conn: psycopg.Connection[Any], ctx: Context, task: dict[str, Any] | str, status: str, *,

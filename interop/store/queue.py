@@ -96,7 +96,7 @@ def enqueue(
     if row is None:
         return None
     conn.execute(f"NOTIFY {CHANNEL}")  # delivered at commit, only if it commits
-    return int(row[0] if isinstance(row, tuple) else row["id"])
+    return int(row["id"])
 
 
 def exists(conn: psycopg.Connection[Any], dedupe_key: str) -> bool:
@@ -141,7 +141,7 @@ def claim(
         ).fetchone()
         if row is None:
             return None
-        job_id, job_lane = _pair(row)
+        job_id, job_lane = row["id"], row["lane"]
         if job_lane is not None and not _lane_has_room(conn, job_lane, job_id, lane_limit):
             return None
         claimed = conn.execute(
@@ -157,10 +157,6 @@ def claim(
     return _job(claimed, worker)
 
 
-def _pair(row: Any) -> tuple[Any, Any]:
-    return (row["id"], row["lane"]) if isinstance(row, dict) else (row[0], row[1])
-
-
 def _lane_has_room(conn: psycopg.Connection[Any], lane: str, job_id: int, limit: int) -> bool:
     """Under the lane's row lock (one claimer per lane at a time, across replicas): not closed by
     the breaker, and fewer than `limit` jobs running."""
@@ -174,7 +170,7 @@ def _lane_has_room(conn: psycopg.Connection[Any], lane: str, job_id: int, limit:
 
 
 def _job(row: Any, worker: str) -> Job:
-    r = row if isinstance(row, dict) else dict(zip(_COLUMNS, row))
+    r = row
     return Job(id=r["id"], kind=r["kind"], payload=r["payload"], attempts=r["attempts"],
                max_attempts=r["max_attempts"], worker=worker, priority=r["priority"],
                lane=r["lane"], series=r["series"], seq=r["seq"], message=r["message"], message_id=r["message_id"])
@@ -307,7 +303,7 @@ def depth(conn: psycopg.Connection[Any], kinds: Sequence[str] | None = None) -> 
     """Jobs per status (of `kinds`, or all), for /metrics and tests."""
     rows = conn.execute("SELECT status, count(*) AS n FROM job WHERE %s::text[] IS NULL OR kind = ANY(%s::text[])"
                         " GROUP BY status", (list(kinds) if kinds else None, list(kinds) if kinds else None)).fetchall()
-    return {(r["status"] if isinstance(r, dict) else r[0]): int(r["n"] if isinstance(r, dict) else r[1]) for r in rows}
+    return {r["status"]: int(r["n"]) for r in rows}
 
 
 # -- lanes: one per destination, with a circuit breaker ------------------------------------------
@@ -335,7 +331,7 @@ def ready_lanes(conn: psycopg.Connection[Any], kinds: Sequence[str], lane_limit:
         f"SELECT j.lane, min(j.priority) AS p FROM job j WHERE j.lane IS NOT NULL AND {_READY}"
         f" AND j.kind = ANY(%(kinds)s) AND {_LANE_OPEN} GROUP BY j.lane ORDER BY 2, 1",
         {"kinds": list(kinds), "limit": lane_limit}).fetchall()
-    return [r["lane"] if isinstance(r, dict) else r[0] for r in rows]
+    return [r["lane"] for r in rows]
 
 
 def lanes(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:

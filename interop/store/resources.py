@@ -178,6 +178,18 @@ def read(conn: psycopg.Connection[Any], rtype: str, rid: str) -> dict[str, Any]:
     return row["body"]  # type: ignore[no-any-return]
 
 
+def find(conn: psycopg.Connection[Any], reference: str | None) -> dict[str, Any] | None:
+    """The resource a reference names ('Type/id', also absolute or with _history), or None when
+    the reference names none or it is not (or no longer) stored."""
+    parts = [p for p in (reference or "").split("/_history/")[0].split("/") if p]
+    if len(parts) < 2:
+        return None
+    try:
+        return read(conn, parts[-2], parts[-1])
+    except (NotFound, Gone):
+        return None
+
+
 def vread(conn: psycopg.Connection[Any], rtype: str, rid: str, version: int) -> dict[str, Any]:
     row = conn.execute(
         "SELECT body FROM resource_history WHERE type = %s AND id = %s AND version = %s",

@@ -14,7 +14,7 @@ import psycopg
 
 from inference_client.models import ModelDescription
 
-from ..domain.vocabulary import REPORT_SYSTEM, codes, is_critical, site_of
+from ..domain.vocabulary import REPORT_SYSTEM, codes, is_critical, is_critical_finding, site_of
 from ..sites import Site
 from ..store import resources, worklist
 
@@ -103,7 +103,7 @@ def finding_row(obs: dict[str, Any], model: ModelDescription | None) -> FindingR
     return FindingRow(observation_id=str(obs["id"]), text_en=str(obs.get("code", {}).get("text", "")),
                       text_vi=label.display.vi if label else None,
                       probability=float(value) if isinstance(value, (int, float)) else None,
-                      positive="POS" in _codes(obs), critical="AA" in _codes(obs),
+                      positive="POS" in _codes(obs), critical=is_critical_finding(obs),
                       threshold=label.threshold if label else None)
 
 

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ from types import TracebackType
 from typing import Any
 
 import requests
+
+from interop.runtime.processes import free_port
 
 DEFAULT_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 INSTALL_HINT = "install it with: apt-get install orthanc orthanc-dicomweb"
@@ -40,13 +41,6 @@ def find_orthanc() -> tuple[Path, Path]:
     if not plugin.is_file():
         raise OrthancError(f"the Orthanc DICOMweb plugin was not found at {plugin}; {INSTALL_HINT}")
     return Path(found), plugin
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now (the OS picks it; a race with other processes is possible)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Orthanc:

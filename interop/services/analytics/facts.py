@@ -80,16 +80,6 @@ def _time(value: Any) -> datetime | None:
         return None
 
 
-def _read(conn: psycopg.Connection[Any], ref: str | None) -> dict[str, Any] | None:
-    if not ref or "/" not in ref:
-        return None
-    rtype, rid = ref.split("/", 1)
-    try:
-        return resources.read(conn, rtype, rid)
-    except (resources.NotFound, resources.Gone):
-        return None
-
-
 def _codes(concept: dict[str, Any] | None) -> list[dict[str, Any]]:
     return list((concept or {}).get("coding") or [])
 
@@ -101,7 +91,7 @@ def _has(concept_list: Iterable[dict[str, Any]], code: str) -> bool:
 def _model(conn: psycopg.Connection[Any], report: dict[str, Any]) -> tuple[str, str]:
     ref: dict[str, Any] = next((e.get("valueReference", {}) for e in report.get("extension", [])
                 if e.get("url") == AI_DEVICE_EXTENSION), {})
-    device = _read(conn, ref.get("reference"))
+    device = resources.find(conn, ref.get("reference"))
     if device:
         version = next((v.get("value") for v in device.get("version", []) if v.get("value")), None)
         name = device.get("modelNumber")
@@ -148,7 +138,7 @@ def _study_facts(study: dict[str, Any] | None) -> tuple[str, str | None, str | N
 def _finding(conn: psycopg.Connection[Any], ref: str, verdicts: dict[str, dict[str, Any]],
              labels: dict[tuple[str, str], LabelInfo], reviewed: bool) -> tuple[Any, ...] | None:
     oid = ref.split("/", 1)[1]
-    obs = _read(conn, ref)
+    obs = resources.find(conn, ref)
     if obs is None:
         return None
     first = obs if obs.get("meta", {}).get("versionId") == "1" else resources.vread(conn, "Observation", oid, 1)
@@ -176,11 +166,11 @@ def build(conn: psycopg.Connection[Any], report: dict[str, Any], sites: dict[str
           pseudonymizer: Pseudonymizer, labels: dict[tuple[str, str], LabelInfo]) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
     """(study_fact row, finding_fact rows) for one stored AI report."""
     rid = report["id"]
-    study = _read(conn, next((s.get("reference") for s in report.get("imagingStudy", [])), None))
+    study = resources.find(conn, next((s.get("reference") for s in report.get("imagingStudy", [])), None))
     based_on = [b.get("reference") for b in (report.get("basedOn") or (study or {}).get("basedOn") or [])]
-    order = next((o for o in (_read(conn, b) for b in based_on if b and b.startswith("ServiceRequest/")) if o), None)
+    order = next((o for o in (resources.find(conn, b) for b in based_on if b and b.startswith("ServiceRequest/")) if o), None)
     subject_ref = (report.get("subject") or (study or {}).get("subject") or {}).get("reference")
-    patient = _read(conn, subject_ref) if subject_ref and subject_ref.startswith("Patient/") else None
+    patient = resources.find(conn, subject_ref) if subject_ref and subject_ref.startswith("Patient/") else None
     site_code = site_of(report) or (site_of(study) if study else None)
     site = sites.get(site_code.upper()) if site_code else None
     modality, body_part, procedure = _study_facts(study)

@@ -25,7 +25,6 @@ from ...domain.bundle import (
     references,
     resolve,
     split,
-    split_reference,
 )
 from ...domain.bundle import Outcome as Answer
 from ...sites import FhirDestination, Site
@@ -38,16 +37,6 @@ FHIR_JSON = "application/fhir+json"
 MAX_ANSWER = 20000
 
 
-def _read(conn: psycopg.Connection[Any], ref: str | None) -> dict[str, Any] | None:
-    target = split_reference(ref or "")
-    if target is None:
-        return None
-    try:
-        return resources.read(conn, *target)
-    except (resources.NotFound, resources.Gone):
-        return None
-
-
 def bundle_for(conn: psycopg.Connection[Any], report_id: str, version: int, bundle_id: str | None = None) -> dict[str, Any]:
     """The Bundle for a stored report version: the report as it was at `version`, its current
     Observations and Device, and the Patient/ServiceRequest/ImagingStudy for their identifiers."""
@@ -57,18 +46,18 @@ def bundle_for(conn: psycopg.Connection[Any], report_id: str, version: int, bund
         raise BuildError(f"DiagnosticReport/{report_id} has no version {version}") from exc
     observations = []
     for ref in report.get("result") or []:
-        obs = _read(conn, ref.get("reference"))
+        obs = resources.find(conn, ref.get("reference"))
         if obs is None:
             raise BuildError(f"a result of DiagnosticReport/{report_id} is missing")
         observations.append(obs)
     device_refs = [r["reference"] for r in references([report.get("extension"), [o.get("device") for o in observations]])
                    if r["reference"].startswith("Device/")]
-    device = _read(conn, device_refs[0]) if device_refs else None
+    device = resources.find(conn, device_refs[0]) if device_refs else None
     if device_refs and device is None:
         raise BuildError(f"the Device of DiagnosticReport/{report_id} is missing")
     context_refs = {r["reference"] for r in references([report, observations])
                     if r["reference"].split("/")[0] in ("Patient", "ServiceRequest", "ImagingStudy")}
-    context = [c for c in (_read(conn, ref) for ref in sorted(context_refs)) if c]
+    context = [c for c in (resources.find(conn, ref) for ref in sorted(context_refs)) if c]
     return build_bundle(report, observations, device, context=context, bundle_id=bundle_id)
 
 
@@ -79,7 +68,7 @@ def notice_for(conn: psycopg.Connection[Any], rtype: str, rid: str, version: int
         resource = resources.vread(conn, rtype, rid, version)
     except resources.NotFound as exc:
         raise BuildError(f"{rtype}/{rid} has no version {version}") from exc
-    context = [c for c in (_read(conn, r["reference"]) for r in references(resource)) if c]
+    context = [c for c in (resources.find(conn, r["reference"]) for r in references(resource)) if c]
     return build_notice(resource, context=context, bundle_id=bundle_id)
 
 

@@ -35,13 +35,10 @@ class RenderError(Exception):
     """The message cannot be built from what is stored (no retry helps; `dead`)."""
 
 
-def _read(conn: psycopg.Connection[Any], rtype: str, rid: str | None) -> dict[str, Any] | None:
-    if not rid:
-        return None
-    try:
-        return resources.read(conn, rtype, rid)
-    except (resources.NotFound, resources.Gone):
-        return None
+def _find(conn: psycopg.Connection[Any], rtype: str, ref: dict[str, Any] | str | None) -> dict[str, Any] | None:
+    """The stored resource of type `rtype` that `ref` points at, or None."""
+    rid = reference_id(ref, rtype)
+    return resources.find(conn, f"{rtype}/{rid}") if rid else None
 
 
 def render(conn: psycopg.Connection[Any], report_id: str, version: int, site: Site, control_id: str, now: datetime,
@@ -56,18 +53,18 @@ def render(conn: psycopg.Connection[Any], report_id: str, version: int, site: Si
         raise RenderError(f"DiagnosticReport/{report_id} has no version {version}") from exc
     observations = []
     for ref in report.get("result") or []:
-        obs = _read(conn, "Observation", reference_id(ref, "Observation"))
+        obs = _find(conn, "Observation", ref)
         if obs is None:
             raise RenderError(f"a result of DiagnosticReport/{report_id} is missing")
         observations.append(obs)
-    device = _read(conn, "Device", reference_id(oru.device_reference(report, observations), "Device"))
+    device = _find(conn, "Device", oru.device_reference(report, observations))
     if device is None:
         raise RenderError(f"the Device of DiagnosticReport/{report_id} is missing")
-    service_request = next((sr for sr in (_read(conn, "ServiceRequest", reference_id(ref, "ServiceRequest"))
+    service_request = next((sr for sr in (_find(conn, "ServiceRequest", ref)
                                           for ref in report.get("basedOn") or []) if sr), None)
-    study = next((s for s in (_read(conn, "ImagingStudy", reference_id(ref, "ImagingStudy"))
+    study = next((s for s in (_find(conn, "ImagingStudy", ref)
                               for ref in report.get("imagingStudy") or []) if s), None)
-    patient = _read(conn, "Patient", reference_id(report.get("subject"), "Patient"))
+    patient = _find(conn, "Patient", report.get("subject"))
     try:
         return oru.build_oru(
             report, observations, device, oru.order_context(service_request, study=study),
