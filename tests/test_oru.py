@@ -565,3 +565,27 @@ def test_mllp_client_bounds_the_answer(peer: Peer) -> None:
     with pytest.raises(PeerUnavailable):
         MllpClient("127.0.0.1", peer.port, ack_timeout=0.3).send("MSH|^~\\&|A|B|C|D|1||ADT^A01|1|P|2.5.1")
     assert time.monotonic() - start < 3
+
+
+def test_an_edit_of_the_sites_file_takes_effect_without_a_restart(
+        stored: psycopg.Connection[Any], peer: Peer, db_url: str, tmp_path: Path) -> None:
+    """The RIS moved: the operator edits the sites file; the running sender follows it (and a
+    broken edit leaves the last good version in force)."""
+    sender = make_sender(db_url, tmp_path, free_port())  # the old address: nothing listens there
+    sites = tmp_path / "sites.yaml"
+    try:
+        [item_id] = queue(stored, sender)
+        assert sender.run_once() is True
+        assert row(stored, item_id)["status"] == "pending"
+        time.sleep(1.1)  # the file is looked at again at most once a second
+        sites.write_text("sites: [not, a, mapping", encoding="utf-8")
+        assert sender.ctx.sites.get("BVDKDN") is not None  # a broken edit: the last good version stays
+        time.sleep(1.1)
+        sites.write_text("sites:\n  BVDKDN:\n    name: Benh vien Da khoa Dong Nai\n"
+                         f"    hl7: {{host: 127.0.0.1, port: {peer.port}, receiving_application: HIS,"
+                         " ack_timeout_seconds: 2}\n", encoding="utf-8")
+        time_passes(stored)
+        assert sender.run_once() is True
+    finally:
+        sender.close()
+    assert row(stored, item_id)["status"] == "sent" and len(peer.received) == 1
