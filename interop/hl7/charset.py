@@ -32,8 +32,8 @@ CODECS = {
     "BIG-5": "big5",
     "KS X 1001": "euc-kr",
     "ISO IR87": "iso2022_jp",
-    "UNICODE UTF-16": "utf-16",
-    "UNICODE UTF-32": "utf-32",
+    # UNICODE UTF-16 and UTF-32 are not taken: their bytes collide with MLLP's framing (a 0x0B or
+    # 0x1C inside a character), so a message that says it is one is refused (ERR 103).
 }
 
 
