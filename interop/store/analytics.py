@@ -13,6 +13,7 @@ from datetime import date, timedelta
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from .db import scalar
@@ -26,16 +27,26 @@ COLUMNS = ("report_id", "patient_key", "key_id", "age_band", "sex", "district", 
            "transfer_done")
 FINDING_COLUMNS = ("report_id", "observation_id", "code_system", "code", "label", "probability", "ai_positive",
                    "verdict", "radiologist_positive", "final_positive", "critical")
-_UPSERT = (
-    f"INSERT INTO analytics.study_fact ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"
-    " ON CONFLICT (report_id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[1:] if c not in ("patient_key", "key_id"))
-    + ", patient_key = CASE WHEN %s OR analytics.study_fact.patient_key IS NULL THEN EXCLUDED.patient_key"
-      " ELSE analytics.study_fact.patient_key END"
-    + ", key_id = CASE WHEN %s OR analytics.study_fact.patient_key IS NULL THEN EXCLUDED.key_id"
-      " ELSE analytics.study_fact.key_id END"
-    + ", updated_at = now()"
-)
+
+
+def _names(columns: tuple[str, ...]) -> sql.Composed:
+    return sql.SQL(", ").join(map(sql.Identifier, columns))
+
+
+def _insert(table: sql.Identifier, columns: tuple[str, ...]) -> sql.Composed:
+    return sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+        table, _names(columns), sql.SQL(", ").join(sql.Placeholder() * len(columns)))
+
+
+_KEYS = ("patient_key", "key_id")  # kept on an existing row unless re-keyed (or not set yet)
+_UPSERT = sql.SQL("{insert} ON CONFLICT (report_id) DO UPDATE SET {copied}, {keys}, updated_at = now()").format(
+    insert=_insert(sql.Identifier("analytics", "study_fact"), COLUMNS),
+    copied=sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
+                              for c in COLUMNS[1:] if c not in _KEYS),
+    keys=sql.SQL(", ").join(
+        sql.SQL("{0} = CASE WHEN %s OR analytics.study_fact.patient_key IS NULL THEN EXCLUDED.{0}"
+                " ELSE analytics.study_fact.{0} END").format(sql.Identifier(c)) for c in _KEYS))
+_INSERT_FINDING = _insert(sql.Identifier("analytics", "finding_fact"), FINDING_COLUMNS)
 MATERIALISED = ("analytics.mv_study_daily", "analytics.mv_finding_weekly")
 
 
@@ -49,10 +60,7 @@ def upsert_facts(conn: psycopg.Connection[Any], fact: dict[str, Any], findings: 
         conn.execute("DELETE FROM analytics.finding_fact WHERE report_id = %s", (fact["report_id"],))
         if findings:
             with conn.cursor() as cur:
-                cur.executemany(
-                    f"INSERT INTO analytics.finding_fact ({', '.join(FINDING_COLUMNS)})"
-                    f" VALUES ({', '.join(['%s'] * len(FINDING_COLUMNS))})",
-                    [(fact["report_id"], *f) for f in findings])
+                cur.executemany(_INSERT_FINDING, [(fact["report_id"], *f) for f in findings])
 
 
 def ai_report_ids(conn: psycopg.Connection[Any], device_extension: str) -> list[str]:
@@ -91,10 +99,11 @@ def refresh(conn: psycopg.Connection[Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for name in MATERIALISED:
         start = time.perf_counter()
-        populated = scalar(conn, "SELECT ispopulated FROM pg_matviews WHERE schemaname || '.' || matviewname = %s",
-                           (name,))
-        concurrently = " CONCURRENTLY" if populated else ""
-        conn.execute(f"REFRESH MATERIALIZED VIEW{concurrently} {name}")
+        schema, view = name.split(".")
+        populated = scalar(conn, "SELECT ispopulated FROM pg_matviews WHERE schemaname = %s AND matviewname = %s",
+                           (schema, view))
+        conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}{}").format(
+            sql.SQL("CONCURRENTLY ") if populated else sql.SQL(""), sql.Identifier(schema, view)))
         out[name] = round(time.perf_counter() - start, 3)
         conn.execute("INSERT INTO analytics.refresh_log (name, refreshed_at, seconds) VALUES (%s, now(), %s)"
                      " ON CONFLICT (name) DO UPDATE SET refreshed_at = EXCLUDED.refreshed_at,"
@@ -151,22 +160,23 @@ def _week_start(day: date) -> date:
     return day - timedelta(days=day.weekday())
 
 
-def _where(f: Filters, time_col: str, available: tuple[str, ...], weekly: bool) -> tuple[str, dict[str, Any]]:
+def _where(f: Filters, time_col: str, available: tuple[str, ...], weekly: bool) -> tuple[sql.Composed, dict[str, Any]]:
     """WHERE clause over fixed column names; values are bound parameters."""
-    clauses = [f"{time_col} >= %(start)s", f"{time_col} <= %(end)s"]
+    when = sql.Identifier(time_col)
+    clauses = [sql.SQL("{} >= %(start)s").format(when), sql.SQL("{} <= %(end)s").format(when)]
     args: dict[str, Any] = {"start": _week_start(f.start) if weekly else f.start, "end": f.end}
     for name, column in (("district", "district"), ("facility", "facility"), ("modality", "modality"),
                          ("finding", "code")):
         value = getattr(f, name)
         if value is not None and column in available:
-            clauses.append(f"{column} = %({name})s")
+            clauses.append(sql.SQL("{} = {}").format(sql.Identifier(column), sql.Placeholder(name)))
             args[name] = value
-    return " AND ".join(clauses), args
+    return sql.SQL(" AND ").join(clauses), args
 
 
-def _rows(conn: psycopg.Connection[Any], sql: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+def _rows(conn: psycopg.Connection[Any], query: str | sql.Composed, args: dict[str, Any]) -> list[dict[str, Any]]:
     with conn.cursor(row_factory=dict_row) as cur:
-        return [dict(r) for r in cur.execute(sql, args).fetchall()]
+        return [dict(r) for r in cur.execute(query, args).fetchall()]
 
 
 FINDING_MV = ("district", "facility", "modality", "code")
@@ -178,35 +188,35 @@ def findings_weekly(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str,
     that finding), then the province total per week and finding (level = 'province'; it ignores
     the district filter so a district can be read against its province)."""
     where, args = _where(f, "study_week", FINDING_MV, weekly=True)
-    district_rows = _rows(conn, f"""
+    district_rows = _rows(conn, sql.SQL("""
         SELECT study_week AS week, 'district' AS level, province, district, code_system, code, label,
                sum(assessed)::bigint AS studies, sum(positive)::bigint AS positives,
                round(1000.0 * sum(positive) / nullif(sum(assessed), 0), 1)::float AS rate_per_1000
         FROM analytics.mv_finding_weekly WHERE {where}
         GROUP BY study_week, province, district, code_system, code, label
-        ORDER BY study_week, province, district, code""", args)
+        ORDER BY study_week, province, district, code""").format(where=where), args)
     where, args = _where(replace(f, district=None), "study_week", FINDING_MV, weekly=True)
-    province_rows = _rows(conn, f"""
+    province_rows = _rows(conn, sql.SQL("""
         SELECT study_week AS week, 'province' AS level, province, NULL::text AS district, code_system, code, label,
                sum(assessed)::bigint AS studies, sum(positive)::bigint AS positives,
                round(1000.0 * sum(positive) / nullif(sum(assessed), 0), 1)::float AS rate_per_1000
         FROM analytics.mv_finding_weekly WHERE {where}
         GROUP BY study_week, province, code_system, code, label
-        ORDER BY study_week, province, code""", args)
+        ORDER BY study_week, province, code""").format(where=where), args)
     return district_rows + province_rows
 
 
 def district_table(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]:
     """Per district over the period: studies, critical studies, and positives per finding."""
     where, args = _where(f, "study_day", STUDY_FACT, weekly=False)
-    studies = {(r["province"], r["district"]): r for r in _rows(conn, f"""
+    studies = {(r["province"], r["district"]): r for r in _rows(conn, sql.SQL("""
         SELECT province, district, sum(studies)::bigint AS studies, sum(critical)::bigint AS critical
-        FROM analytics.mv_study_daily WHERE {where} GROUP BY province, district""", args)}
+        FROM analytics.mv_study_daily WHERE {where} GROUP BY province, district""").format(where=where), args)}
     where, args = _where(f, "study_week", FINDING_MV, weekly=True)
     out = []
-    for r in _rows(conn, f"""
+    for r in _rows(conn, sql.SQL("""
         SELECT province, district, sum(positive)::bigint AS positives, sum(assessed)::bigint AS assessed
-        FROM analytics.mv_finding_weekly WHERE {where} GROUP BY province, district""", args):
+        FROM analytics.mv_finding_weekly WHERE {where} GROUP BY province, district""").format(where=where), args):
         base = studies.get((r["province"], r["district"]), {"studies": 0, "critical": 0})
         out.append({"province": r["province"], "district": r["district"], "studies": int(base["studies"]),
                     "critical": int(base["critical"]), "positive_findings": int(r["positives"]),
@@ -214,11 +224,11 @@ def district_table(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, 
     return sorted(out, key=lambda r: (r["province"], r["district"]))
 
 
-_PCT = "percentile_cont({q}) WITHIN GROUP (ORDER BY extract(epoch FROM {b} - {a}) / 60)"
-
-
-def _pct(q: float, a: str, b: str, name: str) -> str:
-    return f"round(({_PCT.format(q=q, a=a, b=b)})::numeric, 1)::float AS {name}"
+def _pct(q: float, a: str, b: str, name: str) -> sql.Composed:
+    """The q-quantile of minutes from column a to column b, rounded, named."""
+    return sql.SQL("round((percentile_cont({q}) WITHIN GROUP (ORDER BY extract(epoch FROM {b} - {a}) / 60))"
+                   "::numeric, 1)::float AS {name}").format(
+        q=sql.Literal(q), a=sql.Identifier(a), b=sql.Identifier(b), name=sql.Identifier(name))
 
 
 def turnaround(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]:
@@ -226,44 +236,45 @@ def turnaround(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]
     where, args = _where(f, "study_week", STUDY_FACT, weekly=True)
     steps = [("ordered_at", "ai_result_at", "order_to_ai"), ("ai_result_at", "reviewed_at", "ai_to_reviewed"),
              ("reviewed_at", "delivered_at", "reviewed_to_delivered"), ("ordered_at", "delivered_at", "order_to_delivered")]
-    cols = ", ".join(_pct(q, a, b, f"{n}_p{int(q * 100)}") for a, b, n in steps for q in (0.5, 0.9))
-    return _rows(conn, f"""
+    cols = sql.SQL(", ").join(_pct(q, a, b, f"{n}_p{int(q * 100)}") for a, b, n in steps for q in (0.5, 0.9))
+    return _rows(conn, sql.SQL("""
         SELECT study_week AS week, province, facility, count(*) AS studies, {cols}
         FROM analytics.study_fact WHERE {where} AND report_status <> 'cancelled'
-        GROUP BY study_week, province, facility ORDER BY study_week, facility""", args)
+        GROUP BY study_week, province, facility ORDER BY study_week, facility""").format(cols=cols, where=where), args)
 
 
 def workload(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]:
     """Studies per facility per day, by modality."""
     where, args = _where(f, "study_day", STUDY_FACT, weekly=False)
-    return _rows(conn, f"""
+    return _rows(conn, sql.SQL("""
         SELECT study_day AS day, province, facility, modality, sum(studies)::bigint AS studies
         FROM analytics.mv_study_daily WHERE {where}
-        GROUP BY study_day, province, facility, modality ORDER BY study_day, facility, modality""", args)
+        GROUP BY study_day, province, facility, modality ORDER BY study_day, facility, modality""").format(where=where), args)
 
 
 def backlog(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]:
     """Reports waiting for a radiologist now, per reviewing group (the period does not apply)."""
-    clauses, args = ["report_status = 'preliminary'"], {}
+    clauses: list[sql.Composable] = [sql.SQL("report_status = 'preliminary'")]
+    args: dict[str, Any] = {}
     for name in ("district", "facility", "modality"):
         if getattr(f, name):
-            clauses.append(f"{name} = %({name})s")
+            clauses.append(sql.SQL("{} = {}").format(sql.Identifier(name), sql.Placeholder(name)))
             args[name] = getattr(f, name)
-    return _rows(conn, f"""
+    return _rows(conn, sql.SQL("""
         SELECT reviewer_group, count(*) AS waiting,
                round((extract(epoch FROM now() - min(ai_result_at)) / 3600)::numeric, 1)::float AS oldest_hours,
                round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM now() - ai_result_at))
                       / 3600)::numeric, 1)::float AS median_wait_hours,
                count(*) FILTER (WHERE ai_result_at < now() - interval '24 hours') AS over_24h,
                count(*) FILTER (WHERE critical) AS critical
-        FROM analytics.study_fact WHERE {' AND '.join(clauses)}
-        GROUP BY reviewer_group ORDER BY reviewer_group""", args)
+        FROM analytics.study_fact WHERE {where}
+        GROUP BY reviewer_group ORDER BY reviewer_group""").format(where=sql.SQL(" AND ").join(clauses)), args)
 
 
 def agreement(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]:
     """AI versus the radiologist's verdict per model version and finding, with counts."""
     where, args = _where(f, "study_week", FINDING_MV, weekly=True)
-    return _rows(conn, f"""
+    return _rows(conn, sql.SQL("""
         SELECT model_name, model_version, code_system, code, label,
                sum(reviewed)::bigint AS reviewed, sum(agree)::bigint AS agree, sum(disagree)::bigint AS disagree,
                sum(added)::bigint AS added, sum(tp)::bigint AS tp, sum(fp)::bigint AS fp,
@@ -274,32 +285,33 @@ def agreement(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]
         FROM analytics.mv_finding_weekly WHERE {where}
         GROUP BY model_name, model_version, code_system, code, label
         HAVING sum(reviewed) > 0
-        ORDER BY model_name, code, model_version""", args)
+        ORDER BY model_name, code, model_version""").format(where=where), args)
 
 
 def critical(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]:
     """Critical findings per facility and week: counts, minutes to acknowledgement, transfers."""
     where, args = _where(f, "study_week", STUDY_FACT, weekly=True)
-    return _rows(conn, f"""
+    return _rows(conn, sql.SQL("""
         SELECT study_week AS week, province, facility, count(*) AS critical_studies,
                count(acknowledged_at) AS acknowledged,
-               {_pct(0.5, 'ai_result_at', 'acknowledged_at', 'ack_minutes_p50')},
-               {_pct(0.9, 'ai_result_at', 'acknowledged_at', 'ack_minutes_p90')},
+               {p50}, {p90},
                count(*) FILTER (WHERE transfer_recommended) AS transfers_recommended,
                count(*) FILTER (WHERE transfer_done) AS transfers_done
         FROM analytics.study_fact WHERE critical AND {where}
-        GROUP BY study_week, province, facility ORDER BY study_week, facility""", args)
+        GROUP BY study_week, province, facility ORDER BY study_week, facility""").format(
+        where=where, p50=_pct(0.5, "ai_result_at", "acknowledged_at", "ack_minutes_p50"),
+        p90=_pct(0.9, "ai_result_at", "acknowledged_at", "ack_minutes_p90")), args)
 
 
 def options(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     """What the filters can choose from (and the date range of the data)."""
     out: dict[str, Any] = {}
-    for name, sql in (
+    for name, query in (
         ("districts", "SELECT DISTINCT district AS v FROM analytics.mv_study_daily ORDER BY 1"),
         ("facilities", "SELECT DISTINCT facility AS v FROM analytics.mv_study_daily ORDER BY 1"),
         ("modalities", "SELECT DISTINCT modality AS v FROM analytics.mv_study_daily ORDER BY 1"),
     ):
-        out[name] = [r["v"] for r in _rows(conn, sql, {})]
+        out[name] = [r["v"] for r in _rows(conn, query, {})]
     out["findings"] = _rows(conn, "SELECT code, min(label) AS label, sum(positive)::bigint AS positives"
                                   " FROM analytics.mv_finding_weekly GROUP BY code ORDER BY 3 DESC, 1", {})
     span = _rows(conn, "SELECT min(study_day) AS first, max(study_day) AS last FROM analytics.mv_study_daily", {})[0]

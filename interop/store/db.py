@@ -10,6 +10,7 @@ from importlib import resources as pkg_resources
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -22,9 +23,9 @@ def connect(url: str, **kwargs: Any) -> psycopg.Connection[dict[str, Any]]:
     return psycopg.connect(url, row_factory=dict_row, **kwargs)
 
 
-def scalar(conn: psycopg.Connection[Any], sql: str, args: Any = None) -> Any:
+def scalar(conn: psycopg.Connection[Any], query: str | sql.Composed, args: Any = None) -> Any:
     """The first column of the first row (None when there is no row), whatever the row factory."""
-    row = conn.execute(sql, args).fetchone()
+    row = conn.execute(query, args).fetchone()
     if row is None:
         return None
     return next(iter(row.values())) if isinstance(row, dict) else row[0]

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, LiteralString, Protocol
 
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from .db import scalar
@@ -183,9 +184,10 @@ def renew(conn: psycopg.Connection[Any], job: Job, lease_seconds: int) -> None:
 
 
 # -- ending or postponing a claimed job (in the caller's transaction) --------------------------------
-def _update(conn: psycopg.Connection[Any], job: Job, sql: str, args: tuple[Any, ...]) -> None:
-    cur = conn.execute(f"UPDATE job SET {sql} WHERE id = %s AND worker = %s AND status = 'running'",
-                       (*args, job.id, job.worker))
+def _update(conn: psycopg.Connection[Any], job: Job, changes: LiteralString, args: tuple[Any, ...]) -> None:
+    """Change a job we hold; anything else means our lease was lost."""
+    cur = conn.execute(sql.SQL("UPDATE job SET {} WHERE id = %s AND worker = %s AND status = 'running'").format(
+        sql.SQL(changes)), (*args, job.id, job.worker))
     if cur.rowcount != 1:
         raise LeaseLost(f"job {job.id} is no longer held by {job.worker}")
 

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from .db import scalar
@@ -218,7 +219,8 @@ def history(conn: psycopg.Connection[Any], rtype: str, rid: str) -> list[dict[st
     return [r["body"] for r in rows]
 
 
-def _criterion_sql(crit: Criterion) -> tuple[str, list[Any]]:
+def _criterion_sql(crit: Criterion) -> tuple[sql.Composed, list[Any]]:
+    """EXISTS over the search index for one parameter, its values ORed (NOT EXISTS for :not)."""
     ors: list[str] = []
     args: list[Any] = [crit.param.name]
     for system, value in crit.values:
@@ -244,40 +246,37 @@ def _criterion_sql(crit: Criterion) -> tuple[str, list[Any]]:
         else:
             ors.append("(s.value = %s AND s.system = %s)")
             args.extend([value, system])
-    sql = (
-        "EXISTS (SELECT 1 FROM search_index s WHERE s.type = r.type AND s.id = r.id"
-        f" AND s.param = %s AND ({' OR '.join(ors)}))"
-    )
-    if crit.modifier == "not":
-        sql = "NOT " + sql
-    return sql, args
+    exists = sql.SQL("{negated}EXISTS (SELECT 1 FROM search_index s WHERE s.type = r.type AND s.id = r.id"
+                     " AND s.param = %s AND ({values}))").format(
+        negated=sql.SQL("NOT " if crit.modifier == "not" else ""),
+        values=sql.SQL(" OR ").join(map(sql.SQL, ors)))
+    return exists, args
 
 
-_OPS = {"gt": ">", "lt": "<", "ge": ">=", "le": "<=", "eq": "="}
+_OPS = {"gt": sql.SQL(">"), "lt": sql.SQL("<"), "ge": sql.SQL(">="), "le": sql.SQL("<="), "eq": sql.SQL("=")}
 
 
 def search(
     conn: psycopg.Connection[Any], rtype: str, query: Query
 ) -> tuple[int, list[dict[str, Any]]]:
     """(total matches, one page of bodies) for a type-level search."""
-    where = ["r.type = %s", "NOT r.deleted"]
+    where: list[sql.Composable] = [sql.SQL("r.type = %s AND NOT r.deleted")]
     args: list[Any] = [rtype]
     if query.ids:
-        where.append("r.id = ANY(%s)")
+        where.append(sql.SQL("r.id = ANY(%s)"))
         args.append(query.ids)
     for op, when in query.last_updated:
-        where.append(f"r.last_updated {_OPS[op]} %s")
+        where.append(sql.SQL("r.last_updated {} %s").format(_OPS[op]))
         args.append(when)
     for crit in query.criteria:
-        sql, crit_args = _criterion_sql(crit)
-        where.append(sql)
+        exists, crit_args = _criterion_sql(crit)
+        where.append(exists)
         args.extend(crit_args)
-    clause = " AND ".join(where)
-    total = scalar(conn, f"SELECT count(*) FROM resource r WHERE {clause}", args)
-    order = "DESC" if query.descending else "ASC"
+    clause = sql.SQL(" AND ").join(where)
+    total = scalar(conn, sql.SQL("SELECT count(*) FROM resource r WHERE {}").format(clause), args)
     rows = conn.execute(
-        f"SELECT body FROM resource r WHERE {clause} ORDER BY r.last_updated {order}, r.id"
-        " LIMIT %s OFFSET %s",
+        sql.SQL("SELECT body FROM resource r WHERE {} ORDER BY r.last_updated {}, r.id LIMIT %s OFFSET %s").format(
+            clause, sql.SQL("DESC" if query.descending else "ASC")),
         [*args, query.count, query.offset],
     ).fetchall()
     return int(total or 0), [r["body"] for r in rows]
