@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     settings = Settings.from_env()
+    # Each command imports what it runs, here: the MLLP listener need not load numpy and Triton's
+    # client, nor `interop --help` the whole hub. (No cycle hides here: cli is the top layer.)
     if args.command == "serve":
         from .runtime.supervisor import StartError, serve
 

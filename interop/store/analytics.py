@@ -7,6 +7,7 @@ with a WHERE clause built only from fixed column names and bound parameters.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
@@ -94,8 +95,6 @@ def refresh(conn: psycopg.Connection[Any]) -> dict[str, float]:
 
     Needs an autocommit connection or runs in the caller's transaction (then not concurrently).
     """
-    import time
-
     out: dict[str, float] = {}
     for name in MATERIALISED:
         start = time.perf_counter()

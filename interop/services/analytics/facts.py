@@ -13,6 +13,7 @@ lines and free text are read only to be hashed or banded, and never written.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -266,8 +267,6 @@ REFRESH = "refresh-analytics"
 
 def schedule_refresh(conn: psycopg.Connection[Any], ctx: Context, *, later: bool = False) -> None:
     """One refresh per period across every runner and replica (the job key is the period's slot)."""
-    import time
-
     period = max(1, ctx.settings.analytics_refresh_minutes) * 60
     now = time.time()
     slot = int(now // period) + (1 if later else 0)
