@@ -8,30 +8,20 @@ import threading
 from interop.hl7 import ack, header, mllp
 from interop.hl7.errors import AckCode
 
+from .tcp import LoopbackServer
 
-class DemoRis:
+
+class DemoRis(LoopbackServer):
     def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.server.getsockname()[1])
         self.messages: list[str] = []
         self.received = threading.Event()
-        self._stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        self.server.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.server.accept()
-            except (TimeoutError, OSError):
-                continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         framer = mllp.Framer(4 * 1024 * 1024)
         conn.settimeout(30)
         with conn:
-            while not self._stop.is_set():
+            while not self.stopping:
                 try:
                     data = conn.recv(65536)
                 except OSError:
@@ -45,7 +35,3 @@ class DemoRis:
                     self.received.set()
                     head, _ids = header.read(item)
                     conn.sendall(mllp.frame(ack.build(head, AckCode.AA)))
-
-    def close(self) -> None:
-        self._stop.set()
-        self.server.close()
