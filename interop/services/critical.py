@@ -161,15 +161,21 @@ def escalate(conn: psycopg.Connection[Any], ctx: Context, job: queue.Job, _timin
         queue.complete(conn, job)
 
 
+def _locked_alert(conn: psycopg.Connection[Any], report_id: str, by: str, what: str) -> dict[str, Any]:
+    """The report's alert, locked for a person's action on it (named: `what` needs a `by`)."""
+    if not by.strip():
+        raise ReviewError(f"{what} needs the name of who acts", 422)
+    alert = reviews.lock_alert(conn, report_id)
+    if alert is None:
+        raise ReviewError(f"DiagnosticReport/{report_id} has no critical alert", 404)
+    return alert
+
+
 def acknowledge(conn: psycopg.Connection[Any], ctx: Context, report_id: str, *, by: str) -> dict[str, Any]:
     """Someone took responsibility for the critical result: stop escalating. Idempotent.
     Returns the acknowledgement Task."""
-    if not by.strip():
-        raise ReviewError("an acknowledgement needs the name of who acknowledges", 422)
     with conn.transaction():
-        alert = reviews.lock_alert(conn, report_id)
-        if alert is None:
-            raise ReviewError(f"DiagnosticReport/{report_id} has no critical alert", 404)
+        alert = _locked_alert(conn, report_id, by, "an acknowledgement")
         task = resources.read(conn, "Task", alert["task_id"])
         if alert["acknowledged_at"] is None:
             reviews.acknowledged(conn, alert["id"], by)
@@ -188,12 +194,8 @@ def decide_transfer(conn: psycopg.Connection[Any], ctx: Context, report_id: str,
     returns the ServiceRequest."""
     if decision not in ("transfer", "no-transfer"):
         raise ReviewError("decision must be 'transfer' or 'no-transfer'", 400)
-    if not by.strip():
-        raise ReviewError("a transfer decision needs the name of who decides", 422)
     with conn.transaction():
-        alert = reviews.lock_alert(conn, report_id)
-        if alert is None:
-            raise ReviewError(f"DiagnosticReport/{report_id} has no critical alert", 404)
+        alert = _locked_alert(conn, report_id, by, "a transfer decision")
         referral = without_meta(resources.read(conn, "ServiceRequest", alert["referral_id"]))
         if decision == "transfer":
             referral.update(status="active", intent="order")
