@@ -39,6 +39,25 @@ KIND_OF = {v: k for k, v in CHANNEL_OF.items()}
 MAX_SUBSCRIPTIONS = 10_000
 
 
+class Unbuildable(Exception):
+    """What a message is made of is no longer in the store: no retry helps (the delivery ends `dead`)."""
+
+
+def report_version(conn: psycopg.Connection[Any], report_id: str, version: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The report as it was at `version` and its current Observations: what every channel sends."""
+    try:
+        report = resources.vread(conn, "DiagnosticReport", report_id, version)
+    except resources.NotFound as exc:
+        raise Unbuildable(f"DiagnosticReport/{report_id} has no version {version}") from exc
+    observations = []
+    for ref in report.get("result") or []:
+        obs = resources.find(conn, ref.get("reference"))
+        if obs is None:
+            raise Unbuildable(f"a result of DiagnosticReport/{report_id} is missing")
+        observations.append(obs)
+    return report, observations
+
+
 def lane(site_code: str, channel: str) -> str:
     """A destination's lane: `SITE:hl7`, `SITE:fhir`."""
     return f"{site_code.upper()}:{channel}"

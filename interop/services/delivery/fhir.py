@@ -30,7 +30,7 @@ from ...domain.bundle import Outcome as Answer
 from ...sites import FhirDestination, Site
 from ...store import queue, resources
 from ..context import Context
-from . import Message, Outcome
+from . import Message, Outcome, Unbuildable, report_version
 from .auth import AuthError, TokenCache
 
 FHIR_JSON = "application/fhir+json"
@@ -40,21 +40,12 @@ MAX_ANSWER = 20000
 def bundle_for(conn: psycopg.Connection[Any], report_id: str, version: int, bundle_id: str | None = None) -> dict[str, Any]:
     """The Bundle for a stored report version: the report as it was at `version`, its current
     Observations and Device, and the Patient/ServiceRequest/ImagingStudy for their identifiers."""
-    try:
-        report = resources.vread(conn, "DiagnosticReport", report_id, version)
-    except resources.NotFound as exc:
-        raise BuildError(f"DiagnosticReport/{report_id} has no version {version}") from exc
-    observations = []
-    for ref in report.get("result") or []:
-        obs = resources.find(conn, ref.get("reference"))
-        if obs is None:
-            raise BuildError(f"a result of DiagnosticReport/{report_id} is missing")
-        observations.append(obs)
+    report, observations = report_version(conn, report_id, version)
     device_refs = [r["reference"] for r in references([report.get("extension"), [o.get("device") for o in observations]])
                    if r["reference"].startswith("Device/")]
     device = resources.find(conn, device_refs[0]) if device_refs else None
     if device_refs and device is None:
-        raise BuildError(f"the Device of DiagnosticReport/{report_id} is missing")
+        raise Unbuildable(f"the Device of DiagnosticReport/{report_id} is missing")
     context_refs = {r["reference"] for r in references([report, observations])
                     if r["reference"].split("/")[0] in ("Patient", "ServiceRequest", "ImagingStudy")}
     context = [c for c in (resources.find(conn, ref) for ref in sorted(context_refs)) if c]
@@ -67,7 +58,7 @@ def notice_for(conn: psycopg.Connection[Any], rtype: str, rid: str, version: int
     try:
         resource = resources.vread(conn, rtype, rid, version)
     except resources.NotFound as exc:
-        raise BuildError(f"{rtype}/{rid} has no version {version}") from exc
+        raise Unbuildable(f"{rtype}/{rid} has no version {version}") from exc
     context = [c for c in (resources.find(conn, r["reference"]) for r in references(resource)) if c]
     return build_notice(resource, context=context, bundle_id=bundle_id)
 
@@ -105,7 +96,7 @@ class FhirChannel:
                 bundle = bundle_for(conn, p["resource_id"], int(p["version"]), bundle_id)
             else:
                 bundle = notice_for(conn, p["resource_type"], p["resource_id"], int(p["version"]), bundle_id)
-        except BuildError as exc:
+        except (BuildError, Unbuildable) as exc:
             return Outcome.dead(f"cannot build the Bundle: {exc}"[:500])
         return Message(bundle_id, json.dumps(bundle, ensure_ascii=False))
 

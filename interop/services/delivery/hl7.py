@@ -25,14 +25,12 @@ from ...hl7.errors import AckCode
 from ...sites import Site
 from ...store import queue, resources
 from ..context import Context
-from . import Message, Outcome
+from . import Message, Outcome, Unbuildable, report_version
 
 SENDING_FACILITY = "INTEROP_HUB"  # MSH-4 of what the hub sends
 FINAL_REFUSALS = (AckCode.AE, AckCode.CE)
 
 
-class RenderError(Exception):
-    """The message cannot be built from what is stored (no retry helps; `dead`)."""
 
 
 def _find(conn: psycopg.Connection[Any], rtype: str, ref: dict[str, Any] | str | None) -> dict[str, Any] | None:
@@ -46,20 +44,11 @@ def render(conn: psycopg.Connection[Any], report_id: str, version: int, site: Si
     """The ORU^R01 for one report version: the report as it was at `version`, its current
     Observations and Device, the ServiceRequest it is based on, its Patient, its ImagingStudy."""
     if site.hl7 is None:
-        raise RenderError(f"site {site.code} has no hl7 destination")
-    try:
-        report = resources.vread(conn, "DiagnosticReport", report_id, version)
-    except resources.NotFound as exc:
-        raise RenderError(f"DiagnosticReport/{report_id} has no version {version}") from exc
-    observations = []
-    for ref in report.get("result") or []:
-        obs = _find(conn, "Observation", ref)
-        if obs is None:
-            raise RenderError(f"a result of DiagnosticReport/{report_id} is missing")
-        observations.append(obs)
+        raise Unbuildable(f"site {site.code} has no hl7 destination")
+    report, observations = report_version(conn, report_id, version)
     device = _find(conn, "Device", oru.device_reference(report, observations))
     if device is None:
-        raise RenderError(f"the Device of DiagnosticReport/{report_id} is missing")
+        raise Unbuildable(f"the Device of DiagnosticReport/{report_id} is missing")
     service_request = next((sr for sr in (_find(conn, "ServiceRequest", ref)
                                           for ref in report.get("basedOn") or []) if sr), None)
     study = next((s for s in (_find(conn, "ImagingStudy", ref)
@@ -73,7 +62,7 @@ def render(conn: psycopg.Connection[Any], report_id: str, version: int, site: Si
             patient=patient,
         )
     except oru.OruError as exc:
-        raise RenderError(str(exc)) from exc
+        raise Unbuildable(str(exc)) from exc
 
 
 def new_control_id(job_id: int) -> str:
@@ -123,7 +112,7 @@ class Hl7Channel:
         try:
             text = render(conn, job.payload["resource_id"], int(job.payload["version"]), site, control_id,
                           datetime.now(UTC), sending_facility=self.sending_facility)
-        except RenderError as exc:
+        except Unbuildable as exc:
             return Outcome.dead(f"cannot build the message: {exc}"[:500])
         return Message(control_id, text)
 
