@@ -106,6 +106,13 @@ def exists(conn: psycopg.Connection[Any], dedupe_key: str) -> bool:
 
 
 # -- claiming ---------------------------------------------------------------------------------
+_OF_KINDS = "(%(kinds)s::text[] IS NULL OR kind = ANY(%(kinds)s::text[]))"  # every kind when kinds is NULL
+
+
+def _kinds(kinds: Sequence[str] | None) -> list[str] | None:
+    return list(kinds) if kinds is not None else None
+
+
 _READY = "((j.status = 'queued' AND j.run_after <= now()) OR (j.status = 'running' AND j.leased_until < now()))"
 _IN_ORDER = ("(j.series IS NULL OR NOT EXISTS (SELECT 1 FROM job o WHERE o.lane IS NOT DISTINCT FROM j.lane"
              " AND o.series = j.series AND o.seq < j.seq AND o.status IN ('queued', 'running')))")
@@ -131,14 +138,14 @@ def claim(
             f"""
             SELECT j.id, j.lane FROM job j
             WHERE {_READY}
-              AND (%(kinds)s::text[] IS NULL OR j.kind = ANY(%(kinds)s::text[]))
+              AND {_OF_KINDS}
               AND (%(lane)s::text IS NULL OR j.lane = %(lane)s::text)
               AND {_IN_ORDER} AND {_LANE_OPEN}
             ORDER BY j.priority, j.run_after, j.id
             LIMIT 1
             FOR UPDATE OF j SKIP LOCKED
             """,
-            {"kinds": list(kinds) if kinds is not None else None, "lane": lane, "limit": lane_limit},
+            {"kinds": _kinds(kinds), "lane": lane, "limit": lane_limit},
         ).fetchone()
         if row is None:
             return None
@@ -263,10 +270,8 @@ def replay(conn: psycopg.Connection[Any], job_id: int, kinds: Sequence[str] | No
     built again, with a new id). False when there is no such job or it did not end badly."""
     cur = conn.execute(
         "UPDATE job SET status = 'queued', attempts = 0, run_after = now(), leased_until = NULL, worker = NULL,"
-        " message = NULL, message_id = NULL, finished_at = NULL WHERE id = %s AND status = ANY(%s)"
-        " AND (%s::text[] IS NULL OR kind = ANY(%s::text[]))",
-        (job_id, list(ENDED_BADLY), list(kinds) if kinds is not None else None,
-         list(kinds) if kinds is not None else None))
+        f" message = NULL, message_id = NULL, finished_at = NULL WHERE id = %(id)s AND status = ANY(%(ended)s)"
+        f" AND {_OF_KINDS}", {"id": job_id, "ended": list(ENDED_BADLY), "kinds": _kinds(kinds)})
     if cur.rowcount != 1:
         return False
     conn.execute(f"NOTIFY {CHANNEL}")
@@ -274,9 +279,8 @@ def replay(conn: psycopg.Connection[Any], job_id: int, kinds: Sequence[str] | No
 
 
 def status_of(conn: psycopg.Connection[Any], job_id: int, kinds: Sequence[str] | None = None) -> str | None:
-    status: str | None = scalar(conn, "SELECT status FROM job WHERE id = %s AND (%s::text[] IS NULL OR kind = ANY(%s::text[]))",
-                              (job_id, list(kinds) if kinds is not None else None,
-                               list(kinds) if kinds is not None else None))
+    status: str | None = scalar(conn, f"SELECT status FROM job WHERE id = %(id)s AND {_OF_KINDS}",
+                                {"id": job_id, "kinds": _kinds(kinds)})
     return status
 
 
@@ -303,8 +307,8 @@ def job_row(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None
 
 def depth(conn: psycopg.Connection[Any], kinds: Sequence[str] | None = None) -> dict[str, int]:
     """Jobs per status (of `kinds`, or all), for /metrics and tests."""
-    rows = conn.execute("SELECT status, count(*) AS n FROM job WHERE %s::text[] IS NULL OR kind = ANY(%s::text[])"
-                        " GROUP BY status", (list(kinds) if kinds else None, list(kinds) if kinds else None)).fetchall()
+    rows = conn.execute(f"SELECT status, count(*) AS n FROM job WHERE {_OF_KINDS} GROUP BY status",
+                        {"kinds": _kinds(kinds or None)}).fetchall()
     return {r["status"]: int(r["n"]) for r in rows}
 
 
