@@ -128,11 +128,6 @@ class Listener:
     async def message(self, raw: bytes, too_large: mllp.FrameTooLarge | None = None) -> bytes | None:
         """The ACK for one frame (None: no answer). Raises DatabaseUnavailable, and nothing else:
         a fault of the hub's own in reading the message is answered AR (ERR 207)."""
-        header: Header | None = None
-        try:
-            header = read(raw)[0]
-        except Exception:
-            header = None
         try:
             return await self._message(raw, too_large)
         except DatabaseUnavailable:
@@ -140,15 +135,20 @@ class Listener:
         except Exception as exc:  # a bug must cost one message an AR, never the connection
             log.error("MLLP message of %d bytes: unexpected %s; answered AR", len(raw), type(exc).__name__)
             log.debug("MLLP message failure", exc_info=exc)
-            problem = InternalError()
-            code = ack.answer_code(header, problem)
-            try:
-                await self.store_rejected(self._params(raw, header, problem, code))
-            except Exception as store_exc:
-                if isinstance(store_exc, DatabaseUnavailable):
-                    raise
-                log.error("MLLP message: could not store the refused message (%s)", type(store_exc).__name__)
-            return ack.build(header, code, problem) if ack.should_send(header, code) else None
+        header: Header | None = None
+        try:  # read again only on this rare path, to address the AR
+            header = read(raw)[0]
+        except Exception:
+            header = None
+        problem = InternalError()
+        code = ack.answer_code(header, problem)
+        try:
+            await self.store_rejected(self._params(raw, header, problem, code))
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:
+            log.error("MLLP message: could not store the refused message (%s)", type(exc).__name__)
+        return ack.build(header, code, problem) if ack.should_send(header, code) else None
 
     async def _message(self, raw: bytes, too_large: mllp.FrameTooLarge | None) -> bytes | None:
         header: Header | None
