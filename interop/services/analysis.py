@@ -27,9 +27,9 @@ from ..dicom.dicomweb import DicomWebClient, InstanceRef
 from ..dicom.errors import NotAnImage, StudyNotFound
 from ..domain import report as builder
 from ..store import queue, resources
-from . import assembly, reports, tasks
+from . import assembly, intake, reports, tasks
 from .context import Context
-from .errors import NoModel, Waiting
+from .errors import NoModel
 
 log = logging.getLogger("interop.analysis")
 
@@ -105,10 +105,8 @@ class Analyser:
                 with timings.stage("retrieve"):
                     refs = client.search_instances(job.payload["study_uid"])
             except StudyNotFound:
-                if _before(job.payload.get("deadline")):
-                    tasks.update(conn, self.ctx, job.payload["task"], "in-progress",
-                                 business="waiting for the images in the PACS")
-                    raise Waiting("the images are not in the PACS yet") from None
+                if intake.still_waiting(job.payload.get("deadline")):
+                    intake.wait_for_images(conn, self.ctx, job.payload["task"])
                 raise
             chosen = self._route(study, refs)
             results = []
@@ -209,11 +207,3 @@ class Analyser:
                      outputs=[f"DiagnosticReport/{rid}" for rid in stored_reports])
         queue.complete(conn, job, timings.stages)
 
-
-def _before(deadline: str | None) -> bool:
-    if not deadline:
-        return False
-    try:
-        return datetime.now(UTC) < datetime.fromisoformat(deadline)
-    except ValueError:
-        return False

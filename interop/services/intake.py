@@ -8,16 +8,18 @@ queue key is the UID, and a second ImagingStudy with a UID the hub holds updates
 """
 from __future__ import annotations
 
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, NoReturn
 
 import psycopg
 
 from ..domain.vocabulary import ANALYSIS_TASK, DICOM_UID_SYSTEM, site_of, site_tag, study_uid
+from ..sites import Site
 from ..store import queue, resources
 from ..store.resources import Criterion, Query
+from . import tasks
 from .context import Context
-from .errors import IntakeError
+from .errors import IntakeError, Waiting
 from .tasks import utc_now
 
 WADO_RS = "dicom-wado-rs"
@@ -118,11 +120,31 @@ def accept_study(conn: psycopg.Connection[Any], ctx: Context, study: dict[str, A
     if endpoint is None:
         return resources.create(conn, _task(study, "rejected", "not analysed: no DICOMweb endpoint"),
                                 ctx.params["Task"])
-    site = ctx.sites.get(site_of(study))
-    wait = site.pacs_wait_minutes if site is not None else ctx.settings.pacs_wait_minutes
     task = resources.create(conn, _task(study, "requested"), ctx.params["Task"])
     policy = ctx.policies.kind(ANALYSE)
     queue.enqueue(conn, ANALYSE, {"study": study["id"], "task": task["id"], "study_uid": uid, "dicomweb": endpoint,
-                                  "deadline": (utc_now() + timedelta(minutes=wait)).isoformat()},
+                                  "deadline": pacs_deadline(ctx, ctx.sites.get(site_of(study)))},
                   dedupe_key=key, max_attempts=policy.max_attempts, priority=policy.priority)
     return task
+
+
+# -- waiting for the images (both paths: a posted study, an HL7 order's exam done) -------------------
+def pacs_deadline(ctx: Context, site: Site | None) -> str:
+    """Until when images not yet in the PACS are looked for, from now: the site's
+    `pacs_wait_minutes`, or INTEROP_PACS_WAIT_MINUTES for a study of no known site."""
+    wait = site.pacs_wait_minutes if site is not None else ctx.settings.pacs_wait_minutes
+    return (utc_now() + timedelta(minutes=wait)).isoformat()
+
+
+def still_waiting(deadline: str | None) -> bool:
+    """Whether images not in the PACS yet are still worth waiting for."""
+    try:
+        return bool(deadline) and utc_now() < datetime.fromisoformat(str(deadline))
+    except ValueError:
+        return False
+
+
+def wait_for_images(conn: psycopg.Connection[Any], ctx: Context, task: dict[str, Any] | str) -> NoReturn:
+    """Say so on the Task, and have the job tried again later (not counted as a failure)."""
+    tasks.update(conn, ctx, task, "in-progress", business="waiting for the images in the PACS")
+    raise Waiting("the images are not in the PACS yet")

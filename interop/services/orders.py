@@ -14,7 +14,6 @@ visible as FHIR: the resources, and a Task per order (`Task?focus=ServiceRequest
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -33,7 +32,7 @@ from ..store.resources import ANY_SYSTEM, Criterion, Query
 from . import intake, tasks
 from .context import Context
 from .delivery.app_ack import queue_app_ack
-from .errors import Permanent, Transient, Waiting
+from .errors import Permanent, Transient
 from .tasks import utc_now
 
 PROCESS_HL7 = hl7_messages.PROCESS_KIND
@@ -190,20 +189,20 @@ def _queue_find_study(conn: psycopg.Connection[Any], ctx: Context, request: dict
     key = f"{FIND_STUDY}:ServiceRequest/{request['id']}"
     if queue.exists(conn, key):
         return
-    wait = timedelta(minutes=site.pacs_wait_minutes if site else ctx.settings.pacs_wait_minutes)
+    deadline = intake.pacs_deadline(ctx, site)
     task = resources.create(conn, {
         "resourceType": "Task", "status": "requested", "intent": "order", "priority": "routine",
         "code": {"coding": [FIND_STUDY_TASK], "text": FIND_STUDY_TASK["display"]},
         "focus": {"reference": f"ServiceRequest/{request['id']}"}, "for": request["subject"],
         "basedOn": [{"reference": f"ServiceRequest/{request['id']}"}],
         "authoredOn": utc_now().isoformat(),
-        "restriction": {"period": {"end": (utc_now() + wait).isoformat()}},
+        "restriction": {"period": {"end": deadline}},
     }, ctx.params["Task"])
     policy = ctx.policies.kind(FIND_STUDY)
     queue.enqueue(conn, FIND_STUDY, {
         "service_request": request["id"], "task": task["id"], "study_uid": order.study_instance_uid,
         "accession": order.accession, "site": site.code if site else facility,
-        "deadline": (utc_now() + wait).isoformat(),
+        "deadline": deadline,
     }, dedupe_key=key, max_attempts=policy.max_attempts, priority=policy.priority)
 
 
@@ -223,10 +222,9 @@ def find_study(conn: psycopg.Connection[Any], ctx: Context, job: queue.Job, _tim
         if not uids and p.get("accession"):
             uids = client.find_study_uids(accession=p["accession"])
         if not uids:
-            if utc_now() >= datetime.fromisoformat(p["deadline"]):
+            if not intake.still_waiting(p["deadline"]):
                 raise Permanent("the images did not arrive in the PACS before the deadline")
-            tasks.update(conn, ctx, task, "in-progress", business="waiting for the images in the PACS")
-            raise Waiting("the images are not in the PACS yet")
+            intake.wait_for_images(conn, ctx, task)
         if len(uids) > 1:
             raise Permanent(f"the accession number matches {len(uids)} studies in the PACS")
         refs = client.search_instances(uids[0])
