@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import socket
 import uuid
 from collections.abc import Callable
@@ -68,18 +67,14 @@ class Runner:
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: Event, idle_wait: float = 1.0, wake_fd: int | None = None) -> None:
         """Process jobs until `stop` is set; wakes on NOTIFY (or on `wake_fd`), polls every `idle_wait` seconds."""
-        listener = db.connect(self.ctx.settings.database_url or "", autocommit=True)
-        listener.execute(f"LISTEN {queue.CHANNEL}")
+        listener = signals.listen(self.ctx.settings.database_url or "")
         facts.schedule_refresh(self.conn, self.ctx)
         log.info("worker %s started", self.id)
         try:
             while not stop.is_set():
                 if self.run_once():
                     continue
-                select.select([listener.fileno(), *([wake_fd] if wake_fd is not None else [])], [], [], idle_wait)
-                signals.drain(wake_fd)
-                for _ in listener.notifies(timeout=0):
-                    pass
+                signals.sleep(listener, wake_fd, idle_wait)
         finally:
             listener.close()
             log.info("worker %s stopped", self.id)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import select
 import socket
 import threading
 import time
@@ -184,13 +183,9 @@ class DeliveryPool:
             while not stop.is_set():
                 try:
                     if listener is None or listener.closed:
-                        listener = db.connect(self.ctx.settings.database_url or "", autocommit=True)
-                        listener.execute(f"LISTEN {queue.CHANNEL}")
+                        listener = signals.listen(self.ctx.settings.database_url or "")
                     self.start_ready_lanes(listener)
-                    select.select([listener.fileno(), *([wake_fd] if wake_fd is not None else [])], [], [], idle_wait)
-                    signals.drain(wake_fd)
-                    for _ in listener.notifies(timeout=0):
-                        pass
+                    signals.sleep(listener, wake_fd, idle_wait)
                 except psycopg.Error as exc:
                     log.warning("delivery runner: database error %s; retrying", type(exc).__name__)
                     if listener is not None:

@@ -1,12 +1,19 @@
-"""How a runner process stops at once: SIGTERM/SIGINT set an event and, through
-`signal.set_wakeup_fd`, make a select() on the runner's wait return immediately (no idle poll to
-sit out), so `interop serve` and a pod stop in well under a second. SIGHUP reloads the sites file."""
+"""How a runner waits for work and stops at once: it sleeps in select() on its LISTEN connection
+(a job queued anywhere wakes it) and on the wake-up fd: SIGTERM/SIGINT set an event and, through
+`signal.set_wakeup_fd`, make that select() return immediately (no idle poll to sit out), so
+`interop serve` and a pod stop in well under a second. SIGHUP reloads the sites file."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 from collections.abc import Callable
 from threading import Event
+from typing import Any
+
+import psycopg
+
+from ..store import db, queue
 
 
 def install(on_hup: Callable[[], None]) -> tuple[Event, int]:
@@ -30,4 +37,19 @@ def drain(fd: int | None) -> None:
         while os.read(fd, 512):
             pass
     except BlockingIOError:
+        pass
+
+
+def listen(database_url: str) -> psycopg.Connection[Any]:
+    """A connection told of every job queued (NOTIFY at commit)."""
+    conn = db.connect(database_url, autocommit=True)
+    conn.execute(f"LISTEN {queue.CHANNEL}")
+    return conn
+
+
+def sleep(listener: psycopg.Connection[Any], wake_fd: int | None, timeout: float) -> None:
+    """Until a job is queued, a signal arrives, or `timeout` seconds pass."""
+    select.select([listener.fileno(), *([wake_fd] if wake_fd is not None else [])], [], [], timeout)
+    drain(wake_fd)
+    for _ in listener.notifies(timeout=0):
         pass
