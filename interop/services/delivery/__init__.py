@@ -63,6 +63,11 @@ def lane(site_code: str, channel: str) -> str:
     return f"{site_code.upper()}:{channel}"
 
 
+def site_of_lane(ctx: Context, lane_name: str | None) -> Site | None:
+    """The site whose destination a lane (`SITE:channel`) is."""
+    return ctx.sites.get((lane_name or "").split(":", 1)[0])
+
+
 # -- what a channel tells the runner ------------------------------------------------------------
 @dataclass(frozen=True)
 class Outcome:

@@ -19,7 +19,7 @@ from ...hl7.header import read
 from ...sites import Site
 from ...store import hl7_messages, queue
 from ..context import Context
-from . import APP_ACK, Message, Outcome, lane
+from . import APP_ACK, Message, Outcome, lane, site_of_lane
 from .hl7 import exchange
 
 WANTED = {"AL": ("AA", "AE", "AR"), "ER": ("AE", "AR"), "SU": ("AA",), "NE": ()}
@@ -63,7 +63,7 @@ class AppAckChannel:
         self.ctx = ctx
 
     def _site(self, job: queue.Job) -> Site | None:
-        return self.ctx.sites.get((job.lane or "").split(":", 1)[0])
+        return site_of_lane(self.ctx, job.lane)
 
     def prepare(self, conn: psycopg.Connection[Any], job: queue.Job) -> Message | Outcome:
         site = self._site(job)

@@ -30,7 +30,7 @@ from ...domain.bundle import Outcome as Answer
 from ...sites import FhirDestination, Site
 from ...store import queue, resources
 from ..context import Context
-from . import Message, Outcome, Unbuildable, report_version
+from . import Message, Outcome, Unbuildable, report_version, site_of_lane
 from .auth import AuthError, TokenCache
 
 FHIR_JSON = "application/fhir+json"
@@ -81,7 +81,7 @@ class FhirChannel:
         self.session = session or requests.Session()
 
     def _site(self, job: queue.Job) -> Site | None:
-        site = self.ctx.sites.get((job.lane or "").split(":", 1)[0])
+        site = site_of_lane(self.ctx, job.lane)
         return site if site is not None and site.fhir is not None else None
 
     def prepare(self, conn: psycopg.Connection[Any], job: queue.Job) -> Message | Outcome:

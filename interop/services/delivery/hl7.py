@@ -25,7 +25,7 @@ from ...hl7.errors import AckCode
 from ...sites import Site
 from ...store import queue, resources
 from ..context import Context
-from . import Message, Outcome, Unbuildable, report_version
+from . import Message, Outcome, Unbuildable, report_version, site_of_lane
 
 SENDING_FACILITY = "INTEROP_HUB"  # MSH-4 of what the hub sends
 FINAL_REFUSALS = (AckCode.AE, AckCode.CE)
@@ -97,7 +97,7 @@ class Hl7Channel:
         self.sending_facility = sending_facility
 
     def _site(self, job: queue.Job) -> Site | None:
-        site = self.ctx.sites.get((job.lane or "").split(":", 1)[0])
+        site = site_of_lane(self.ctx, job.lane)
         return site if site is not None and site.hl7 is not None else None
 
     def prepare(self, conn: psycopg.Connection[Any], job: queue.Job) -> Message | Outcome:
