@@ -27,6 +27,7 @@ from ..store import hl7_messages, queue
 bp = Blueprint("admin", __name__)
 # how operators name a delivery's state -> the queue's status
 OUTBOX_STATUS = {"pending": "queued", "sending": "running", "sent": "done", "rejected": "rejected", "dead": "dead"}
+SHOWN_STATUS = {v: k for k, v in OUTBOX_STATUS.items()}  # a queue status in the outbox's words
 MESSAGE_STATUS = ("accepted", "rejected", "processed", "failed")
 
 
@@ -37,10 +38,9 @@ def _json(body: Any, status: int = 200) -> Response:
 def delivery_row(row: dict[str, Any]) -> dict[str, Any]:
     """A delivery as operators see it (the queue's row in the outbox's words)."""
     payload = row.get("payload") or {}
-    shown = {v: k for k, v in OUTBOX_STATUS.items()}
     return {"id": row["id"], "channel": CHANNEL_OF.get(row["kind"], row["kind"]), "destination": row["lane"],
             "resource_type": payload.get("resource_type"), "resource_id": payload.get("resource_id", payload.get("message")),
-            "version": row["seq"], "priority": row["priority"], "status": shown.get(row["status"], row["status"]),
+            "version": row["seq"], "priority": row["priority"], "status": SHOWN_STATUS.get(row["status"], row["status"]),
             "attempts": row["attempts"], "control_id": row["message_id"], "last_answer": row["answer"],
             "last_error": row["last_error"], "created_at": row["created_at"], "sent_at": row["finished_at"],
             "run_after": row["run_after"]}
@@ -75,8 +75,7 @@ def replay(item_id: int) -> Response:
         status = queue.status_of(conn, item_id, KINDS)
     if status is None:
         raise NotFoundError(f"outbox row {item_id} does not exist")
-    shown = {v: k for k, v in OUTBOX_STATUS.items()}
-    raise Conflict(f"outbox row {item_id} is {shown.get(status, status)}, not dead or rejected")
+    raise Conflict(f"outbox row {item_id} is {SHOWN_STATUS.get(status, status)}, not dead or rejected")
 
 
 @bp.get("/outbox/lanes")

@@ -21,7 +21,7 @@ from ..services.delivery import CHANNEL_OF
 from ..services.delivery import KINDS as DELIVERY_KINDS
 from ..store import hl7_messages, queue
 from ..store import metrics as figures
-from .admin import OUTBOX_STATUS
+from .admin import SHOWN_STATUS
 
 bp = Blueprint("health", __name__)
 
@@ -91,7 +91,6 @@ class QueueCollector(Collector):
                                       labels=["lane"])
         lane_waiting = GaugeMetricFamily("interop_lane_waiting", "deliveries waiting per destination",
                                          labels=["lane"])
-        shown = {v: k for k, v in OUTBOX_STATUS.items()}
         with self.hub.pool.connection(timeout=3) as conn:
             for row in figures.jobs_by_status(conn, self.hub.ctx.policies.pool("analysis")):
                 depth.add_metric([row["status"]], row["n"])
@@ -100,7 +99,7 @@ class QueueCollector(Collector):
             for status, n in sorted(hl7_messages.counts(conn).items()):
                 messages.add_metric([status], n)
             for row in figures.deliveries(conn, DELIVERY_KINDS):
-                deliveries.add_metric([CHANNEL_OF[row["kind"]], shown.get(row["status"], row["status"])], row["n"])
+                deliveries.add_metric([CHANNEL_OF[row["kind"]], SHOWN_STATUS.get(row["status"], row["status"])], row["n"])
             for lane in queue.lanes(conn):
                 lane_open.add_metric([lane["name"]], 1 if lane["open"] else 0)
                 lane_waiting.add_metric([lane["name"]], lane["waiting"])
