@@ -56,6 +56,35 @@ ENVIRONMENT: list[tuple[str, str, str | None, str]] = [
     ("INTEROP_BASE_URL", "base_url", None, "public base URL of the FHIR API, for Location and Bundle links"),
     ("PROMETHEUS_MULTIPROC_DIR", "metrics_dir", None,
      "set by `interop serve`: where gunicorn workers share their request metrics"),
+    # -- security: who may call the hub, and how its connections are protected --------------------
+    ("INTEROP_TOKEN_SECONDS", "token_seconds", "300", "lifetime of the access tokens the hub issues (at most 300)"),
+    ("INTEROP_SIGNING_KEY_FILE", "signing_key_file", None,
+     "PEM private key (EC P-384) the hub signs its access tokens with; unset: one kept in the database"),
+    ("INTEROP_TRUSTED_ISSUER", "trusted_issuer", None,
+     "also accept access tokens from this identity provider (its `iss`), with the same scope rules"),
+    ("INTEROP_TRUSTED_JWKS_URL", "trusted_jwks_url", None, "the trusted identity provider's JWKS URL"),
+    ("INTEROP_TRUSTED_AUDIENCE", "trusted_audience", None,
+     "the `aud` its tokens must carry; unset: the hub's FHIR base URL"),
+    ("INTEROP_OIDC_ISSUER", "oidc_issuer", None,
+     "OpenID Connect provider people log in with (authorization code + PKCE); unset: local accounts"),
+    ("INTEROP_OIDC_CLIENT_ID", "oidc_client_id", None, "the hub's client id at that provider"),
+    ("INTEROP_OIDC_CLIENT_SECRET", "oidc_client_secret", None, "the hub's client secret there (unset: a public client)"),
+    ("INTEROP_OIDC_ROLES_CLAIM", "oidc_roles_claim", "roles", "ID-token claim holding the person's hub roles"),
+    ("INTEROP_OIDC_SITE_CLAIM", "oidc_site_claim", "site", "ID-token claim holding a clinician's site code"),
+    ("INTEROP_SESSION_IDLE_MINUTES", "session_idle_minutes", "15", "a login unused this long is ended"),
+    ("INTEROP_LOGIN_MAX_FAILURES", "login_max_failures", "5", "failed passwords in a row before an account is locked"),
+    ("INTEROP_LOGIN_LOCK_MINUTES", "login_lock_minutes", "15", "how long a locked account stays locked"),
+    ("INTEROP_TLS_CERT", "tls_cert", None, "PEM certificate (chain) of the hub: HTTPS and MLLP over TLS when set"),
+    ("INTEROP_TLS_KEY", "tls_key", None, "PEM private key of INTEROP_TLS_CERT"),
+    ("INTEROP_TLS_CLIENT_CA", "tls_client_ca", None,
+     "CA file for MLLP client certificates: when set, senders must present one (mutual TLS)"),
+    ("INTEROP_TLS_CA_FILE", "tls_ca_file", None,
+     "CA bundle the hub verifies its peers (EMR, RIS, PACS, identity providers) with; unset: the system's"),
+    ("INTEROP_TLS_CLIENT_CERT", "tls_client_cert", None, "PEM certificate the hub presents to peers that ask for one"),
+    ("INTEROP_TLS_CLIENT_KEY", "tls_client_key", None, "PEM private key of INTEROP_TLS_CLIENT_CERT"),
+    ("INTEROP_URL_ALLOW", "url_allow", None,
+     "URL prefixes (comma-separated) the hub may call for Subscriptions and Endpoint addresses, beside "
+     "the sites file's destinations and `allow_urls`"),
 ]
 
 
@@ -99,6 +128,26 @@ class Settings:
     pseudonym_key_file: Path | None = None
     base_url: str | None = None
     metrics_dir: Path | None = None
+    token_seconds: int = 300
+    signing_key_file: Path | None = None
+    trusted_issuer: str | None = None
+    trusted_jwks_url: str | None = None
+    trusted_audience: str | None = None
+    oidc_issuer: str | None = None
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = field(default=None, repr=False)
+    oidc_roles_claim: str = "roles"
+    oidc_site_claim: str = "site"
+    session_idle_minutes: int = 15
+    login_max_failures: int = 5
+    login_lock_minutes: int = 15
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_client_cert: Path | None = None
+    tls_client_key: Path | None = None
+    url_allow: str | None = None
     # The environment as read, for the secrets the sites file names (`secret()`); never printed.
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -121,13 +170,25 @@ class Settings:
                 values[attr] = raw
         if "sites_file" not in values:
             values["sites_file"] = Path(str(values["mappings_dir"])) / "sites.yaml"
+        if int(str(values.get("token_seconds", 300))) not in range(1, 301):
+            raise ValueError("INTEROP_TOKEN_SECONDS must be between 1 and 300 (SMART: tokens live at most 5 minutes)")
         return cls(**values)  # type: ignore[arg-type]
 
     def public_base(self) -> str:
         """Base URL used in Location headers and Bundle links."""
         if self.base_url:
             return self.base_url.rstrip("/")
-        return f"http://{self.http_host}:{self.http_port}/fhir"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.http_host}:{self.http_port}/fhir"
+
+    @property
+    def tls(self) -> bool:
+        """Whether the hub serves HTTPS and MLLP over TLS (a certificate and its key are set)."""
+        return self.tls_cert is not None and self.tls_key is not None
+
+    def allowed_url_prefixes(self) -> tuple[str, ...]:
+        """INTEROP_URL_ALLOW as a tuple of prefixes (the sites file adds its own)."""
+        return tuple(p.strip() for p in (self.url_allow or "").split(",") if p.strip())
 
     def secret(self, name: str | None) -> str | None:
         """The value of an environment variable the sites file names (a token, a client secret)."""

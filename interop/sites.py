@@ -80,6 +80,9 @@ class Site:
     fhir: FhirDestination | None = None
     app_ack: Address | None = None
     dicomweb: str | None = None  # this site's PACS (DICOMweb base URL)
+    # URL prefixes the hub may call for this site's Subscriptions and Endpoint addresses (beside
+    # its own destinations above and INTEROP_URL_ALLOW)
+    allow_urls: tuple[str, ...] = ()
 
     @property
     def ack_address(self) -> Address | None:
@@ -147,7 +150,11 @@ def _site(code: str, raw: dict[str, Any]) -> Site:
         except (KeyError, TypeError, ValueError) as exc:
             raise SitesError(f"site {code}: app_ack needs host and an integer port") from exc
     done = raw.get("exam_done") or {}
-    known = {"name", "district", "province", "hl7", "exam_done", "pacs_wait_minutes", "fhir", "app_ack", "dicomweb"}
+    allow = raw.get("allow_urls") or []
+    if not isinstance(allow, list) or not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in allow):
+        raise SitesError(f"site {code}: allow_urls must be a list of http(s) URL prefixes")
+    known = {"name", "district", "province", "hl7", "exam_done", "pacs_wait_minutes", "fhir", "app_ack", "dicomweb",
+             "allow_urls"}
     return Site(
         code=code, name=str(raw["name"]), district=raw.get("district"), province=raw.get("province"), hl7=hl7,
         exam_done_order_status=frozenset(map(str, done.get("order_status", ["CM"]))),
@@ -156,6 +163,7 @@ def _site(code: str, raw: dict[str, Any]) -> Site:
         extra={k: v for k, v in raw.items() if k not in known},
         fhir=_fhir(code, raw["fhir"]) if raw.get("fhir") else None, app_ack=app_ack,
         dicomweb=str(raw["dicomweb"]).rstrip("/") if raw.get("dicomweb") else None,
+        allow_urls=tuple(allow),
     )
 
 
@@ -226,6 +234,15 @@ class Sites:
             return None
         wanted = dicomweb.rstrip("/")
         return next((s for s in self.current().values() if s.dicomweb == wanted), None)
+
+    def allowed_urls(self) -> tuple[str, ...]:
+        """URL prefixes the sites file lets the hub call: every site's PACS and FHIR server, and
+        its `allow_urls`."""
+        out: list[str] = []
+        for site in self.current().values():
+            out.extend(u for u in (site.dicomweb, site.fhir.base if site.fhir else None) if u)
+            out.extend(site.allow_urls)
+        return tuple(out)
 
     def referral(self, site: Site | None) -> Site | None:
         """The site's higher-level hospital, when the sites file names one the hub knows."""
