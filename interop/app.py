@@ -18,10 +18,13 @@ from flask import Flask, Response, request
 from psycopg_pool import ConnectionPool
 from werkzeug.exceptions import HTTPException
 
+from . import access
+from .auth import routes as auth
 from .config import Settings
 from .fhir import api, errors, operations
 from .ops import admin, health
 from .services.context import Context
+from .services.security.tokens import Tokens
 from .store import db
 from .store.search_params import SearchParam
 from .web import dashboard, worklist
@@ -41,6 +44,7 @@ class Hub:
     ctx: Context
     started: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     _pool: ConnectionPool | None = None
+    _tokens: Tokens | None = None
 
     @property
     def settings(self) -> Settings:
@@ -59,6 +63,13 @@ class Hub:
             self._pool.open(wait=True, timeout=30)
         return self._pool
 
+    @property
+    def tokens(self) -> Tokens:
+        """The token service of this process (its caches live as long as the process)."""
+        if self._tokens is None:
+            self._tokens = Tokens(self.settings)
+        return self._tokens
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
@@ -70,6 +81,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask("interop")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["interop"] = Hub(Context.from_settings(settings))
+    app.register_blueprint(auth.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(operations.bp)
     app.register_blueprint(health.bp)
@@ -111,6 +123,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.before_request
     def _start_timer() -> None:
         request.environ["interop.start"] = time.perf_counter()
+
+    access.install(app)  # after the timer: refusals are timed and counted too
 
     @app.after_request
     def _count(response: Response) -> Response:

@@ -1,11 +1,12 @@
 """The `interop` command: serve, worker, deliver, mllp, migrate, build-models, outbox, hl7,
-analytics, demo."""
+analytics, clients, users, demo."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from .config import ENVIRONMENT, Settings
@@ -59,6 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
                                 " refresh: refresh the materialised views (run from a timer)")
     analytics.add_argument("--rekey", action="store_true",
                            help="backfill: recompute every patient key with the current pseudonym secret")
+    clients = sub.add_parser("clients", help="SMART backend clients (HIS/EMR vendors, engines, the warehouse):"
+                                             " add, list, disable")
+    clients.add_argument("action", choices=["add", "list", "disable"])
+    clients.add_argument("name", nargs="?", help="add: a name for the client; disable: its client_id")
+    clients.add_argument("--jwks", metavar="FILE_OR_URL", help="add: the client's public keys (a JWKS file, or its https URL)")
+    clients.add_argument("--scopes", help='add: what it may ask for, e.g. "system/DiagnosticReport.rs system/ImagingStudy.cru"')
+    users = sub.add_parser("users", help="people with a local account (worklist, dashboard, operators): add, list,"
+                                         " disable, enable, password")
+    users.add_argument("action", choices=["add", "list", "disable", "enable", "password"])
+    users.add_argument("name", nargs="?", help="the account name")
+    users.add_argument("--role", choices=["radiologist", "clinician", "analyst", "admin"], help="add: the person's role")
+    users.add_argument("--site", help="add: a clinician's facility code (they read that site's reports only)")
+    users.add_argument("--password-stdin", action="store_true",
+                       help="add/password: read the password from standard input (else it is asked for)")
     return parser
 
 
@@ -114,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         return _analytics(settings, args.action, args.rekey)
     if args.command == "demo":
         return _demo(parser, settings, args.keep, args.seed_analytics)
+    if args.command == "clients":
+        return _clients(parser, settings, args)
+    if args.command == "users":
+        return _users(parser, settings, args)
     parser.print_help()
     return 2
 
@@ -172,6 +191,95 @@ def _analytics(settings: Settings, action: str, rekey: bool) -> int:
             print(f"analytics facts rebuilt for {count} reports" + (" (patient keys recomputed)" if rekey else ""))
         for name, seconds in analytics.refresh(conn).items():
             print(f"refreshed {name} in {seconds:.1f}s")
+    return 0
+
+
+def _database(settings: Settings) -> Iterator[str]:
+    """The hub's database: DATABASE_URL, else the embedded one under INTEROP_DATA_DIR (the running
+    hub's, joined; or started for this command and stopped after it), migrated."""
+    from contextlib import ExitStack
+
+    from .store import db
+
+    with ExitStack() as stack:
+        url = settings.database_url
+        if not url:
+            from .runtime.postgres import EmbeddedPostgres
+
+            url = stack.enter_context(EmbeddedPostgres(settings.data_dir / "postgres")).url
+        db.migrate(url)
+        yield url
+
+
+def _clients(parser: argparse.ArgumentParser, settings: Settings, args: argparse.Namespace) -> int:
+    from .services.security import clients
+    from .store import db
+
+    for url in _database(settings):
+        with db.connect(url, autocommit=True) as conn:
+            if args.action == "list":
+                _print_rows(clients.listing(conn))
+                return 0
+            if not args.name:
+                parser.error(f"clients {args.action} needs a name")
+            if args.action == "disable":
+                if clients.disable(conn, args.name):
+                    print(f"client {args.name} disabled: its tokens stop working within seconds")
+                    return 0
+                print(f"no enabled client {args.name}", file=sys.stderr)
+                return 1
+            if not args.jwks or not args.scopes:
+                parser.error("clients add needs --jwks FILE_OR_URL and --scopes")
+            try:
+                client_id = clients.register(conn, args.name, args.jwks, args.scopes)
+            except clients.ClientError as exc:
+                print(f"interop clients add: {exc}", file=sys.stderr)
+                return 2
+            print(f"registered {args.name}; client_id: {client_id}")
+    return 0
+
+
+def _password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        raise SystemExit("interop users: the two passwords differ")
+    return first
+
+
+def _users(parser: argparse.ArgumentParser, settings: Settings, args: argparse.Namespace) -> int:
+    from .services.security import people
+    from .store import db
+    from .store import security as accounts
+
+    for url in _database(settings):
+        with db.connect(url, autocommit=True) as conn:
+            if args.action == "list":
+                _print_rows(accounts.people(conn))
+                return 0
+            if not args.name:
+                parser.error(f"users {args.action} needs the account name")
+            try:
+                if args.action == "add":
+                    if not args.role:
+                        parser.error("users add needs --role")
+                    people.add(conn, args.name, args.role, _password(args.password_stdin), args.site)
+                    print(f"account {args.name} ({args.role}) added")
+                    return 0
+                if args.action == "password":
+                    done = people.set_password(conn, args.name, _password(args.password_stdin))
+                else:
+                    done = accounts.set_person(conn, args.name, disabled=args.action == "disable")
+            except people.AccountError as exc:
+                print(f"interop users {args.action}: {exc}", file=sys.stderr)
+                return 2
+            if not done:
+                print(f"no account {args.name}", file=sys.stderr)
+                return 1
+            print(f"account {args.name}: {args.action} done" + (" (unlocked)" if args.action == "password" else ""))
     return 0
 
 

@@ -9,4 +9,6 @@ pytest_plugins = (
     "tests.fixtures.mllp",
     "tests.fixtures.fhir_server",
     "tests.fixtures.browser",
+    "tests.fixtures.tls",
+    "tests.fixtures.auth",
 )

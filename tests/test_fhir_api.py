@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+from tests.fixtures.auth import bearer, with_token
+
 FHIR = "application/fhir+json"
 UID = "1.2.826.0.1.3680043.8.498.1"
 
@@ -304,6 +306,7 @@ def test_a_95_mib_name_under_the_default_body_limit_is_refused(db_url: str) -> N
     app = create_app(Settings.from_env({"DATABASE_URL": db_url}))  # the default 10 MiB body limit
     try:
         client = app.test_client()
+        with_token(client, bearer(client, db_url))
         body = json.dumps({"resourceType": "Patient", "name": [{"family": "N" * (9 * 1024 * 1024 + 512 * 1024)}]})
         response = client.post("/fhir/Patient", data=body, content_type=FHIR)
         assert response.status_code == 400 and "1048576 characters" in response.get_data(as_text=True)

@@ -15,10 +15,12 @@ import orjson
 import psycopg
 from flask import Blueprint, Response, current_app, request
 
-from ..domain import search, subscriptions
+from .. import access
+from ..domain import audit, search, subscriptions
 from ..domain.vocabulary import study_uid
 from ..services import intake
 from ..services.errors import IntakeError
+from ..services.security import urls
 from ..store import resources
 from . import capability
 from .errors import (
@@ -97,7 +99,18 @@ def _parse_body(rtype: str) -> dict[str, Any]:
             body = subscriptions.prepare(body, hub().params)
         except subscriptions.SubscriptionError as exc:
             raise BusinessRule(str(exc)) from None
+        _may_call(str((body.get("channel") or {}).get("endpoint") or ""), "Subscription.channel.endpoint")
+    if rtype == "Endpoint":
+        _may_call(str(body.get("address") or ""), "Endpoint.address")
     return dict(body)
+
+
+def _may_call(url: str, expression: str) -> None:
+    """Refuse a URL the hub would call on the client's word unless the operator allowed it."""
+    if not urls.allowed(hub().ctx, url):
+        reason = (f"{expression} is not an address this hub may call; its operator allows addresses in"
+                  " INTEROP_URL_ALLOW or the site's allow_urls")
+        raise BusinessRule(reason, issues=[issue("security", reason, expression=expression)])
 
 
 def _if_match() -> int | None:
@@ -163,6 +176,7 @@ def create(rtype: str) -> Response:
             if len(found) > 1:
                 raise PreconditionFailed("If-None-Exist matches more than one resource")
             if found:
+                access.note(audit.interaction("create"), "R", what=[_ref(found[0])], patients=audit.patients_of(found[0]))
                 return respond(found[0], 200, _version_headers(found[0], location=True))
         body = _before_write(conn, body)
         same = None
@@ -176,9 +190,19 @@ def create(rtype: str) -> Response:
         else:
             stored = _write(conn, body)[0]
         _after_write(conn, stored)
+        _audit_write(conn, "create", stored)
     if _prefer_minimal():
         return Response(status=status, headers=_version_headers(stored, location=True))
     return respond(stored, status, _version_headers(stored, location=True))
+
+
+def _ref(body: dict[str, Any]) -> str:
+    return f"{body['resourceType']}/{body['id']}/_history/{body.get('meta', {}).get('versionId', '1')}"
+
+
+def _audit_write(conn: psycopg.Connection[Any], interaction: str, stored: dict[str, Any]) -> None:
+    access.audit_change(conn, audit.interaction(interaction), audit.ACTIONS[interaction], what=[_ref(stored)],
+                        patients=audit.patients_of(stored))
 
 
 def _content(resource: dict[str, Any]) -> dict[str, Any]:
@@ -196,14 +220,17 @@ def update(rtype: str, rid: str) -> Response:
     with hub().pool.connection() as conn, conn.transaction():
         stored, created = _write(conn, _before_write(conn, body), _if_match())
         _after_write(conn, stored)
+        _audit_write(conn, "create" if created else "update", stored)
     return respond(stored, 201 if created else 200, _version_headers(stored, location=created))
 
 
 @bp.get("/<rtype>/<rid>")
 def read(rtype: str, rid: str) -> Response:
     _known(rtype, rid)
+    access.note(audit.interaction("read"), "R", what=[f"{rtype}/{rid}"])
     with hub().pool.connection() as conn:
         body = _read(conn, rtype, rid)
+    access.note(audit.interaction("read"), "R", what=[_ref(body)], patients=audit.patients_of(body))
     return respond(body, 200, _version_headers(body))
 
 
@@ -226,6 +253,7 @@ def vread(rtype: str, rid: str, vid: str) -> Response:
             body = resources.vread(conn, rtype, rid, int(vid))
         except resources.NotFound as exc:
             raise NotFoundError(str(exc)) from None
+    access.note(audit.interaction("vread"), "R", what=[_ref(body)], patients=audit.patients_of(body))
     return respond(body, 200, _version_headers(body))
 
 
@@ -238,6 +266,8 @@ def history(rtype: str, rid: str) -> Response:
         except resources.NotFound as exc:
             raise NotFoundError(str(exc)) from None
     base = hub().settings.public_base()
+    access.note(audit.interaction("history-instance"), "R", what=[f"{rtype}/{rid}"],
+                patients=[p for v in versions[:1] for p in audit.patients_of(v)])
     return respond({
         "resourceType": "Bundle", "type": "history", "total": len(versions),
         "entry": [{"fullUrl": f"{base}/{rtype}/{rid}", "resource": v,
@@ -267,6 +297,7 @@ def search_type(rtype: str) -> Response:
     args = list(request.args.items(multi=True))
     if request.method == "POST":
         args += list(request.form.items(multi=True))
+    access.note(audit.interaction("search-type"), "E", what=[rtype], query=urlencode(args))
     with hub().pool.connection() as conn:
         parsed, found, total = _search(conn, rtype, args)
         included: list[dict[str, Any]] = []
@@ -274,6 +305,10 @@ def search_type(rtype: str) -> Response:
             path = hub().params[rtype][pname].path
             refs = [r["reference"] for body in found for r in _refs(body, path)]
             included.extend(resources.read_many(conn, refs))
+    caller = access.principal()
+    included = [b for b in included if caller is not None and caller.grant.allows(b["resourceType"], "r")]  # in scope
+    access.note(audit.interaction("search-type"), "E", what=[rtype], query=urlencode(args),
+                patients=[p for b in found + included for p in audit.patients_of(b)])
     return respond(_bundle(rtype, args, parsed, found, included, total))
 
 

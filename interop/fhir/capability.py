@@ -23,7 +23,10 @@ RESOURCES: dict[str, list[str]] = {
     "Communication": READ,
     # rest-hook Subscriptions on DiagnosticReport (interop.domain.subscriptions)
     "Subscription": READ + WRITE,
+    # the audit trail, written by the hub; for admins (system/AuditEvent.rs)
+    "AuditEvent": READ,
 }
+OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 
 
 def writable(rtype: str) -> bool:
@@ -62,6 +65,20 @@ def statement(base: str, params: dict[str, dict[str, SearchParam]], software_dat
         "rest": [{
             "mode": "server",
             "documentation": "AI results are preliminary until a radiologist signs them.",
+            "security": security(base),
             "resource": resources,
         }],
+    }
+
+
+def security(base: str) -> dict[str, Any]:
+    """SMART Backend Services: the service and its token endpoint (the oauth-uris extension)."""
+    origin = base[: -len("/fhir")] if base.endswith("/fhir") else base
+    return {
+        "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                 "code": "SMART-on-FHIR"}],
+                     "text": "SMART Backend Services (client_credentials, private_key_jwt)"}],
+        "extension": [{"url": OAUTH_URIS, "extension": [{"url": "token", "valueUri": f"{origin}/auth/token"}]}],
+        "description": "Every interaction but this statement needs a bearer token with system/ scopes;"
+                       f" see {origin}/.well-known/smart-configuration",
     }

@@ -9,6 +9,8 @@ from typing import Any
 import orjson
 from flask import Blueprint, Response, request
 
+from .. import access
+from ..domain import audit
 from ..services import critical, review
 from ..services.errors import ReviewError
 from .api import hub, respond
@@ -109,32 +111,44 @@ def review_report(rid: str) -> Response:
     args = review_arguments(parameters())
     if not args["action"]:
         raise BadRequest("parameter `action` is required (sign, edit, reject, amend, correct)")
-    with hub().pool.connection() as conn:
+    access.note(audit.operation(f"review-{args['action']}"[:64]), "U", what=[f"DiagnosticReport/{rid}"])
+    with hub().pool.connection() as conn, conn.transaction():
         try:
             report = review.apply_review(conn, hub().ctx, rid, if_version=_if_match(), **args)
         except ReviewError as exc:
             raise error(exc) from None
+        _audited(conn, f"review-{args['action']}", report, f"by {args['reviewer'] or 'unnamed'}")
     return respond(report, 200, {"ETag": f'W/"{report["meta"]["versionId"]}"'})
+
+
+def _audited(conn: Any, operation: str, changed: dict[str, Any], description: str) -> None:
+    ref = f"{changed['resourceType']}/{changed['id']}/_history/{changed.get('meta', {}).get('versionId', '1')}"
+    access.audit_change(conn, audit.operation(operation), "U", what=[ref], patients=audit.patients_of(changed),
+                        description=description[:200])
 
 
 @bp.post("/DiagnosticReport/<rid>/$acknowledge-critical")
 def acknowledge(rid: str) -> Response:
     by = text(parameters(), "by")
-    with hub().pool.connection() as conn:
+    access.note(audit.operation("acknowledge-critical"), "U", what=[f"DiagnosticReport/{rid}"])
+    with hub().pool.connection() as conn, conn.transaction():
         try:
             task = critical.acknowledge(conn, hub().ctx, rid, by=by)
         except ReviewError as exc:
             raise error(exc) from None
+        _audited(conn, "acknowledge-critical", task, f"by {by or 'unnamed'}")
     return respond(task)
 
 
 @bp.post("/DiagnosticReport/<rid>/$transfer-decision")
 def transfer_decision(rid: str) -> Response:
     params = parameters()
-    with hub().pool.connection() as conn:
+    access.note(audit.operation("transfer-decision"), "U", what=[f"DiagnosticReport/{rid}"])
+    with hub().pool.connection() as conn, conn.transaction():
         try:
             referral = critical.decide_transfer(conn, hub().ctx, rid, decision=text(params, "decision"),
                                                 by=text(params, "by"))
         except ReviewError as exc:
             raise error(exc) from None
+        _audited(conn, "transfer-decision", referral, f"{text(params, 'decision')} by {text(params, 'by') or 'unnamed'}")
     return respond(referral)

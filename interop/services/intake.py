@@ -20,6 +20,7 @@ from ..store.resources import Criterion, Query
 from . import tasks
 from .context import Context
 from .errors import IntakeError, Waiting
+from .security import urls
 from .tasks import utc_now
 
 WADO_RS = "dicom-wado-rs"
@@ -59,13 +60,22 @@ def resolve_endpoint(conn: psycopg.Connection[Any], study: dict[str, Any]) -> st
     return None
 
 
+def allowed_endpoint(conn: psycopg.Connection[Any], ctx: Context, study: dict[str, Any]) -> str | None:
+    """`resolve_endpoint`, refusing an address the hub may not call (`security.urls`)."""
+    address = resolve_endpoint(conn, study)
+    if address is not None and not urls.allowed(ctx, address):
+        raise IntakeError("the endpoint's address is not one this hub may call (ask its operator to allow it:"
+                          " INTEROP_URL_ALLOW or the site's allow_urls)", "ImagingStudy.endpoint")
+    return address
+
+
 def tag_site(conn: psycopg.Connection[Any], ctx: Context, study: dict[str, Any]) -> dict[str, Any]:
     """The study as it is stored: tagged with its facility, so that its report goes back there. A
     HIS says so itself (meta.tag `urn:interop-hub:site`); otherwise the site whose PACS the study
     names (the sites file's `dicomweb`) is the one."""
     if site_of(study):
         return study
-    site = ctx.sites.by_pacs(resolve_endpoint(conn, study))
+    site = ctx.sites.by_pacs(allowed_endpoint(conn, ctx, study))
     if site is None:
         return study
     meta = dict(study.get("meta") or {})
@@ -113,7 +123,7 @@ def accept_study(conn: psycopg.Connection[Any], ctx: Context, study: dict[str, A
     if uid is None:
         raise IntakeError("an available ImagingStudy needs an identifier with system urn:dicom:uid",
                           "ImagingStudy.identifier")
-    endpoint = resolve_endpoint(conn, study) or ctx.settings.dicomweb_url
+    endpoint = allowed_endpoint(conn, ctx, study) or ctx.settings.dicomweb_url
     key = analysis_key(uid)
     if queue.exists(conn, key):
         return None  # already analysed or on its way: a resend does not analyse twice

@@ -46,6 +46,13 @@ class Entry:
     model: str
     findings: list[FindingRow] = field(default_factory=list)
     alert: dict[str, Any] | None = None
+    site: str | None = None         # the facility code (a clinician sees their own site's only)
+
+    @property
+    def signed_by(self) -> str | None:
+        """Who signed (or last reviewed) the report, as the report names them."""
+        people = [p.get("display") or p.get("reference") for p in self.report.get("resultsInterpreter") or []]
+        return ", ".join(str(p) for p in people if p) or None
 
     @property
     def id(self) -> str:
@@ -125,8 +132,13 @@ def _patient(report: dict[str, Any], patients: dict[str, dict[str, Any]]) -> tup
     return ref, None
 
 
-def _facility(report: dict[str, Any], study: dict[str, Any] | None, sites: dict[str, Site]) -> str:
+def _site_code(report: dict[str, Any], study: dict[str, Any] | None) -> str | None:
     code = site_of(report) or (site_of(study) if study else None)
+    return code.upper() if code else None
+
+
+def _facility(report: dict[str, Any], study: dict[str, Any] | None, sites: dict[str, Site]) -> str:
+    code = _site_code(report, study)
     if not code:
         return ""
     site = sites.get(code.upper())
@@ -156,7 +168,7 @@ def entries(conn: psycopg.Connection[Any], reports: list[dict[str, Any]], *, mod
             facility=_facility(report, study, sites),
             model=(model.display.en if model else _ref_id(report.get("extension", [{}])[0].get("valueReference"))),
             findings=[finding_row(o, model) for o in observations if "valueQuantity" in o or "valueBoolean" in o],
-            alert=alerts.get(str(report["id"]))))
+            alert=alerts.get(str(report["id"])), site=_site_code(report, study)))
     return out
 
 

@@ -11,18 +11,23 @@
 * `GET /worklist/<report>/image.png[?size=thumb]` — the image, rendered by the hub from the PACS.
 
 Labels in Vietnamese (default) and English (`?lang=en`). Refusal messages are the review
-module's own (never an exception's text from elsewhere). Cross-site form posts are refused.
+module's own (never an exception's text from elsewhere).
+
+People log in first (`interop.access`): radiologists read and sign, and the signature is the
+logged-in person; clinicians see their own site's reports and may acknowledge a critical finding.
+Every form carries the login's CSRF token; what each person opened and did is audited.
 """
 from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response as BaseResponse
 
+from .. import access
+from ..domain import audit
 from ..services import critical
 from ..services import review as reviews
 from ..services.errors import ReviewError
@@ -67,10 +72,33 @@ def _headers(response: Response) -> Response:
     return response
 
 
+def _own_site() -> str | None:
+    """A clinician's site (they see only its reports); None for radiologists (every site)."""
+    person = access.principal()
+    return (person.site or "-") if person is not None and person.role == "clinician" else None
+
+
+def _visible(entry: waiting.Entry) -> bool:
+    site = _own_site()
+    return site is None or entry.site == site
+
+
+def _visible_id(conn: Any, report_id: str) -> bool:
+    try:
+        return _visible(waiting.one(conn, report_id, alerts={}, **_lookups()))
+    except resources.StoreError:
+        return False
+
+
 @bp.get("/")
 def worklist() -> Response:
     with _hub().pool.connection() as conn:
         total, found = waiting.waiting(conn, alerts=open_alerts(conn), **_lookups())
+    if _own_site() is not None:
+        found = [e for e in found if _visible(e)]
+        total = len(found)
+    access.note(audit.interaction("search-type"), "E", what=["DiagnosticReport"], query="worklist",
+                patients=[e.patient for e in found if e.patient.startswith("Patient/")])
     done = request.args.get("done")
     return Response(render_template("worklist/list.html", **_context(
         total=total, entries=found, done=done if done in ACTIONS else None)), content_type="text/html; charset=utf-8")
@@ -82,9 +110,11 @@ def _study_page(report_id: str, *, error: ReviewError | None = None, form: Any =
             entry = waiting.one(conn, report_id, alerts=open_alerts(conn), **_lookups())
         except resources.StoreError:
             entry = None
-    if entry is None:
+    if entry is None or not _visible(entry):  # another site's report is as absent as an unknown one
         return Response(render_template("worklist/missing.html", **_context(report_id=report_id)), status=404,
                         content_type="text/html; charset=utf-8")
+    access.note(audit.interaction("read"), "R", what=[f"DiagnosticReport/{entry.id}/_history/{entry.version}"],
+                patients=[entry.patient] if entry.patient.startswith("Patient/") else [])
     body = render_template("worklist/study.html", **_context(entry=entry, error=error, form=form))
     return Response(body, status=error.status if error else 200, content_type="text/html; charset=utf-8")
 
@@ -92,14 +122,6 @@ def _study_page(report_id: str, *, error: ReviewError | None = None, form: Any =
 @bp.get("/<report_id>")
 def study(report_id: str) -> Response:
     return _study_page(report_id)
-
-
-def _same_origin() -> bool:
-    """Refuse form posts from other sites (no session, so no token: the browser's own headers)."""
-    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-        return False
-    origin = request.headers.get("Origin")
-    return origin is None or urlsplit(origin).netloc == request.host
 
 
 def _text(value: str | None) -> str:
@@ -116,12 +138,17 @@ def _findings(entry: waiting.Entry) -> dict[str, bool]:
     return calls
 
 
-def _apply(conn: Any, report_id: str, action: str, reviewer: str) -> None:
+def _apply(conn: Any, report_id: str, action: str, reviewer: str) -> dict[str, Any]:
+    """Do the action; the resource it changed (the report's new version, or the alert's Task)."""
     ctx = _hub().ctx
-    if action == "acknowledge":
-        critical.acknowledge(conn, ctx, report_id, by=reviewer)
-        return
     entry = waiting.one(conn, report_id, alerts={}, **_lookups())
+    if not _visible(entry):
+        raise ReviewError(f"DiagnosticReport/{report_id} is not known", 404)
+    person = access.principal()
+    if action != "acknowledge" and (person is None or person.role != "radiologist"):
+        raise ReviewError(LABELS[_lang()]["radiologists_only"], 403)
+    if action == "acknowledge":
+        return critical.acknowledge(conn, ctx, report_id, by=reviewer)
     version = request.form.get("version", "")
     conclusion: str | None = None
     findings: dict[str, bool] = {}
@@ -134,24 +161,28 @@ def _apply(conn: Any, report_id: str, action: str, reviewer: str) -> None:
         findings, conclusion = calls, _text(request.form.get("conclusion")) or None
     elif action == "reject":
         conclusion = _text(request.form.get("reason")) or None
-    reviews.apply_review(conn, ctx, report_id, action=action, reviewer=reviewer, conclusion=conclusion,
-                         findings=findings, if_version=int(version) if version.isascii() and version.isdigit() else None)
+    return reviews.apply_review(conn, ctx, report_id, action=action, reviewer=reviewer, conclusion=conclusion,
+                                findings=findings,
+                                if_version=int(version) if version.isascii() and version.isdigit() else None)
 
 
 @bp.post("/<report_id>/review")
 def review(report_id: str) -> BaseResponse:
-    if not _same_origin():
-        return Response("cross-site form posts are refused", status=403, content_type="text/plain")
     action = request.form.get("action", "")
-    reviewer = _text(request.form.get("reviewer"))
+    person = access.principal()
+    reviewer = person.name if person is not None else ""  # the logged-in person signs, never a typed name
+    access.note(audit.operation(f"worklist-{action}"[:64]), "U", what=[f"DiagnosticReport/{report_id}"])
     try:
         if action not in ACTIONS:
             raise ReviewError(f"unknown action; one of {', '.join(ACTIONS)}", 400)
-        with _hub().pool.connection() as conn:
+        with _hub().pool.connection() as conn, conn.transaction():
             try:
-                _apply(conn, report_id, action, reviewer)
+                changed = _apply(conn, report_id, action, reviewer)
             except resources.StoreError:
                 raise ReviewError(f"DiagnosticReport/{report_id} is not known", 404) from None
+            ref = f"{changed['resourceType']}/{changed['id']}/_history/{changed.get('meta', {}).get('versionId', '1')}"
+            access.audit_change(conn, audit.operation(f"worklist-{action}"), "U", what=[ref],
+                                patients=audit.patients_of(changed), description=f"{action} by {reviewer}")
     except ReviewError as exc:
         log.info("worklist %s on DiagnosticReport/%s refused (%s)", action, report_id, exc.status)
         return _study_page(report_id, error=exc, form=request.form)
@@ -167,6 +198,8 @@ def rendered(report_id: str) -> Response:
     size = image.THUMB_PX if request.args.get("size") == "thumb" else image.MAX_PX
     try:
         with _hub().pool.connection() as conn:  # released before the PACS is called
+            if _own_site() is not None and not _visible_id(conn, report_id):
+                raise image.ImageUnavailable("no such report", 404)
             base, uid = image.source(conn, report_id, settings.dicomweb_url)
         body = image.png(base, uid, timeout_s=settings.dicomweb_timeout, max_px=size)
     except image.ImageUnavailable as exc:

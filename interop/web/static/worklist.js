@@ -1,20 +1,7 @@
-// The worklist's little script: remember the reviewer's name in this browser, keep Sign for
+// The worklist's little script (the signer is the logged-in person): keep Sign for
 // unchanged AI results (changes go through "Edit & sign"), and say when the image cannot load.
 (function () {
   "use strict";
-  var KEY = "interop.worklist.reviewer";
-
-  function remember() {
-    var saved = "";
-    try { saved = window.localStorage.getItem(KEY) || ""; } catch (e) { saved = ""; }
-    document.querySelectorAll('input[name="reviewer"]').forEach(function (input) {
-      if (!input.value && saved) { input.value = saved; }
-      input.addEventListener("input", function () {
-        try { window.localStorage.setItem(KEY, input.value.trim()); } catch (e) { /* private mode */ }
-      });
-    });
-  }
-
   function guardSign() {
     var form = document.getElementById("review-form");
     var sign = document.getElementById("sign");
@@ -49,5 +36,5 @@
     if (img.complete && img.naturalWidth === 0 && img.currentSrc) { failed(); }
   }
 
-  document.addEventListener("DOMContentLoaded", function () { remember(); guardSign(); imageErrors(); });
+  document.addEventListener("DOMContentLoaded", function () {  guardSign(); imageErrors(); });
 })();
