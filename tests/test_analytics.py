@@ -3,12 +3,9 @@ data, de-identification, exports, the forecast, and the dashboard in headless Ch
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +24,7 @@ from interop.store import resources
 from interop.store.db import connect
 from interop.store.search_params import load
 from scripts.synthetic import analytics as seed
+from tests.fixtures.auth import PASSWORD, add_person
 from tests.helpers import ROOT as REPO_ROOT
 from tests.helpers import context
 
@@ -341,13 +339,6 @@ def test_forecast_with_intervals_and_backtest(seeded: str, client: Any) -> None:
 
 
 # -- the dashboard in headless Chromium ------------------------------------------------------
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return str(shutil.which(name))
-    raise FileNotFoundError("no Chromium: apt-get install -y chromium")
-
-
 @pytest.fixture
 def live_hub(seeded: str) -> Iterator[str]:
     app = create_app(Settings.from_env({"DATABASE_URL": seeded}))
@@ -361,14 +352,12 @@ def live_hub(seeded: str) -> Iterator[str]:
         app.extensions["interop"].close()
 
 
-def render(url: str, tmp: Path) -> str:
-    """The DOM after the page's scripts ran (headless Chromium, virtual time)."""
-    result = subprocess.run(
-        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         f"--user-data-dir={tmp}", "--virtual-time-budget=30000", "--dump-dom", url],
-        capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+def render(page: Any, url: str) -> str:
+    """The DOM once the page's scripts drew it."""
+    page.goto(url)
+    page.wait_for("Number(document.body.dataset.rendered || 0) > 0 || document.body.dataset.error !== undefined",
+                  timeout=60)
+    return str(page.evaluate("document.documentElement.outerHTML"))
 
 
 def _attr(dom: str, element_id: str, attr: str) -> str:
@@ -378,19 +367,24 @@ def _attr(dom: str, element_id: str, attr: str) -> str:
     return match.group(1)
 
 
-def test_dashboard_in_headless_chromium(live_hub: str, tmp_path: Path) -> None:
+def test_dashboard_in_headless_chromium(live_hub: str, seeded: str, page: Any) -> None:
+    add_person(seeded, "analyst-so-y-te", "analyst")
+    page.goto(f"{live_hub}/analytics/")  # not logged in: the login form
+    page.fill("#username", "analyst-so-y-te")
+    page.fill("#password", PASSWORD)
+    page.click("#login-button", navigates=True)
+    assert page.url().startswith(f"{live_hub}/analytics/")
     period = "start=2026-05-01&end=2026-11-22"
-    dom = render(f"{live_hub}/analytics/?lang=en&{period}", tmp_path / "a")
+    dom = render(page, f"{live_hub}/analytics/?lang=en&{period}")
     assert "Provincial imaging analytics" in dom and 'data-error' not in dom
     assert _attr(dom, "body", "data-rendered") if False else re.search(r'<body[^>]*data-rendered="[1-9]', dom)
     points = {c: int(_attr(dom, f"chart-{c}", "data-points")) for c in ("trend", "turnaround", "workload", "agreement")}
     assert all(v > 0 for v in points.values()), points
     assert int(_attr(dom, "forecast-method", "data-series")) > 0 and "ETS" in dom and "MAE" in dom
     assert int(_attr(dom, "table-districts", "data-rows")) == 3
-    filtered = render(f"{live_hub}/analytics/?lang=en&{period}&facility=TTYT_NHONTRACH&finding={CODE['Pneumonia']}",
-                      tmp_path / "b")
+    filtered = render(page, f"{live_hub}/analytics/?lang=en&{period}&facility=TTYT_NHONTRACH&finding={CODE['Pneumonia']}")
     after = {c: int(_attr(filtered, f"chart-{c}", "data-points")) for c in ("trend", "turnaround", "workload", "agreement")}
     assert after["workload"] < points["workload"] and after["turnaround"] < points["turnaround"]
     assert after["agreement"] < points["agreement"]
-    vi = render(f"{live_hub}/analytics/?{period}", tmp_path / "c")
+    vi = render(page, f"{live_hub}/analytics/?{period}")
     assert "Phân tích hình ảnh y tế toàn tỉnh" in vi

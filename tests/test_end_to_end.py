@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import requests
 from fhirpy import SyncFHIRClient
 
 from inference_client.models import load_models
@@ -24,7 +23,7 @@ def finished_task(client: SyncFHIRClient, study_id: str, timeout: float = 90) ->
 
 
 def test_study_to_preliminary_report(hub: Any, orthanc: Any, fhir_validate: Any) -> None:
-    client = SyncFHIRClient(hub.fhir)
+    client = SyncFHIRClient(hub.fhir, authorization=f"Bearer {hub.token}")
     patient = client.resource("Patient", identifier=[{"system": "urn:test:mrn", "value": "E2E-1"}], gender="female")
     patient.save()
     ds = chest_study_in_pacs(orthanc, seed=11, patient_id="E2E-1")
@@ -35,7 +34,7 @@ def test_study_to_preliminary_report(hub: Any, orthanc: Any, fhir_validate: Any)
     assert task["status"] == "completed", task.get("statusReason")
     report_ref = task["output"][0]["valueReference"]["reference"]
 
-    bundle = requests.get(f"{hub.fhir}/DiagnosticReport", params={
+    bundle = hub.session.get(f"{hub.fhir}/DiagnosticReport", params={
         "patient": patient.id, "_include": "DiagnosticReport:result"}, timeout=10).json()
     reports = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "match"]
     observations = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "include"]
@@ -82,19 +81,19 @@ def test_study_to_preliminary_report(hub: Any, orthanc: Any, fhir_validate: Any)
     by_study_subject = client.resources("DiagnosticReport").search(subject=f"Patient/{patient.id}",
                                                                    status="preliminary").fetch()
     assert [r.id for r in by_study_subject] == [report["id"]]
-    later = requests.get(f"{hub.fhir}/DiagnosticReport", params={
+    later = hub.session.get(f"{hub.fhir}/DiagnosticReport", params={
         "_lastUpdated": f"gt{report['meta']['lastUpdated']}"}, timeout=10).json()
     assert later["total"] == 0
 
 
 def test_resend_does_not_analyse_twice(hub: Any, orthanc: Any) -> None:
-    client = SyncFHIRClient(hub.fhir)
+    client = SyncFHIRClient(hub.fhir, authorization=f"Bearer {hub.token}")
     ds = chest_study_in_pacs(orthanc, seed=12)
     body = study_resource([ds], "resend-patient", orthanc.dicomweb_url)
     criteria = f"identifier=urn:dicom:uid|urn:oid:{ds.StudyInstanceUID}"
     headers = {"Content-Type": "application/fhir+json", "If-None-Exist": criteria}
-    first = requests.post(f"{hub.fhir}/ImagingStudy", json=body, headers=headers, timeout=10)
-    second = requests.post(f"{hub.fhir}/ImagingStudy", json=body, headers=headers, timeout=10)
+    first = hub.session.post(f"{hub.fhir}/ImagingStudy", json=body, headers=headers, timeout=10)
+    second = hub.session.post(f"{hub.fhir}/ImagingStudy", json=body, headers=headers, timeout=10)
     assert (first.status_code, second.status_code) == (201, 200)
     assert first.json()["id"] == second.json()["id"]
     finished_task(client, first.json()["id"])
@@ -107,7 +106,7 @@ def test_instances_that_are_not_images(hub: Any, orthanc: Any) -> None:
 
     from scripts.synthetic.dicom import dataset_bytes, make_chest_xray, make_non_image
 
-    client = SyncFHIRClient(hub.fhir)
+    client = SyncFHIRClient(hub.fhir, authorization=f"Bearer {hub.token}")
     # A structured report alone: no model reads it, recorded as not analysed.
     sr = make_non_image(generate_uid())
     orthanc.upload(dataset_bytes(sr))
@@ -137,7 +136,7 @@ def test_instances_that_are_not_images(hub: Any, orthanc: Any) -> None:
 
 
 def test_unreachable_pacs_is_retried_then_failed_with_reason(hub: Any) -> None:
-    client = SyncFHIRClient(hub.fhir)
+    client = SyncFHIRClient(hub.fhir, authorization=f"Bearer {hub.token}")
     from scripts.synthetic.dicom import make_chest_xray
 
     ds = make_chest_xray(seed=14, size=256)
@@ -147,28 +146,28 @@ def test_unreachable_pacs_is_retried_then_failed_with_reason(hub: Any) -> None:
     task = finished_task(client, study.id, timeout=60)
     assert task["status"] == "failed"
     assert "PacsUnavailable" in task["statusReason"]["text"]
-    job = requests.get(f"{hub.base}/metrics", timeout=10).text
+    job = hub.session.get(f"{hub.base}/metrics", timeout=10).text
     assert 'interop_jobs{status="failed"} 1.0' in job
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/fhir/metadata"])
 def test_operational_endpoints(hub: Any, path: str) -> None:
-    response = requests.get(hub.base + path, timeout=10)
+    response = hub.session.get(hub.base + path, timeout=10)
     assert response.status_code == 200
 
 
 def test_bad_input_over_http_keeps_the_hub_serving(hub: Any) -> None:
     big = b'{"resourceType":"ImagingStudy","description":"' + b"x" * (20 * 1024 * 1024) + b'"}'
-    response = requests.post(f"{hub.fhir}/ImagingStudy", data=big,
+    response = hub.session.post(f"{hub.fhir}/ImagingStudy", data=big,
                              headers={"Content-Type": "application/fhir+json"}, timeout=60)
     assert response.status_code == 413
     assert response.json()["resourceType"] == "OperationOutcome"
     for body, ctype, status in [(b"\x00\xff garbage", "application/fhir+json", 400),
                                 (b"<ImagingStudy/>", "application/xml", 415)]:
-        response = requests.post(f"{hub.fhir}/ImagingStudy", data=body, headers={"Content-Type": ctype}, timeout=10)
+        response = hub.session.post(f"{hub.fhir}/ImagingStudy", data=body, headers={"Content-Type": ctype}, timeout=10)
         assert response.status_code == status
         assert response.json()["resourceType"] == "OperationOutcome"
-    assert requests.get(f"{hub.fhir}/metadata", timeout=10).status_code == 200
+    assert hub.session.get(f"{hub.fhir}/metadata", timeout=10).status_code == 200
 
 
 def test_a_study_posted_before_its_images_waits_for_them(hub: Any, orthanc: Any) -> None:
@@ -176,7 +175,7 @@ def test_a_study_posted_before_its_images_waits_for_them(hub: Any, orthanc: Any)
     they come (the site's pacs_wait_minutes, else INTEROP_PACS_WAIT_MINUTES), as for an HL7 order."""
     from scripts.synthetic.dicom import dataset_bytes, make_chest_xray
 
-    client = SyncFHIRClient(hub.fhir)
+    client = SyncFHIRClient(hub.fhir, authorization=f"Bearer {hub.token}")
     ds = make_chest_xray(seed=16, size=256)
     study = client.resource("ImagingStudy", **study_resource([ds], "early", orthanc.dicomweb_url))
     study.save()

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import yaml
 
+from tests.fixtures.auth import person_session
 from tests.fixtures.fhir_server import Emr
 from tests.fixtures.hub import HubProcess, start_hub, stop_hub
 from tests.fixtures.mllp import BlackHole, Receiver, orm, send
@@ -52,7 +52,7 @@ def start(sites: dict[str, Any], tmp_path: Path, db_url: str, triton_url: str, o
 
 
 def fhir(hub: HubProcess, path: str, **params: str) -> dict[str, Any]:
-    response = requests.get(f"{hub.fhir}/{path}", params=params, timeout=10)
+    response = hub.session.get(f"{hub.fhir}/{path}", params=params, timeout=10)
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
     return result
@@ -68,7 +68,7 @@ def review(hub: HubProcess, rid: str, action: str, **extra: Any) -> dict[str, An
     params = [{"name": "action", "valueCode": action}, {"name": "reviewer", "valueString": REVIEWER}]
     if "conclusion" in extra:
         params.append({"name": "conclusion", "valueString": extra["conclusion"]})
-    response = requests.post(f"{hub.fhir}/DiagnosticReport/{rid}/$review", timeout=30,
+    response = hub.session.post(f"{hub.fhir}/DiagnosticReport/{rid}/$review", timeout=30,
                              json={"resourceType": "Parameters", "parameter": params})
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
@@ -139,7 +139,7 @@ def test_a_fhir_study_edited_in_the_worklist_and_another_rejected_reach_the_ris_
         made = []
         for n, accession in enumerate(("ACC4201", "ACC4202")):
             ds = chest_study_in_pacs(orthanc, seed=42 + n, size=256, accession=accession, patient_id=f"BN42{n}")
-            posted = requests.post(f"{hub.fhir}/ImagingStudy", json=study_resource([ds], f"p42{n}", orthanc.dicomweb_url),
+            posted = hub.session.post(f"{hub.fhir}/ImagingStudy", json=study_resource([ds], f"p42{n}", orthanc.dicomweb_url),
                                    headers={"Content-Type": "application/fhir+json"}, timeout=30)
             assert posted.status_code == 201, posted.text
             assert {"system": "urn:interop-hub:site", "code": "BVDKDN"} in posted.json()["meta"]["tag"]
@@ -151,8 +151,9 @@ def test_a_fhir_study_edited_in_the_worklist_and_another_rejected_reach_the_ris_
         arrives("the first report in the EMR", lambda: emr_status(fhir_emr, edit_uid), "preliminary")
 
         first = edited["result"][0]["reference"].split("/")[1]
-        form = requests.post(f"{hub.base}/worklist/{edited['id']}/review", allow_redirects=False, timeout=30,
-                             data={"action": "edit", "reviewer": REVIEWER, "version": "1",
+        browser, csrf = person_session(hub.base, db_url, REVIEWER)
+        form = browser.post(f"{hub.base}/worklist/{edited['id']}/review", allow_redirects=False, timeout=30,
+                            data={"action": "edit", "csrf_token": csrf, "version": "1",
                                    "conclusion": "Không thấy bất thường.", f"finding-{first}": "present"})
         assert form.status_code == 303, form.text
         arrives("the ORUs of the first study", lambda: oru_statuses(ris, edit_acc), ["P", "F"])
@@ -182,7 +183,7 @@ def test_a_hung_hospital_holds_only_its_own_results(
                            patient_id=f"H{n}", facility="HUNG", study_uid=ds.StudyInstanceUID))
         wait_for(lambda: fhir(hub, "DiagnosticReport", _count="0")["total"] == 6, 90, what="the six hung reports")
         wait_for(lambda: hung_ris.connections >= 1 and hung_emr.connections >= 1, 30, what="the hung peers to be tried")
-        pending = requests.get(f"{hub.base}/outbox?status=pending,sending", timeout=10).json()
+        pending = hub.session.get(f"{hub.base}/outbox?status=pending,sending", timeout=10).json()
         assert len([d for d in pending if d["destination"].startswith("HUNG:")]) >= 6
 
         # The healthy hospital's results reach its RIS within 15 s of exam-done, each one.
@@ -201,7 +202,7 @@ def test_a_hung_hospital_holds_only_its_own_results(
         arrives("GOOD's reports in its EMR", lambda: [emr_status(fhir_emr, uid) for uid in good_uids],
                 ["preliminary"] * 3)
         def stuck() -> list[dict[str, Any]]:
-            found: list[dict[str, Any]] = requests.get(f"{hub.base}/outbox?status=pending,sending", timeout=10).json()
+            found: list[dict[str, Any]] = hub.session.get(f"{hub.base}/outbox?status=pending,sending", timeout=10).json()
             return found
 
         wait_for(lambda: {d["destination"] for d in stuck()} <= {"HUNG:hl7", "HUNG:fhir"}, 15,

@@ -32,6 +32,7 @@ from interop.sites import SitesError
 from interop.sites import load as load_sites
 from interop.store import db, resources
 from interop.workers.delivery import Deliverer
+from tests.fixtures.auth import bearer
 from tests.fixtures.fhir_server import Emr
 from tests.helpers import context, delivery_row, time_passes
 from tests.test_oru import PARAMS, PATIENT, SERVICE_REQUEST, STUDY, built_report
@@ -444,12 +445,17 @@ def receivers() -> Iterator[Callable[[int], Receiver]]:
 
 @pytest.fixture
 def hub_http(app: Flask) -> Iterator[str]:
-    """The hub's API over real HTTP (werkzeug in a thread), for an independent client."""
+    """The hub's API over real HTTP (werkzeug in a thread), for an independent client (`fhir_client`)."""
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}/fhir"
     server.shutdown()
+
+
+def fhir_client(app: Flask, db_url: str, base: str) -> fhirpy.SyncFHIRClient:
+    """fhirpy as a vendor uses it: with a SMART backend token from the hub."""
+    return fhirpy.SyncFHIRClient(base, authorization=f"Bearer {bearer(app.test_client(), db_url)}")
 
 
 def subscribe(hub: fhirpy.SyncFHIRClient, receiver: Receiver, criteria: str, **channel: Any) -> Any:
@@ -472,8 +478,8 @@ def new_report(conn: psycopg.Connection[Any], sender: Deliverer, rid: str, statu
 
 def test_subscription_is_notified_of_matching_reports_only(
         stored: psycopg.Connection[Any], hub_http: str, receivers: Callable[[int], Receiver], db_url: str,
-        tmp_path: Path) -> None:
-    hub = fhirpy.SyncFHIRClient(hub_http)
+        tmp_path: Path, app: Flask) -> None:
+    hub = fhir_client(app, db_url, hub_http)
     wanted, other = receivers(200), receivers(200)
     sub = subscribe(hub, wanted, "DiagnosticReport?status=preliminary,final", payload="application/fhir+json",
                     header=["Authorization: Bearer hook-secret"])
@@ -506,8 +512,8 @@ def test_subscription_is_notified_of_matching_reports_only(
 
 def test_a_failing_endpoint_puts_the_subscription_into_error(
         stored: psycopg.Connection[Any], hub_http: str, receivers: Callable[[int], Receiver], db_url: str,
-        tmp_path: Path) -> None:
-    hub = fhirpy.SyncFHIRClient(hub_http)
+        tmp_path: Path, app: Flask) -> None:
+    hub = fhir_client(app, db_url, hub_http)
     failing = receivers(500)
     sub = subscribe(hub, failing, "DiagnosticReport?status=preliminary")
     sender = make_sender(db_url, write_sites(tmp_path, ""), channel="rest-hook")

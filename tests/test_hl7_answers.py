@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import yaml
 
 from interop.hl7 import header, mllp
@@ -187,10 +186,10 @@ def test_application_acknowledgements_say_what_became_of_each_message(ack_hub: t
     ae = next(m for m in engine.messages if str(m.segment("MSA")[2]) == "APP2")
     assert "names no patient identifier" in str(ae.segment("MSA")) and str(ae.segment("MSH")[15]) == "AL"
     assert str(ae.segment("ERR")).startswith("ERR|PID^1^3^101&")  # where, and why (table 0357), for the engine
-    failed = requests.get(f"{hub.base}/hl7/messages?status=failed", timeout=10).json()
+    failed = hub.session.get(f"{hub.base}/hl7/messages?status=failed", timeout=10).json()
     assert [(m["control_id"], m["app_ack_code"]) for m in failed] == [("APP2", "AE")]
     assert "patient identifier" in failed[0]["error"]
-    metrics = requests.get(f"{hub.base}/metrics", timeout=10).text
+    metrics = hub.session.get(f"{hub.base}/metrics", timeout=10).text
     assert 'interop_hl7_messages{status="failed"} 1.0' in metrics
     assert rows(db_url, "SELECT control_id FROM hl7_failed") == [("APP2",)]
     assert acks().get("APP3") is None  # ER: nothing to say when all went well

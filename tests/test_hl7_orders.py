@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import yaml
 
 from tests.fixtures.hub import HubProcess, free_port, start_hub, stop_hub
@@ -38,7 +37,7 @@ def hl7_hub(db_url: str, triton_url: str, orthanc: Any, receiver: Receiver, tmp_
 
 
 def fhir(hub: HubProcess, path: str, **params: str) -> dict[str, Any]:
-    response = requests.get(f"{hub.fhir}/{path}", params=params, timeout=10)
+    response = hub.session.get(f"{hub.fhir}/{path}", params=params, timeout=10)
     assert response.status_code == 200, response.text
     return response.json()  # type: ignore[no-any-return]
 
@@ -157,7 +156,8 @@ def test_metrics_and_dead_letter_cli(hl7_hub: HubProcess, db_url: str) -> None:
 
     port = int(hl7_hub.env["INTEROP_MLLP_PORT"])
     send(port, orm("X1", placer="PL81", filler="FL81", accession="ACC81", patient_id="BN0081"))
-    wait_for(lambda: 'interop_hl7_messages{status="processed"} 1.0' in requests.get(f"{hl7_hub.base}/metrics", timeout=10).text,
+    metrics = f"{hl7_hub.base}/metrics"
+    wait_for(lambda: 'interop_hl7_messages{status="processed"} 1.0' in hl7_hub.session.get(metrics, timeout=10).text,
              30, what="the message to show as processed")
     from interop.store.db import connect
     with connect(db_url, autocommit=True) as conn:

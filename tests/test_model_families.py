@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import yaml
 from pydicom import Dataset
 from pydicom.encaps import encapsulate, generate_frames
@@ -51,13 +50,13 @@ def family_hub(db_url: str, triton_url: str, orthanc: Any, eager_mappings: Path,
 def analyse(hub: HubProcess, orthanc: Any, datasets: list[Dataset], patient: str) -> dict[str, Any]:
     for ds in datasets:
         orthanc.upload(synthetic.dataset_bytes(ds))
-    created = requests.post(f"{hub.fhir}/ImagingStudy", json=study_resource(datasets, patient, orthanc.dicomweb_url),
+    created = hub.session.post(f"{hub.fhir}/ImagingStudy", json=study_resource(datasets, patient, orthanc.dicomweb_url),
                             timeout=30)
     assert created.status_code == 201, created.text
     sid = created.json()["id"]
 
     def done() -> Any:
-        entries = requests.get(f"{hub.fhir}/Task", params={"focus": f"ImagingStudy/{sid}"}, timeout=10).json().get("entry")
+        entries = hub.session.get(f"{hub.fhir}/Task", params={"focus": f"ImagingStudy/{sid}"}, timeout=10).json().get("entry")
         task = entries[0]["resource"] if entries else None
         return task if task and task["status"] in ("completed", "failed", "rejected") else None
 
@@ -67,7 +66,7 @@ def analyse(hub: HubProcess, orthanc: Any, datasets: list[Dataset], patient: str
 def report_of(hub: HubProcess, task: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     assert task["status"] == "completed", task.get("statusReason")
     rid = task["output"][0]["valueReference"]["reference"].split("/")[1]
-    bundle = requests.get(f"{hub.fhir}/DiagnosticReport", params={"_id": rid, "_include": "DiagnosticReport:result"},
+    bundle = hub.session.get(f"{hub.fhir}/DiagnosticReport", params={"_id": rid, "_include": "DiagnosticReport:result"},
                           timeout=10).json()
     return bundle["entry"][0]["resource"], [e["resource"] for e in bundle["entry"][1:]]
 

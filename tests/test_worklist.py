@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import requests
+import pytest
 from flask.testing import FlaskClient
 from PIL import Image
 
@@ -24,6 +24,7 @@ from interop.store.db import connect
 from interop.store.reviews import open_alerts
 from interop.store.search_params import load
 from scripts.synthetic.dicom import make_chest_xray
+from tests.fixtures.auth import PASSWORD, PersonClient, add_person
 from tests.helpers import ROOT as REPO_ROOT
 from tests.helpers import chest_study_in_pacs, context
 
@@ -65,6 +66,12 @@ def make_report(db_url: str, *, mrn: str, critical_finding: bool = False, waited
         stored = resources.create(conn, built["report"], PARAMS["DiagnosticReport"], rid=built["report"]["id"])
         critical.raise_alert(conn, CTX, stored, CTX.sites.get(site))
     return stored
+
+
+@pytest.fixture
+def client(login: Any) -> PersonClient:
+    """A radiologist logged in to the worklist (FHIR reads beside it with a backend client's token)."""
+    return login("radiologist", name=REVIEWER, api=True)
 
 
 def listed(html: str) -> list[tuple[str, str]]:
@@ -144,7 +151,7 @@ def test_edit_and_sign_from_the_form(client: FlaskClient, db_url: str) -> None:
     assert verdicts[first] == verdicts[second] == "disagree"
 
 
-def test_refusals_are_shown_with_their_status(client: FlaskClient, db_url: str) -> None:
+def test_refusals_are_shown_with_their_status(client: PersonClient, db_url: str) -> None:
     rep = make_report(db_url, mrn="MRN-3")
     oid = observation_ids(rep)[0]
     changed = post(client, rep["id"], "sign", **{f"finding-{oid}": "absent"})
@@ -154,8 +161,10 @@ def test_refusals_are_shown_with_their_status(client: FlaskClient, db_url: str) 
     # the radiologist's choice survives the refusal
     assert re.search(rf'name="finding-{oid}" value="absent"[^>]*checked', changed.get_data(as_text=True))
 
-    nobody = client.post(f"/worklist/{rep['id']}/review", data={"action": "sign", "reviewer": " "})
-    assert nobody.status_code == 422 and "reviewing radiologist" in nobody.get_data(as_text=True)
+    unsigned = client.test_client.post(f"/worklist/{rep['id']}/review", data={"action": "sign"})
+    assert unsigned.status_code == 403  # no CSRF token: not from the hub's own page
+    forged = client.test_client.post(f"/worklist/{rep['id']}/review", data={"action": "sign", "csrf_token": "x" * 43})
+    assert forged.status_code == 403
     stale = post(client, rep["id"], "sign", version="7")
     assert stale.status_code == 412 and "Lỗi 412" in stale.get_data(as_text=True)
     assert post(client, rep["id"], "sign").status_code == 303
@@ -182,8 +191,6 @@ def test_acknowledge_critical_from_list_and_study(client: FlaskClient, db_url: s
     urgent = make_report(db_url, mrn="MRN-5", critical_finding=True)
     page = client.get(f"/worklist/{urgent['id']}").get_data(as_text=True)
     assert 'id="acknowledge"' in page and "NGUY KỊCH" in page
-    missing = client.post(f"/worklist/{urgent['id']}/review", data={"action": "acknowledge", "reviewer": ""})
-    assert missing.status_code == 422
     done = post(client, urgent["id"], "acknowledge", back="list")
     assert done.status_code == 303 and "done=acknowledge" in done.headers["Location"]
     with connect(db_url) as conn:
@@ -232,7 +239,15 @@ def test_worklist_in_headless_chromium(hub: Any, db_url: str, orthanc: Any, page
     urgent = make_report(db_url, mrn="MRN-B2", critical_finding=True, waited=timedelta(minutes=3),
                          orthanc=orthanc, seed=22)
 
-    page.goto(f"{hub.base}/worklist/?lang=en")
+    add_person(db_url, REVIEWER, "radiologist")
+    page.goto(f"{hub.base}/worklist/?lang=en")  # not logged in: the login form, at this address
+    assert page.evaluate("document.getElementById('login-form') !== null")
+    page.fill("#username", REVIEWER)
+    page.fill("#password", PASSWORD)
+    page.click("#login-button", navigates=True)
+    assert page.url().startswith(f"{hub.base}/worklist/")
+    assert page.evaluate("document.getElementById('person').textContent") == REVIEWER
+    logged_in = len(page.errors())  # the console noted the 401 of the login form: that was the point
     rows = page.evaluate("[...document.querySelectorAll('#worklist tbody tr')].map("
                          "r => [r.dataset.report, r.dataset.critical, r.querySelector('.badge')?.textContent || ''])")
     assert rows == [[urgent["id"], "1", "CRITICAL"], [routine["id"], "0", ""]]
@@ -245,11 +260,10 @@ def test_worklist_in_headless_chromium(hub: Any, db_url: str, orthanc: Any, page
                           " return i.complete && i.naturalWidth; })()", timeout=60)
     assert width == 512
 
-    page.fill("#ack-form input[name=reviewer]", REVIEWER)
     page.click("#acknowledge", navigates=True)
     assert page.evaluate("document.getElementById('ack-form')") is None  # acknowledged
-    # the name was remembered in this browser: the review form is already filled in
-    assert page.evaluate("document.getElementById('reviewer').value") == REVIEWER
+    # the signature will be the logged-in person's: no name to type
+    assert page.evaluate("document.getElementById('signing-as').textContent").endswith(REVIEWER)
     # changing a finding keeps Sign for the AI result as it is
     oid = observation_ids(urgent)[0]
     page.click(f'input[name="finding-{oid}"][value="absent"]')
@@ -263,10 +277,10 @@ def test_worklist_in_headless_chromium(hub: Any, db_url: str, orthanc: Any, page
     assert page.evaluate("document.getElementById('done').textContent") == "Signed"
     remaining = page.evaluate("[...document.querySelectorAll('#worklist tbody tr')].map(r => r.dataset.report)")
     assert remaining == [routine["id"]]
-    assert page.errors() == []
+    assert page.errors()[logged_in:] == []
 
-    signed = requests.get(f"{hub.fhir}/DiagnosticReport/{urgent['id']}", timeout=10).json()
+    signed = hub.session.get(f"{hub.fhir}/DiagnosticReport/{urgent['id']}", timeout=10).json()
     assert signed["status"] == "final" and signed["resultsInterpreter"] == [{"display": REVIEWER}]
     assert "reviewed by a radiologist" in signed["conclusion"]
-    waiting = requests.get(f"{hub.fhir}/DiagnosticReport", params={"status": "preliminary"}, timeout=10).json()
+    waiting = hub.session.get(f"{hub.fhir}/DiagnosticReport", params={"status": "preliminary"}, timeout=10).json()
     assert [e["resource"]["id"] for e in waiting.get("entry", [])] == [routine["id"]]

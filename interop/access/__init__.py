@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import secrets
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +40,7 @@ from ..services.security.tokens import InvalidToken
 log = logging.getLogger("interop.access")
 
 SESSION_COOKIE = "interop_session"
+LOGIN_CSRF_COOKIE = "interop_login_csrf"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
@@ -229,11 +231,21 @@ def _outcome(status: int, reason: str) -> bytes:
                          "issue": [{"severity": "error", "code": code, "diagnostics": reason}]})
 
 
+def login_form(error: str | None = None, status: int = 200, next_: str | None = None) -> Response:
+    """The login page, with a fresh login-CSRF token in its form and in a cookie (double submit:
+    a page elsewhere cannot read the cookie, so it cannot post a login of its own choosing)."""
+    login_csrf = secrets.token_urlsafe(24)
+    body = render_template("auth/login.html", error=error, next=next_ if next_ is not None else request.args.get("next", ""),
+                           login_csrf=login_csrf, oidc=bool(_hub().settings.oidc_issuer))
+    response = Response(body, status=status, content_type="text/html; charset=utf-8", headers={"Cache-Control": "no-store"})
+    response.set_cookie(LOGIN_CSRF_COOKIE, login_csrf, max_age=1800, httponly=True, secure=request.is_secure,
+                        samesite="Strict", path="/login")
+    return response
+
+
 def refusal(exc: Refused, page: bool = False) -> Response:
     if page and exc.status == 401:
-        body = render_template("auth/login.html", next=request.full_path.rstrip("?"), error=None,
-                               login_csrf="", oidc=bool(_hub().settings.oidc_issuer))
-        response = Response(body, status=401, content_type="text/html; charset=utf-8")
+        response = login_form(None, 401, request.full_path.rstrip("?"))
     else:
         response = Response(_outcome(exc.status, exc.reason), status=exc.status,
                             content_type="application/fhir+json; charset=utf-8")

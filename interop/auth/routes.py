@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import secrets
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -22,7 +21,7 @@ import orjson
 import psycopg
 from authlib.integrations.base_client import OAuthError as OidcError
 from authlib.integrations.flask_client import OAuth
-from flask import Blueprint, Response, current_app, g, redirect, render_template, request, session, url_for
+from flask import Blueprint, Response, current_app, g, redirect, request, session, url_for
 from werkzeug.wrappers import Response as BaseResponse
 
 from .. import access
@@ -36,7 +35,6 @@ log = logging.getLogger("interop.auth")
 bp = Blueprint("auth", __name__, template_folder="templates", static_folder="static", static_url_path="/login/static")
 
 MAX_TOKEN_REQUEST = 64 * 1024
-LOGIN_CSRF_COOKIE = "interop_login_csrf"
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
@@ -123,13 +121,7 @@ def _safe_next(target: str | None) -> str:
 
 
 def _login_page(error: str | None = None, status: int = 200, next_: str | None = None) -> Response:
-    login_csrf = secrets.token_urlsafe(24)
-    body = render_template("auth/login.html", error=error, next=next_ if next_ is not None else request.args.get("next", ""),
-                           login_csrf=login_csrf, oidc=bool(_hub().settings.oidc_issuer))
-    response = Response(body, status=status, content_type="text/html; charset=utf-8", headers={"Cache-Control": "no-store"})
-    response.set_cookie(LOGIN_CSRF_COOKIE, login_csrf, max_age=1800, httponly=True, secure=request.is_secure,
-                        samesite="Strict", path="/login")
-    return response
+    return access.login_form(error, status, next_)
 
 
 @bp.get("/login")
@@ -147,14 +139,14 @@ def _start_login(person: Principal, next_: str) -> BaseResponse:
     response = redirect(_safe_next(next_) if person.role != "analyst" else url_for("analytics.dashboard"), code=303)
     response.set_cookie(access.SESSION_COOKIE, login.token, httponly=True, secure=request.is_secure, samesite="Lax",
                         path="/")
-    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
+    response.delete_cookie(access.LOGIN_CSRF_COOKIE, path="/login")
     return response
 
 
 @bp.post("/login")
 def login() -> BaseResponse:
     hub = _hub()
-    sent, kept = request.form.get("csrf_token", ""), request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    sent, kept = request.form.get("csrf_token", ""), request.cookies.get(access.LOGIN_CSRF_COOKIE, "")
     next_ = request.form.get("next", "")
     if not access.same_origin() or not kept or not hmac.compare_digest(sent.encode(), kept.encode()):
         return _login_page("Phiên đăng nhập hết hạn, hãy thử lại · The login form expired; please try again", 403, next_)
