@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class Hl7Destination:
     receiving_facility: str = ""
     connect_timeout_seconds: float = 10.0
     ack_timeout_seconds: float = 30.0
+    tls: bool = False  # MLLP over TLS: the peer's certificate and host name verified (INTEROP_TLS_CA_FILE)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Address:
 
     host: str
     port: int
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,13 +86,16 @@ class Site:
     # URL prefixes the hub may call for this site's Subscriptions and Endpoint addresses (beside
     # its own destinations above and INTEROP_URL_ALLOW)
     allow_urls: tuple[str, ...] = ()
+    # SHA-256 fingerprints (lower-case hex, no colons) of the client certificates that may send
+    # HL7 v2 as this site over MLLP; empty: any sender the listener lets in
+    tls_client_certs: tuple[str, ...] = ()
 
     @property
     def ack_address(self) -> Address | None:
         """Where application acknowledgements go: `app_ack`, else the `hl7` destination."""
         if self.app_ack is not None:
             return self.app_ack
-        return Address(self.hl7.host, self.hl7.port) if self.hl7 is not None else None
+        return Address(self.hl7.host, self.hl7.port, self.hl7.tls) if self.hl7 is not None else None
 
     @property
     def referral(self) -> str | None:
@@ -131,6 +137,32 @@ def _fhir(code: str, raw: Any) -> FhirDestination:
     return FhirDestination(raw["base"].rstrip("/"), auth, timeout, max_entries)
 
 
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+
+def _tls_flag(code: str, where: str, raw: dict[str, Any]) -> bool:
+    value = raw.get("tls", False)
+    if not isinstance(value, bool):
+        raise SitesError(f"site {code}: {where}.tls must be true or false")
+    return value
+
+
+def _fingerprints(code: str, raw: Any) -> tuple[str, ...]:
+    """`tls_client_certs`: SHA-256 fingerprints, hex, colons allowed, any case -> lower-case hex."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        raise SitesError(f"site {code}: tls_client_certs must be a list of SHA-256 certificate fingerprints")
+    out = []
+    for item in raw:
+        value = item.strip().replace(":", "").lower()
+        if not _FINGERPRINT.fullmatch(value):
+            raise SitesError(f"site {code}: tls_client_certs: {item[:100]!r} is not a SHA-256 fingerprint"
+                             " (64 hex digits, colons allowed)")
+        out.append(value)
+    return tuple(dict.fromkeys(out))
+
+
 def _site(code: str, raw: dict[str, Any]) -> Site:
     if not isinstance(raw, dict) or not raw.get("name"):
         raise SitesError(f"site {code}: needs at least a name")
@@ -140,13 +172,19 @@ def _site(code: str, raw: dict[str, Any]) -> Site:
         try:
             hl7 = Hl7Destination(str(h["host"]), int(h["port"]), str(h.get("receiving_application", "HIS")),
                                  str(h.get("receiving_facility", code)),
-                                 float(h.get("connect_timeout_seconds", 10)), float(h.get("ack_timeout_seconds", 30)))
+                                 float(h.get("connect_timeout_seconds", 10)), float(h.get("ack_timeout_seconds", 30)),
+                                 _tls_flag(code, "hl7", h))
+        except SitesError:
+            raise
         except (KeyError, TypeError, ValueError) as exc:
             raise SitesError(f"site {code}: hl7 needs host and an integer port (timeouts in seconds)") from exc
     app_ack = None
     if raw.get("app_ack"):
         try:
-            app_ack = Address(str(raw["app_ack"]["host"]), int(raw["app_ack"]["port"]))
+            app_ack = Address(str(raw["app_ack"]["host"]), int(raw["app_ack"]["port"]),
+                              _tls_flag(code, "app_ack", raw["app_ack"]))
+        except SitesError:
+            raise
         except (KeyError, TypeError, ValueError) as exc:
             raise SitesError(f"site {code}: app_ack needs host and an integer port") from exc
     done = raw.get("exam_done") or {}
@@ -154,7 +192,7 @@ def _site(code: str, raw: dict[str, Any]) -> Site:
     if not isinstance(allow, list) or not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in allow):
         raise SitesError(f"site {code}: allow_urls must be a list of http(s) URL prefixes")
     known = {"name", "district", "province", "hl7", "exam_done", "pacs_wait_minutes", "fhir", "app_ack", "dicomweb",
-             "allow_urls"}
+             "allow_urls", "tls_client_certs"}
     return Site(
         code=code, name=str(raw["name"]), district=raw.get("district"), province=raw.get("province"), hl7=hl7,
         exam_done_order_status=frozenset(map(str, done.get("order_status", ["CM"]))),
@@ -163,7 +201,7 @@ def _site(code: str, raw: dict[str, Any]) -> Site:
         extra={k: v for k, v in raw.items() if k not in known},
         fhir=_fhir(code, raw["fhir"]) if raw.get("fhir") else None, app_ack=app_ack,
         dicomweb=str(raw["dicomweb"]).rstrip("/") if raw.get("dicomweb") else None,
-        allow_urls=tuple(allow),
+        allow_urls=tuple(allow), tls_client_certs=_fingerprints(code, raw.get("tls_client_certs")),
     )
 
 

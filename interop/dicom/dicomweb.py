@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from interop.dicom.errors import DicomError, PacsUnavailable, StudyNotFound
+from interop.tls import ClientTls
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,9 @@ class DicomWebClient:
     "*" asks for the instance as stored: without it the standard's default is Explicit VR Little
     Endian, and Orthanc 1.10 then answers HTTP 500 for instances it cannot transcode (JPEG 2000).
     Give a UID (e.g. "1.2.840.10008.1.2.1") to ask the PACS to transcode, or None to send none.
+    `tls` is how the PACS's certificate is verified and what the hub presents to it
+    (`ClientTls.from_settings(settings)`: INTEROP_TLS_CA_FILE, INTEROP_TLS_CLIENT_CERT); without it,
+    the system's trust store and no client certificate. Verification is never turned off.
     """
 
     def __init__(
@@ -313,6 +317,7 @@ class DicomWebClient:
         session: requests.Session | None = None,
         *,
         transfer_syntax: str | None = "*",
+        tls: ClientTls | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
@@ -321,6 +326,7 @@ class DicomWebClient:
         self.transfer_syntax = transfer_syntax
         self._owns_session = session is None
         self.session = session or requests.Session()
+        self._tls = (tls or ClientTls()).requests_kwargs()
 
     def close(self) -> None:
         if self._owns_session:
@@ -341,9 +347,13 @@ class DicomWebClient:
                 headers={"Accept": accept},
                 timeout=(min(self.timeout_s, 10.0), self.timeout_s),
                 stream=stream,
+                **self._tls,
             )
         except requests.Timeout as exc:
             raise PacsUnavailable(f"PACS timed out during {what}") from exc
+        except requests.exceptions.SSLError as exc:  # before ConnectionError, which it is
+            raise PacsUnavailable(f"PACS TLS handshake failed during {what} (its certificate does not verify,"
+                                  " or it refused the hub's)") from exc
         except requests.ConnectionError as exc:
             raise PacsUnavailable(f"PACS unreachable during {what}") from exc
         except requests.RequestException as exc:

@@ -4,12 +4,18 @@ Every socket operation has a deadline (connect, send, and each recv against one 
 deadline) and the answer has a size limit, so a silent or babbling peer can never hold a
 sender. Framing (<VT> message <FS><CR>) is the listener's sans-I/O framer, `interop.hl7.mllp`.
 
+With an `ssl_context` (a destination with `tls: true`; `interop.tls.ClientTls.context()`) the
+connection is TLS: the peer's certificate is verified with that context and its host name
+checked, within the connect deadline. A peer whose certificate does not verify is
+`PeerUnavailable` (nothing was sent; the delivery is retried, and an operator sees why).
+
 Errors: `PeerUnavailable` (transient: refused, unreachable, reset, closed without an answer,
 timeout) and `BadAck` (an answer came but is not an ACK for our message).
 """
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -76,24 +82,45 @@ class MllpClient:
     the failure modes simple; a persistent connection can come when volume asks for it."""
 
     def __init__(self, host: str, port: int, *, connect_timeout: float = 10.0, ack_timeout: float = 30.0,
-                 max_ack_bytes: int = MAX_ACK_BYTES, encoding: str = "utf-8"):
+                 max_ack_bytes: int = MAX_ACK_BYTES, encoding: str = "utf-8",
+                 ssl_context: ssl.SSLContext | None = None):
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
         self.ack_timeout = ack_timeout
         self.max_ack_bytes = max_ack_bytes
         self.encoding = encoding
+        self.ssl_context = ssl_context
 
-    def send(self, message: str) -> str:
-        """Send `message` framed; return the ACK text (frame removed). Checks nothing inside it:
-        `exchange` does."""
-        where = f"{self.host}:{self.port}"
+    def _connect(self, where: str) -> socket.socket:
+        """A connected socket (TLS: handshake done, the peer verified) within the connect deadline."""
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except TimeoutError as exc:
             raise PeerUnavailable(f"{where}: connect timed out after {self.connect_timeout}s") from exc
         except OSError as exc:
             raise PeerUnavailable(f"{where}: cannot connect ({type(exc).__name__})") from exc
+        if self.ssl_context is None:
+            return sock
+        try:
+            return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise PeerUnavailable(f"{where}: TLS: the peer's certificate does not verify"
+                                  f" ({exc.verify_message or exc.reason})") from exc
+        except TimeoutError as exc:
+            sock.close()
+            raise PeerUnavailable(f"{where}: TLS handshake timed out after {self.connect_timeout}s") from exc
+        except OSError as exc:  # ssl.SSLError is one
+            sock.close()
+            raise PeerUnavailable(f"{where}: TLS handshake failed ({getattr(exc, 'reason', None) or type(exc).__name__})") \
+                from exc
+
+    def send(self, message: str) -> str:
+        """Send `message` framed; return the ACK text (frame removed). Checks nothing inside it:
+        `exchange` does."""
+        where = f"{self.host}:{self.port}"
+        sock = self._connect(where)
         with sock:
             deadline = time.monotonic() + self.ack_timeout
             try:

@@ -8,6 +8,11 @@ it is killed with SIGKILL, and the next start ends the Triton and recovers the P
 crashed supervisor left. The supervisor refuses to start, naming the port, when the HTTP or
 MLLP port is taken. SIGTERM or SIGINT stops everything this process started, in reverse order;
 SIGHUP makes every process read the sites file again.
+
+With INTEROP_TLS_CERT and INTEROP_TLS_KEY the API is HTTPS (gunicorn's --certfile/--keyfile) and
+the MLLP listener speaks TLS; TLS settings that cannot be used (a certificate without its key, a
+file that does not load) stop the start before anything runs, so nothing serves plain text by
+mistake.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from threading import Event
 
+from .. import tls
 from ..config import Settings
 from ..store import db
 from .processes import die_with_parent, port_in_use
@@ -75,6 +81,13 @@ def start_dependencies(settings: Settings, stack: ExitStack) -> Settings:
     return settings
 
 
+def check_tls(settings: Settings) -> None:
+    try:
+        tls.check(settings)
+    except tls.TlsError as exc:
+        raise StartError(f"TLS: {exc}") from None
+
+
 def check_ports(settings: Settings) -> None:
     for what, host, port in (("HTTP (INTEROP_HTTP_PORT)", settings.http_host, settings.http_port),
                              ("MLLP (INTEROP_MLLP_PORT)", settings.mllp_host, settings.mllp_port)):
@@ -87,11 +100,18 @@ def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(args, env=env, preexec_fn=die_with_parent())
 
 
+def gunicorn_args(settings: Settings) -> list[str]:
+    """gunicorn's command line. HTTPS: its default context (Python's, TLS 1.2 at least) with the
+    hub's certificate; client certificates are asked for on MLLP only."""
+    https = ["--certfile", str(settings.tls_cert), "--keyfile", str(settings.tls_key)] if settings.tls else []
+    return [sys.executable, "-m", "gunicorn", "--workers", str(settings.http_workers),
+            "--bind", f"{settings.http_host}:{settings.http_port}", "--graceful-timeout", "10",
+            "--no-control-socket", "--access-logfile", "-", "--access-logformat", '%(m)s %(U)s %(s)s %(L)ss',
+            *https, "interop.app:create_app()"]
+
+
 def _gunicorn(settings: Settings, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return _spawn([sys.executable, "-m", "gunicorn", "--workers", str(settings.http_workers),
-                   "--bind", f"{settings.http_host}:{settings.http_port}", "--graceful-timeout", "10",
-                   "--no-control-socket", "--access-logfile", "-", "--access-logformat", '%(m)s %(U)s %(s)s %(L)ss',
-                   "interop.app:create_app()"], env)
+    return _spawn(gunicorn_args(settings), env)
 
 
 def _command(name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -125,6 +145,7 @@ def serve(settings: Settings, ready: Event | None = None) -> int:
 
     signal.signal(signal.SIGHUP, reload_sites)
     try:
+        check_tls(settings)
         check_ports(settings)
     except StartError as exc:
         log.error("%s", exc)
@@ -138,8 +159,9 @@ def serve(settings: Settings, ready: Event | None = None) -> int:
         deliver = _command("deliver", env)
         mllp = _command("mllp", env)
         children[:] = [api, *workers, deliver, mllp]
-        log.info("hub serving FHIR on http://%s:%s/fhir and HL7 v2 MLLP on %s:%s with %d worker(s)",
-                 settings.http_host, settings.http_port, settings.mllp_host, settings.mllp_port, len(workers))
+        log.info("hub serving FHIR on %s://%s:%s/fhir and HL7 v2 MLLP%s on %s:%s with %d worker(s)",
+                 "https" if settings.tls else "http", settings.http_host, settings.http_port,
+                 " over TLS" if settings.tls else "", settings.mllp_host, settings.mllp_port, len(workers))
         if ready is not None:
             ready.set()
         code = 0

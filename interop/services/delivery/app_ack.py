@@ -3,8 +3,8 @@ gets AA once the hub has processed its message, or AE with an ERR saying why it 
 
 MSH-16 (HL7 table 0155): AL always, ER only when not accepted, SU only when accepted, NE never.
 The acknowledgement goes over MLLP to the sender's return address in the sites file (`app_ack`,
-else its `hl7` destination), in that destination's lane, as a message of its own (MSH-15 AL:
-the sender commits it with a CA). A sender the sites file does not know has no return address:
+else its `hl7` destination; over TLS when that says `tls: true`), in that destination's lane, as a
+message of its own (MSH-15 AL: the sender commits it with a CA). A sender the sites file does not know has no return address:
 its failures are still on `/hl7/messages?status=failed`, in the `hl7_failed` view and on /metrics.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ...hl7.errors import AckCode, ErrorCode, Hl7Error
 from ...hl7.header import read
 from ...sites import Site
 from ...store import hl7_messages, queue
+from ...tls import ClientTls
 from ..context import Context
 from . import APP_ACK, Message, Outcome, lane, site_of_lane
 from .hl7 import exchange
@@ -61,6 +62,7 @@ class AppAckChannel:
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
+        self.tls = ClientTls.from_settings(ctx.settings)
 
     def _site(self, job: queue.Job) -> Site | None:
         return site_of_lane(self.ctx, job.lane)
@@ -94,7 +96,7 @@ class AppAckChannel:
         if site is None or address is None:
             return Outcome.dead(f"no return address for {job.lane} in the sites file")
         connect, answer = (site.hl7.connect_timeout_seconds, site.hl7.ack_timeout_seconds) if site.hl7 else (10.0, 30.0)
-        return exchange(address.host, address.port, connect, answer, message)
+        return exchange(address.host, address.port, connect, answer, message, tls=self.tls if address.tls else None)
 
     def ended(self, conn: psycopg.Connection[Any], job: queue.Job, outcome: Outcome, status: str) -> None:
         pass

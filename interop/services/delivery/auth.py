@@ -3,7 +3,8 @@ client-credentials token (RFC 6749 section 4.4) fetched from the site's token en
 per (token_url, client_id, scope) until shortly before it expires. Thread-safe.
 
 Secrets are the environment variables the sites file names, read through `Settings.secret`
-when needed; errors name the variable, never its value."""
+when needed; errors name the variable, never its value. The token endpoint's certificate is
+verified as every peer's is (`interop.tls.ClientTls`, handed in by the channel that asks)."""
 from __future__ import annotations
 
 import threading
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import requests
 
 from ...sites import FhirAuth
+from ...tls import ClientTls
 
 EXPIRY_MARGIN_S = 30.0      # a token is renewed this long before it expires
 DEFAULT_LIFETIME_S = 300.0  # when the token endpoint says nothing of expires_in
@@ -46,17 +48,19 @@ class TokenCache:
             raise AuthError(f"environment variable {name} is not set", transient=False)
         return value
 
-    def headers(self, auth: FhirAuth, timeout_s: float, *, refresh: bool = False) -> dict[str, str]:
-        """The Authorization header for `auth` ({} for none). `refresh` drops a cached token first."""
+    def headers(self, auth: FhirAuth, timeout_s: float, *, refresh: bool = False,
+                tls: ClientTls | None = None) -> dict[str, str]:
+        """The Authorization header for `auth` ({} for none). `refresh` drops a cached token first;
+        `tls`: how the token endpoint is verified (None: the system's trust store, no client certificate)."""
         if auth.type == "none":
             return {}
         if auth.type == "bearer":
             return {"Authorization": f"Bearer {self._secret(auth.token_env)}"}
         if auth.type == "client_credentials":
-            return {"Authorization": f"Bearer {self.token(auth, timeout_s, refresh=refresh)}"}
+            return {"Authorization": f"Bearer {self.token(auth, timeout_s, refresh=refresh, tls=tls)}"}
         raise AuthError(f"unknown auth type {auth.type}", transient=False)
 
-    def token(self, auth: FhirAuth, timeout_s: float, *, refresh: bool = False) -> str:
+    def token(self, auth: FhirAuth, timeout_s: float, *, refresh: bool = False, tls: ClientTls | None = None) -> str:
         key = (auth.token_url or "", auth.client_id or "", auth.scope or "")
         with self._lock:  # one fetch at a time per process; others wait and reuse it
             cached = self._tokens.get(key)
@@ -65,18 +69,18 @@ class TokenCache:
                 cached = None
             if cached is not None and cached.expires_at - EXPIRY_MARGIN_S > self._clock():
                 return cached.value
-            token = self._fetch(auth, timeout_s)
+            token = self._fetch(auth, timeout_s, tls or ClientTls())
             self._tokens[key] = token
             return token.value
 
-    def _fetch(self, auth: FhirAuth, timeout_s: float) -> _Token:
+    def _fetch(self, auth: FhirAuth, timeout_s: float, tls: ClientTls) -> _Token:
         form = {"grant_type": "client_credentials"}
         if auth.scope:
             form["scope"] = auth.scope
         try:
             answer = requests.post(auth.token_url or "", data=form, timeout=timeout_s,
                                    auth=(auth.client_id or "", self._secret(auth.client_secret_env)),
-                                   headers={"Accept": "application/json"})
+                                   headers={"Accept": "application/json"}, **tls.requests_kwargs())
         except requests.RequestException as exc:
             raise AuthError(f"token endpoint unreachable ({type(exc).__name__})", transient=True) from None
         if answer.status_code >= 500 or answer.status_code == 429:

@@ -5,7 +5,9 @@ EMR's answer are `interop.domain.bundle` (pure); this module reads the store and
 2xx: sent (the transaction-response is kept). 401/403: a new OAuth2 token once and the Bundle
 again, then refused. 408/429/5xx, timeouts, refused connections: retry. Any other 4xx: refused
 for good, the OperationOutcome kept for an operator to fix and replay. Every entry is
-conditional, so a retry after a partial push repeats nothing.
+conditional, so a retry after a partial push repeats nothing. The EMR's certificate (and its token
+endpoint's) is verified against INTEROP_TLS_CA_FILE, else the system's trust store; the hub
+presents INTEROP_TLS_CLIENT_CERT when set (`interop.tls.ClientTls`).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from ...domain.bundle import (
 from ...domain.bundle import Outcome as Answer
 from ...sites import FhirDestination, Site
 from ...store import queue, resources
+from ...tls import ClientTls
 from ..context import Context
 from . import Message, Outcome, Unbuildable, report_version, site_of_lane
 from .auth import AuthError, TokenCache
@@ -79,6 +82,7 @@ class FhirChannel:
         self.ctx = ctx
         self.tokens = tokens or TokenCache(ctx.settings.secret)
         self.session = session or requests.Session()
+        self.tls = ClientTls.from_settings(ctx.settings)
 
     def _site(self, job: queue.Job) -> Site | None:
         site = site_of_lane(self.ctx, job.lane)
@@ -142,10 +146,10 @@ class FhirChannel:
     def _post(self, dest: FhirDestination, bundle: dict[str, Any], *, refresh: bool = False) -> tuple[int, str]:
         headers = {"Content-Type": f"{FHIR_JSON}; charset=utf-8", "Accept": FHIR_JSON,
                    "X-Request-Id": str(bundle.get("id", ""))}
-        headers.update(self.tokens.headers(dest.auth, dest.timeout_seconds, refresh=refresh))
+        headers.update(self.tokens.headers(dest.auth, dest.timeout_seconds, refresh=refresh, tls=self.tls))
         answer = self.session.post(dest.base, data=json.dumps(bundle, ensure_ascii=False).encode("utf-8"),
                                    headers=headers, timeout=(min(10.0, dest.timeout_seconds), dest.timeout_seconds),
-                                   allow_redirects=False)
+                                   allow_redirects=False, **self.tls.requests_kwargs())
         return answer.status_code, answer.text[:MAX_ANSWER]
 
     def ended(self, conn: psycopg.Connection[Any], job: queue.Job, outcome: Outcome, status: str) -> None:

@@ -9,6 +9,9 @@ receiver may be down "for reasons unrelated to content"): tried again a few time
 (`refused_attempts` in queue.yaml); CE/CR as AE/AR; no answer, a garbage answer, a timeout: retry.
 Connect and answer timeouts are the destination's (`hl7.connect_timeout_seconds`,
 `hl7.ack_timeout_seconds` in the sites file), so a silent peer holds only its own lane.
+A destination with `tls: true` is reached over TLS, its certificate verified against
+INTEROP_TLS_CA_FILE (else the system's trust store) and its host name checked, the hub's
+INTEROP_TLS_CLIENT_CERT presented when set; one that does not verify is retried, never sent to.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from ...hl7.client import BadAck, MllpClient, PeerUnavailable
 from ...hl7.errors import AckCode
 from ...sites import Site
 from ...store import queue, resources
+from ...tls import ClientTls, TlsError, client_context
 from ..context import Context
 from . import Message, Outcome, Unbuildable, report_version, site_of_lane
 
@@ -77,9 +81,14 @@ def answer_outcome(ack: Any) -> Outcome:
     return Outcome.refused(f"{ack.code.value}: {ack.text}"[:500], ack.raw, final=ack.code in FINAL_REFUSALS)
 
 
-def exchange(host: str, port: int, connect_timeout: float, ack_timeout: float, message: Message) -> Outcome:
-    """Send one message over MLLP and classify the ACK (or its absence)."""
-    client = MllpClient(host, port, connect_timeout=connect_timeout, ack_timeout=ack_timeout)
+def exchange(host: str, port: int, connect_timeout: float, ack_timeout: float, message: Message, *,
+             tls: ClientTls | None = None) -> Outcome:
+    """Send one message over MLLP (over TLS with `tls`) and classify the ACK (or its absence)."""
+    try:
+        context = client_context(tls) if tls is not None else None
+    except TlsError as exc:  # the hub's own TLS files: fixed by an operator, then sent
+        return Outcome.retry(f"TlsError: {exc}")
+    client = MllpClient(host, port, connect_timeout=connect_timeout, ack_timeout=ack_timeout, ssl_context=context)
     try:
         ack = client.exchange(message.text, message.id)
     except BadAck as exc:
@@ -95,6 +104,7 @@ class Hl7Channel:
     def __init__(self, ctx: Context, *, sending_facility: str = SENDING_FACILITY):
         self.ctx = ctx
         self.sending_facility = sending_facility
+        self.tls = ClientTls.from_settings(ctx.settings)
 
     def _site(self, job: queue.Job) -> Site | None:
         site = site_of_lane(self.ctx, job.lane)
@@ -121,7 +131,8 @@ class Hl7Channel:
         if site is None or site.hl7 is None:
             return Outcome.dead(f"no hl7 destination for {job.lane} in the sites file")
         dest = site.hl7
-        return exchange(dest.host, dest.port, dest.connect_timeout_seconds, dest.ack_timeout_seconds, message)
+        return exchange(dest.host, dest.port, dest.connect_timeout_seconds, dest.ack_timeout_seconds, message,
+                        tls=self.tls if dest.tls else None)
 
     def ended(self, conn: psycopg.Connection[Any], job: queue.Job, outcome: Outcome, status: str) -> None:
         pass

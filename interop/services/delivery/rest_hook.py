@@ -5,7 +5,8 @@ the channel's headers, and the report as JSON when `channel.payload` names a mim
 body otherwise (R4 rest-hook semantics: the client then searches). Failures are retried with a
 short back-off; once the notification is given up (`max_attempts` of `notify-rest-hook` in
 queue.yaml), the Subscription goes to `error` with `error` saying why and nothing more is queued
-for it until the client sets it back to `requested` or `active`.
+for it until the client sets it back to `requested` or `active`. The endpoint's certificate is
+verified like every peer's (`interop.tls.ClientTls`: INTEROP_TLS_CA_FILE, else the system's).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import requests
 from ...domain import subscriptions
 from ...domain.vocabulary import without_meta
 from ...store import queue, resources
+from ...tls import ClientTls
 from ..context import Context
 from . import Message, Outcome
 
@@ -40,6 +42,7 @@ class RestHookChannel:
         self.ctx = ctx
         self.timeout_s = timeout_s
         self.session = session or requests.Session()
+        self.tls = ClientTls.from_settings(ctx.settings)
         self._subscription: dict[int, dict[str, Any]] = {}
 
     def prepare(self, conn: psycopg.Connection[Any], job: queue.Job) -> Message | Outcome:
@@ -70,7 +73,7 @@ class RestHookChannel:
             headers["Content-Type"] = str(channel["payload"])
         try:
             answer = self.session.post(channel["endpoint"], data=message.text.encode("utf-8"), headers=headers,
-                                       timeout=self.timeout_s, allow_redirects=False)
+                                       timeout=self.timeout_s, allow_redirects=False, **self.tls.requests_kwargs())
         except requests.RequestException as exc:
             return Outcome.retry(f"{type(exc).__name__}: the endpoint did not answer")
         if 200 <= answer.status_code < 300:
