@@ -179,6 +179,15 @@ def test_a_plain_text_sender_on_the_tls_port_is_refused_cleanly_and_others_are_s
     assert "NGUY" not in failed.getMessage() and "BN0001" not in failed.getMessage()
 
 
+def test_a_peer_that_never_starts_the_handshake_is_closed_and_others_are_served(db_url: str, pki: Pki,
+                                                                              tmp_path: Path) -> None:
+    with tls_listener(db_url, pki, tmp_path, INTEROP_MLLP_IDLE_SECONDS="1") as settings:
+        with socket.create_connection(("127.0.0.1", settings.mllp_port), timeout=20) as silent:
+            assert silent.recv(1024) == b""  # closed by the hub (a timeout here would raise)
+        [answer] = hl7_over_tls(settings.mllp_port, pki.client_context(), orm("AFTER2"))
+    assert msa_code(answer) == "AA"
+
+
 def test_mutual_tls_refuses_a_sender_without_a_certificate_or_with_an_unknown_one(
         db_url: str, pki: Pki, stranger: Authority, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=LISTENER_LOG)

@@ -64,6 +64,7 @@ STORED_CHARS = 256  # header values kept in columns (a refused, longer one stays
 EXIT_PORT_IN_USE = 3  # `interop mllp` exit status when its port is taken (the supervisor stops then)
 EXIT_BAD_SETTINGS = 2  # `interop mllp` exit status when its TLS settings cannot be used
 HANDSHAKE_SECONDS = 30.0  # a TLS handshake not done in this long closes the connection (at most the idle timeout)
+PLAIN_TEXT = {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST"}  # OpenSSL's words for "that was no TLS"
 
 _TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
@@ -253,15 +254,13 @@ class Listener:
             await writer.start_tls(self.ssl_context, ssl_handshake_timeout=min(HANDSHAKE_SECONDS, float(self.idle)))
         except ssl.SSLError as exc:
             self.counts["handshakes failed"] += 1
-            reason = exc.reason or type(exc).__name__
-            eof = isinstance(exc, ssl.SSLEOFError) or "EOF" in str(reason)
+            reason = str(exc.reason or type(exc).__name__)
+            eof = isinstance(exc, ssl.SSLEOFError) or "EOF" in reason  # closed before a word: a port check
             log.log(logging.INFO if eof else logging.WARNING, "MLLP connection from %s refused: TLS handshake failed"
-                    " (%s%s)", where, reason,
-                    "; a plain-text sender on the TLS port?" if "VERSION" in str(reason) or "HTTP" in str(reason)
-                    else "")
+                    " (%s%s)", where, reason, "; a plain-text sender on the TLS port?" if reason in PLAIN_TEXT else "")
             writer.close()
             return False, None
-        except (OSError, TimeoutError) as exc:  # reset, closed, or no handshake in time
+        except OSError as exc:  # reset, closed, or no handshake in time (ConnectionAbortedError)
             self.counts["handshakes failed"] += 1
             log.info("MLLP connection from %s closed during the TLS handshake (%s)", where, type(exc).__name__)
             writer.close()
