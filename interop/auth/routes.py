@@ -153,17 +153,20 @@ def login() -> BaseResponse:
     name, password = request.form.get("username", "").strip(), request.form.get("password", "")
     if not name or not password or len(name) > 128 or len(password) > 1024:
         return _login_page("Nhập tên và mật khẩu · Enter your user name and password", 400, next_)
-    try:
-        with hub.pool.connection() as conn, conn.transaction():
+    refused: people.LoginRefused | None = None
+    with hub.pool.connection() as conn, conn.transaction():  # a failure is counted (committed), then answered
+        try:
             person = people.check_password(conn, hub.settings, name, password)
-    except people.LoginRefused as exc:
+        except people.LoginRefused as exc:
+            refused = exc
+    if refused is not None:
         access.record_now(audit.Event(audit.Who(request.remote_addr, person=name[:128]), audit.LOGIN, "E",
-                                      outcome=audit.MINOR_FAILURE, description=f"login refused: {exc.reason}",
+                                      outcome=audit.MINOR_FAILURE, description=f"login refused: {refused.reason}",
                                       type=audit.AUTHENTICATION))
         access.mark_audited()
-        log.info("login refused (%s)", "locked" if exc.locked else "wrong name or password")
+        log.info("login refused (%s)", "locked" if refused.locked else "wrong name or password")
         message = ("Tài khoản tạm khoá do nhập sai nhiều lần · The account is locked after repeated failures"
-                   if exc.locked else "Sai tên đăng nhập hoặc mật khẩu · Wrong user name or password")
+                   if refused.locked else "Sai tên đăng nhập hoặc mật khẩu · Wrong user name or password")
         return _login_page(message, 401, next_)
     return _start_login(person, next_)
 

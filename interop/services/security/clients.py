@@ -2,7 +2,7 @@
 
 A client is registered with its public keys, a JWKS file (kept in the database) or a JWKS URL
 (fetched when needed), and the most it may ask for. Private keys are refused: the hub never
-holds a client's secret. The client_id is random, so it reveals nothing and cannot be guessed.
+holds a client's secret. The client_id is random (128 bits), so it reveals nothing and cannot be guessed.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def register(conn: psycopg.Connection[Any], name: str, jwks_source: str, scope_t
             raise ClientError(f"cannot read {jwks_source} ({exc.strerror})") from None
         except json.JSONDecodeError:
             raise ClientError(f"{jwks_source} is not JSON") from None
-    client_id = secrets.token_urlsafe(18)
+    client_id = secrets.token_hex(16)  # hex: never read as a command-line option
     store.add_client(conn, client_id, name.strip(), " ".join(granted), jwks=jwks, jwks_url=url)
     return client_id
 
