@@ -13,7 +13,6 @@ from urllib.parse import urlsplit
 
 from ..context import Context
 
-
 ANY_PORT = -1
 
 
