@@ -1,21 +1,26 @@
 """`interop demo` (what `make demo` runs): real studies through the hub on its embedded defaults.
 
 Starts a PACS (Orthanc with DICOMweb), a stand-in RIS that receives results over MLLP, and
-`interop serve`. Then, as a HIS/EMR would: stores a synthetic full-size chest radiograph in
-the PACS and posts a FHIR ImagingStudy naming it. And as a hospital integration engine would:
-sends an HL7 v2 ORM^O01 order, then its exam-done update, for a second radiograph. Prints
+`interop serve`. The demo registers itself as a SMART backend client (`interop clients add`, its
+own key pair) and a radiologist (`interop users add`), as an operator would. Then, as a HIS/EMR
+would, with an access token: stores a synthetic full-size chest radiograph in the PACS and posts a
+FHIR ImagingStudy naming it; the radiologist logs in and signs that report on the worklist. And as
+a hospital integration engine would: sends an HL7 v2 ORM^O01 order, then its exam-done update, for a second radiograph. Prints
 each DiagnosticReport with its Observations as FHIR JSON and the ORU^R01 the RIS received,
 then stops all it started.
 """
 from __future__ import annotations
 
 import json
+import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -24,11 +29,14 @@ from interop.config import Settings
 from interop.dicom.study import imaging_study
 from interop.hl7.client import MllpClient
 
+from . import smart
 from .peers.orthanc import Orthanc
 from .peers.ris import DemoRis
+from .smart import ClientKey
 from .synthetic.dicom import dataset_bytes, make_chest_xray
 
 FHIR_JSON = "application/fhir+json"
+DEMO_SCOPES = "system/Patient.crs system/ImagingStudy.crs system/Task.rs system/DiagnosticReport.rs system/Observation.rs"
 
 
 def say(text: str) -> None:
@@ -49,18 +57,61 @@ def wait_ready(base: str, hub: subprocess.Popen[bytes], timeout: float = 300) ->
     raise RuntimeError("the hub did not become ready in time")
 
 
-def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    response = requests.post(url, data=json.dumps(body), headers={"Content-Type": FHIR_JSON}, timeout=30)
+def interop(env: dict[str, str], *args: str, stdin: str | None = None) -> str:
+    """Run an `interop` command as the operator would; its output."""
+    done = subprocess.run([sys.executable, "-m", "interop.cli", *args], env=env, input=stdin, capture_output=True,
+                          text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"interop {' '.join(args[:2])} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def register(env: dict[str, str], base: str, data: Path) -> requests.Session:
+    """The demo as a HIS vendor: a key pair, registered with `interop clients add`; a session with tokens."""
+    key = ClientKey.new()
+    jwks = data / "demo-client-jwks.json"
+    jwks.write_text(json.dumps(key.jwks), encoding="utf-8")
+    client_id = interop(env, "clients", "add", "demo HIS", "--jwks", str(jwks), "--scopes", DEMO_SCOPES).split()[-1]
+    say(f"registered the demo as SMART backend client {client_id} ({DEMO_SCOPES})")
+    return smart.session(smart.Smart(f"{base}/auth/token", client_id, key, DEMO_SCOPES))
+
+
+def sign_as_radiologist(env: dict[str, str], base: str, report_id: str) -> None:
+    """A radiologist logs in (a local account made with `interop users add`) and signs the AI report."""
+    name, password = f"demo-radiologist-{secrets.token_hex(3)}", secrets.token_urlsafe(18)
+    interop(env, "users", "add", name, "--role", "radiologist", "--password-stdin", stdin=password + "\n")
+    browser = requests.Session()
+    login = browser.get(f"{base}/login", timeout=10)
+    browser.post(f"{base}/login", data={"username": name, "password": password, "csrf_token": _csrf(login.text)},
+                 timeout=30).raise_for_status()
+    page = browser.get(f"{base}/worklist/{report_id}", timeout=30)
+    version = re.search(r'name="version" value="(\d+)"', page.text)
+    signed = browser.post(f"{base}/worklist/{report_id}/review", allow_redirects=False, timeout=30, data={
+        "action": "sign", "csrf_token": _csrf(page.text), "version": version.group(1) if version else ""})
+    if signed.status_code != 303:
+        raise RuntimeError(f"signing on the worklist -> {signed.status_code}")
+    say(f"{name} logged in to the worklist and signed DiagnosticReport/{report_id}")
+
+
+def _csrf(html: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]*)"', html)
+    if found is None:
+        raise RuntimeError("the page carries no CSRF token")
+    return found.group(1)
+
+
+def post(api: requests.Session, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = api.post(url, data=json.dumps(body), headers={"Content-Type": FHIR_JSON}, timeout=30)
     if response.status_code not in (200, 201):
         raise RuntimeError(f"POST {url} -> {response.status_code}: {response.text}")
     return response.json()  # type: ignore[no-any-return]
 
 
-def wait_task(fhir: str, study_id: str, timeout: float = 300) -> dict[str, Any]:
+def wait_task(api: requests.Session, fhir: str, study_id: str, timeout: float = 300) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
-        bundle = requests.get(f"{fhir}/Task", params={"focus": f"ImagingStudy/{study_id}"}, timeout=10).json()
+        bundle = api.get(f"{fhir}/Task", params={"focus": f"ImagingStudy/{study_id}"}, timeout=10).json()
         if bundle.get("entry"):
             task = bundle["entry"][0]["resource"]
             state = (task["status"], task.get("businessStatus", {}).get("text"))
@@ -87,8 +138,8 @@ def demo_order(control_id: str, status: str, control: str, accession: str, study
     ])
 
 
-def report_bundle(fhir: str, report_ref: str) -> dict[str, Any]:
-    return requests.get(f"{fhir}/DiagnosticReport", timeout=10, params={
+def report_bundle(api: requests.Session, fhir: str, report_ref: str) -> dict[str, Any]:
+    return api.get(f"{fhir}/DiagnosticReport", timeout=10, params={
         "_id": report_ref.split("/")[1], "_include": "DiagnosticReport:result"}).json()  # type: ignore[no-any-return]
 
 
@@ -100,10 +151,10 @@ def show(title: str, bundle: dict[str, Any]) -> None:
         say("  " + line)
 
 
-def wait_report(fhir: str, params: dict[str, str], timeout: float = 300) -> str:
+def wait_report(api: requests.Session, fhir: str, params: dict[str, str], timeout: float = 300) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        entries = requests.get(f"{fhir}/DiagnosticReport", params=params, timeout=10).json().get("entry")
+        entries = api.get(f"{fhir}/DiagnosticReport", params=params, timeout=10).json().get("entry")
         if entries:
             return f"DiagnosticReport/{entries[0]['resource']['id']}"
         time.sleep(0.3)
@@ -130,26 +181,31 @@ def run_demo(settings: Settings, keep: bool = False) -> int:
             say("starting the hub (embedded PostgreSQL and Triton unless DATABASE_URL/TRITON_URL are set)")
             wait_ready(base, hub)
             say(f"hub ready at {fhir} after {time.monotonic() - started:.1f}s")
+            api = register(env, base, data)
 
             # 1. FHIR: a HIS/EMR posts an ImagingStudy naming the PACS.
             ds = make_chest_xray(seed=int(time.time()) % 100_000)
             pacs.upload(dataset_bytes(ds))
             say(f"stored a {ds.Rows}x{ds.Columns} {ds.Modality} chest radiograph in the PACS")
-            patient = post(f"{fhir}/Patient", {
+            patient = post(api, f"{fhir}/Patient", {
                 "resourceType": "Patient",
                 "identifier": [{"system": "urn:interop-hub:demo:patient", "value": str(ds.PatientID)}],
                 "gender": "unknown",
             })
-            study = post(f"{fhir}/ImagingStudy", imaging_study(
+            study = post(api, f"{fhir}/ImagingStudy", imaging_study(
                 [ds], subject=f"Patient/{patient['id']}", endpoint_address=pacs.dicomweb_url))
             say(f"FHIR: posted ImagingStudy/{study['id']}")
             sent = time.monotonic()
-            task = wait_task(fhir, study["id"])
+            task = wait_task(api, fhir, study["id"])
             if task["status"] != "completed":
                 say(f"analysis ended {task['status']}: {task.get('statusReason', {}).get('text')}")
                 return 1
             say(f"report available {time.monotonic() - sent:.2f}s after the ImagingStudy was posted")
-            show("FHIR ImagingStudy -> DiagnosticReport", report_bundle(fhir, task["output"][0]["valueReference"]["reference"]))
+            report_ref = task["output"][0]["valueReference"]["reference"]
+            show("FHIR ImagingStudy -> DiagnosticReport", report_bundle(api, fhir, report_ref))
+            sign_as_radiologist(env, base, report_ref.split("/")[-1])
+            signed = api.get(f"{fhir}/{report_ref}", timeout=10).json()
+            say(f"the report is now {signed['status']}, signed by {signed['resultsInterpreter'][0]['display']}")
 
             # 2. HL7 v2: an integration engine sends an order, then "exam done" when the images are in.
             accession = f"DEMO{int(time.time()) % 1_000_000:06d}"
@@ -161,9 +217,9 @@ def run_demo(settings: Settings, keep: bool = False) -> int:
                 answer = client.exchange(message, f"{accession}-{n}")
                 say(f"HL7: ORM^O01 {control}/{status} acknowledged {answer.code.value}")
             order_sent = time.monotonic()
-            ref = wait_report(fhir, {"identifier": f"urn:interop-hub:report|{second.StudyInstanceUID}/chest-xray"})
+            ref = wait_report(api, fhir, {"identifier": f"urn:interop-hub:report|{second.StudyInstanceUID}/chest-xray"})
             say(f"report available {time.monotonic() - order_sent:.2f}s after the exam-done message")
-            show("HL7 ORM^O01 -> DiagnosticReport", report_bundle(fhir, ref))
+            show("HL7 ORM^O01 -> DiagnosticReport", report_bundle(api, fhir, ref))
             if ris.received.wait(60):
                 say("the RIS received the result as ORU^R01:")
                 for line in ris.messages[0].split("\r"):
