@@ -30,6 +30,7 @@ from ..fhir.capability import RESOURCES
 from ..services.security import people
 from ..services.security.principal import ROLES, Principal
 from ..services.security.tokens import CLIENT_ALGORITHMS, OAuthError, token_url
+from ..tls import ClientTls
 
 log = logging.getLogger("interop.auth")
 bp = Blueprint("auth", __name__, template_folder="templates", static_folder="static", static_url_path="/login/static")
@@ -190,10 +191,10 @@ def _oidc() -> Any:
     if oauth is None:
         settings = _hub().settings
         oauth = OAuth(app)
-        verify: bool | str = str(settings.tls_ca_file) if settings.tls_ca_file else True
+        tls = ClientTls.from_settings(settings).requests_kwargs()  # Authlib sets them on its requests session
         oauth.register("hospital", client_id=settings.oidc_client_id, client_secret=settings.oidc_client_secret,
                        server_metadata_url=f"{settings.oidc_issuer.rstrip('/')}/.well-known/openid-configuration",
-                       client_kwargs={"scope": "openid profile", "code_challenge_method": "S256", "verify": verify,
+                       client_kwargs={"scope": "openid profile", "code_challenge_method": "S256", **tls,
                                       "token_endpoint_auth_method": "client_secret_basic" if settings.oidc_client_secret
                                       else "none"})
         app.extensions["interop.oidc"] = oauth

@@ -27,6 +27,7 @@ from ..dicom.dicomweb import DicomWebClient, InstanceRef
 from ..dicom.errors import NotAnImage, StudyNotFound
 from ..domain import report as builder
 from ..store import queue, resources
+from ..tls import ClientTls
 from . import assembly, intake, reports, tasks
 from .context import Context
 from .errors import NoModel
@@ -60,8 +61,8 @@ class TimedClient(DicomWebClient):
     """The DICOMweb client, counting the time spent waiting on the PACS into the 'retrieve' stage
     (also while a series streams), so decode time can be told apart from transfer time."""
 
-    def __init__(self, base_url: str, timeout_s: float, timings: Timings):
-        super().__init__(base_url, timeout_s=timeout_s)
+    def __init__(self, base_url: str, timeout_s: float, timings: Timings, tls: ClientTls | None = None):
+        super().__init__(base_url, timeout_s=timeout_s, tls=tls)
         self.timings = timings
 
     def retrieve_instance(self, ref: InstanceRef) -> Any:
@@ -99,7 +100,8 @@ class Analyser:
 
     def _analyse(self, conn: psycopg.Connection[Any], job: queue.Job, study: dict[str, Any],
                  timings: Timings) -> list[dict[str, Any]]:
-        client = TimedClient(job.payload["dicomweb"], self.ctx.settings.dicomweb_timeout, timings)
+        client = TimedClient(job.payload["dicomweb"], self.ctx.settings.dicomweb_timeout, timings,
+                             ClientTls.from_settings(self.ctx.settings))
         try:
             try:
                 with timings.stage("retrieve"):

@@ -29,6 +29,7 @@ from ..hl7.order import Order, map_order, map_patient_update
 from ..sites import Site
 from ..store import hl7_messages, queue, resources
 from ..store.resources import ANY_SYSTEM, Criterion, Query
+from ..tls import ClientTls
 from . import intake, tasks
 from .context import Context
 from .delivery.app_ack import queue_app_ack
@@ -216,7 +217,7 @@ def find_study(conn: psycopg.Connection[Any], ctx: Context, job: queue.Job, _tim
     if not p.get("study_uid") and not p.get("accession"):
         raise Permanent("the order carries neither a Study Instance UID nor an accession number")
     task = resources.read(conn, "Task", p["task"])
-    client = DicomWebClient(str(pacs), timeout_s=ctx.settings.dicomweb_timeout)
+    client = DicomWebClient(str(pacs), timeout_s=ctx.settings.dicomweb_timeout, tls=ClientTls.from_settings(ctx.settings))
     try:
         uids = client.find_study_uids(study_uid=p["study_uid"]) if p.get("study_uid") else []
         if not uids and p.get("accession"):

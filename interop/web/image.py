@@ -23,6 +23,7 @@ from ..domain.vocabulary import study_uid
 from ..services import intake
 from ..services.errors import IntakeError
 from ..store import resources
+from ..tls import ClientTls
 
 MAX_PX = 1024
 THUMB_PX = 256
@@ -77,17 +78,17 @@ def to_image(display: np.ndarray[Any, Any], max_px: int = MAX_PX) -> Image.Image
 
 
 @lru_cache(maxsize=16)
-def _rendered(base_url: str, study_uid: str, timeout_s: float) -> Image.Image:
+def _rendered(base_url: str, study_uid: str, timeout_s: float, tls: ClientTls) -> Image.Image:
     try:
-        with DicomWebClient(base_url, timeout_s) as pacs:
+        with DicomWebClient(base_url, timeout_s, tls=tls) as pacs:
             ds = pacs.retrieve_instance(choose(pacs.search_instances(study_uid)))
             return to_image(to_display_array(ds))
     except DicomError as exc:  # reasons never name a patient (interop/dicom/errors.py)
         raise ImageUnavailable(exc.reason, 404 if isinstance(exc, (StudyNotFound, NotAnImage)) else 502) from None
 
 
-def png(base_url: str, study_uid: str, *, timeout_s: float, max_px: int = MAX_PX) -> bytes:
-    image = _rendered(base_url, study_uid, float(timeout_s)).copy()
+def png(base_url: str, study_uid: str, *, timeout_s: float, tls: ClientTls, max_px: int = MAX_PX) -> bytes:
+    image = _rendered(base_url, study_uid, float(timeout_s), tls).copy()
     image.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     image.save(out, format="PNG")

@@ -33,6 +33,7 @@ from ..services import review as reviews
 from ..services.errors import ReviewError
 from ..store import resources
 from ..store.reviews import open_alerts
+from ..tls import ClientTls
 from . import image, waiting
 from .labels import LABELS
 
@@ -201,7 +202,7 @@ def rendered(report_id: str) -> Response:
             if _own_site() is not None and not _visible_id(conn, report_id):
                 raise image.ImageUnavailable("no such report", 404)
             base, uid = image.source(conn, report_id, settings.dicomweb_url)
-        body = image.png(base, uid, timeout_s=settings.dicomweb_timeout, max_px=size)
+        body = image.png(base, uid, timeout_s=settings.dicomweb_timeout, tls=ClientTls.from_settings(settings), max_px=size)
     except image.ImageUnavailable as exc:
         log.info("worklist image of DiagnosticReport/%s unavailable (%s)", report_id, exc.status)
         return Response(exc.reason, status=exc.status, content_type="text/plain; charset=utf-8",

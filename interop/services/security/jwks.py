@@ -60,7 +60,7 @@ class _Entry:
 class JwksCache:
     """JWKS per URL, thread-safe; `verify`/`cert` are passed to requests (the hub's TLS settings)."""
 
-    def __init__(self, *, verify: bool | str = True, cert: tuple[str, str] | None = None, timeout: float = 5.0):
+    def __init__(self, *, verify: bool | str = True, cert: str | tuple[str, str] | None = None, timeout: float = 5.0):
         self.verify, self.cert, self.timeout = verify, cert, timeout
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ...config import Settings
 from ...domain import scopes
 from ...store import security as store
+from ...tls import ClientTls
 from .jwks import JwksCache, JwksError, pick
 from .principal import Principal
 
@@ -112,10 +113,7 @@ class Tokens:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        verify: bool | str = str(settings.tls_ca_file) if settings.tls_ca_file else True
-        cert = (str(settings.tls_client_cert), str(settings.tls_client_key)) \
-            if settings.tls_client_cert and settings.tls_client_key else None
-        self.jwks = JwksCache(verify=verify, cert=cert)
+        self.jwks = JwksCache(**ClientTls.from_settings(settings).requests_kwargs())
         self._key: tuple[str, Any] | None = None
         self._lock = threading.Lock()
         self._checked: OrderedDict[str, _Cached] = OrderedDict()
