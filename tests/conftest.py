@@ -3,6 +3,7 @@ pytest_plugins = (
     "tests.fixtures.postgres",
     "tests.fixtures.triton",
     "tests.fixtures.orthanc",
+    "tests.fixtures.auth",
     "tests.fixtures.hub",
     "tests.fixtures.validator",
     "tests.fixtures.proxy",
@@ -10,5 +11,5 @@ pytest_plugins = (
     "tests.fixtures.fhir_server",
     "tests.fixtures.browser",
     "tests.fixtures.tls",
-    "tests.fixtures.auth",
+    "tests.fixtures.oidc",
 )

@@ -160,38 +160,78 @@ def test_scopes_are_narrowed_to_the_registration(anonymous: FlaskClient, db_url:
         oauth_error(ask(anonymous, token_form(smart_key.assertion(client_id, TOKEN_URL), scope)), 400, "invalid_scope")
 
 
+class JwksServer:
+    """A key server on loopback: serves `keys` as a JWKS with Cache-Control max-age=600, counting fetches."""
+
+    def __init__(self, keys: list[ClientKey]):
+        self.fetches: list[str] = []
+        outer = self
+
+        class Keys(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.fetches.append(self.path)
+                body = json.dumps({"keys": [k.jwk for k in keys]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Cache-Control", "public, max-age=600")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Keys)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/jwks.json"
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
 def test_a_client_registered_by_jwks_url_is_served_from_the_cache(anonymous: FlaskClient, db_url: str,
                                                                   smart_key: ClientKey) -> None:
-    fetches: list[str] = []
-
-    class Keys(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            fetches.append(self.path)
-            body = json.dumps(smart_key.jwks).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Cache-Control", "public, max-age=600")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Keys)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    keys = JwksServer([smart_key])
     try:
-        client_id = "by-url"
         from interop.store import security as accounts
 
         with connect(db_url, autocommit=True) as conn:
-            accounts.add_client(conn, client_id, "vendor", "system/Patient.rs",
-                                jwks_url=f"http://127.0.0.1:{server.server_port}/jwks.json")
+            accounts.add_client(conn, "by-url", "vendor", "system/Patient.rs", jwks_url=keys.url)
         for _ in range(3):
-            assert ask(anonymous, token_form(smart_key.assertion(client_id, TOKEN_URL), "system/Patient.rs")).status_code == 200
-        assert fetches == ["/jwks.json"]  # max-age=600: fetched once
+            assert ask(anonymous, token_form(smart_key.assertion("by-url", TOKEN_URL), "system/Patient.rs")).status_code == 200
+        assert keys.fetches == ["/jwks.json"]  # max-age=600: fetched once
     finally:
-        server.shutdown()
+        keys.close()
+
+
+def test_tokens_of_a_trusted_identity_provider(db_url: str) -> None:
+    idp = ClientKey.new("RS384")
+    keys = JwksServer([idp])
+    app = create_app(Settings.from_env({"DATABASE_URL": db_url, "INTEROP_TRUSTED_ISSUER": "https://idp.benhvien.example",
+                                        "INTEROP_TRUSTED_JWKS_URL": keys.url}))
+    try:
+        def issued(**changes: Any) -> str:
+            now = int(time.time())
+            claims = {"iss": "https://idp.benhvien.example", "sub": "svc-ris", "azp": "hospital-ris",
+                      "aud": "http://127.0.0.1:8080/fhir", "iat": now, "exp": now + 300, "scope": "system/Patient.rs"}
+            return jwt.encode({**claims, **changes}, idp.private, algorithm="RS384", headers={"kid": idp.kid})
+
+        caller = app.test_client()
+        assert caller.get("/fhir/Patient", headers={"Authorization": f"Bearer {issued()}"}).status_code == 200
+        outcome(post(caller, "Patient", {"resourceType": "Patient"}, Authorization=f"Bearer {issued()}"), 403)
+        for bad in (issued(aud="https://elsewhere/fhir"), issued(iss="https://other-idp.example"),
+                    issued(exp=int(time.time()) - 600),
+                    jwt.encode({"iss": "https://idp.benhvien.example", "aud": "http://127.0.0.1:8080/fhir",
+                                "exp": int(time.time()) + 60, "scope": "system/*.cruds"}, ClientKey.new("RS384").private,
+                               algorithm="RS384", headers={"kid": idp.kid})):
+            outcome(caller.get("/fhir/Patient", headers={"Authorization": f"Bearer {bad}"}), 401)
+        assert keys.fetches[:1] == ["/jwks.json"]
+        events = [e for e in audit_events(db_url) if e["subtype"][0]["code"] == "read" or
+                  e["subtype"][0]["code"] == "search-type"]
+        assert any(e["agent"][0]["name"] == "hospital-ris" for e in events)
+    finally:
+        app.extensions["interop"].close()
+        keys.close()
 
 
 # -- bearer tokens on the API -----------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """What vulture cannot see being used: names read by Jinja templates, called by gunicorn or by
 prometheus_client, and the package's API the tests use (`vulture`, in `make test`, reads this file
 with the package; it is never imported)."""
+from flask import g
+
 from inference_client import models, routing, triton
 from interop import app
 from interop.dicom import dicomweb, views, volume
@@ -10,7 +12,8 @@ from interop.store import queue
 from interop.web.waiting import Entry, FindingRow
 
 FindingRow.text_en, FindingRow.text_vi  # worklist/_findings.html
-Entry.patient_identifier, Entry.waited_seconds  # worklist/list.html, study.html
+Entry.patient_identifier, Entry.waited_seconds, Entry.signed_by  # worklist/list.html, study.html
+g.audited  # flask.g, read back with g.get("audited") (interop.access)
 QueueCollector.collect  # prometheus_client calls it on every scrape
 app.create_app  # gunicorn: "interop.app:create_app()"
 

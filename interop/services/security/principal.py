@@ -22,6 +22,3 @@ class Principal:
     @property
     def is_person(self) -> bool:
         return self.kind == "person"
-
-    def has_role(self, *roles: str) -> bool:
-        return self.is_person and self.role in roles
