@@ -21,7 +21,8 @@ import orjson
 import psycopg
 from authlib.integrations.base_client import OAuthError as OidcError
 from authlib.integrations.flask_client import OAuth
-from flask import Blueprint, Response, current_app, g, redirect, request, session, url_for
+from flask import Blueprint, Flask, Request, Response, current_app, g, redirect, request, session, url_for
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from werkzeug.wrappers import Response as BaseResponse
 
 from .. import access
@@ -211,6 +212,21 @@ def _ensure_secret_key() -> None:
         app.secret_key = hub.tokens.derive_secret(b"flask session", hub.pool.connection).hex()
         app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax",
                           SESSION_COOKIE_NAME="interop_oidc", SESSION_COOKIE_SECURE=hub.settings.tls)
+
+
+class _OidcSessionInterface(SecureCookieSessionInterface):
+    """Flask opens a request's session before any view runs, so its key must exist by then: derive
+    it here, for the OIDC routes, on the first request each process serves there."""
+
+    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
+        if not app.secret_key and request.path.startswith("/login/") and app.extensions["interop"].settings.oidc_issuer:
+            _ensure_secret_key()
+        return super().open_session(app, request)
+
+
+@bp.record_once
+def _install_session_interface(state: Any) -> None:
+    state.app.session_interface = _OidcSessionInterface()
 
 
 @bp.get("/login/oidc")
