@@ -24,6 +24,7 @@ from .config import Settings
 from .fhir import api, errors, operations
 from .ops import admin, health
 from .services.context import Context
+from .services.security.audit import AuditWriter
 from .services.security.tokens import Tokens
 from .store import db
 from .store.search_params import SearchParam
@@ -45,6 +46,7 @@ class Hub:
     started: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     _pool: ConnectionPool | None = None
     _tokens: Tokens | None = None
+    _audit: AuditWriter | None = None
 
     @property
     def settings(self) -> Settings:
@@ -70,7 +72,16 @@ class Hub:
             self._tokens = Tokens(self.settings)
         return self._tokens
 
+    @property
+    def audit(self) -> AuditWriter:
+        """The writer of this process's read records (its thread starts with the first record)."""
+        if self._audit is None:
+            self._audit = AuditWriter(lambda: self.pool.connection())
+        return self._audit
+
     def close(self) -> None:
+        if self._audit is not None:
+            self._audit.close()
         if self._pool is not None:
             self._pool.close()
             self._pool = None

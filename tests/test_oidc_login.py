@@ -22,6 +22,7 @@ from interop.store.db import connect
 from tests.fixtures.browser import Browser, Page
 from tests.fixtures.hub import TEST_URL_ALLOW
 from tests.fixtures.oidc import OidcProvider
+from tests.test_security import every_audit_event
 
 LOGIN_CODE = "110122"
 
@@ -103,10 +104,7 @@ def sessions(db_url: str) -> list[dict[str, Any]]:
 
 def logins(db_url: str) -> list[dict[str, Any]]:
     """The login AuditEvents (subtype DICOM 110122), oldest first."""
-    with connect(db_url) as conn:
-        bodies = [r["body"] for r in conn.execute(
-            "SELECT body FROM resource WHERE type = 'AuditEvent' ORDER BY last_updated, id").fetchall()]
-    return [b for b in bodies if b["subtype"][0]["code"] == LOGIN_CODE]
+    return [b for b in every_audit_event(db_url) if b["subtype"][0]["code"] == LOGIN_CODE]
 
 
 @pytest.mark.parametrize("confidential", [True, False], ids=["confidential-client", "public-client"])

@@ -1,7 +1,7 @@
 """What vulture cannot see being used: names read by Jinja templates, called by gunicorn or by
 prometheus_client, and the package's API the tests use (`vulture`, in `make test`, reads this file
 with the package; it is never imported)."""
-from flask import g
+from flask import Flask, g
 
 from inference_client import models, routing, triton
 from interop import app
@@ -15,6 +15,7 @@ FindingRow.text_en, FindingRow.text_vi  # worklist/_findings.html
 Entry.patient_identifier, Entry.waited_seconds, Entry.signed_by  # worklist/list.html, study.html
 g.audited  # flask.g, read back with g.get("audited") (interop.access)
 QueueCollector.collect  # prometheus_client calls it on every scrape
+Flask.session_interface  # set by interop.auth.routes for the OpenID Connect routes
 app.create_app  # gunicorn: "interop.app:create_app()"
 
 # API and value objects the tests read

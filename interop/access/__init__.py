@@ -34,6 +34,7 @@ from flask import Flask, Response, current_app, g, render_template, request
 from ..domain import audit
 from ..services.security import audit as audit_store
 from ..services.security import people
+from ..services.security.audit import AuditBacklog
 from ..services.security.principal import Principal
 from ..services.security.tokens import InvalidToken
 
@@ -127,8 +128,16 @@ def note(subtype: dict[str, str], action: str, *, what: list[str] | None = None,
 def audit_change(conn: Any, subtype: dict[str, str], action: str, *, what: list[str], patients: list[str],
                  description: str | None = None) -> None:
     """Record a change in the caller's transaction (the change and its record stand or fall together)."""
-    audit_store.record(conn, _hub().ctx, audit.Event(who(), subtype, action, what=what, patients=patients,
+    audit_store.record(conn, audit.Event(who(), subtype, action, what=what, patients=patients,
                                                      description=description))
+    g.audited = True
+
+
+def audit_read(subtype: dict[str, str], action: str, *, what: list[str], patients: list[str],
+               query: str | None = None) -> None:
+    """Record what a read or search served (through the process's AuditWriter, written within
+    a twentieth of a second; see interop.services.security.audit)."""
+    _hub().audit.submit(audit.Event(who(), subtype, action, what=what, patients=patients, query=query))
     g.audited = True
 
 
@@ -140,7 +149,7 @@ def mark_audited() -> None:
 def record_now(event: audit.Event) -> None:
     """Record an event on its own (a login, a refusal): its own transaction."""
     with _hub().pool.connection() as conn, conn.transaction():
-        audit_store.record(conn, _hub().ctx, event)
+        audit_store.record(conn, event)
 
 
 # -- authentication -------------------------------------------------------------------------------
@@ -307,9 +316,9 @@ def after(response: Response) -> Response:
     if event is None:
         return response
     try:
-        record_now(event)
-    except Exception as exc:  # an unrecorded read must not be served
-        log.error("audit record failed (%s): refusing the response", type(exc).__name__)
+        _hub().audit.submit(event)
+    except AuditBacklog:  # a read that cannot be recorded is not served
+        log.error("audit records cannot be written: refusing the response")
         return Response(_outcome(503, "the audit trail cannot be written now; nothing was served"),
                         status=503, content_type="application/fhir+json; charset=utf-8")
     return response

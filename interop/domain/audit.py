@@ -32,6 +32,8 @@ SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = "0", "4", "8"
 LOGIN = {"system": DCM, "code": "110122", "display": "Login"}
 LOGOUT = {"system": DCM, "code": "110123", "display": "Logout"}
 AUTHENTICATION = {"system": DCM, "code": "110114", "display": "User Authentication"}
+EVENT_TYPES = {"rest": {"system": EVENT_TYPE, "code": "rest", "display": "RESTful Operation"},
+               AUTHENTICATION["code"]: AUTHENTICATION}
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,13 @@ class Event:
     what: list[str] = field(default_factory=list)
     patients: list[str] = field(default_factory=list)
     query: str | None = None
-    type: dict[str, str] = field(default_factory=lambda: {"system": EVENT_TYPE, "code": "rest",
-                                                         "display": "RESTful Operation"})
+    type: dict[str, str] = field(default_factory=lambda: dict(EVENT_TYPES["rest"]))
 
 
 def clean(text: str, limit: int = 200) -> str:
     """Text from a request as the audit keeps it: printable, bounded (a NUL cannot be stored)."""
+    if text.isprintable():
+        return text[:limit]
     return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
@@ -141,3 +144,112 @@ def patients_of(resource_: dict[str, Any]) -> list[str]:
         if isinstance(ref, dict) and isinstance(ref.get("reference"), str) and ref["reference"].startswith("Patient/"):
             out.append(ref["reference"])
     return out
+
+
+def reference_of(ref: str) -> str:
+    """`Type/id` of a reference (a version or a base URL dropped), as the audit table keeps it."""
+    parts = [x for x in ref.split("/") if x]
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    return "/".join(parts[-2:]) if len(parts) >= 2 else ref
+
+
+def row_of(event: Event) -> dict[str, Any]:
+    """The audit table's row for an event (interop.store.audit.COLUMNS)."""
+    who = event.who
+    return {"type": event.type["code"], "subtype_system": event.subtype.get("system", HUB_OPERATION),
+            "subtype": event.subtype["code"], "action": event.action, "outcome": event.outcome,
+            "client": clean(who.client, 128) if who.client else None,
+            "person": clean(who.person, 128) if who.person else None, "role": who.role,
+            "address": who.address[:64] if who.address else None,
+            "entities": [clean(r) for r in dict.fromkeys(event.what)],
+            "patients": [reference_of(clean(r)) for r in dict.fromkeys(event.patients)],
+            "query": event.query, "description": clean(event.description, 500) if event.description else None}
+
+
+def from_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The AuditEvent resource a stored row stands for."""
+    subtype = {"system": row["subtype_system"], "code": row["subtype"]}
+    if subtype == LOGIN or subtype["code"] == LOGIN["code"]:
+        subtype = LOGIN
+    elif subtype["code"] == LOGOUT["code"]:
+        subtype = LOGOUT
+    event = Event(Who(row["address"], client=row["client"], person=row["person"], role=row["role"]), subtype,
+                  row["action"], outcome=row["outcome"], description=row["description"], what=list(row["entities"]),
+                  patients=list(row["patients"]), query=row["query"],
+                  type=EVENT_TYPES.get(row["type"], {"system": DCM, "code": row["type"]}))
+    body = resource(event, row["recorded"])
+    return {"resourceType": "AuditEvent", "id": str(row["id"]),
+            "meta": {"versionId": "1", "lastUpdated": row["recorded"].isoformat()}, **body}
+
+
+class QueryError(ValueError):
+    """An AuditEvent search the hub cannot run (HTTP 400); the message is safe to return."""
+
+
+@dataclass
+class AuditQuery:
+    """A search of the audit trail, from FHIR search parameters (`parse_query`)."""
+
+    ids: list[int] = field(default_factory=list)
+    agents: list[str] = field(default_factory=list)
+    patients: list[str] = field(default_factory=list)
+    entities: list[str] = field(default_factory=list)
+    subtypes: list[str] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+    outcomes: list[str] = field(default_factory=list)
+    addresses: list[str] = field(default_factory=list)
+    recorded: list[tuple[str, datetime]] = field(default_factory=list)
+    count: int = 50
+    offset: int = 0
+    newest_first: bool = True
+
+
+# FHIR R4 AuditEvent search parameter -> AuditQuery field
+QUERY_PARAMS = {"altid": "agents", "agent": "agents", "agent-name": "agents", "patient": "patients",
+                "entity": "entities", "subtype": "subtypes", "action": "actions", "outcome": "outcomes",
+                "address": "addresses"}
+PREFIXES = ("eq", "gt", "lt", "ge", "le")
+MAX_COUNT = 1000
+
+
+def _instant(raw: str) -> datetime:
+    text = raw.strip().replace(" ", "+").replace("Z", "+00:00")
+    if len(text) == 10:
+        text += "T00:00:00+00:00"
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise QueryError("date: not a FHIR dateTime") from None
+    if when.tzinfo is None:
+        raise QueryError("date: a time zone is required")
+    return when
+
+
+def parse_query(args: list[tuple[str, str]], lenient: bool = False) -> AuditQuery:
+    """The AuditQuery for these search parameters (`date`/`_lastUpdated` with prefixes, `_id`,
+    `_count`, `_offset`, `_sort=date|-date`, and QUERY_PARAMS; OR within a parameter by commas)."""
+    q = AuditQuery()
+    for name, raw in args:
+        if name in ("date", "_lastUpdated"):
+            prefix = raw[:2] if raw[:2] in PREFIXES else "eq"
+            q.recorded.append((prefix, _instant(raw[2:] if raw[:2] == prefix else raw)))
+        elif name == "_id":  # AuditEvent ids are numbers: another id matches nothing
+            q.ids.extend(int(v) if v.isascii() and v.isdigit() and len(v) < 19 else -1 for v in raw.split(","))
+        elif name in ("_count", "_offset"):
+            if not (raw.isascii() and raw.isdigit()) or int(raw) > (MAX_COUNT if name == "_count" else 10**9):
+                raise QueryError(f"{name} must be a whole number (at most {MAX_COUNT} for _count)")
+            setattr(q, name[1:], int(raw))
+        elif name == "_sort":
+            if raw not in ("date", "-date", "_lastUpdated", "-_lastUpdated"):
+                raise QueryError("_sort: date or -date")
+            q.newest_first = raw.startswith("-")
+        elif name in QUERY_PARAMS:
+            values = [v.split("|")[-1] if name == "subtype" else v for v in raw.split(",") if v]
+            if name in ("patient", "entity"):
+                values = [reference_of(v) for v in values]
+            getattr(q, QUERY_PARAMS[name]).extend(values)
+        elif name not in ("_format", "_pretty") and not lenient:
+            raise QueryError(f"unknown AuditEvent search parameter {name[:64]!r}; known: date, _id, _count, _offset,"
+                             f" _sort, {', '.join(QUERY_PARAMS)}")
+    return q

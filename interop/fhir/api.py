@@ -20,6 +20,7 @@ from ..domain import audit, search, subscriptions
 from ..domain.vocabulary import study_uid
 from ..services import intake
 from ..services.errors import IntakeError
+from ..services.security import audit as audit_trail
 from ..services.security import urls
 from ..store import resources
 from . import capability
@@ -227,10 +228,11 @@ def update(rtype: str, rid: str) -> Response:
 @bp.get("/<rtype>/<rid>")
 def read(rtype: str, rid: str) -> Response:
     _known(rtype, rid)
-    access.note(audit.interaction("read"), "R", what=[f"{rtype}/{rid}"])
-    with hub().pool.connection() as conn:
+    if rtype == "AuditEvent":
+        return _audit_event(rid)
+    with hub().pool.connection() as conn:  # a refusal (404, 410) is audited by interop.access.after
         body = _read(conn, rtype, rid)
-    access.note(audit.interaction("read"), "R", what=[_ref(body)], patients=audit.patients_of(body))
+        access.audit_read(audit.interaction("read"), "R", what=[_ref(body)], patients=audit.patients_of(body))
     return respond(body, 200, _version_headers(body))
 
 
@@ -246,6 +248,7 @@ def _read(conn: psycopg.Connection[Any], rtype: str, rid: str) -> dict[str, Any]
 @bp.get("/<rtype>/<rid>/_history/<vid>")
 def vread(rtype: str, rid: str, vid: str) -> Response:
     _known(rtype, rid)
+    _versioned(rtype)
     if not (vid.isascii() and vid.isdigit()) or len(vid) > 9:
         raise NotFoundError(f"{rtype}/{rid} has no version {vid}")
     with hub().pool.connection() as conn:
@@ -253,21 +256,22 @@ def vread(rtype: str, rid: str, vid: str) -> Response:
             body = resources.vread(conn, rtype, rid, int(vid))
         except resources.NotFound as exc:
             raise NotFoundError(str(exc)) from None
-    access.note(audit.interaction("vread"), "R", what=[_ref(body)], patients=audit.patients_of(body))
+        access.audit_read(audit.interaction("vread"), "R", what=[_ref(body)], patients=audit.patients_of(body))
     return respond(body, 200, _version_headers(body))
 
 
 @bp.get("/<rtype>/<rid>/_history")
 def history(rtype: str, rid: str) -> Response:
     _known(rtype, rid)
+    _versioned(rtype)
     with hub().pool.connection() as conn:
         try:
             versions = resources.history(conn, rtype, rid)
         except resources.NotFound as exc:
             raise NotFoundError(str(exc)) from None
+        access.audit_read(audit.interaction("history-instance"), "R", what=[f"{rtype}/{rid}"],
+                          patients=[p for v in versions[:1] for p in audit.patients_of(v)])
     base = hub().settings.public_base()
-    access.note(audit.interaction("history-instance"), "R", what=[f"{rtype}/{rid}"],
-                patients=[p for v in versions[:1] for p in audit.patients_of(v)])
     return respond({
         "resourceType": "Bundle", "type": "history", "total": len(versions),
         "entry": [{"fullUrl": f"{base}/{rtype}/{rid}", "resource": v,
@@ -297,18 +301,19 @@ def search_type(rtype: str) -> Response:
     args = list(request.args.items(multi=True))
     if request.method == "POST":
         args += list(request.form.items(multi=True))
-    access.note(audit.interaction("search-type"), "E", what=[rtype], query=urlencode(args))
-    with hub().pool.connection() as conn:
+    if rtype == "AuditEvent":
+        return _audit_search(args)
+    with hub().pool.connection() as conn:  # a refused search (400) is audited by interop.access.after
         parsed, found, total = _search(conn, rtype, args)
         included: list[dict[str, Any]] = []
         for _source, pname in parsed.includes:
             path = hub().params[rtype][pname].path
             refs = [r["reference"] for body in found for r in _refs(body, path)]
             included.extend(resources.read_many(conn, refs))
-    caller = access.principal()
-    included = [b for b in included if caller is not None and caller.grant.allows(b["resourceType"], "r")]  # in scope
-    access.note(audit.interaction("search-type"), "E", what=[rtype], query=urlencode(args),
-                patients=[p for b in found + included for p in audit.patients_of(b)])
+        caller = access.principal()
+        included = [b for b in included if caller is not None and caller.grant.allows(b["resourceType"], "r")]  # in scope
+        access.audit_read(audit.interaction("search-type"), "E", what=[rtype], query=urlencode(args),
+                          patients=[p for b in found + included for p in audit.patients_of(b)])
     return respond(_bundle(rtype, args, parsed, found, included, total))
 
 
@@ -353,6 +358,46 @@ def _bundle(
             "not-supported", f"ignored unknown parameters: {', '.join(parsed.ignored)}", "warning")]),
             "search": {"mode": "outcome"}})
     return bundle
+
+
+# -- the audit trail: its own append-only table, read and searched only ---------------------------
+def _versioned(rtype: str) -> None:
+    if rtype == "AuditEvent":
+        raise MethodNotAllowed("AuditEvents are never changed: read or search them")
+
+
+def _audit_event(rid: str) -> Response:
+    with hub().pool.connection() as conn:
+        found = audit_trail.read(conn, rid)
+        if found is None:
+            raise NotFoundError(f"AuditEvent/{rid[:64]} is not known")
+        access.audit_read(audit.interaction("read"), "R", what=[f"AuditEvent/{rid}"], patients=[])
+    return respond(found, 200, _version_headers(found))
+
+
+def _audit_search(args: list[tuple[str, str]]) -> Response:
+    try:
+        query = audit.parse_query(args, lenient="handling=lenient" in request.headers.get("Prefer", ""))
+    except audit.QueryError as exc:
+        raise BadRequest(str(exc)) from None
+    hub().audit.flush()  # this process's latest records are in the answer
+    with hub().pool.connection() as conn:
+        total, found = audit_trail.search(conn, query)
+        access.audit_read(audit.interaction("search-type"), "E", what=["AuditEvent"], patients=[],
+                          query=urlencode(args))
+    base = hub().settings.public_base()
+    kept = [(k, v) for k, v in args if k not in ("_offset", "_count")]
+
+    def link(relation: str, offset: int) -> dict[str, str]:
+        return {"relation": relation,
+                "url": f"{base}/AuditEvent?{urlencode([*kept, ('_count', str(query.count)), ('_offset', str(offset))])}"}
+
+    links = [link("self", query.offset)]
+    if query.offset + query.count < total:
+        links.append(link("next", query.offset + query.count))
+    return respond({"resourceType": "Bundle", "type": "searchset", "total": total, "link": links,
+                    "entry": [{"fullUrl": f"{base}/AuditEvent/{e['id']}", "resource": e, "search": {"mode": "match"}}
+                              for e in found]})
 
 
 @bp.get("/metadata")

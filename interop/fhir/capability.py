@@ -24,8 +24,13 @@ RESOURCES: dict[str, list[str]] = {
     # rest-hook Subscriptions on DiagnosticReport (interop.domain.subscriptions)
     "Subscription": READ + WRITE,
     # the audit trail, written by the hub; for admins (system/AuditEvent.rs)
-    "AuditEvent": READ,
+    "AuditEvent": ["read", "search-type"],
 }
+# the audit trail's own search (interop.domain.audit.parse_query)
+AUDIT_PARAMS = [{"name": "date", "type": "date"}, *({"name": n, "type": "reference" if n in ("patient", "entity") else
+                                                     "token"} for n in ("altid", "agent", "agent-name", "patient",
+                                                                        "entity", "subtype", "action", "outcome",
+                                                                        "address"))]
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 
 
@@ -39,14 +44,15 @@ def statement(base: str, params: dict[str, dict[str, SearchParam]], software_dat
         entry: dict[str, Any] = {
             "type": rtype,
             "interaction": [{"code": i} for i in interactions],
-            "versioning": "versioned-update",
-            "readHistory": True,
+            "versioning": "versioned-update" if "vread" in interactions else "no-version",
+            "readHistory": "history-instance" in interactions,
             "updateCreate": "update" in interactions,
             "conditionalCreate": rtype == "ImagingStudy",
             "searchParam": [
                 {"name": "_id", "type": "token"},
                 {"name": "_lastUpdated", "type": "date"},
                 *({"name": p.name, "type": p.type} for p in params.get(rtype, {}).values()),
+                *(AUDIT_PARAMS if rtype == "AuditEvent" else []),
             ],
         }
         includes = [f"{rtype}:{p.name}" for p in params.get(rtype, {}).values() if p.type == "reference"]
