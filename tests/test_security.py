@@ -546,3 +546,51 @@ def test_clients_and_users_commands(db_url: str, tmp_path: Any, smart_key: Clien
     with connect(db_url) as conn:
         stored = conn.execute("SELECT password_hash FROM person WHERE name = 'bs.minh'").fetchone()["password_hash"]
     assert stored.startswith("$argon2id$") and PASSWORD not in stored
+
+
+def test_a_signing_key_file_signs_the_tokens(db_url: str, tmp_path: Any, smart_key: ClientKey) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = ec.generate_private_key(ec.SECP384R1())
+    key_file = tmp_path / "signing.pem"
+    key_file.write_bytes(pem.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    app = create_app(Settings.from_env({"DATABASE_URL": db_url, "INTEROP_SIGNING_KEY_FILE": str(key_file)}))
+    try:
+        anonymous = app.test_client()
+        client_id = register(db_url, smart_key, "system/Patient.rs")
+        token = ask(anonymous, token_form(smart_key.assertion(client_id, TOKEN_URL), "system/Patient.rs")).get_json()
+        claims = jwt.decode(token["access_token"], pem.public_key(), algorithms=["ES384"], audience="http://127.0.0.1:8080/fhir")
+        assert claims["sub"] == client_id
+        assert with_token(anonymous, token["access_token"]).get("/fhir/Patient").status_code == 200
+    finally:
+        app.extensions["interop"].close()
+    with connect(db_url) as conn:  # the file's key is used; none is made in the database
+        assert conn.execute("SELECT count(*) AS n FROM signing_key").fetchone()["n"] == 0
+
+
+def test_reads_are_not_served_when_they_cannot_be_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from interop.domain import audit as events
+    from interop.services.security import audit
+
+    def unavailable() -> Any:
+        raise OSError("the database is away")
+
+    monkeypatch.setattr(audit, "MAX_PENDING", 3)
+    monkeypatch.setattr(audit, "RETRY_SECONDS", 0.05)
+    writer = audit.AuditWriter(unavailable)
+    event = events.Event(events.Who("127.0.0.1", client="c"), events.interaction("read"), "R", what=["Patient/p"])
+    for _ in range(3):
+        writer.submit(event)
+    with pytest.raises(audit.AuditBacklog):
+        writer.submit(event)
+    assert writer.flush(timeout=0.3) is False  # nothing could be written, nothing was dropped
+    writer.close(timeout=0.1)
+
+
+def test_the_login_page_is_not_framed_and_sets_no_session(anonymous: FlaskClient) -> None:
+    page = anonymous.get("/login")
+    assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+    assert page.headers["Cache-Control"] == "no-store"
+    assert not any(c.startswith("interop_session=") for c in page.headers.getlist("Set-Cookie"))

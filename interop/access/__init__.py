@@ -246,10 +246,20 @@ def login_form(error: str | None = None, status: int = 200, next_: str | None = 
     login_csrf = secrets.token_urlsafe(24)
     body = render_template("auth/login.html", error=error, next=next_ if next_ is not None else request.args.get("next", ""),
                            login_csrf=login_csrf, oidc=bool(_hub().settings.oidc_issuer))
-    response = Response(body, status=status, content_type="text/html; charset=utf-8", headers={"Cache-Control": "no-store"})
+    response = Response(body, status=status, content_type="text/html; charset=utf-8", headers={
+        "Cache-Control": "no-store",  # and never framed: a login form inside another page is a trap
+        "Content-Security-Policy": "default-src 'self'; form-action 'self' " + _oidc_origin() + "; frame-ancestors 'none'"})
     response.set_cookie(LOGIN_CSRF_COOKIE, login_csrf, max_age=1800, httponly=True, secure=request.is_secure,
                         samesite="Strict", path="/login")
     return response
+
+
+def _oidc_origin() -> str:
+    issuer = _hub().settings.oidc_issuer
+    if not issuer:
+        return ""
+    split = urlsplit(issuer)
+    return f"{split.scheme}://{split.netloc}"
 
 
 def refusal(exc: Refused, page: bool = False) -> Response:

@@ -93,8 +93,9 @@ class AuditWriter:
                 self._lock.wait(min(left, INTERVAL_SECONDS))
         return True
 
-    def close(self) -> None:
-        self.flush()
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what waits (up to `timeout`), then stop the thread."""
+        self.flush(timeout)
         with self._lock:
             self._stopping = True
             self._lock.notify()
@@ -114,6 +115,9 @@ class AuditWriter:
                     store.copy(conn, batch)
             except Exception as exc:  # the database is away: keep the records, try again
                 log.error("audit records not written yet (%s); %d waiting", type(exc).__name__, len(self._pending))
+                if self._stopping:  # the process is ending and the database is still away
+                    log.error("%d audit records could not be written before the process ended", len(self._pending))
+                    return
                 time.sleep(RETRY_SECONDS)
                 continue
             with self._lock:
