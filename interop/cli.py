@@ -7,7 +7,9 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 from .config import ENVIRONMENT, Settings
 
@@ -194,11 +196,11 @@ def _analytics(settings: Settings, action: str, rekey: bool) -> int:
     return 0
 
 
-def _database(settings: Settings) -> Iterator[str]:
-    """The hub's database: DATABASE_URL, else the embedded one under INTEROP_DATA_DIR (the running
-    hub's, joined; or started for this command and stopped after it), migrated."""
-    from contextlib import ExitStack
-
+@contextmanager
+def _hub_database(settings: Settings) -> Iterator[Any]:
+    """A connection to the hub's database: DATABASE_URL, else the embedded one under
+    INTEROP_DATA_DIR (the running hub's, joined; or started for this command and stopped after
+    it), migrated."""
     from .store import db
 
     with ExitStack() as stack:
@@ -208,34 +210,33 @@ def _database(settings: Settings) -> Iterator[str]:
 
             url = stack.enter_context(EmbeddedPostgres(settings.data_dir / "postgres")).url
         db.migrate(url)
-        yield url
+        with db.connect(url, autocommit=True) as conn:
+            yield conn
 
 
 def _clients(parser: argparse.ArgumentParser, settings: Settings, args: argparse.Namespace) -> int:
     from .services.security import clients
-    from .store import db
 
-    for url in _database(settings):
-        with db.connect(url, autocommit=True) as conn:
-            if args.action == "list":
-                _print_rows(clients.listing(conn))
+    with _hub_database(settings) as conn:
+        if args.action == "list":
+            _print_rows(clients.listing(conn))
+            return 0
+        if not args.name:
+            parser.error(f"clients {args.action} needs a name")
+        if args.action == "disable":
+            if clients.disable(conn, args.name):
+                print(f"client {args.name} disabled: its tokens stop working within seconds")
                 return 0
-            if not args.name:
-                parser.error(f"clients {args.action} needs a name")
-            if args.action == "disable":
-                if clients.disable(conn, args.name):
-                    print(f"client {args.name} disabled: its tokens stop working within seconds")
-                    return 0
-                print(f"no enabled client {args.name}", file=sys.stderr)
-                return 1
-            if not args.jwks or not args.scopes:
-                parser.error("clients add needs --jwks FILE_OR_URL and --scopes")
-            try:
-                client_id = clients.register(conn, args.name, args.jwks, args.scopes)
-            except clients.ClientError as exc:
-                print(f"interop clients add: {exc}", file=sys.stderr)
-                return 2
-            print(f"registered {args.name}; client_id: {client_id}")
+            print(f"no enabled client {args.name}", file=sys.stderr)
+            return 1
+        if not args.jwks or not args.scopes:
+            parser.error("clients add needs --jwks FILE_OR_URL and --scopes")
+        try:
+            client_id = clients.register(conn, args.name, args.jwks, args.scopes)
+        except clients.ClientError as exc:
+            print(f"interop clients add: {exc}", file=sys.stderr)
+            return 2
+        print(f"registered {args.name}; client_id: {client_id}")
     return 0
 
 
@@ -252,34 +253,32 @@ def _password(from_stdin: bool) -> str:
 
 def _users(parser: argparse.ArgumentParser, settings: Settings, args: argparse.Namespace) -> int:
     from .services.security import people
-    from .store import db
     from .store import security as accounts
 
-    for url in _database(settings):
-        with db.connect(url, autocommit=True) as conn:
-            if args.action == "list":
-                _print_rows(accounts.people(conn))
+    with _hub_database(settings) as conn:
+        if args.action == "list":
+            _print_rows(accounts.people(conn))
+            return 0
+        if not args.name:
+            parser.error(f"users {args.action} needs the account name")
+        try:
+            if args.action == "add":
+                if not args.role:
+                    parser.error("users add needs --role")
+                people.add(conn, args.name, args.role, _password(args.password_stdin), args.site)
+                print(f"account {args.name} ({args.role}) added")
                 return 0
-            if not args.name:
-                parser.error(f"users {args.action} needs the account name")
-            try:
-                if args.action == "add":
-                    if not args.role:
-                        parser.error("users add needs --role")
-                    people.add(conn, args.name, args.role, _password(args.password_stdin), args.site)
-                    print(f"account {args.name} ({args.role}) added")
-                    return 0
-                if args.action == "password":
-                    done = people.set_password(conn, args.name, _password(args.password_stdin))
-                else:
-                    done = accounts.set_person(conn, args.name, disabled=args.action == "disable")
-            except people.AccountError as exc:
-                print(f"interop users {args.action}: {exc}", file=sys.stderr)
-                return 2
-            if not done:
-                print(f"no account {args.name}", file=sys.stderr)
-                return 1
-            print(f"account {args.name}: {args.action} done" + (" (unlocked)" if args.action == "password" else ""))
+            if args.action == "password":
+                done = people.set_password(conn, args.name, _password(args.password_stdin))
+            else:
+                done = accounts.set_person(conn, args.name, disabled=args.action == "disable")
+        except people.AccountError as exc:
+            print(f"interop users {args.action}: {exc}", file=sys.stderr)
+            return 2
+        if not done:
+            print(f"no account {args.name}", file=sys.stderr)
+            return 1
+        print(f"account {args.name}: {args.action} done" + (" (unlocked)" if args.action == "password" else ""))
     return 0
 
 

@@ -11,5 +11,6 @@ pytest_plugins = (
     "tests.fixtures.fhir_server",
     "tests.fixtures.browser",
     "tests.fixtures.tls",
+    "tests.fixtures.stored_report",
     "tests.fixtures.oidc",
 )

@@ -1,6 +1,7 @@
 """Small helpers shared by tests: put a synthetic study in the PACS and describe it in FHIR."""
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,17 @@ def chest_study_in_pacs(orthanc: Any, seed: int, **kwargs: Any) -> Dataset:
 
 def study_resource(datasets: list[Dataset], patient_id: str, endpoint: str | None) -> dict[str, Any]:
     return imaging_study(datasets, subject=f"Patient/{patient_id}", endpoint_address=endpoint)
+
+
+def stop_process(proc: Any, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within `timeout` (a peer the tests started)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.2, what: str = "condition") -> Any:

@@ -42,17 +42,6 @@ FAILURES_BEFORE_ERROR = context().policies.kind(delivery.REST_HOOK).max_attempts
 
 
 # -- fixtures ---------------------------------------------------------------------------------
-@pytest.fixture
-def stored(db_url: str) -> Iterator[psycopg.Connection[Any]]:
-    """Patient, order, study, device, observations and report r1 (v1, critical) in the store."""
-    conn = db.connect(db_url, autocommit=True)
-    built = built_report()
-    for body in (PATIENT, SERVICE_REQUEST, STUDY, built["device"], *built["observations"], built["report"]):
-        resources.create(conn, body, PARAMS[body["resourceType"]], rid=body["id"])
-    yield conn
-    conn.close()
-
-
 def write_sites(tmp_path: Path, fhir: str) -> Path:
     path = tmp_path / "sites.yaml"
     path.write_text("sites:\n  BVDKDN:\n    name: Benh vien Da khoa Dong Nai\n" + fhir, encoding="utf-8")

@@ -28,8 +28,8 @@ from interop.hl7 import oru
 from interop.hl7.client import BadAck, MllpClient, PeerUnavailable, parse_ack
 from interop.ops.admin import deliveries
 from interop.services import delivery
-from interop.store import db, resources
 from interop.store import queue as jobs
+from interop.store import resources
 from interop.store.search_params import load as load_params
 from interop.workers.delivery import Deliverer
 from tests.helpers import context, delivery_row, free_port, time_passes
@@ -311,17 +311,6 @@ def peer() -> Iterator[Peer]:
     p.start()
     yield p
     p.shutdown()
-
-
-@pytest.fixture
-def stored(db_url: str) -> Iterator[psycopg.Connection[Any]]:
-    """A database holding the patient, order, study, device, observations and report r1 (v1)."""
-    conn = db.connect(db_url, autocommit=True)
-    built = built_report()
-    for body in (PATIENT, SERVICE_REQUEST, STUDY, built["device"], *built["observations"], built["report"]):
-        resources.create(conn, body, PARAMS[body["resourceType"]], rid=body["id"])
-    yield conn
-    conn.close()
 
 
 def make_sender(db_url: str, tmp_path: Path, port: int, *, ack_timeout: float = 2.0,

@@ -44,14 +44,14 @@ from interop.services import delivery
 from interop.services.delivery.auth import AuthError, TokenCache
 from interop.sites import FhirAuth, SitesError
 from interop.sites import load as load_sites
-from interop.store import db, resources
+from interop.store import resources
 from interop.workers.delivery import Deliverer
 from tests.fixtures.hub import HubProcess, stop_hub
 from tests.fixtures.mllp import ListenerThread, listener_settings, orm, unframe
 from tests.fixtures.tls import Authority, Pki
 from tests.helpers import context, delivery_row, free_port, time_passes, wait_for
 from tests.test_mllp import ack_fields, err_code, jobs, messages, msa_code
-from tests.test_oru import PARAMS, PATIENT, SERVICE_REQUEST, STUDY, Peer, built_report
+from tests.test_oru import Peer
 
 EB = b"\x1c\x0d"
 LISTENER_LOG = "interop.hl7.listener"
@@ -250,17 +250,6 @@ class TlsPeer(Peer):
         async def go() -> Any:
             return await hl7.mllp.start_hl7_server(self._handle, "127.0.0.1", self.port, encoding="utf-8", ssl=self.ctx)
         self.server = asyncio.run_coroutine_threadsafe(go(), self.loop).result(5)
-
-
-@pytest.fixture
-def stored(db_url: str) -> Iterator[psycopg.Connection[Any]]:
-    """The report r1 with its patient, order, study, device and observations (as tests/test_oru.py)."""
-    conn = db.connect(db_url, autocommit=True)
-    built = built_report()
-    for body in (PATIENT, SERVICE_REQUEST, STUDY, built["device"], *built["observations"], built["report"]):
-        resources.create(conn, body, PARAMS[body["resourceType"]], rid=body["id"])
-    yield conn
-    conn.close()
 
 
 def tls_sender(db_url: str, tmp_path: Path, destination: str, **env: str) -> Deliverer:
