@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from interop.runtime.processes import free_port  # noqa: E402
+from scripts import smart  # noqa: E402
 from tests.fixtures.mllp import orm  # noqa: E402
 
 SB, EB = b"\x0b", b"\x1c\x0d"
@@ -224,17 +225,17 @@ def fuzz_request(rng: random.Random, bases: list[tuple[str, str, dict[str, Any]]
     path = rng.choice(["/fhir/Patient/%00", "/fhir/Patient/" + "x" * 80, "/fhir/Patient/p1/_history/²",
                        "/fhir/Patient/p1/_history/99999999999999999999", "/fhir/%2e%2e/etc", "/fhir/Patient/a b",
                        "/outbox/1/replay", "/hl7/messages?status=nope", "/outbox?status=", "/worklist/%00",
-                       "/analytics/api/workload?start=2026-99-99", "/fhir/DiagnosticReport/x/$acknowledge-critical"])
+                       "/analytics/api/workload?start=2026-99-99", "/fhir/DiagnosticReport/x/$acknowledge-critical",
+                       "/auth/token", "/login", "/fhir/AuditEvent?date=nope", "/fhir/AuditEvent/1"])
     method = rng.choice(["GET", "POST", "PUT", "DELETE", "PATCH"])
     return method, path, b"{}", headers
 
 
-def fuzz_fhir(base: str, n: int, rng: random.Random) -> dict[str, Any]:
+def fuzz_fhir(base: str, n: int, rng: random.Random, session: requests.Session) -> dict[str, Any]:
     bases = fhir_bases()
     statuses: Counter[int] = Counter()
     not_outcome = 0
     server_errors: list[str] = []
-    session = requests.Session()
     start = time.perf_counter()
     for _ in range(n):
         method, path, body, headers = fuzz_request(rng, bases)
@@ -252,6 +253,9 @@ def fuzz_fhir(base: str, n: int, rng: random.Random) -> dict[str, Any]:
     return {"requests": n, "seconds": round(time.perf_counter() - start, 1),
             "statuses": dict(sorted(statuses.items())), "5xx": len(server_errors), "4xx_not_operation_outcome": not_outcome,
             "first_5xx": server_errors[:5]}
+
+
+SCOPES = "system/*.cruds hub:admin hub:analytics hub:metrics"
 
 
 def main() -> int:
@@ -280,7 +284,13 @@ def main() -> int:
             except requests.RequestException:
                 time.sleep(0.5)
         hl7 = fuzz_hl7(mllp, args.hl7, rng)
-        fhir = fuzz_fhir(base, args.fhir, rng)
+        # as a backend client with every scope, so that the requests reach the views (issue 12)
+        key = smart.ClientKey.new()
+        (work / "jwks.json").write_text(json.dumps(key.jwks))
+        client_id = subprocess.run([sys.executable, "-m", "interop.cli", "clients", "add", "fuzz", "--jwks",
+                                    str(work / "jwks.json"), "--scopes", SCOPES], env=env, capture_output=True,
+                                   text=True, check=True).stdout.split()[-1]
+        fhir = fuzz_fhir(base, args.fhir, rng, smart.session(smart.Smart(f"{base}/auth/token", client_id, key, SCOPES)))
     finally:
         hub.terminate()
         hub.wait(60)
