@@ -20,6 +20,9 @@ system-deps:
 	@if ! command -v Orthanc >/dev/null || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
 	  echo "installing Debian's orthanc + orthanc-dicomweb (the PACS for the demo and tests)"; \
 	  $(APT) update -qq && $(APT) install -y -qq orthanc orthanc-dicomweb >/dev/null; fi
+	@if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null; then \
+	  echo "installing Debian's dcmtk and dicom3tools (DICOM senders and the SR validator for the tests)"; \
+	  $(APT) update -qq && $(APT) install -y -qq dcmtk dicom3tools >/dev/null; fi
 	@if [ ! -x /usr/bin/chromium ]; then \
 	  echo "installing Debian's chromium (headless, for the worklist and dashboard browser tests)"; \
 	  $(APT) update -qq && $(APT) install -y -qq chromium >/dev/null; fi

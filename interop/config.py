@@ -82,6 +82,17 @@ ENVIRONMENT: list[tuple[str, str, str | None, str]] = [
      "CA bundle the hub verifies its peers (EMR, RIS, PACS, identity providers) with; unset: the system's"),
     ("INTEROP_TLS_CLIENT_CERT", "tls_client_cert", None, "PEM certificate the hub presents to peers that ask for one"),
     ("INTEROP_TLS_CLIENT_KEY", "tls_client_key", None, "PEM private key of INTEROP_TLS_CLIENT_CERT"),
+    # -- DICOM in (C-STORE, STOW-RS) and out (SR to the PACS) -----------------------------------------
+    ("INTEROP_DICOM_PORT", "dicom_port", "11112", "port of the DICOM Storage SCP (C-STORE, C-ECHO) `interop serve` starts"),
+    ("INTEROP_DICOM_HOST", "dicom_host", "127.0.0.1", "address the DICOM Storage SCP binds to"),
+    ("INTEROP_DICOM_AET", "dicom_aet", "AIHUB",
+     "the hub's AE title (called AE of the Storage SCP, calling AE when it stores SRs)"),
+    ("INTEROP_DICOM_ALLOW_UNKNOWN_AE", "dicom_allow_unknown_ae", "false",
+     "true: accept associations from calling AE titles no site lists in `dicom_aets`"),
+    ("INTEROP_DICOM_STABLE_SECONDS", "dicom_stable_seconds", "10",
+     "a pushed study is analysed once no new instance arrived for this long (sliding window)"),
+    ("INTEROP_DICOM_MAX_BYTES", "dicom_max_bytes", str(2 * 1024 * 1024 * 1024),
+     "largest DICOM instance accepted by C-STORE or STOW-RS (failure status above)"),
     ("INTEROP_URL_ALLOW", "url_allow", None,
      "URL prefixes (comma-separated) the hub may call for Subscriptions and Endpoint addresses, beside "
      "the sites file's destinations and `allow_urls`"),
@@ -148,6 +159,12 @@ class Settings:
     tls_client_cert: Path | None = None
     tls_client_key: Path | None = None
     url_allow: str | None = None
+    dicom_port: int = 11112
+    dicom_host: str = "127.0.0.1"
+    dicom_aet: str = "AIHUB"
+    dicom_allow_unknown_ae: str = "false"
+    dicom_stable_seconds: int = 10
+    dicom_max_bytes: int = 2 * 1024 * 1024 * 1024
     # The environment as read, for the secrets the sites file names (`secret()`); never printed.
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -185,6 +202,10 @@ class Settings:
     def tls(self) -> bool:
         """Whether the hub serves HTTPS and MLLP over TLS (a certificate and its key are set)."""
         return self.tls_cert is not None and self.tls_key is not None
+
+    @property
+    def dicom_unknown_ae_allowed(self) -> bool:
+        return self.dicom_allow_unknown_ae.strip().lower() in ("1", "true", "yes", "on")
 
     def allowed_url_prefixes(self) -> tuple[str, ...]:
         """INTEROP_URL_ALLOW as a tuple of prefixes (the sites file adds its own)."""

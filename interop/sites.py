@@ -47,6 +47,24 @@ class Address:
 
 
 @dataclass(frozen=True)
+class DicomStore:
+    """A PACS that takes SRs by C-STORE (the sites file's `dicom_store`)."""
+
+    aet: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """What to do with a pushed study no order matches (`unmatched_studies`): analyse it at once,
+    wait `wait_minutes` for the order (then analyse), or hold it for a person."""
+
+    policy: str = "analyse"  # analyse | wait | hold
+    wait_minutes: int = 0
+
+
+@dataclass(frozen=True)
 class FhirAuth:
     """How the hub authenticates to a site's FHIR server. Secrets are never in the sites file:
     it names the environment variables that hold them (read when a request is made)."""
@@ -89,6 +107,12 @@ class Site:
     # SHA-256 fingerprints (lower-case hex, no colons) of the client certificates that may send
     # HL7 v2 as this site over MLLP; empty: any sender the listener lets in
     tls_client_certs: tuple[str, ...] = ()
+    # DICOM (issue 13): the calling AE titles of its modalities and PACS, what to do with a pushed
+    # study no order matches, and where its SR results go (STOW-RS to `dicomweb`, or C-STORE)
+    dicom_aets: tuple[str, ...] = ()
+    unmatched_studies: Unmatched = Unmatched()
+    results_to_pacs: bool = False
+    dicom_store: DicomStore | None = None
 
     @property
     def ack_address(self) -> Address | None:
@@ -163,6 +187,34 @@ def _fingerprints(code: str, raw: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def _dicom(code: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """The DICOM keys of a site: dicom_aets, unmatched_studies, results_to_pacs, dicom_store."""
+    aets = raw.get("dicom_aets") or []
+    if not isinstance(aets, list) or not all(isinstance(a, str) and 0 < len(a.strip()) <= 16 for a in aets):
+        raise SitesError(f"site {code}: dicom_aets must be a list of AE titles (1 to 16 characters)")
+    unmatched = raw.get("unmatched_studies", "analyse")
+    if unmatched in ("analyse", "analyze", "hold"):
+        policy = Unmatched("hold" if unmatched == "hold" else "analyse")
+    elif isinstance(unmatched, dict) and set(unmatched) == {"wait_minutes"} and isinstance(unmatched["wait_minutes"], int) \
+            and unmatched["wait_minutes"] > 0:
+        policy = Unmatched("wait", unmatched["wait_minutes"])
+    else:
+        raise SitesError(f"site {code}: unmatched_studies must be analyse, hold, or {{wait_minutes: N}}")
+    if not isinstance(raw.get("results_to_pacs", False), bool):
+        raise SitesError(f"site {code}: results_to_pacs must be true or false")
+    store = None
+    if raw.get("dicom_store"):
+        d = raw["dicom_store"]
+        try:
+            store = DicomStore(str(d["aet"]).strip(), str(d["host"]), int(d["port"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SitesError(f"site {code}: dicom_store needs aet, host and an integer port") from exc
+        if not 0 < len(store.aet) <= 16:
+            raise SitesError(f"site {code}: dicom_store.aet must be 1 to 16 characters")
+    return {"dicom_aets": tuple(a.strip() for a in aets), "unmatched_studies": policy,
+            "results_to_pacs": bool(raw.get("results_to_pacs", False)), "dicom_store": store}
+
+
 def _site(code: str, raw: dict[str, Any]) -> Site:
     if not isinstance(raw, dict) or not raw.get("name"):
         raise SitesError(f"site {code}: needs at least a name")
@@ -192,7 +244,7 @@ def _site(code: str, raw: dict[str, Any]) -> Site:
     if not isinstance(allow, list) or not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in allow):
         raise SitesError(f"site {code}: allow_urls must be a list of http(s) URL prefixes")
     known = {"name", "district", "province", "hl7", "exam_done", "pacs_wait_minutes", "fhir", "app_ack", "dicomweb",
-             "allow_urls", "tls_client_certs"}
+             "allow_urls", "tls_client_certs", "dicom_aets", "unmatched_studies", "results_to_pacs", "dicom_store"}
     return Site(
         code=code, name=str(raw["name"]), district=raw.get("district"), province=raw.get("province"), hl7=hl7,
         exam_done_order_status=frozenset(map(str, done.get("order_status", ["CM"]))),
@@ -202,6 +254,7 @@ def _site(code: str, raw: dict[str, Any]) -> Site:
         fhir=_fhir(code, raw["fhir"]) if raw.get("fhir") else None, app_ack=app_ack,
         dicomweb=str(raw["dicomweb"]).rstrip("/") if raw.get("dicomweb") else None,
         allow_urls=tuple(allow), tls_client_certs=_fingerprints(code, raw.get("tls_client_certs")),
+        **_dicom(code, raw),
     )
 
 
@@ -272,6 +325,13 @@ class Sites:
             return None
         wanted = dicomweb.rstrip("/")
         return next((s for s in self.current().values() if s.dicomweb == wanted), None)
+
+    def by_aet(self, aet: str | None) -> Site | None:
+        """The site whose `dicom_aets` lists this calling AE title (DICOM pads it with spaces)."""
+        wanted = (aet or "").strip()
+        if not wanted:
+            return None
+        return next((s for s in self.current().values() if wanted in s.dicom_aets), None)
 
     def allowed_urls(self) -> tuple[str, ...]:
         """URL prefixes the sites file lets the hub call: every site's PACS and FHIR server, and
