@@ -5,7 +5,7 @@ from flask import Flask, g
 
 from inference_client import models, routing, triton
 from interop import app
-from interop.dicom import dicomweb, views, volume
+from interop.dicom import dicomweb, sr, views, volume
 from interop.hl7 import mllp, order
 from interop.ops.health import QueueCollector
 from interop.store import queue
@@ -28,3 +28,4 @@ mllp.Framer.in_frame
 order.Order.requested_procedure_id, order.Order.scheduled_procedure_step_id, order.Order.station_name
 order.Order.station_ae_titles, order.Order.requester
 queue.series_jobs, queue.job_row
+sr.to_bytes, sr.build_sr, sr.header_from, sr.header_from_fhir, sr.COMPREHENSIVE_3D_SR

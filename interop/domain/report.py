@@ -56,6 +56,12 @@ def findings(model: ModelDescription, probabilities: Sequence[float | None]) -> 
     return out
 
 
+def device_uid(model: ModelDescription, version: str) -> str:
+    """The model's DICOM Device UID (the SR's Contributing Equipment, IHE AIR): a new one whenever
+    the model or its version changes."""
+    return f"2.25.{uuid.UUID(device_id(model, version)).int}"
+
+
 def device(model: ModelDescription, version: str) -> dict[str, Any]:
     notes = [{"text": f"AI imaging model {model.name} served by NVIDIA Triton as {model.triton_model}."}]
     if model.reference_model:
@@ -63,7 +69,8 @@ def device(model: ModelDescription, version: str) -> dict[str, Any]:
     return {
         "resourceType": "Device",
         "id": device_id(model, version),
-        "identifier": [{"system": MODEL_SYSTEM, "value": f"{model.name}@{version}"}],
+        "identifier": [{"system": MODEL_SYSTEM, "value": f"{model.name}@{version}"},
+                       {"system": "urn:dicom:uid", "value": f"urn:oid:{device_uid(model, version)}"}],
         "status": "active",
         "deviceName": [
             {"name": model.display.en, "type": "user-friendly-name"},
