@@ -3,19 +3,34 @@
 Content: SRs built from a real report (`interop.domain.report.build` with the shipped chest model,
 as tests/test_oru.py) and a synthetic chest radiograph, checked by Debian's `dciodvfy` (no error)
 and read back with highdicom and pydicom.
+
+Delivery: through the outbox's `SITE:pacs` lane to a real Orthanc (STOW-RS, the `orthanc`
+fixture, and one started late for "PACS down, then back") and to pynetdicom's Storage SCP
+(C-STORE, `dicom_store`).
 """
 from __future__ import annotations
 
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
 import highdicom as hd
+import psycopg
 import pytest
 from pydicom import Dataset, dcmread
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Comprehensive3DSRStorage
 
 from interop.dicom import sr as srmod
-from scripts.synthetic.dicom import make_chest_xray
+from interop.dicom.dicomweb import DicomWebClient
+from interop.services import delivery
+from interop.store import queue as jobs
+from interop.store import resources
+from interop.workers.delivery import Deliverer
+from scripts.peers.orthanc import Orthanc
+from scripts.synthetic.dicom import dataset_bytes, make_chest_xray
+from tests.helpers import context, delivery_row, free_port, time_passes
 from tests.test_oru import MODEL, STUDY_UID, built_report
 
 RADIOLOGIST = "Trần Thị Bình"
@@ -190,3 +205,133 @@ def test_device_uid_without_the_identifier_is_the_same() -> None:
     device = built_report()["device"]
     bare = {**device, "identifier": device["identifier"][:1]}
     assert srmod.device_uid(bare) == srmod.device_uid(device)
+
+
+# -- delivery ---------------------------------------------------------------------------------
+def pacs_sites(tmp_path: Path, pacs: str) -> Path:
+    path = tmp_path / "sites.yaml"
+    path.write_text("sites:\n  BVDKDN:\n    name: Benh vien Da khoa Dong Nai\n    results_to_pacs: true\n" + pacs,
+                    encoding="utf-8")
+    return path
+
+
+def sender(db_url: str, sites: Path) -> Deliverer:
+    ctx = context(INTEROP_SITES=str(sites), DATABASE_URL=db_url, TRITON_URL="unused:1", INTEROP_RETRY_BASE_SECONDS="2",
+                  INTEROP_DICOMWEB_TIMEOUT="5")
+    return Deliverer(ctx, worker_id="test-sr-sender", kinds=(delivery.SR,))
+
+
+def queue_r1(conn: psycopg.Connection[Any], out: Deliverer) -> list[int]:
+    with conn.transaction():
+        report = resources.read(conn, "DiagnosticReport", "r1")
+        return delivery.queue_report(conn, out.ctx, report, out.ctx.sites.get("bvdkdn"))
+
+
+def image_in(pacs: Orthanc, seed: int = 21) -> Dataset:
+    ds = make_chest_xray(seed=seed, size=64, study_uid=STUDY_UID, accession="ACC-1", patient_id="BN-0042",
+                         patient_name="Nguyen^Van An")
+    pacs.upload(dataset_bytes(ds))
+    return ds
+
+
+def srs_in(pacs: Orthanc) -> list[Dataset]:
+    with DicomWebClient(pacs.dicomweb_url, 10) as client:
+        refs = [r for r in client.search_instances(STUDY_UID) if r.sop_class_uid == srmod.COMPREHENSIVE_3D_SR]
+        return [client.retrieve_instance(r) for r in refs]
+
+
+def referenced(ds: Dataset) -> set[str]:
+    return {i.ReferencedSOPInstanceUID for s in ds.CurrentRequestedProcedureEvidenceSequence
+            for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+
+
+def test_sr_reaches_the_pacs_in_the_study_of_the_images_once(stored: psycopg.Connection[Any], orthanc: Orthanc,
+                                                             db_url: str, tmp_path: Path) -> None:
+    image = image_in(orthanc)
+    out = sender(db_url, pacs_sites(tmp_path, f"    dicomweb: {orthanc.dicomweb_url}\n"))
+    ids = queue_r1(stored, out)
+    assert len(ids) == 1 and jobs.job_row(stored, ids[0])["lane"] == "BVDKDN:pacs"
+    # the first try stores the SR, then the runner dies before it records that (lease lost)
+    job = jobs.claim(stored, "dies", 60, kinds=(delivery.SR,))
+    assert job is not None
+    channel = out.channels[delivery.SR]
+    message = channel.prepare(stored, job)
+    assert isinstance(message, delivery.Message)
+    with stored.transaction():
+        jobs.set_message(stored, job, message.id, message.text)
+    assert channel.send(job, message).state == "sent"
+    stored.execute("UPDATE job SET leased_until = now() - interval '1 second' WHERE id = %s", (job.id,))
+    # the retry sends the same SR: the PACS still has one
+    assert out.run_once()
+    assert delivery_row(stored, ids[0])["status"] == "sent"
+    (sr,) = srs_in(orthanc)
+    assert sr.StudyInstanceUID == image.StudyInstanceUID and sr.PatientID == image.PatientID
+    assert sr.AccessionNumber == image.AccessionNumber and sr.SOPInstanceUID == message.id
+    assert image.SOPInstanceUID in referenced(sr)
+    assert sr.PreliminaryFlag == "PRELIMINARY"
+    assert not referenced(sr) & {s.SOPInstanceUID for s in srs_in(orthanc)}  # never an SR as a source
+    # queued again (the same version): nothing new
+    assert queue_r1(stored, out) == []
+
+
+def test_pacs_down_is_retried_then_delivered(stored: psycopg.Connection[Any], db_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    pacs = Orthanc(tmp_path / "late-pacs", http_port=port)
+    out = sender(db_url, pacs_sites(tmp_path, f"    dicomweb: {pacs.dicomweb_url}\n"))
+    (item,) = queue_r1(stored, out)
+    assert out.run_once()
+    row = delivery_row(stored, item)
+    assert row["status"] == "pending" and row["attempts"] == 1 and "PACS" in (row["last_error"] or "")
+    pacs.start()
+    try:
+        image = image_in(pacs, seed=22)
+        time_passes(stored)
+        assert out.run_once()
+        assert delivery_row(stored, item)["status"] == "sent"
+        (sr,) = srs_in(pacs)
+        assert sr.StudyInstanceUID == STUDY_UID and referenced(sr) == {image.SOPInstanceUID}
+    finally:
+        pacs.stop()
+
+
+@pytest.fixture
+def storage_scp() -> Any:
+    received: list[Dataset] = []
+    lock = threading.Lock()
+
+    def on_store(event: Any) -> int:
+        with lock:
+            received.append(event.dataset)
+        return 0x0000
+
+    ae = AE(ae_title="SITEPACS")
+    ae.add_supported_context(Comprehensive3DSRStorage)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        yield port, received
+    finally:
+        server.shutdown()
+
+
+def test_c_store_to_the_sites_dicom_store(stored: psycopg.Connection[Any], orthanc: Orthanc, db_url: str,
+                                          tmp_path: Path, storage_scp: Any) -> None:
+    port, received = storage_scp
+    image = image_in(orthanc, seed=23)
+    out = sender(db_url, pacs_sites(tmp_path, f"    dicomweb: {orthanc.dicomweb_url}\n"
+                                              f"    dicom_store: {{aet: SITEPACS, host: 127.0.0.1, port: {port}}}\n"))
+    (item,) = queue_r1(stored, out)
+    assert out.run_once()
+    assert delivery_row(stored, item)["status"] == "sent"
+    (sr,) = received
+    assert sr.SOPClassUID == srmod.COMPREHENSIVE_3D_SR and sr.StudyInstanceUID == STUDY_UID
+    assert image.SOPInstanceUID in referenced(sr)
+    code = air_item(sr).PurposeOfReferenceCodeSequence[0]
+    assert code.CodeMeaning == "Processing Algorithm"
+
+
+def test_a_site_without_results_to_pacs_gets_no_sr(stored: psycopg.Connection[Any], db_url: str,
+                                                    tmp_path: Path) -> None:
+    path = tmp_path / "sites.yaml"
+    path.write_text("sites:\n  BVDKDN:\n    name: BV\n    dicomweb: http://127.0.0.1:9/dicom-web\n", encoding="utf-8")
+    assert queue_r1(stored, sender(db_url, path)) == []

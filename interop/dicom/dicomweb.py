@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -444,6 +445,44 @@ class DicomWebClient:
             raise DicomError("PACS sent a different instance than the one asked for")
         log.debug("WADO-RS: %d bytes in %.3f s", len(payloads[0]), time.perf_counter() - began)
         return ds
+
+    def instance_metadata(self, ref: InstanceRef) -> Dataset:
+        """WADO-RS `GET {base}/studies/{s}/series/{se}/instances/{i}/metadata`: the instance's
+        attributes without its bulk data (what an SR copies: patient, study)."""
+        response = self._get(
+            f"{self.base_url}/studies/{ref.study_uid}/series/{ref.series_uid}/instances/{ref.instance_uid}/metadata",
+            accept=DICOM_JSON, what="WADO-RS metadata")
+        try:
+            items = response.json()
+            ds = Dataset.from_json(items[0], bulk_data_uri_handler=lambda *_: b"")
+        except (ValueError, IndexError, KeyError, TypeError) as exc:
+            raise DicomError("PACS sent an invalid WADO-RS metadata answer") from exc
+        if str(ds.get("SOPInstanceUID", "")) != ref.instance_uid:
+            raise DicomError("PACS sent the metadata of a different instance than the one asked for")
+        return ds
+
+    def store(self, study_uid: str, instances: list[bytes]) -> tuple[int, str]:
+        """STOW-RS `POST {base}/studies/{study}`: DICOM Part 10 files as multipart/related.
+        Returns (HTTP status, answer text); PacsUnavailable when no answer came."""
+        boundary = f"interop-{uuid.uuid4().hex}"
+        body = bytearray()
+        for data in instances:
+            body += f"--{boundary}\r\nContent-Type: application/dicom\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            body += data + b"\r\n"
+        body += f"--{boundary}--\r\n".encode()
+        try:
+            response = self.session.post(
+                f"{self.base_url}/studies/{study_uid}", data=bytes(body),
+                headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                         "Accept": DICOM_JSON},
+                timeout=(min(self.timeout_s, 10.0), self.timeout_s), allow_redirects=False, **self._tls)
+        except requests.Timeout as exc:
+            raise PacsUnavailable("PACS timed out during STOW-RS") from exc
+        except requests.ConnectionError as exc:  # SSLError included
+            raise PacsUnavailable("PACS unreachable during STOW-RS") from exc
+        except requests.RequestException as exc:
+            raise DicomError(f"STOW-RS request failed ({type(exc).__name__})") from exc
+        return response.status_code, response.text[:20000]
 
     def retrieve_series(self, study_uid: str, series_uid: str, *, chunk_bytes: int = 1 << 20) -> Iterator[Dataset]:
         """WADO-RS `GET {base}/studies/{s}/series/{se}`, streamed: yields each instance as its part arrives.

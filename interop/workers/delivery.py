@@ -27,11 +27,12 @@ import psycopg
 from ..config import Settings
 from ..services.analytics import facts
 from ..services.context import Context
-from ..services.delivery import APP_ACK, FHIR, HL7, KINDS, REST_HOOK, Channel, Message, Outcome
+from ..services.delivery import APP_ACK, FHIR, HL7, KINDS, REST_HOOK, SR, Channel, Message, Outcome
 from ..services.delivery.app_ack import AppAckChannel
 from ..services.delivery.auth import TokenCache
 from ..services.delivery.fhir import FhirChannel
 from ..services.delivery.hl7 import SENDING_FACILITY, Hl7Channel
+from ..services.delivery.pacs import PacsChannel
 from ..services.delivery.rest_hook import RestHookChannel
 from ..store import db, queue
 from . import signals
@@ -55,7 +56,7 @@ class Deliverer:
         tokens = tokens or TokenCache(ctx.settings.secret)
         self.channels: dict[str, Channel] = {
             HL7: Hl7Channel(ctx, sending_facility=sending_facility), FHIR: FhirChannel(ctx, tokens=tokens),
-            REST_HOOK: RestHookChannel(ctx), APP_ACK: AppAckChannel(ctx),
+            REST_HOOK: RestHookChannel(ctx), APP_ACK: AppAckChannel(ctx), SR: PacsChannel(ctx),
         }
         self._conn: psycopg.Connection[Any] | None = None
 

@@ -9,6 +9,7 @@ A delivery is a job of the one queue (`interop.store.queue`) in a lane, its dest
 | `deliver-fhir`     | `SITE:fhir`          | the report version, or a critical notice, as a FHIR transaction (`fhir`) |
 | `notify-rest-hook` | `Subscription/<id>`  | a rest-hook notification (`rest_hook`)                      |
 | `hl7-app-ack`      | `SITE:hl7` (or `SITE:ack`) | an application acknowledgement of an HL7 message (`app_ack`) |
+| `deliver-sr`       | `SITE:pacs`          | the report version as a DICOM SR, to the site's PACS (`pacs`) |
 
 A report version is queued once per destination (the job key), versions of one report go in
 order in a lane, and a critical result's go first (priority 0). A channel builds the message
@@ -33,8 +34,9 @@ HL7 = "deliver-hl7"
 FHIR = "deliver-fhir"
 REST_HOOK = "notify-rest-hook"
 APP_ACK = "hl7-app-ack"
-KINDS = (HL7, FHIR, REST_HOOK, APP_ACK)
-CHANNEL_OF = {HL7: "hl7", FHIR: "fhir", REST_HOOK: "rest-hook", APP_ACK: "hl7-ack"}  # as operators name them
+SR = "deliver-sr"
+KINDS = (HL7, FHIR, REST_HOOK, APP_ACK, SR)
+CHANNEL_OF = {HL7: "hl7", FHIR: "fhir", REST_HOOK: "rest-hook", APP_ACK: "hl7-ack", SR: "pacs"}  # as operators name them
 KIND_OF = {v: k for k, v in CHANNEL_OF.items()}
 MAX_SUBSCRIPTIONS = 10_000
 
@@ -128,8 +130,9 @@ def _enqueue(conn: psycopg.Connection[Any], ctx: Context, kind: str, lane_name: 
 
 
 def queue_report(conn: psycopg.Connection[Any], ctx: Context, report: dict[str, Any], site: Site | None) -> list[int]:
-    """Queue a stored report version for every destination of its site and, when the report
-    raised a critical alert, of the site's higher-level hospital; and for every active rest-hook
+    """Queue a stored report version for every destination of its site (its PACS too, as an SR,
+    when it takes results) and, when the report raised a critical alert, of the site's
+    higher-level hospital; and for every active rest-hook
     Subscription it matches. Priority 0 for a critical version. Returns the new job ids (a version
     already queued for a destination is not queued again)."""
     prio = priority(report)
@@ -144,6 +147,8 @@ def queue_report(conn: psycopg.Connection[Any], ctx: Context, report: dict[str, 
             ids.append(_enqueue(conn, ctx, HL7, lane(target.code, "hl7"), report, prio))
         if target.fhir is not None:
             ids.append(_enqueue(conn, ctx, FHIR, lane(target.code, "fhir"), report, prio))
+    if site is not None and site.results_to_pacs and (site.dicom_store is not None or site.dicomweb is not None):
+        ids.append(_enqueue(conn, ctx, SR, lane(site.code, "pacs"), report, prio))  # the images are in its PACS only
     for sub in matching_subscriptions(conn, ctx, report):
         ids.append(_enqueue(conn, ctx, REST_HOOK, f"Subscription/{sub['id']}", report, prio))
     return [i for i in ids if i is not None]
