@@ -24,9 +24,10 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage
 
 from interop.dicom import sr as srmod
 from interop.dicom.dicomweb import DicomWebClient
-from interop.services import delivery
+from interop.services import delivery, reports, review
 from interop.store import queue as jobs
 from interop.store import resources
+from interop.store.resources import ANY_SYSTEM, Criterion, Query
 from interop.workers.delivery import Deliverer
 from scripts.peers.orthanc import Orthanc
 from scripts.synthetic.dicom import dataset_bytes, make_chest_xray
@@ -335,3 +336,36 @@ def test_a_site_without_results_to_pacs_gets_no_sr(stored: psycopg.Connection[An
     path = tmp_path / "sites.yaml"
     path.write_text("sites:\n  BVDKDN:\n    name: BV\n    dicomweb: http://127.0.0.1:9/dicom-web\n", encoding="utf-8")
     assert queue_r1(stored, sender(db_url, path)) == []
+
+
+# -- provenance -------------------------------------------------------------------------------
+def provenances(conn: psycopg.Connection[Any], target: str) -> list[dict[str, Any]]:
+    params = context().params["Provenance"]
+    query = Query(criteria=[Criterion(params["target"], [(ANY_SYSTEM, target)])])
+    return resources.search(conn, "Provenance", query)[1]
+
+
+def test_provenance_of_the_ai_result_and_of_the_sign_off(stored: psycopg.Connection[Any], db_url: str,
+                                                          tmp_path: Path) -> None:
+    ctx = context(DATABASE_URL=db_url, TRITON_URL="unused:1")
+    images = source_images()
+    study = resources.read(stored, "ImagingStudy", "s1")
+    study["series"] = [{"uid": images[0].SeriesInstanceUID, "modality": {"code": "DX"},
+                        "instance": [{"uid": d.SOPInstanceUID, "sopClass": {"code": f"urn:oid:{d.SOPClassUID}"}}
+                                     for d in images]}]
+    study.pop("meta", None)
+    resources.update(stored, study, ctx.params["ImagingStudy"])
+    with stored.transaction():
+        reports.stored(stored, ctx, resources.read(stored, "DiagnosticReport", "r1"), event="ai_result")
+    (ai,) = provenances(stored, "DiagnosticReport/r1")
+    assert ai["agent"][0]["who"]["reference"] == f"Device/{built_report()['device']['id']}"
+    assert ai["target"][0]["reference"] == "DiagnosticReport/r1/_history/1"
+    assert ai["entity"][0]["what"]["reference"] == "ImagingStudy/s1"
+    assert {e["what"]["identifier"]["value"] for e in ai["entity"][1:]} == {f"urn:oid:{d.SOPInstanceUID}" for d in images}
+
+    review.apply_review(stored, ctx, "r1", action="sign", reviewer="Practitioner/rad-1")
+    signed_off = [p for p in provenances(stored, "DiagnosticReport/r1") if p["id"] != ai["id"]]
+    (sign,) = signed_off
+    assert sign["agent"][0]["who"] == {"reference": "Practitioner/rad-1"}
+    assert sign["agent"][0]["type"]["coding"][0]["code"] == "verifier"
+    assert sign["target"][0]["reference"] == "DiagnosticReport/r1/_history/2"

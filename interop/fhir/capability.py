@@ -21,6 +21,8 @@ RESOURCES: dict[str, list[str]] = {
     "ServiceRequest": READ,
     "Encounter": READ,
     "Communication": READ,
+    # who made each report version: the model (and the images it read), the radiologist who signed
+    "Provenance": READ,
     # rest-hook Subscriptions on DiagnosticReport (interop.domain.subscriptions)
     "Subscription": READ + WRITE,
     # the audit trail, written by the hub; for admins (system/AuditEvent.rs)

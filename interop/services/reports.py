@@ -8,7 +8,9 @@ that stored it, so the version and all it sets off commit together or not at all
 2. its deliveries: every destination of its site, and of the higher-level hospital when the report
    raised an alert (HL7 ORU, FHIR push), and every rest-hook Subscription it matches, critical
    ones first (`delivery.queue_report`);
-3. the provincial analytics facts (`facts.record`).
+3. the provincial analytics facts (`facts.record`);
+4. its FHIR Provenance: the model and the images it read for an AI result, the radiologist for a
+   review (`provenance.record`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import psycopg
 
 from ..domain.vocabulary import site_of
 from ..store import resources
-from . import critical, delivery
+from . import critical, delivery, provenance
 from .analytics import facts
 from .context import Context
 
@@ -30,6 +32,7 @@ def stored(conn: psycopg.Connection[Any], ctx: Context, report: dict[str, Any], 
     critical.raise_alert(conn, ctx, report, site)  # first: the deliveries go to the referral hospital too
     queued = delivery.queue_report(conn, ctx, report, site)
     facts.record(conn, ctx, report["id"], event=event)
+    provenance.record(conn, ctx, report, event=event)
     return queued
 
 
