@@ -22,7 +22,7 @@ from . import access
 from .auth import routes as auth
 from .config import Settings
 from .fhir import api, errors, operations
-from .ops import admin, health
+from .ops import admin, dicom_in, health
 from .services.context import Context
 from .services.security.audit import AuditWriter
 from .services.security.tokens import Tokens
@@ -96,7 +96,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(operations.bp)
     app.register_blueprint(health.bp)
-    app.register_blueprint(admin.bp)
+    app.register_blueprint(admin.bp)  # with the unmatched-studies queue (interop.ops.dicom_in)
+    app.register_blueprint(dicom_in.stow)
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(worklist.bp)
 

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("deliver", help="run the delivery runner: results to every site, one lane per destination"
                                    " (needs DATABASE_URL)")
     sub.add_parser("mllp", help="run the HL7 v2 MLLP listener (needs DATABASE_URL)")
+    sub.add_parser("dicom-scp", help="run the DICOM Storage SCP modalities and PACS push studies to (needs DATABASE_URL)")
     sub.add_parser("migrate", help="apply database migrations to DATABASE_URL")
     sub.add_parser("build-models", help="build the reference model weights into INTEROP_TRITON_REPO")
     out = sub.add_parser("outbox", help="results going out: list dead letters, replay one, show the lanes")
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         except StartError as exc:
             print(f"interop serve: {exc}", file=sys.stderr)
             return 2
-    if args.command in ("worker", "deliver", "mllp", "migrate", "outbox", "hl7", "analytics") \
+    if args.command in ("worker", "deliver", "mllp", "dicom-scp", "migrate", "outbox", "hl7", "analytics") \
             and not settings.database_url:
         parser.error("DATABASE_URL is not set")
     if args.command == "worker":
@@ -112,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         from .hl7.listener import main as mllp_main
 
         mllp_main(settings)
+        return 0
+    if args.command == "dicom-scp":
+        from .workers.dicom_scp import main as scp_main
+
+        scp_main(settings)
         return 0
     if args.command == "migrate":
         from .store import db

@@ -29,3 +29,12 @@ order.Order.requested_procedure_id, order.Order.scheduled_procedure_step_id, ord
 order.Order.station_ae_titles, order.Order.requester
 queue.series_jobs, queue.job_row
 sr.to_bytes, sr.build_sr, sr.header_from, sr.header_from_fhir, sr.COMPREHENSIVE_3D_SR
+# pynetdicom's AE settings and Flask's per-request body limit are read by those libraries
+from pynetdicom import AE as _AE  # noqa: E402
+from pynetdicom import _config  # noqa: E402
+
+_AE.maximum_pdu_size, _AE.network_timeout, _AE.dimse_timeout, _AE.acse_timeout, _AE.maximum_associations
+_AE.require_calling_aet, _config.STORE_RECV_CHUNKED_DATASET
+from flask import Request as _Request  # noqa: E402
+
+_Request.max_content_length

@@ -45,7 +45,7 @@ LOGIN_CSRF_COOKIE = "interop_login_csrf"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
-FHIR_BLUEPRINTS = ("fhir", "operations")
+FHIR_BLUEPRINTS = ("fhir", "operations", "stow")  # stow: STOW-RS, a create of ImagingStudy
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,8 @@ def check_tls(settings: Settings) -> None:
 
 def check_ports(settings: Settings) -> None:
     for what, host, port in (("HTTP (INTEROP_HTTP_PORT)", settings.http_host, settings.http_port),
-                             ("MLLP (INTEROP_MLLP_PORT)", settings.mllp_host, settings.mllp_port)):
+                             ("MLLP (INTEROP_MLLP_PORT)", settings.mllp_host, settings.mllp_port),
+                             ("DICOM (INTEROP_DICOM_PORT)", settings.dicom_host, settings.dicom_port)):
         if port_in_use(host, port):
             raise StartError(f"the {what} port {host}:{port} is already in use by another process;"
                              " stop it or choose another port")
@@ -158,7 +159,8 @@ def serve(settings: Settings, ready: Event | None = None) -> int:
         workers = [_command("worker", env) for _ in range(settings.workers)]
         deliver = _command("deliver", env)
         mllp = _command("mllp", env)
-        children[:] = [api, *workers, deliver, mllp]
+        scp = _command("dicom-scp", env)
+        children[:] = [api, *workers, deliver, mllp, scp]
         log.info("hub serving FHIR on %s://%s:%s/fhir and HL7 v2 MLLP%s on %s:%s with %d worker(s)",
                  "https" if settings.tls else "http", settings.http_host, settings.http_port,
                  " over TLS" if settings.tls else "", settings.mllp_host, settings.mllp_port, len(workers))
@@ -188,8 +190,16 @@ def serve(settings: Settings, ready: Event | None = None) -> int:
                     log.warning("MLLP listener exited with %s; restarting it", mllp.returncode)
                     time.sleep(1)
                     mllp = _command("mllp", env)
-                children[:] = [api, *workers, deliver, mllp]
+                if scp.poll() == EXIT_PORT_IN_USE:
+                    log.error("the DICOM Storage SCP cannot bind %s:%s; stopping", settings.dicom_host, settings.dicom_port)
+                    code = 2
+                    break
+                if scp.poll() is not None:
+                    log.warning("DICOM Storage SCP exited with %s; restarting it", scp.returncode)
+                    time.sleep(1)
+                    scp = _command("dicom-scp", env)
+                children[:] = [api, *workers, deliver, mllp, scp]
         finally:
-            _stop([mllp, deliver, *workers, api])
+            _stop([scp, mllp, deliver, *workers, api])
             log.info("hub stopped")
         return code

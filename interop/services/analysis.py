@@ -28,9 +28,9 @@ from ..dicom.errors import NotAnImage, StudyNotFound
 from ..domain import report as builder
 from ..store import queue, resources
 from ..tls import ClientTls
-from . import assembly, intake, reports, tasks
+from . import assembly, inbound, intake, reports, tasks
 from .context import Context
-from .errors import NoModel
+from .errors import NoModel, Waiting
 
 log = logging.getLogger("interop.analysis")
 
@@ -91,6 +91,8 @@ class Analyser:
     def __call__(self, conn: psycopg.Connection[Any], job: queue.Job, timings: Timings) -> None:
         total = time.perf_counter()
         study = resources.read(conn, "ImagingStudy", job.payload["study"])
+        if job.payload.get("supersedes") and not inbound.previous_over(conn, job.payload["supersedes"]):
+            raise Waiting("the previous analysis of this study is not over")  # its report is the one to supersede
         tasks.update(conn, self.ctx, job.payload["task"], "in-progress", business="retrieving images")
         results = self._analyse(conn, job, study, timings)
         timings.stages["total"] = round(time.perf_counter() - total, 6)
@@ -201,7 +203,11 @@ class Analyser:
             tags = (study.get("meta") or {}).get("tag")
             if tags:  # the facility the study is for: its report is for it too
                 built["report"]["meta"] = {"tag": tags}
-            stored = resources.create(conn, built["report"], params["DiagnosticReport"], rid=built["report"]["id"])
+            previous = inbound.report_to_supersede(conn, self.ctx, built["report"]) if job.payload.get("supersedes") else None
+            if previous is not None:  # a re-analysis of a grown study: the next version of its report
+                stored = resources.update(conn, {**built["report"], "id": previous["id"]}, params["DiagnosticReport"])[0]
+            else:
+                stored = resources.create(conn, built["report"], params["DiagnosticReport"], rid=built["report"]["id"])
             reports.stored(conn, self.ctx, stored, event="ai_result")
             stored_reports.append(stored["id"])
         timings.stages["store"] = round(time.perf_counter() - start, 6)

@@ -23,7 +23,7 @@ from inference_client.triton import ModelNotFound, TritonClient, TritonError, Tr
 
 from ..config import Settings
 from ..dicom.errors import DicomError, NotAnImage
-from ..services import critical, orders, tasks
+from ..services import critical, inbound, orders, tasks
 from ..services.analysis import Analyser, Timings, wait_seconds
 from ..services.analytics import facts
 from ..services.context import Context
@@ -58,6 +58,7 @@ class Runner:
             ANALYSE: lambda conn, ctx, job, timings: analyser(conn, job, timings),
             orders.PROCESS_HL7: orders.process_message, orders.FIND_STUDY: orders.find_study,
             critical.ESCALATE: critical.escalate, facts.REFRESH: facts.refresh,
+            inbound.STUDY_STABLE: inbound.study_stable,
         }
         self.on_fail: dict[str, Failed] = {orders.PROCESS_HL7: orders.message_failed}
 

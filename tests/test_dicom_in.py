@@ -1,0 +1,151 @@
+"""Issue 13, the "in" half: modalities push studies to the hub's DICOM Storage SCP (dcmtk's
+echoscu/storescu and pynetdicom as senders). Kept in the archive PACS (the test Orthanc), analysed
+once stable, refused with the right status when they cannot be kept."""
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydicom import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]
+
+from scripts.synthetic.dicom import make_chest_xray
+from tests.fixtures.hub import HubProcess, start_hub, stop_hub
+from tests.helpers import free_port, wait_for
+
+MAX_BYTES = 1_000_000
+
+
+@pytest.fixture
+def scp_hub(db_url: str, triton_url: str, orthanc: Any, tmp_path: Path) -> Iterator[HubProcess]:
+    sites = {"sites": {
+        "BVTANPHU": {"name": "Benh vien Tan Phu", "dicom_aets": ["BVTANPHU_CR"]},
+        "TTYTHOLD": {"name": "Trung tam Y te (hold)", "dicom_aets": ["HOLD_DX"], "unmatched_studies": "hold"},
+    }}
+    path = tmp_path / "sites.yaml"
+    path.write_text(yaml.safe_dump(sites))
+    hub = start_hub({"DATABASE_URL": db_url, "TRITON_URL": triton_url, "DICOMWEB_URL": orthanc.dicomweb_url,
+                     "INTEROP_SITES": str(path), "INTEROP_DICOM_PORT": str(free_port()),
+                     "INTEROP_DICOM_STABLE_SECONDS": "1", "INTEROP_DICOM_MAX_BYTES": str(MAX_BYTES),
+                     "INTEROP_RETRY_BASE_SECONDS": "1"}, tmp_path)
+    yield hub
+    stop_hub(hub)
+
+
+def port(hub: HubProcess) -> int:
+    return int(hub.env["INTEROP_DICOM_PORT"])
+
+
+def send(hub: HubProcess, items: list[Dataset | Path], aet: str = "BVTANPHU_CR") -> list[int]:
+    """C-STORE each item in one association; the statuses answered."""
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+    assoc = ae.associate("127.0.0.1", port(hub), ae_title="AIHUB")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(item).Status) for item in items]
+    finally:
+        assoc.release()
+
+
+def fhir(hub: HubProcess, path: str, **params: str) -> dict[str, Any]:
+    response = hub.session.get(f"{hub.fhir}/{path}", params=params, timeout=10)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def studies(hub: HubProcess, uid: str) -> list[dict[str, Any]]:
+    found = fhir(hub, "ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{uid}")
+    return [e["resource"] for e in found.get("entry", [])]
+
+
+def reports(hub: HubProcess, uid: str) -> list[dict[str, Any]]:
+    return [e["resource"] for e in fhir(hub, "DiagnosticReport", identifier=f"{uid}/chest-xray").get("entry", [])]
+
+
+def test_a_pushed_study_is_analysed_and_more_images_supersede_its_report(scp_hub: HubProcess, tmp_path: Path) -> None:
+    echo = subprocess.run(["echoscu", "-aet", "BVTANPHU_CR", "-aec", "AIHUB", "127.0.0.1", str(port(scp_hub))],
+                          capture_output=True, timeout=30)
+    assert echo.returncode == 0, echo.stderr
+    uid = generate_uid()
+    first = make_chest_xray(seed=31, size=256, study_uid=uid, accession="PUSH-1", patient_id="PUSH-P1")
+    path = tmp_path / "first.dcm"
+    first.save_as(path, enforce_file_format=True)
+    stored = subprocess.run(["storescu", "-aet", "BVTANPHU_CR", "-aec", "AIHUB", "127.0.0.1", str(port(scp_hub)),
+                             str(path)], capture_output=True, timeout=60)
+    assert stored.returncode == 0, stored.stderr
+
+    report = wait_for(lambda: next(iter(reports(scp_hub, uid)), None), timeout=90, what="the report")
+    assert report["status"] == "preliminary" and report["meta"]["versionId"] == "1"
+    study = studies(scp_hub, uid)[0]
+    assert {"system": "urn:interop-hub:site", "code": "BVTANPHU"} in study["meta"]["tag"]
+    assert study["numberOfInstances"] == 1
+
+    later = make_chest_xray(seed=32, size=256, study_uid=uid, accession="PUSH-1", patient_id="PUSH-P1",
+                            series_uid=first.SeriesInstanceUID)
+    assert send(scp_hub, [later]) == [0x0000]
+    wait_for(lambda: reports(scp_hub, uid)[0]["meta"]["versionId"] == "2", timeout=90, what="the report's version 2")
+    assert len(reports(scp_hub, uid)) == 1  # superseded, not a second report
+    assert studies(scp_hub, uid)[0]["numberOfInstances"] == 2
+
+
+def test_what_cannot_be_kept_is_refused_and_the_association_goes_on(scp_hub: HubProcess, tmp_path: Path) -> None:
+    unknown = subprocess.run(["echoscu", "-aet", "STRANGER", "-aec", "AIHUB", "127.0.0.1", str(port(scp_hub))],
+                             capture_output=True, timeout=30)
+    assert unknown.returncode != 0  # association rejected: calling AE title not recognised
+
+    no_uid = make_chest_xray(seed=33, size=256)
+    refused_uid = no_uid.StudyInstanceUID
+    del no_uid.StudyInstanceUID
+    big = make_chest_xray(seed=34, size=1024)  # 2 MB of pixels, over INTEROP_DICOM_MAX_BYTES
+    truncated = make_chest_xray(seed=35, size=256)
+    cut = tmp_path / "cut.dcm"
+    truncated.save_as(cut, enforce_file_format=True)
+    cut.write_bytes(cut.read_bytes()[:-50_000])
+    good = make_chest_xray(seed=36, size=256)
+
+    assert send(scp_hub, [no_uid, big, cut, good]) == [0xA900, 0xA700, 0xC000, 0x0000]
+    wait_for(lambda: reports(scp_hub, good.StudyInstanceUID), timeout=90, what="the good study's report")
+    for uid in (refused_uid, big.StudyInstanceUID, truncated.StudyInstanceUID):
+        assert studies(scp_hub, uid) == []  # nothing half-stored is analysed
+
+
+def test_an_unmatched_study_of_a_holding_site_waits_for_an_admin(scp_hub: HubProcess) -> None:
+    ds = make_chest_xray(seed=37, size=256, patient_id="HOLD-1")
+    assert send(scp_hub, [ds], aet="HOLD_DX") == [0x0000]
+    uid = ds.StudyInstanceUID
+
+    def listed() -> dict[str, Any] | None:
+        rows = scp_hub.session.get(f"{scp_hub.base}/admin/dicom/unmatched", timeout=10).json()["studies"]
+        return next((r for r in rows if r["study_uid"] == uid), None)
+
+    row = wait_for(listed, timeout=60, what="the study in the unmatched queue")
+    assert row["site"] == "TTYTHOLD"
+    assert studies(scp_hub, uid) == []
+    answer = scp_hub.session.post(f"{scp_hub.base}/admin/dicom/unmatched/{uid}/release", timeout=10)
+    assert answer.status_code == 200, answer.text
+    report = wait_for(lambda: next(iter(reports(scp_hub, uid)), None), timeout=90, what="the released study's report")
+    study = studies(scp_hub, uid)[0]
+    assert {"system": "urn:interop-hub:dicom-in", "code": "unmatched",
+            "display": "no order matched this pushed study"} in study["meta"]["tag"]
+    assert report["subject"] == study["subject"]
+
+
+def test_instances_naming_different_patients_are_flagged_not_merged(scp_hub: HubProcess) -> None:
+    a = make_chest_xray(seed=38, size=256, patient_id="PAT-A")
+    b = make_chest_xray(seed=39, size=256, patient_id="PAT-B", study_uid=a.StudyInstanceUID)
+    assert send(scp_hub, [a, b]) == [0x0000, 0x0000]
+
+    def listed() -> dict[str, Any] | None:
+        rows = scp_hub.session.get(f"{scp_hub.base}/admin/dicom/unmatched", timeout=10).json()["studies"]
+        return next((r for r in rows if r["study_uid"] == a.StudyInstanceUID), None)
+
+    row = wait_for(listed, timeout=60, what="the conflicting study held")
+    assert "different patient IDs" in row["identity_conflict"]
+    assert studies(scp_hub, a.StudyInstanceUID) == []
