@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 from pydicom import Dataset
 from pydicom.uid import generate_uid
@@ -149,3 +150,55 @@ def test_instances_naming_different_patients_are_flagged_not_merged(scp_hub: Hub
     row = wait_for(listed, timeout=60, what="the conflicting study held")
     assert "different patient IDs" in row["identity_conflict"]
     assert studies(scp_hub, a.StudyInstanceUID) == []
+
+
+# -- STOW-RS: the same keeping, over HTTP ----------------------------------------------------------
+def _multipart(parts: list[bytes], boundary: str = "interop-stow-test") -> tuple[bytes, str]:
+    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
+                    for p in parts) + b"--" + boundary.encode() + b"--\r\n"
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def test_stow_rs_keeps_each_instance_and_says_which_were_refused(db_url: str, orthanc: Any, tmp_path: Path) -> None:
+    from interop.app import create_app
+    from interop.config import Settings
+    from interop.store.db import connect
+    from scripts.synthetic.dicom import dataset_bytes
+    from tests.fixtures.auth import bearer, with_token
+
+    app = create_app(Settings.from_env({"DATABASE_URL": db_url, "DICOMWEB_URL": orthanc.dicomweb_url,
+                                        "INTEROP_DATA_DIR": str(tmp_path), "INTEROP_URL_ALLOW": "http://127.0.0.1:*"}))
+    try:
+        gateway = with_token(app.test_client(), bearer(app.test_client(), db_url, "system/ImagingStudy.c"))
+        first = make_chest_xray(seed=71, size=128, accession="STOW71")
+        second = make_chest_xray(seed=72, size=128, study_uid=first.StudyInstanceUID, accession="STOW71")
+        no_study = make_chest_xray(seed=73, size=128)
+        del no_study.StudyInstanceUID
+        body, ctype = _multipart([dataset_bytes(first), dataset_bytes(second), dataset_bytes(no_study), b"not DICOM"])
+        answer = gateway.post("/dicom-web/studies", data=body, content_type=ctype)
+        assert answer.status_code == 202 and answer.mimetype == "application/dicom+json", answer.text
+        stored = answer.get_json()
+        assert sorted(i["00081155"]["Value"][0] for i in stored["00081199"]["Value"]) == \
+            sorted([first.SOPInstanceUID, second.SOPInstanceUID])
+        reasons = [(i["00081197"]["Value"][0], i["00000902"]["Value"][0]) for i in stored["00081198"]["Value"]]
+        assert [status for status, _ in reasons] == [0xA900, 0xC000] and all(why for _, why in reasons)
+        # kept in the archive PACS and recorded, one study of two instances
+        in_pacs = requests.get(f"{orthanc.dicomweb_url}/studies/{first.StudyInstanceUID}/instances", timeout=10).json()
+        assert {first.SOPInstanceUID, second.SOPInstanceUID} <= {i["00080018"]["Value"][0] for i in in_pacs}
+        with connect(db_url) as conn:
+            row = conn.execute("SELECT instances, accession FROM dicom_study WHERE study_uid = %s",
+                               (first.StudyInstanceUID,)).fetchone()
+        assert row is not None and row["instances"] == 2 and row["accession"] == "STOW71"
+        # the same instances again: kept once
+        again = gateway.post("/dicom-web/studies", data=_multipart([dataset_bytes(first)])[0], content_type=ctype)
+        assert again.status_code == 200
+        with connect(db_url) as conn:
+            assert conn.execute("SELECT count(*) AS n FROM dicom_instance WHERE study_uid = %s",
+                                (first.StudyInstanceUID,)).fetchone()["n"] == 2
+        # wrong media type, no token, a token without the scope
+        assert gateway.post("/dicom-web/studies", data=b"{}", content_type="application/json").status_code == 415
+        assert app.test_client().post("/dicom-web/studies", data=body, content_type=ctype).status_code == 401
+        reader = with_token(app.test_client(), bearer(app.test_client(), db_url, "system/ImagingStudy.rs"))
+        assert reader.post("/dicom-web/studies", data=body, content_type=ctype).status_code == 403
+    finally:
+        app.extensions["interop"].close()
