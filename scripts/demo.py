@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from pynetdicom import AE
 
 from interop.config import Settings
+from interop.dicom.dicomweb import DicomWebClient
 from interop.dicom.study import imaging_study
 from interop.hl7.client import MllpClient
 
@@ -36,6 +38,7 @@ from .smart import ClientKey
 from .synthetic.dicom import dataset_bytes, make_chest_xray
 
 FHIR_JSON = "application/fhir+json"
+DEMO_AET = "DEMO_DX"  # the demo modality's AE title, listed in the demo site's dicom_aets
 DEMO_SCOPES = "system/Patient.crs system/ImagingStudy.crs system/Task.rs system/DiagnosticReport.rs system/Observation.rs"
 
 
@@ -161,19 +164,57 @@ def wait_report(api: requests.Session, fhir: str, params: dict[str, str], timeou
     raise RuntimeError("no report in time")
 
 
+def push_by_c_store(settings: Settings, api: requests.Session, fhir: str, pacs_url: str) -> int:
+    """A modality (AE title DEMO_DX) stores an image in the hub; the report's SR appears in the PACS."""
+    image = make_chest_xray(seed=int(time.time()) % 100_000 + 2, accession=f"CS{int(time.time()) % 1_000_000:06d}",
+                            patient_id="BN-DEMO-2")
+    ae = AE(ae_title=DEMO_AET)
+    ae.add_requested_context(image.SOPClassUID)
+    assoc = ae.associate(settings.dicom_host, settings.dicom_port, ae_title=settings.dicom_aet)
+    if not assoc.is_established:
+        say("the hub's DICOM Storage SCP refused the association")
+        return 1
+    try:
+        status = assoc.send_c_store(image)
+    finally:
+        assoc.release()
+    say(f"DICOM: C-STORE of a {image.Modality} image from {DEMO_AET} to {settings.dicom_aet} answered"
+        f" 0x{int(status.Status):04X}")
+    pushed = time.monotonic()
+    ref = wait_report(api, fhir, {"identifier": f"urn:interop-hub:report|{image.StudyInstanceUID}/chest-xray"})
+    say(f"report available {time.monotonic() - pushed:.2f}s after the C-STORE (3 s of it waiting for more images)")
+    show("DICOM C-STORE -> DiagnosticReport", report_bundle(api, fhir, ref))
+    with DicomWebClient(pacs_url, 30) as pacs:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            srs = [r for r in pacs.search_instances(image.StudyInstanceUID) if r.modality == "SR"]
+            if srs:
+                sr = pacs.retrieve_instance(srs[0])
+                equipment = sr.ContributingEquipmentSequence[0]
+                say(f"the PACS holds the result as a DICOM SR in the same study: {sr.SOPClassUID.name},"
+                    f" {sr.CompletionFlag}/{sr.VerificationFlag}, {len(sr.ContentSequence)} content items,"
+                    f" algorithm {equipment.ManufacturerModelName} {equipment.SoftwareVersions}")
+                return 0
+            time.sleep(0.5)
+    say("no SR reached the PACS in time")
+    return 1
+
+
 def run_demo(settings: Settings, keep: bool = False) -> int:
     data = settings.data_dir
     data.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     ris = DemoRis()
     sites = data / "demo-sites.yaml"
-    sites.write_text(
-        "sites:\n  DEMO_HOSPITAL:\n    name: Demo district hospital\n    district: Bien Hoa\n"
-        f"    province: Dong Nai\n    hl7: {{host: 127.0.0.1, port: {ris.port}, receiving_application: RIS}}\n",
-        encoding="utf-8")
     with Orthanc(data / "demo-pacs") as pacs:
         say(f"PACS (Orthanc + DICOMweb) at {pacs.dicomweb_url}; demo RIS (MLLP) on port {ris.port}")
-        env = replace(settings, dicomweb_url=pacs.dicomweb_url, sites_file=sites).as_env()
+        sites.write_text(
+            "sites:\n  DEMO_HOSPITAL:\n    name: Demo district hospital\n    district: Bien Hoa\n"
+            f"    province: Dong Nai\n    hl7: {{host: 127.0.0.1, port: {ris.port}, receiving_application: RIS}}\n"
+            f"    dicomweb: {pacs.dicomweb_url}\n    dicom_aets: [{DEMO_AET}]\n    results_to_pacs: true\n",
+            encoding="utf-8")
+        # a pushed study is analysed after 3 s without a new image (the default 10 s suits real modalities)
+        env = replace(settings, dicomweb_url=pacs.dicomweb_url, sites_file=sites, dicom_stable_seconds=3).as_env()
         hub = subprocess.Popen([sys.executable, "-m", "interop.cli", "serve"], env=env)
         base = f"http://{settings.http_host}:{settings.http_port}"
         fhir = f"{base}/fhir"
@@ -227,7 +268,9 @@ def run_demo(settings: Settings, keep: bool = False) -> int:
             else:
                 say("no ORU^R01 reached the RIS in time")
                 return 1
-            return 0
+
+            # 3. DICOM: a modality pushes a study by C-STORE; the result comes back into the PACS as an SR.
+            return push_by_c_store(settings, api, fhir, pacs.dicomweb_url)
         finally:
             hub.send_signal(signal.SIGTERM)
             try:
