@@ -44,7 +44,8 @@ def main() -> int:
     server = EmbeddedPostgres(work / "pg")
     url = server.start()
     db.migrate(url)
-    ports = {"INTEROP_MLLP_PORT": str(free_port()), "INTEROP_HTTP_PORT": str(free_port())}
+    ports = {"INTEROP_MLLP_PORT": str(free_port()), "INTEROP_HTTP_PORT": str(free_port()),
+             "INTEROP_DICOM_PORT": str(free_port())}
     env = {"DATABASE_URL": url, "TRITON_URL": "", "INTEROP_TRITON_MODELS": "chest_xray", **ports}
     messages = [(f"C{n}", orm(f"C{n}", placer=f"PC{n}", filler=f"FC{n}", accession=f"AC{n}", patient_id=f"PC{n}"))
                 for n in range(args.orders)]

@@ -270,6 +270,7 @@ def main() -> int:
     os.chmod(work, 0o755)
     http, mllp = free_port(), free_port()
     env = {**os.environ, "INTEROP_DATA_DIR": str(work), "INTEROP_HTTP_PORT": str(http), "INTEROP_MLLP_PORT": str(mllp),
+           "INTEROP_DICOM_PORT": str(free_port()),
            "INTEROP_TRITON_MODELS": "chest_xray", "INTEROP_MLLP_MAX_BYTES": str(1024 * 1024)}
     log = (work / "hub.log").open("wb")
     hub = subprocess.Popen([sys.executable, "-m", "interop.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT,

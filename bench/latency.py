@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -84,7 +82,7 @@ def run(family: str, count: int, size: int) -> dict[str, object]:
                 for ds in datasets:
                     pacs.upload(dataset_bytes(ds))
                 studies.append(imaging_study(datasets, subject=f"Patient/bench-{i}", endpoint_address=pacs.dicomweb_url))
-            session = requests.Session()
+            session = hub.session  # a registered backend client (its tokens renewed as they expire)
             latencies = []
             for i, body in enumerate(studies):
                 start = time.perf_counter()

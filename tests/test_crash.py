@@ -34,7 +34,8 @@ def gone(group: int, timeout: float = 30) -> None:
 
 
 def test_acknowledged_orders_survive_three_kill_9(db_url: str, tmp_path: Path) -> None:
-    ports = {"INTEROP_MLLP_PORT": str(free_port()), "INTEROP_HTTP_PORT": str(free_port())}
+    ports = {"INTEROP_MLLP_PORT": str(free_port()), "INTEROP_HTTP_PORT": str(free_port()),
+             "INTEROP_DICOM_PORT": str(free_port())}
     env = {"DATABASE_URL": db_url, "TRITON_URL": "", "INTEROP_TRITON_MODELS": "chest_xray",  # bundled: owned by serve
            "INTEROP_HTTP_WORKERS": "1", **ports}
     messages = [(f"K{n}", orm(f"K{n}", placer=f"PK{n}", filler=f"FK{n}", accession=f"AK{n}", patient_id=f"PK{n}"))

@@ -127,13 +127,14 @@ def test_a_stale_postmaster_pid_of_another_program_does_not_stop_the_start(data_
         stranger.wait()
 
 
-@pytest.mark.parametrize("which", ["INTEROP_MLLP_PORT", "INTEROP_HTTP_PORT"])
+@pytest.mark.parametrize("which", ["INTEROP_MLLP_PORT", "INTEROP_HTTP_PORT", "INTEROP_DICOM_PORT"])
 def test_a_taken_port_stops_the_start_with_a_message(db_url: str, triton_url: str, tmp_path: Path, which: str) -> None:
     taken = socket.create_server(("127.0.0.1", 0))
     port = taken.getsockname()[1]
     try:
         env = {**os.environ, "DATABASE_URL": db_url, "TRITON_URL": triton_url, "INTEROP_DATA_DIR": str(tmp_path),
-               "INTEROP_HTTP_PORT": str(free_port()), "INTEROP_MLLP_PORT": str(free_port()), which: str(port)}
+               "INTEROP_HTTP_PORT": str(free_port()), "INTEROP_MLLP_PORT": str(free_port()),
+               "INTEROP_DICOM_PORT": str(free_port()), which: str(port)}
         result = subprocess.run([sys.executable, "-m", "interop.cli", "serve"], env=env, capture_output=True, text=True,
                                 timeout=60)
     finally:

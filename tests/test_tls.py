@@ -484,7 +484,8 @@ def start_serve(env_extra: dict[str, str], workdir: Path) -> HubProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {**os.environ, "INTEROP_HTTP_PORT": str(port), "INTEROP_MLLP_PORT": str(free_port()),
-           "INTEROP_DATA_DIR": str(workdir), "INTEROP_HTTP_WORKERS": "1", "PYTHONUNBUFFERED": "1", **env_extra}
+           "INTEROP_DICOM_PORT": str(free_port()), "INTEROP_DATA_DIR": str(workdir), "INTEROP_HTTP_WORKERS": "1",
+           "PYTHONUNBUFFERED": "1", **env_extra}
     log = workdir / "hub-serve.log"
     proc = subprocess.Popen([sys.executable, "-m", "interop.cli", "serve"], env=env, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
