@@ -500,7 +500,7 @@ def test_interop_serve_speaks_https_and_mllp_over_tls(db_url: str, pki: Pki, tmp
         assert hub.proc.poll() is None, hub.log_tail()
         try:
             return requests.get(f"{hub.base}/healthz", verify=str(pki.ca), timeout=2)
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still starting its workers
             return None
 
     try:

@@ -64,7 +64,13 @@ def _aet(value: Any) -> str:
     return (value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")).strip()
 
 
-def build(aet: str, on_store: OnStore, *, max_pdu: int = 0) -> tuple[AE, list[Any]]:
+# The largest PDU the hub accepts. pynetdicom holds a whole received PDU in memory before the
+# dataset reaches its temporary file: "unlimited" (0) let a sender put a 17 MB mammogram in one
+# PDU (bench/dicom_store.py: +100 MiB with pynetdicom as sender); dcmtk's storescu sends 128 KiB.
+MAX_PDU = 1 << 20
+
+
+def build(aet: str, on_store: OnStore, *, max_pdu: int = MAX_PDU) -> tuple[AE, list[Any]]:
     """The application entity and its event handlers (give both to `start_server`)."""
     _config.STORE_RECV_CHUNKED_DATASET = True  # received to a temporary file, not to memory
     ae = AE(ae_title=aet)
