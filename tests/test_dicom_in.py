@@ -20,13 +20,14 @@ from scripts.synthetic.dicom import make_chest_xray
 from tests.fixtures.hub import HubProcess, start_hub, stop_hub
 from tests.helpers import free_port, wait_for
 
-MAX_BYTES = 1_000_000
+MAX_BYTES = 5_000_000  # a 1664x1280 mammogram view (4.3 MB) fits; a 2048² radiograph (8.4 MB) does not
 
 
 @pytest.fixture
 def scp_hub(db_url: str, triton_url: str, orthanc: Any, tmp_path: Path) -> Iterator[HubProcess]:
     sites = {"sites": {
-        "BVTANPHU": {"name": "Benh vien Tan Phu", "dicom_aets": ["BVTANPHU_CR"]},
+        "BVTANPHU": {"name": "Benh vien Tan Phu", "dicom_aets": ["BVTANPHU_CR"], "dicomweb": orthanc.dicomweb_url,
+                     "results_to_pacs": True},
         "TTYTHOLD": {"name": "Trung tam Y te (hold)", "dicom_aets": ["HOLD_DX"], "unmatched_studies": "hold"},
     }}
     path = tmp_path / "sites.yaml"
@@ -94,6 +95,47 @@ def test_a_pushed_study_is_analysed_and_more_images_supersede_its_report(scp_hub
     wait_for(lambda: reports(scp_hub, uid)[0]["meta"]["versionId"] == "2", timeout=90, what="the report's version 2")
     assert len(reports(scp_hub, uid)) == 1  # superseded, not a second report
     assert studies(scp_hub, uid)[0]["numberOfInstances"] == 2
+    # and the result is back in the site's PACS as a DICOM SR, in the same study as the images
+    sr = wait_for(lambda: next((i for i in qido(orthanc_url(scp_hub), uid) if i.get("00080060", {}).get("Value") == ["SR"]),
+                               None), timeout=90, what="the SR in the PACS")
+    assert sr["0020000D"]["Value"] == [uid]
+
+
+def orthanc_url(hub: HubProcess) -> str:
+    return hub.env["DICOMWEB_URL"]
+
+
+def qido(base: str, study_uid: str) -> list[dict[str, Any]]:
+    found = requests.get(f"{base}/studies/{study_uid}/instances", params={"includefield": "00080060"}, timeout=10)
+    return list(found.json()) if found.status_code == 200 and found.content else []
+
+
+def send_any(hub: HubProcess, datasets: list[Dataset], aet: str = "BVTANPHU_CR") -> list[int]:
+    """C-STORE datasets of any SOP class in one association (pynetdicom as the sender)."""
+    ae = AE(ae_title=aet)
+    for sop_class in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", port(hub), ae_title="AIHUB")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def test_a_four_view_mammogram_and_a_ct_head_pushed_get_one_report_each(scp_hub: HubProcess) -> None:
+    from scripts.synthetic import dicom as synthetic
+
+    exam = synthetic.make_mammography_exam(61, rows=1664, cols=1280, accession="PUSH-MG")
+    head = synthetic.make_ct_head_series(62, slices=40, size=256, accession="PUSH-CT")
+    assert send_any(scp_hub, exam) == [0x0000] * 4
+    assert send_any(scp_hub, head) == [0x0000] * 40
+    for datasets, model in ((exam, "mammography"), (head, "brain-ct")):
+        uid = datasets[0].StudyInstanceUID
+        found = wait_for(lambda: fhir(scp_hub, "DiagnosticReport", identifier=f"{uid}/{model}").get("entry"),  # noqa: B023
+                         timeout=120, what=f"the {model} report")
+        assert len(found) == 1
+        assert studies(scp_hub, uid)[0]["numberOfInstances"] == len(datasets)
 
 
 def test_what_cannot_be_kept_is_refused_and_the_association_goes_on(scp_hub: HubProcess, tmp_path: Path) -> None:
@@ -104,7 +146,7 @@ def test_what_cannot_be_kept_is_refused_and_the_association_goes_on(scp_hub: Hub
     no_uid = make_chest_xray(seed=33, size=256)
     refused_uid = no_uid.StudyInstanceUID
     del no_uid.StudyInstanceUID
-    big = make_chest_xray(seed=34, size=1024)  # 2 MB of pixels, over INTEROP_DICOM_MAX_BYTES
+    big = make_chest_xray(seed=34, size=2048)  # 8.4 MB of pixels, over INTEROP_DICOM_MAX_BYTES
     truncated = make_chest_xray(seed=35, size=256)
     cut = tmp_path / "cut.dcm"
     truncated.save_as(cut, enforce_file_format=True)
