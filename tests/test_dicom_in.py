@@ -244,3 +244,33 @@ def test_stow_rs_keeps_each_instance_and_says_which_were_refused(db_url: str, or
         assert reader.post("/dicom-web/studies", data=body, content_type=ctype).status_code == 403
     finally:
         app.extensions["interop"].close()
+
+
+def test_dicom_tls_when_the_hub_has_a_certificate(db_url: str, pki: Any, tmp_path: Path) -> None:
+    import os
+    import sys
+
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from tests.helpers import stop_process
+
+    scp_port = free_port()
+    env = {**os.environ, "DATABASE_URL": db_url, "INTEROP_DICOM_PORT": str(scp_port), "INTEROP_DATA_DIR": str(tmp_path),
+           "INTEROP_DICOM_ALLOW_UNKNOWN_AE": "true", "INTEROP_TLS_CERT": str(pki.server.cert),
+           "INTEROP_TLS_KEY": str(pki.server.key)}
+    log = tmp_path / "scp.log"
+    proc = subprocess.Popen([sys.executable, "-m", "interop.cli", "dicom-scp"], env=env, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "listening" in log.read_text(), timeout=60, what="the Storage SCP")
+        ae = AE(ae_title="TLS_SENDER")
+        ae.add_requested_context(Verification)
+        secure = ae.associate("127.0.0.1", scp_port, ae_title="AIHUB", tls_args=(pki.client_context(), "127.0.0.1"))
+        assert secure.is_established
+        assert int(secure.send_c_echo().Status) == 0x0000
+        secure.release()
+        plain = ae.associate("127.0.0.1", scp_port, ae_title="AIHUB")  # plain DICOM to the TLS port: no association
+        assert not plain.is_established
+        assert proc.poll() is None and "(TLS)" in log.read_text()
+    finally:
+        stop_process(proc)

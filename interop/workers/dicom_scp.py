@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 from threading import Event
 
+from .. import tls
 from ..config import Settings
 from ..dicom import scp
 from ..domain import audit
@@ -66,7 +67,10 @@ def main(settings: Settings) -> None:
         signal.signal(sig, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: service.reload())
     try:
-        service.ae.start_server((settings.dicom_host, settings.dicom_port), block=False, evt_handlers=service.handlers)
+        # DICOM TLS (PS3.15 B.1) with the hub's certificate when one is configured, mutual with
+        # INTEROP_TLS_CLIENT_CA, as the MLLP listener
+        service.ae.start_server((settings.dicom_host, settings.dicom_port), block=False, evt_handlers=service.handlers,
+                                ssl_context=tls.server_context(settings))
     except OSError as exc:
         service.pool.close()
         if exc.errno != errno.EADDRINUSE:
@@ -74,7 +78,8 @@ def main(settings: Settings) -> None:
         log.error("DICOM port %s:%s is already in use: the Storage SCP cannot start", settings.dicom_host,
                   settings.dicom_port)
         raise SystemExit(EXIT_PORT_IN_USE) from None
-    log.info("DICOM Storage SCP %s listening on %s:%s", settings.dicom_aet, settings.dicom_host, settings.dicom_port)
+    log.info("DICOM Storage SCP %s listening on %s:%s%s", settings.dicom_aet, settings.dicom_host, settings.dicom_port,
+             " (TLS)" if settings.tls else "")
     try:
         while not stop.wait(1.0):
             pass
