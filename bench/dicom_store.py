@@ -42,7 +42,7 @@ from pynetdicom import AE
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from interop.runtime.processes import free_port  # noqa: E402
+from interop.runtime.processes import free_port, wait_listening  # noqa: E402
 from interop.store import db  # noqa: E402
 from scripts.synthetic.dicom import (  # noqa: E402
     DX_FOR_PRESENTATION,
@@ -86,16 +86,7 @@ def write_set(base: Path, mg: list, dx: list, count: int) -> dict[str, list[Path
 
 # -- targets and senders ---------------------------------------------------------------------------
 def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("server did not listen")
+    wait_listening(port, proc, timeout=60)
 
 
 class PeakRss:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from hl7.mllp import open_hl7_connection
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from interop.runtime.processes import free_port  # noqa: E402
+from interop.runtime.processes import free_port, wait_listening  # noqa: E402
 from interop.store import db  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "samples" / "hl7v2" / "dcm4che_ORM_O01_v231_radiology.hl7"
@@ -58,16 +57,7 @@ asyncio.run(main())
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("server did not listen")
+    wait_listening(port, proc, timeout=30)
 
 
 def message(template: bytes, control_id: str) -> bytes:

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -112,3 +113,17 @@ class PidFile:
             time.sleep(0.05)
         self.remove()
         return True
+
+
+def wait_listening(port: int, proc: Any, timeout: float = 60, host: str = "127.0.0.1") -> None:
+    """Wait until `proc` (a Popen) accepts connections on `port`; RuntimeError if it exits or never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not listen")
