@@ -8,6 +8,7 @@ from interop import app
 from interop.dicom import dicomweb, sr, views, volume
 from interop.hl7 import mllp, order
 from interop.ops.health import QueueCollector
+from interop.runtime import processes
 from interop.store import queue
 from interop.web.waiting import Entry, FindingRow
 
@@ -38,3 +39,4 @@ _AE.require_calling_aet, _config.STORE_RECV_CHUNKED_DATASET
 from flask import Request as _Request  # noqa: E402
 
 _Request.max_content_length
+processes.wait_listening  # bench/mllp_throughput.py, bench/dicom_store.py
