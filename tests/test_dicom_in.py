@@ -264,3 +264,23 @@ def test_dicom_tls_when_the_hub_has_a_certificate(db_url: str, pki: Any, tmp_pat
         assert proc.poll() is None and "(TLS)" in log.read_text()
     finally:
         stop_process(proc)
+
+
+def test_a_hub_without_an_archive_analyses_from_its_own_storage(db_url: str, triton_url: str, tmp_path: Path) -> None:
+    hub = start_hub({"DATABASE_URL": db_url, "TRITON_URL": triton_url, "INTEROP_DICOM_PORT": str(free_port()),
+                     "INTEROP_DICOM_STABLE_SECONDS": "1", "INTEROP_DICOM_ALLOW_UNKNOWN_AE": "true",
+                     "INTEROP_RETRY_BASE_SECONDS": "1"}, tmp_path)  # no DICOMWEB_URL: kept under INTEROP_DATA_DIR
+    try:
+        uid = generate_uid()
+        first = make_chest_xray(seed=81, size=256, study_uid=uid, accession="LOCAL-1", patient_id="LOCAL-P1")
+        assert send(hub, [first], aet="ANY_MODALITY") == [0x0000]
+        assert (tmp_path / "dicom" / uid / f"{first.SOPInstanceUID}.dcm").is_file()
+        report = wait_for(lambda: next(iter(reports(hub, uid)), None), timeout=90, what="the report")
+        assert report["status"] == "preliminary"
+        later = make_chest_xray(seed=82, size=256, study_uid=uid, accession="LOCAL-1", patient_id="LOCAL-P1",
+                                series_uid=first.SeriesInstanceUID)
+        assert send(hub, [later], aet="ANY_MODALITY") == [0x0000]
+        wait_for(lambda: reports(hub, uid)[0]["meta"]["versionId"] == "2", timeout=90, what="the report's version 2")
+        assert len(reports(hub, uid)) == 1
+    finally:
+        stop_hub(hub)

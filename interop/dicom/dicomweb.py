@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 from pydicom import dcmread
@@ -297,6 +297,19 @@ def iter_multipart(chunks: Iterable[bytes], boundary: bytes) -> Iterator[tuple[d
 
 
 # -- client ------------------------------------------------------------------------------------
+class ImageSource(Protocol):
+    """What the analysis asks of where a study's images are: a PACS over DICOMweb
+    (`DicomWebClient`), or the hub's own storage (`interop.dicom.local.LocalArchive`)."""
+
+    def search_instances(self, study_uid: str) -> list[InstanceRef]: ...
+
+    def retrieve_instance(self, ref: InstanceRef) -> Dataset: ...
+
+    def retrieve_series(self, study_uid: str, series_uid: str) -> Iterator[Dataset]: ...
+
+    def close(self) -> None: ...
+
+
 class DicomWebClient:
     """QIDO-RS / WADO-RS against one DICOMweb base URL (e.g. `http://pacs:8042/dicom-web`).
 

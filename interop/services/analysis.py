@@ -23,8 +23,9 @@ from inference_client import routing
 from inference_client.models import ModelDescription
 from inference_client.triton import TritonClient
 
-from ..dicom.dicomweb import DicomWebClient, InstanceRef
+from ..dicom.dicomweb import DicomWebClient, ImageSource, InstanceRef
 from ..dicom.errors import NotAnImage, StudyNotFound
+from ..dicom.local import LOCAL
 from ..domain import report as builder
 from ..store import queue, resources
 from ..tls import ClientTls
@@ -102,8 +103,10 @@ class Analyser:
 
     def _analyse(self, conn: psycopg.Connection[Any], job: queue.Job, study: dict[str, Any],
                  timings: Timings) -> list[dict[str, Any]]:
-        client = TimedClient(job.payload["dicomweb"], self.ctx.settings.dicomweb_timeout, timings,
-                             ClientTls.from_settings(self.ctx.settings))
+        client: ImageSource = inbound.local_archive(conn, job.payload["study_uid"]) \
+            if job.payload["dicomweb"] == LOCAL else \
+            TimedClient(job.payload["dicomweb"], self.ctx.settings.dicomweb_timeout, timings,
+                        ClientTls.from_settings(self.ctx.settings))
         try:
             try:
                 with timings.stage("retrieve"):
@@ -143,7 +146,7 @@ class Analyser:
             raise NoModel(f"not analysed: no model for {', '.join(kinds) or 'this study'}")
         return chosen
 
-    def _run_model(self, client: TimedClient, model: ModelDescription, refs: list[InstanceRef],
+    def _run_model(self, client: ImageSource, model: ModelDescription, refs: list[InstanceRef],
                    timings: Timings) -> list[float | None]:
         """Assemble the model's input from the PACS (streamed), infer, and reduce to one value per label."""
         kind = assembly.kind(model)

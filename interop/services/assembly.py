@@ -17,7 +17,7 @@ import numpy as np
 from inference_client.models import Assembly, ModelDescription
 
 from ..dicom import pixels
-from ..dicom.dicomweb import DicomWebClient, InstanceRef
+from ..dicom.dicomweb import ImageSource, InstanceRef
 from ..dicom.errors import NotAnImage
 from ..dicom.views import ViewSlot, ViewSpec, assemble_views, select_views
 from ..dicom.volume import (
@@ -78,7 +78,7 @@ def zscore(image: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return scored
 
 
-def image_batches(client: DicomWebClient, model: ModelDescription,
+def image_batches(client: ImageSource, model: ModelDescription,
                   refs: list[InstanceRef]) -> Iterator[dict[str, np.ndarray[Any, Any]]]:
     """Rows of one image each (instances without pixels are skipped), IMAGE_BATCH at a time."""
     prep = model.preprocessing
@@ -103,7 +103,7 @@ def image_batches(client: DicomWebClient, model: ModelDescription,
         yield {model.input.name: np.stack(rows).astype(np.float32)}
 
 
-def views_input(client: DicomWebClient, model: ModelDescription, refs: list[InstanceRef]) -> dict[str, np.ndarray[Any, Any]]:
+def views_input(client: ImageSource, model: ModelDescription, refs: list[InstanceRef]) -> dict[str, np.ndarray[Any, Any]]:
     a = model.assembly
     assert a is not None
     spec = view_spec(a)
@@ -116,7 +116,7 @@ def views_input(client: DicomWebClient, model: ModelDescription, refs: list[Inst
     return {a.tensor: views[None].astype(np.float32), (a.present or "present"): assembled.present[None].astype(np.float32)}
 
 
-def volume_input(client: DicomWebClient, model: ModelDescription, refs: list[InstanceRef]) -> dict[str, np.ndarray[Any, Any]]:
+def volume_input(client: ImageSource, model: ModelDescription, refs: list[InstanceRef]) -> dict[str, np.ndarray[Any, Any]]:
     a = model.assembly
     assert a is not None
     modality = next((r.modality for r in refs if r.modality), None)

@@ -30,6 +30,7 @@ import requests
 from pydicom.errors import InvalidDicomError
 
 from ..dicom.dicomweb import InstanceRef
+from ..dicom.local import LOCAL, LocalArchive
 from ..dicom.study import imaging_study
 from ..domain import audit
 from ..domain.vocabulary import ANALYSIS_TASK, site_of, site_tag
@@ -294,6 +295,27 @@ def _refs(conn: psycopg.Connection[Any], uid: str) -> list[InstanceRef]:
                         series_number=i["series_number"]) for i in store.instances(conn, uid)]
 
 
+def local_archive(conn: psycopg.Connection[Any], study_uid: str) -> LocalArchive:
+    """The study's instances in the hub's own storage, as the analysis reads them: each described
+    from its own header (rows, view, position: what a QIDO-RS search would have said)."""
+    files = {r["sop_instance_uid"]: Path(r["stored_in"]) for r in store.instances(conn, study_uid)
+             if not str(r["stored_in"]).startswith(("http://", "https://"))}
+    refs = []
+    for path in files.values():
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue  # unreadable now: the analysis sees the study without it
+        refs.append(InstanceRef.from_dicom_json(header.to_json_dict(bulk_data_threshold=1 << 30,
+                                                                    bulk_data_element_handler=lambda _: "")))
+    return LocalArchive(refs, files)
+
+
+def _source(ctx: Context) -> str:
+    """Where the analysis reads a pushed study: the archive PACS, or the hub's own storage."""
+    return ctx.settings.dicomweb_url or LOCAL
+
+
 def _analyse(conn: psycopg.Connection[Any], ctx: Context, row: dict[str, Any], order: dict[str, Any] | None) -> None:
     uid = row["study_uid"]
     subject = order["subject"]["reference"] if order else _patient(conn, ctx, row)
@@ -317,7 +339,7 @@ def _analyse(conn: psycopg.Connection[Any], ctx: Context, row: dict[str, Any], o
     if queue.exists(conn, intake.analysis_key(uid)):
         _reanalyse(conn, ctx, stored, uid, int(row["round"]))
     else:
-        intake.accept_study(conn, ctx, stored)
+        intake.accept_study(conn, ctx, stored, source=_source(ctx))
     store.set_state(conn, uid, "analysing", imaging_study=f"ImagingStudy/{stored['id']}",
                     service_request=f"ServiceRequest/{order['id']}" if order else None)
 
@@ -327,7 +349,7 @@ def _reanalyse(conn: psycopg.Connection[Any], ctx: Context, study: dict[str, Any
     is the next version of the previous one (`Analyser` waits for the previous analysis to end)."""
     previous = store.last_analysis(conn, intake.analysis_key(uid))
     key = f"{intake.analysis_key(uid)}:round:{round_}"
-    if previous is None or queue.exists(conn, key) or not ctx.settings.dicomweb_url:
+    if previous is None or queue.exists(conn, key):
         return
     task = resources.create(conn, {
         "resourceType": "Task", "status": "requested", "intent": "order", "priority": "routine",
@@ -337,7 +359,7 @@ def _reanalyse(conn: psycopg.Connection[Any], ctx: Context, study: dict[str, Any
     }, ctx.params["Task"])
     policy = ctx.policies.kind(intake.ANALYSE)
     queue.enqueue(conn, intake.ANALYSE, {"study": study["id"], "task": task["id"], "study_uid": uid,
-                                         "dicomweb": ctx.settings.dicomweb_url, "supersedes": previous["task"],
+                                         "dicomweb": _source(ctx), "supersedes": previous["task"],
                                          "deadline": intake.pacs_deadline(ctx, ctx.sites.get(site_of(study) or ""))},
                   dedupe_key=key, max_attempts=policy.max_attempts, priority=policy.priority)
 

@@ -111,8 +111,11 @@ def _task(study: dict[str, Any], status: str, reason: str | None = None) -> dict
     return task
 
 
-def accept_study(conn: psycopg.Connection[Any], ctx: Context, study: dict[str, Any]) -> dict[str, Any] | None:
+def accept_study(conn: psycopg.Connection[Any], ctx: Context, study: dict[str, Any],
+                 source: str | None = None) -> dict[str, Any] | None:
     """Queue a stored, available study for analysis once; returns its Task (None: nothing to do).
+    `source` is where its images are when the study names no endpoint (a pushed study: the
+    archive PACS, or the hub's own storage).
 
     The images may not be in the PACS yet (the HIS posts the study as the modality sends): the
     analysis keeps looking for them until the site's `pacs_wait_minutes` (INTEROP_PACS_WAIT_MINUTES
@@ -123,7 +126,7 @@ def accept_study(conn: psycopg.Connection[Any], ctx: Context, study: dict[str, A
     if uid is None:
         raise IntakeError("an available ImagingStudy needs an identifier with system urn:dicom:uid",
                           "ImagingStudy.identifier")
-    endpoint = allowed_endpoint(conn, ctx, study) or ctx.settings.dicomweb_url
+    endpoint = allowed_endpoint(conn, ctx, study) or source or ctx.settings.dicomweb_url
     key = analysis_key(uid)
     if queue.exists(conn, key):
         return None  # already analysed or on its way: a resend does not analyse twice
