@@ -284,3 +284,28 @@ def test_a_hub_without_an_archive_analyses_from_its_own_storage(db_url: str, tri
         assert len(reports(hub, uid)) == 1
     finally:
         stop_hub(hub)
+
+
+def test_a_held_study_is_matched_when_its_order_arrives(scp_hub: HubProcess) -> None:
+    from tests.fixtures import mllp
+
+    ds = make_chest_xray(seed=91, size=256, patient_id="HOLD-2", accession="HOLD-ACC-2")
+    assert send(scp_hub, [ds], aet="HOLD_DX") == [0x0000]
+    uid = ds.StudyInstanceUID
+
+    def listed() -> bool:
+        rows = scp_hub.session.get(f"{scp_hub.base}/admin/dicom/unmatched", timeout=10).json()["studies"]
+        return any(r["study_uid"] == uid for r in rows)
+
+    wait_for(listed, timeout=60, what="the study in the unmatched queue")
+    # the order arrives from the hospital's integration engine, naming the same accession number
+    answers = mllp.send(int(scp_hub.env["INTEROP_MLLP_PORT"]),
+                        mllp.orm("HOLD2", placer="PLH2", filler="FLH2", accession="HOLD-ACC-2", patient_id="HOLD-2",
+                                 facility="TTYTHOLD"))
+    assert "MSA|AA" in answers[0]
+    report = wait_for(lambda: next(iter(reports(scp_hub, uid)), None), timeout=50,  # well before the 60 s recheck
+                      what="the report of the study matched to its order")
+    study = studies(scp_hub, uid)[0]
+    order = fhir(scp_hub, "ServiceRequest", identifier="PLH2")["entry"][0]["resource"]
+    assert study["basedOn"] == [{"reference": f"ServiceRequest/{order['id']}"}]
+    assert not listed() and report["status"] == "preliminary"

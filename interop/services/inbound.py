@@ -396,6 +396,15 @@ def decide(conn: psycopg.Connection[Any], ctx: Context, study_uid: str, decision
     return True
 
 
+def order_arrived(conn: psycopg.Connection[Any], study_uid: str | None, accession: str | None) -> int:
+    """An order came (HL7): the pushed studies waiting for it with this Study UID or accession
+    number look again now, not at their next recheck. How many were woken."""
+    waiting = store.unmatched_for(conn, study_uid, accession) if (study_uid or accession) else []
+    for uid, round_ in waiting:
+        store.wake(conn, stable_key(uid, round_))
+    return len(waiting)
+
+
 def unmatched(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     return [{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()} for r in store.unmatched(conn)]
 

@@ -30,7 +30,7 @@ from ..sites import Site
 from ..store import hl7_messages, queue, resources
 from ..store.resources import ANY_SYSTEM, Criterion, Query
 from ..tls import ClientTls
-from . import intake, tasks
+from . import inbound, intake, tasks
 from .context import Context
 from .delivery.app_ack import queue_app_ack
 from .errors import Permanent, Transient
@@ -161,6 +161,7 @@ def _order(conn: psycopg.Connection[Any], ctx: Context, order: Order, patient: d
     if not existing and order.order_control not in ("NW", "XO", "SC", "SN", "NA"):
         return
     stored = _upsert(conn, ctx, request)
+    inbound.order_arrived(conn, order.study_instance_uid, order.accession)  # a pushed study may wait for it
     done = (order.order_status in (site.exam_done_order_status if site else {"CM"})
             or (site is not None and order.result_status in site.exam_done_result_status))
     if done:

@@ -114,6 +114,14 @@ def pending_order(conn: psycopg.Connection[Any], study_uid: str, accession: str 
     return None if value is None else str(value)
 
 
+def unmatched_for(conn: psycopg.Connection[Any], study_uid: str | None, accession: str | None) -> list[tuple[str, int]]:
+    """(study UID, round) of the pushed studies waiting for an order with this UID or accession."""
+    rows = conn.execute("SELECT study_uid, round FROM dicom_study WHERE state = 'unmatched'"
+                        " AND (study_uid = %s OR (%s::text IS NOT NULL AND accession = %s))",
+                        (study_uid, accession, accession)).fetchall()
+    return [(r["study_uid"], int(r["round"])) if isinstance(r, dict) else (r[0], int(r[1])) for r in rows]
+
+
 def wake(conn: psycopg.Connection[Any], dedupe_key: str) -> None:
     """Make a queued job due now (an admin decided; an order arrived)."""
     conn.execute("UPDATE job SET run_after = now() WHERE dedupe_key = %s AND status = 'queued'", (dedupe_key,))
