@@ -50,6 +50,7 @@ from scripts.synthetic.dicom import (  # noqa: E402
     make_chest_xray,
     make_mammography_exam,
 )
+from tests.helpers import stop_process  # noqa: E402
 
 HEADING = "## DICOM C-STORE into the hub (issue 13): `python bench/dicom_store.py`"
 HUB, STORESCP = "interop dicom-scp", "dcmtk storescp"
@@ -273,11 +274,7 @@ def main() -> int:
         return 0
     finally:
         for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
         if pg is not None:
             pg.stop()
         shutil.rmtree(base, ignore_errors=True)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from interop.runtime.processes import free_port, wait_listening  # noqa: E402
 from interop.store import db  # noqa: E402
+from tests.helpers import stop_process  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "samples" / "hl7v2" / "dcm4che_ORM_O01_v231_radiology.hl7"
 
@@ -150,11 +151,7 @@ def main() -> int:
         return 0
     finally:
         for proc in stack:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
         if pg is not None:
             pg.stop()
 
