@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     clients.add_argument("name", nargs="?", help="add: a name for the client; disable: its client_id")
     clients.add_argument("--jwks", metavar="FILE_OR_URL", help="add: the client's public keys (a JWKS file, or its https URL)")
     clients.add_argument("--scopes", help='add: what it may ask for, e.g. "system/DiagnosticReport.rs system/ImagingStudy.cru"')
+    clients.add_argument("--site", help="add: the facility code (sites file) it acts for: studies it pushes by STOW-RS"
+                                        " are that site's")
     users = sub.add_parser("users", help="people with a local account (worklist, dashboard, operators): add, list,"
                                          " disable, enable, password")
     users.add_argument("action", choices=["add", "list", "disable", "enable", "password"])
@@ -238,7 +240,7 @@ def _clients(parser: argparse.ArgumentParser, settings: Settings, args: argparse
         if not args.jwks or not args.scopes:
             parser.error("clients add needs --jwks FILE_OR_URL and --scopes")
         try:
-            client_id = clients.register(conn, args.name, args.jwks, args.scopes)
+            client_id = clients.register(conn, args.name, args.jwks, args.scopes, args.site)
         except clients.ClientError as exc:
             print(f"interop clients add: {exc}", file=sys.stderr)
             return 2

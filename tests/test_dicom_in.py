@@ -201,7 +201,8 @@ def test_stow_rs_keeps_each_instance_and_says_which_were_refused(db_url: str, or
     app = create_app(Settings.from_env({"DATABASE_URL": db_url, "DICOMWEB_URL": orthanc.dicomweb_url,
                                         "INTEROP_DATA_DIR": str(tmp_path), "INTEROP_URL_ALLOW": "http://127.0.0.1:*"}))
     try:
-        gateway = with_token(app.test_client(), bearer(app.test_client(), db_url, "system/ImagingStudy.c"))
+        # a district hospital's gateway, registered as acting for its site (`interop clients add --site`)
+        gateway = with_token(app.test_client(), bearer(app.test_client(), db_url, "system/ImagingStudy.c", site="BVDKDN"))
         first = make_chest_xray(seed=71, size=128, accession="STOW71")
         second = make_chest_xray(seed=72, size=128, study_uid=first.StudyInstanceUID, accession="STOW71")
         no_study = make_chest_xray(seed=73, size=128)
@@ -218,9 +219,10 @@ def test_stow_rs_keeps_each_instance_and_says_which_were_refused(db_url: str, or
         in_pacs = requests.get(f"{orthanc.dicomweb_url}/studies/{first.StudyInstanceUID}/instances", timeout=10).json()
         assert {first.SOPInstanceUID, second.SOPInstanceUID} <= {i["00080018"]["Value"][0] for i in in_pacs}
         with connect(db_url) as conn:
-            row = conn.execute("SELECT instances, accession FROM dicom_study WHERE study_uid = %s",
+            row = conn.execute("SELECT instances, accession, site FROM dicom_study WHERE study_uid = %s",
                                (first.StudyInstanceUID,)).fetchone()
         assert row is not None and row["instances"] == 2 and row["accession"] == "STOW71"
+        assert row["site"] == "BVDKDN"  # the gateway's site: the results go back there
         # the same instances again: kept once
         again = gateway.post("/dicom-web/studies", data=_multipart([dataset_bytes(first)])[0], content_type=ctype)
         assert again.status_code == 200

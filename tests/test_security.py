@@ -524,11 +524,12 @@ def test_clients_and_users_commands(db_url: str, tmp_path: Any, smart_key: Clien
                               text=True, timeout=120)
 
     added = interop("clients", "add", "HIS vendor", "--jwks", str(jwks), "--scopes",
-                    "system/DiagnosticReport.rs system/ImagingStudy.cru")
+                    "system/DiagnosticReport.rs system/ImagingStudy.cru", "--site", "bvdkdn")
     assert added.returncode == 0, added.stderr
     client_id = added.stdout.split()[-1]
     listed = [json.loads(line) for line in interop("clients", "list").stdout.splitlines()]
-    assert [(c["client_id"], c["scopes"]) for c in listed] == [(client_id, "system/DiagnosticReport.rs system/ImagingStudy.cru")]
+    assert [(c["client_id"], c["scopes"], c["site"]) for c in listed] == \
+        [(client_id, "system/DiagnosticReport.rs system/ImagingStudy.cru", "BVDKDN")]
     private = tmp_path / "private.json"
     private.write_text(json.dumps({"keys": [{**smart_key.jwk, "d": "secret"}]}))
     refused = interop("clients", "add", "careless", "--jwks", str(private), "--scopes", "system/Patient.rs")

@@ -26,6 +26,7 @@ from ..dicom.dicomweb import iter_multipart, multipart_boundary
 from ..dicom.errors import DicomError
 from ..fhir.errors import BadRequest, NotFoundError, UnsupportedMediaType
 from ..services import inbound
+from ..services.security import clients
 from .admin import bp as admin
 
 stow = Blueprint("stow", __name__, url_prefix="/dicom-web")
@@ -81,7 +82,8 @@ def store(rtype: str) -> Response:
                     item = inbound.read_header(path, sender=access.who().client or "stow",
                                                max_bytes=ctx.settings.dicom_max_bytes)
                     with hub.pool.connection() as conn:
-                        inbound.keep(conn, ctx, path, item, site=None, who=access.who())
+                        inbound.keep(conn, ctx, path, item, site=ctx.sites.get(clients.site_of(conn, access.who().client)),
+                                     who=access.who())
                     kept.append(_item(item.sop_class_uid, item.sop_instance_uid))
                 except inbound.Refused as exc:
                     failed.append(_item(None, None, exc.status, exc.reason))

@@ -19,19 +19,19 @@ Row = dict[str, Any]
 
 # -- machine clients --------------------------------------------------------------------------
 def add_client(conn: psycopg.Connection[Any], client_id: str, name: str, scopes: str, *,
-               jwks: dict[str, Any] | None = None, jwks_url: str | None = None) -> None:
-    conn.execute("INSERT INTO client (client_id, name, jwks, jwks_url, scopes) VALUES (%s, %s, %s, %s, %s)",
-                 (client_id, name, Jsonb(jwks) if jwks is not None else None, jwks_url, scopes))
+               jwks: dict[str, Any] | None = None, jwks_url: str | None = None, site: str | None = None) -> None:
+    conn.execute("INSERT INTO client (client_id, name, jwks, jwks_url, scopes, site) VALUES (%s, %s, %s, %s, %s, %s)",
+                 (client_id, name, Jsonb(jwks) if jwks is not None else None, jwks_url, scopes, site))
 
 
 def client(conn: psycopg.Connection[Any], client_id: str) -> Row | None:
-    row = conn.execute("SELECT client_id, name, jwks, jwks_url, scopes, created_at, disabled_at FROM client"
+    row = conn.execute("SELECT client_id, name, jwks, jwks_url, scopes, site, created_at, disabled_at FROM client"
                        " WHERE client_id = %s", (client_id,)).fetchone()
     return dict(row) if row is not None else None
 
 
 def clients(conn: psycopg.Connection[Any]) -> list[Row]:
-    rows = conn.execute("SELECT client_id, name, jwks_url, scopes, created_at, disabled_at FROM client"
+    rows = conn.execute("SELECT client_id, name, jwks_url, scopes, site, created_at, disabled_at FROM client"
                         " ORDER BY created_at, client_id").fetchall()
     return [dict(r) for r in rows]
 

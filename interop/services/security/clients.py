@@ -50,8 +50,9 @@ def _jwks_url(url: str) -> str:
     return url
 
 
-def register(conn: psycopg.Connection[Any], name: str, jwks_source: str, scope_text: str) -> str:
-    """Register a client; its new client_id."""
+def register(conn: psycopg.Connection[Any], name: str, jwks_source: str, scope_text: str,
+             site: str | None = None) -> str:
+    """Register a client (acting for `site`, a facility code of the sites file, when given); its new client_id."""
     try:
         granted = scopes.check(scope_text)
     except scopes.ScopeError as exc:
@@ -72,8 +73,15 @@ def register(conn: psycopg.Connection[Any], name: str, jwks_source: str, scope_t
         except json.JSONDecodeError:
             raise ClientError(f"{jwks_source} is not JSON") from None
     client_id = secrets.token_hex(16)  # hex: never read as a command-line option
-    store.add_client(conn, client_id, name.strip(), " ".join(granted), jwks=jwks, jwks_url=url)
+    store.add_client(conn, client_id, name.strip(), " ".join(granted), jwks=jwks, jwks_url=url,
+                     site=site.strip().upper() if site else None)
     return client_id
+
+
+def site_of(conn: psycopg.Connection[Any], client_id: str | None) -> str | None:
+    """The facility a client acts for (`interop clients add --site`), if any."""
+    found = store.client(conn, client_id) if client_id else None
+    return str(found["site"]) if found and found.get("site") else None
 
 
 def listing(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
