@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]
 
+from interop.domain.vocabulary import source_images
 from scripts.synthetic.dicom import make_chest_xray
 from tests.fixtures.hub import HubProcess, start_hub, stop_hub
 from tests.helpers import free_port, wait_for
@@ -88,6 +89,7 @@ def test_a_pushed_study_is_analysed_and_more_images_supersede_its_report(scp_hub
 
     report = wait_for(lambda: next(iter(reports(scp_hub, uid)), None), timeout=90, what="the report")
     assert report["status"] == "preliminary" and report["meta"]["versionId"] == "1"
+    assert source_images(report) == {first.SOPInstanceUID}  # what the model read, as the SR will reference it
     study = studies(scp_hub, uid)[0]
     assert {"system": "urn:interop-hub:site", "code": "BVTANPHU"} in study["meta"]["tag"]
     assert study["numberOfInstances"] == 1
@@ -98,6 +100,7 @@ def test_a_pushed_study_is_analysed_and_more_images_supersede_its_report(scp_hub
     wait_for(lambda: reports(scp_hub, uid)[0]["meta"]["versionId"] == "2", timeout=90, what="the report's version 2")
     assert len(reports(scp_hub, uid)) == 1  # superseded, not a second report
     assert studies(scp_hub, uid)[0]["numberOfInstances"] == 2
+    assert source_images(reports(scp_hub, uid)[0]) == {first.SOPInstanceUID, later.SOPInstanceUID}
     # and the result is back in the site's PACS as a DICOM SR, in the same study as the images
     sr = wait_for(lambda: next((i for i in qido(orthanc_url(scp_hub), uid) if i.get("00080060", {}).get("Value") == ["SR"]),
                                None), timeout=90, what="the SR in the PACS")

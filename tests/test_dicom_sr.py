@@ -32,7 +32,7 @@ from interop.workers.delivery import Deliverer
 from scripts.peers.orthanc import Orthanc
 from scripts.synthetic.dicom import dataset_bytes, make_chest_xray
 from tests.helpers import context, delivery_row, free_port, time_passes
-from tests.test_oru import MODEL, STUDY_UID, built_report
+from tests.test_oru import MODEL, PARAMS, STUDY_UID, built_report
 
 RADIOLOGIST = "Trần Thị Bình"
 
@@ -369,3 +369,21 @@ def test_provenance_of_the_ai_result_and_of_the_sign_off(stored: psycopg.Connect
     assert sign["agent"][0]["who"] == {"reference": "Practitioner/rad-1"}
     assert sign["agent"][0]["type"]["coding"][0]["code"] == "verifier"
     assert sign["target"][0]["reference"] == "DiagnosticReport/r1/_history/2"
+
+
+def test_the_sr_references_the_images_the_model_read(stored: psycopg.Connection[Any], orthanc: Orthanc, db_url: str,
+                                                     tmp_path: Path) -> None:
+    read, other = image_in(orthanc, seed=31), image_in(orthanc, seed=32)  # two images; the model was given one
+    from interop.domain.vocabulary import SOURCE_IMAGE_EXTENSION, source_images
+
+    with stored.transaction():
+        report = resources.read(stored, "DiagnosticReport", "r1")
+        report["extension"] = [*report.get("extension", []), {"url": SOURCE_IMAGE_EXTENSION, "valueIdentifier": {
+            "system": "urn:dicom:uid", "value": f"urn:oid:{read.SOPInstanceUID}"}}]
+        resources.update(stored, {k: v for k, v in report.items() if k != "meta"}, PARAMS["DiagnosticReport"])
+    assert source_images(resources.read(stored, "DiagnosticReport", "r1")) == {read.SOPInstanceUID}
+    out = sender(db_url, pacs_sites(tmp_path, f"    dicomweb: {orthanc.dicomweb_url}\n"))
+    assert len(queue_r1(stored, out)) == 1
+    assert out.run_once()
+    (sr,) = [s for s in srs_in(orthanc) if read.SOPInstanceUID in referenced(s)]
+    assert referenced(sr) == {read.SOPInstanceUID} and other.SOPInstanceUID not in referenced(sr)

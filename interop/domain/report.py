@@ -16,6 +16,7 @@ from inference_client.models import ModelDescription
 from .vocabulary import (
     AI_DEVICE_EXTENSION,
     DIAGNOSTIC_SERVICE,
+    DICOM_UID_SYSTEM,
     DISCLAIMER,
     IMAGING_CATEGORY,
     INTERPRETATION,
@@ -23,6 +24,7 @@ from .vocabulary import (
     NOT_VALIDATED,
     OBSERVATION_SYSTEM,
     REPORT_SYSTEM,
+    SOURCE_IMAGE_EXTENSION,
     UCUM,
 )
 
@@ -155,8 +157,10 @@ def build(
     report_id: str,
     observation_ids: Sequence[str],
     issued: str,
+    sources: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """{'device': …, 'observations': […], 'report': …} for one study and one model."""
+    """{'device': …, 'observations': […], 'report': …} for one study and one model; `sources` are
+    the SOP Instance UIDs of the images the model was given."""
     found = findings(model, probabilities)
     assessed = [p for p in probabilities if p is not None]
     category = model.categories.category(assessed) if model.categories and assessed else None
@@ -194,7 +198,10 @@ def build(
     report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "id": report_id,
-        "extension": [{"url": AI_DEVICE_EXTENSION, "valueReference": dev_ref}],
+        "extension": [{"url": AI_DEVICE_EXTENSION, "valueReference": dev_ref},
+                      *({"url": SOURCE_IMAGE_EXTENSION,
+                         "valueIdentifier": {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{uid}"}}
+                        for uid in dict.fromkeys(sources))],
         "identifier": [{"system": REPORT_SYSTEM, "value": f"{study_uid}/{model.name}"}],
         "status": "preliminary",
         "category": [{"coding": [{"system": DIAGNOSTIC_SERVICE,

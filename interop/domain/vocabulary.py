@@ -29,6 +29,16 @@ PATIENT_REF_SYSTEM = "urn:interop-hub:patient-reference"
 SITE_TAG = "urn:interop-hub:site"                        # meta.tag: the facility an order/study/report is for
 TASK_TYPE = "urn:interop-hub:task-type"
 AI_DEVICE_EXTENSION = "urn:interop-hub:fhir:StructureDefinition:ai-device"
+# each DICOM instance the model was given (valueIdentifier urn:dicom:uid): what the SR and the
+# Provenance reference as the images the result was read from
+SOURCE_IMAGE_EXTENSION = "urn:interop-hub:fhir:StructureDefinition:source-image"
+
+
+def source_images(report: dict[str, Any]) -> set[str]:
+    """SOP Instance UIDs of the images the AI result was read from (empty: not recorded)."""
+    return {str(e["valueIdentifier"]["value"]).removeprefix("urn:oid:") for e in report.get("extension") or []
+            if e.get("url") == SOURCE_IMAGE_EXTENSION and isinstance(e.get("valueIdentifier"), dict)
+            and e["valueIdentifier"].get("value")}
 
 ANALYSIS_TASK = {"system": TASK_TYPE, "code": "ai-analysis", "display": "AI analysis of an imaging study"}
 FIND_STUDY_TASK = {"system": TASK_TYPE, "code": "find-study", "display": "Find the order's images in the PACS"}

@@ -124,7 +124,8 @@ class Analyser:
                 probabilities = self._run_model(client, model, model_refs, timings)
                 with timings.stage("inference"):
                     version = self.triton.model_version_label(model.triton_model) or model.version
-                results.append({"model": model, "version": version, "probabilities": probabilities})
+                results.append({"model": model, "version": version, "probabilities": probabilities,
+                                "sources": [r.instance_uid for r in model_refs]})
             return results
         finally:
             client.close()
@@ -194,7 +195,7 @@ class Analyser:
             model: ModelDescription = result["model"]
             built = builder.build(
                 study=study, study_uid=job.payload["study_uid"], model=model, version=result["version"],
-                probabilities=result["probabilities"], report_id=resources.new_id(),
+                probabilities=result["probabilities"], report_id=resources.new_id(), sources=result["sources"],
                 observation_ids=[resources.new_id() for _ in range(len(model.labels) + 1)], issued=issued,
             )
             try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from ..domain.vocabulary import version_of
+from ..domain.vocabulary import source_images, version_of
 from ..store import resources
 from .context import Context
 
@@ -30,13 +30,15 @@ def _agent(code: str, display: str, who: dict[str, Any]) -> dict[str, Any]:
 
 
 def _study_entities(conn: psycopg.Connection[Any], report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ImagingStudy, and the images the model read (all the study lists when not recorded)."""
+    read = source_images(report)
     out = []
     for ref in report.get("imagingStudy") or []:
         out.append({"role": "source", "what": {"reference": ref.get("reference")}})
         study = resources.find(conn, ref.get("reference"))
         for series in (study or {}).get("series") or []:
             for inst in series.get("instance") or []:
-                if inst.get("uid"):
+                if inst.get("uid") and (not read or inst["uid"] in read):
                     out.append({"role": "source", "what": {
                         "identifier": {"system": DICOM_UID, "value": f"urn:oid:{inst['uid']}"},
                         "display": f"SOP Instance of series {series.get('uid', '')}"}})

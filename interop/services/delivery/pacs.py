@@ -26,6 +26,7 @@ from ...dicom import cstore
 from ...dicom import sr as srmod
 from ...dicom.dicomweb import NON_IMAGE_SOP_CLASS_PREFIXES, DicomWebClient, InstanceRef
 from ...dicom.errors import DicomError, PacsUnavailable, StudyNotFound
+from ...domain.vocabulary import source_images
 from ...sites import Site
 from ...store import queue, resources
 from ...tls import ClientTls
@@ -71,6 +72,12 @@ def _study_sources(study: dict[str, Any], study_uid: str) -> list[srmod.Source]:
     return out
 
 
+def _read_by_the_model(report: dict[str, Any], sources: list[srmod.Source]) -> list[srmod.Source]:
+    """The images the model was given, when the report records them (older reports: every image)."""
+    read = source_images(report)
+    return [s for s in sources if s.sop_instance_uid in read] or sources if read else sources
+
+
 class PacsChannel:
     """`deliver-sr` jobs: a report version as an SR to `SITE:pacs`."""
 
@@ -114,7 +121,7 @@ class PacsChannel:
         study_uid = _uid(study) if study else None
         if study is None or not study_uid:
             raise Unbuildable(f"DiagnosticReport/{report_id} has no ImagingStudy with a Study Instance UID")
-        sources = _study_sources(study, study_uid)
+        sources = _read_by_the_model(report, _study_sources(study, study_uid))
         header = None
         if site.dicomweb:
             with self._client(site) as client:
@@ -123,6 +130,7 @@ class PacsChannel:
                 if refs:
                     sources = [srmod.Source(r.study_uid, r.series_uid, r.sop_class_uid or "", r.instance_uid)
                                for r in refs]
+                sources = _read_by_the_model(report, sources)
                 if sources:
                     first = sources[0]
                     header = srmod.header_from(client.instance_metadata(
