@@ -387,3 +387,20 @@ def test_the_sr_references_the_images_the_model_read(stored: psycopg.Connection[
     assert out.run_once()
     (sr,) = [s for s in srs_in(orthanc) if read.SOPInstanceUID in referenced(s)]
     assert referenced(sr) == {read.SOPInstanceUID} and other.SOPInstanceUID not in referenced(sr)
+
+
+def test_a_later_version_names_the_srs_it_replaces(tmp_path: Path) -> None:
+    built = built_report()
+    images = source_images()
+    first = build(built["report"], built["observations"], built["device"], images, 1)
+    assert "PredecessorDocumentsSequence" not in first
+    third = build(signed(built["report"]), built["observations"], built["device"], images, 3)
+    path = written(tmp_path, third, "v3.dcm")
+    errors, _warnings = dciodvfy(path)
+    assert errors == [], errors
+    raw = dcmread(path)
+    (study,) = raw.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == images[0].StudyInstanceUID
+    named = {i.ReferencedSOPInstanceUID for s in study.ReferencedSeriesSequence for i in s.ReferencedSOPSequence}
+    assert named == {first.SOPInstanceUID, srmod.sr_uids(str(built["report"]["id"]), 2)[1]}
+    assert raw.SOPInstanceUID not in named and raw.SeriesInstanceUID == first.SeriesInstanceUID

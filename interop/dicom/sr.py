@@ -225,6 +225,17 @@ def _rejected(report_id: str, images: list[hd.sr.SourceImageForMeasurementGroup]
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(AI_RESULT, REJECTED)], source_images=images or None)
 
 
+def predecessors(report_id: str, version: int, study_uid: str) -> list[Dataset]:
+    """The SRs of the report's earlier versions (their UIDs are derived, so they need not be fetched):
+    the Predecessor Documents Sequence, so that a viewer shows the latest and knows what it replaces."""
+    out = []
+    for earlier in range(1, version):
+        series_uid, sop_uid = sr_uids(report_id, earlier)
+        out.append(dataset(StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid, SOPClassUID=COMPREHENSIVE_3D_SR,
+                           SOPInstanceUID=sop_uid))
+    return out
+
+
 def build_sr(*, report: dict[str, Any], observations: Sequence[dict[str, Any]], device: dict[str, Any],
              header: Dataset, sources: Sequence[Source], version: int, manufacturer: str = HUB_MANUFACTURER,
              institution: str | None = None) -> hd.sr.Comprehensive3DSR:
@@ -275,6 +286,7 @@ def build_sr(*, report: dict[str, Any], observations: Sequence[dict[str, Any]], 
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence, content=content, series_instance_uid=series_uid, series_number=SERIES_NUMBER,
         sop_instance_uid=sop_uid, instance_number=version, manufacturer=manufacturer[:64],
+        previous_versions=predecessors(report_id, version, study_uid) or None,
         is_complete=signed, is_final=signed, is_verified=bool(signed and reviewer),
         institution_name=institution[:64] if institution else None,
         verifying_observer_name=_person_name(reviewer) if signed and reviewer else None,
