@@ -173,10 +173,18 @@ def _to_disk(ctx: Context, item: store.Received, path: Path) -> str:
     part = target.with_suffix(".part")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("rb") as src, part.open("wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
+        part.unlink(missing_ok=True)
+        try:  # the received file itself, when it is on the same file system: no second write of it
+            os.link(path, part)
+            with part.open("rb") as linked:
+                os.fsync(linked.fileno())
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+            with path.open("rb") as src, part.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
         os.replace(part, target)
     except OSError as exc:
         part.unlink(missing_ok=True)

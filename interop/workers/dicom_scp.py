@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import signal
+import tempfile
 from pathlib import Path
 from threading import Event
 
@@ -62,6 +63,10 @@ class StorageScp:
 def main(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT."""
     stop = Event()
+    if not settings.dicomweb_url:  # kept on this disk: receive there too, so keeping is a link, not a copy
+        incoming = settings.data_dir / "dicom" / "incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        tempfile.tempdir = str(incoming)  # pynetdicom's temporary files (this process only serves DICOM)
     service = StorageScp(Context.from_settings(settings))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
