@@ -314,3 +314,16 @@ def test_a_held_study_is_matched_when_its_order_arrives(scp_hub: HubProcess) -> 
     order = fhir(scp_hub, "ServiceRequest", identifier="PLH2")["entry"][0]["resource"]
     assert study["basedOn"] == [{"reference": f"ServiceRequest/{order['id']}"}]
     assert not listed() and report["status"] == "preliminary"
+
+
+def test_a_study_pushed_by_stow_rs_is_analysed_like_one_pushed_by_c_store(scp_hub: HubProcess) -> None:
+    from scripts.synthetic.dicom import dataset_bytes
+
+    ds = make_chest_xray(seed=95, size=256, accession="STOW-95", patient_id="STOW-P95")
+    body, ctype = _multipart([dataset_bytes(ds)])
+    answer = scp_hub.session.post(f"{scp_hub.base}/dicom-web/studies", data=body, headers={"Content-Type": ctype},
+                                  timeout=30)
+    assert answer.status_code == 200, answer.text
+    report = wait_for(lambda: next(iter(reports(scp_hub, ds.StudyInstanceUID)), None), timeout=90, what="the report")
+    assert report["status"] == "preliminary" and source_images(report) == {ds.SOPInstanceUID}
+    assert studies(scp_hub, ds.StudyInstanceUID)[0]["numberOfInstances"] == 1
