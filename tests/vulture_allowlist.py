@@ -1,6 +1,8 @@
 """What vulture cannot see being used: names read by Jinja templates, called by gunicorn or by
 prometheus_client, and the package's API the tests use (`vulture`, in `make test`, reads this file
 with the package; it is never imported)."""
+import tempfile
+
 from flask import Flask, g
 
 from inference_client import models, routing, triton
@@ -40,3 +42,4 @@ from flask import Request as _Request  # noqa: E402
 
 _Request.max_content_length
 processes.wait_listening  # bench/mllp_throughput.py, bench/dicom_store.py
+tempfile.tempdir  # read by the tempfile module (pynetdicom's received files; interop.workers.dicom_scp)
