@@ -10,6 +10,7 @@ The hub runs without a container: `pip install nvidia-pytriton` brings the real 
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -24,6 +25,10 @@ from pathlib import Path
 from .processes import PidFile, die_with_parent, free_port
 
 STUB = "triton_python_backend_stub"
+
+
+PORT_TRIES = 3
+log = logging.getLogger("interop.runtime.triton")
 
 
 class TritonStartError(RuntimeError):
@@ -132,7 +137,19 @@ class BundledTriton:
         ]
 
     def start(self) -> None:
-        """Start the server and block until it (and every loaded model) is ready."""
+        """Start the server and block until it (and every loaded model) is ready. Its three ports are
+        chosen free just before it binds them: another program may take one in that moment, and then
+        it starts again on new ones (PORT_TRIES times)."""
+        for attempt in range(1, PORT_TRIES + 1):
+            try:
+                self._start_once()
+                return
+            except TritonStartError as exc:
+                if attempt == PORT_TRIES or "already in use" not in str(exc):
+                    raise
+                log.warning("a port chosen for the bundled Triton was taken meanwhile; starting it on new ports")
+
+    def _start_once(self) -> None:
         if self._proc is not None:
             raise RuntimeError("BundledTriton already started")
         if not self.model_repository.is_dir():
