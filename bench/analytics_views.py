@@ -17,12 +17,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
-
-import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the checkout
 
+from bench.common import fresh_database
 from interop.app import create_app
 from interop.config import Settings
 from interop.store import analytics as facts
@@ -54,10 +52,7 @@ def main() -> None:
         os.chmod(directory, 0o755)
         server = EmbeddedPostgres(directory / "pg")
         base = server.start()
-    url = urlunsplit(urlsplit(base)._replace(path="/bench_analytics"))
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute("DROP DATABASE IF EXISTS bench_analytics WITH (FORCE)")
-        conn.execute("CREATE DATABASE bench_analytics")
+    url = fresh_database(base, "bench_analytics")
     db.migrate(url)
     settings = Settings.from_env({"DATABASE_URL": url})
     lines: list[str] = []

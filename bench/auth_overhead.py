@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import requests
@@ -32,19 +31,13 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import fresh_database  # noqa: E402
 from interop.runtime.processes import free_port  # noqa: E402
 from interop.store import db  # noqa: E402
 from scripts import smart  # noqa: E402
 
 BEFORE = "7b62189"  # main before the security work (issue 12)
 FAMILIES = ["Nguyễn", "Trần", "Lê", "Phạm", "Hoàng", "Huỳnh", "Phan", "Vũ", "Võ", "Đặng", "Tran", "Bùi"]
-
-
-def database(server_url: str, name: str) -> str:
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name}")
-    return urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
 
 
 def serve(code: Path, url: str, port: int) -> subprocess.Popen[bytes]:
@@ -108,7 +101,7 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         server = pg.start()
-        urls = {"before": database(server, "before_security"), "after": database(server, "after_security")}
+        urls = {"before": fresh_database(server, "before_security"), "after": fresh_database(server, "after_security")}
         subprocess.run([sys.executable, "-m", "interop.cli", "migrate"], cwd=old, check=True, capture_output=True,
                        env=dict(os.environ, DATABASE_URL=urls["before"], PYTHONPATH=str(old)))
         db.migrate(urls["after"])

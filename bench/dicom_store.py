@@ -32,7 +32,6 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 import psycopg
@@ -42,6 +41,7 @@ from pynetdicom import AE
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import fresh_database  # noqa: E402
 from interop.runtime.processes import free_port, wait_listening  # noqa: E402
 from interop.store import db  # noqa: E402
 from scripts.synthetic.dicom import (  # noqa: E402
@@ -200,10 +200,7 @@ def main() -> int:
             from interop.runtime.postgres import EmbeddedPostgres
 
             pg = EmbeddedPostgres(base / "pg")
-            server_url = pg.start()
-            with psycopg.connect(server_url, autocommit=True) as conn:
-                conn.execute("CREATE DATABASE dicom_bench")
-            url = urlunsplit(urlsplit(server_url)._replace(path="/dicom_bench"))
+            url = fresh_database(pg.start(), "dicom_bench")
         db.migrate(url)
         with psycopg.connect(url) as conn:
             pg_settings = {name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]

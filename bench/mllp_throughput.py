@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from hl7.mllp import open_hl7_connection
@@ -26,6 +25,7 @@ from hl7.mllp import open_hl7_connection
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import fresh_database  # noqa: E402
 from interop.runtime.processes import free_port, wait_listening  # noqa: E402
 from interop.store import db  # noqa: E402
 from tests.helpers import stop_process  # noqa: E402
@@ -108,10 +108,7 @@ def main() -> int:
         base = Path(tempfile.mkdtemp(prefix="mllp-bench-", dir="/var/tmp"))
         os.chmod(base, 0o755)
         pg = EmbeddedPostgres(base / "pg")
-        server_url = pg.start()
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute("CREATE DATABASE mllp_bench")
-        url = urlunsplit(urlsplit(server_url)._replace(path="/mllp_bench"))
+        url = fresh_database(pg.start(), "mllp_bench")
     db.migrate(url)
     with psycopg.connect(url) as conn:
         settings = {name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
