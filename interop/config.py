@@ -198,6 +198,15 @@ class Settings:
         scheme = "https" if self.tls else "http"
         return f"{scheme}://{self.http_host}:{self.http_port}/fhir"
 
+    def public_origin(self) -> str:
+        """The hub's public origin: the FHIR base without /fhir (the issuer of its tokens)."""
+        base = self.public_base()
+        return base[: -len("/fhir")] if base.endswith("/fhir") else base
+
+    def token_url(self) -> str:
+        """Where SMART backend clients ask for tokens (the `aud` of their assertions)."""
+        return f"{self.public_origin()}/auth/token"
+
     @property
     def tls(self) -> bool:
         """Whether the hub serves HTTPS and MLLP over TLS (a certificate and its key are set)."""

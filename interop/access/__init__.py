@@ -187,9 +187,8 @@ def _fhir_interaction(endpoint: str) -> tuple[str, str]:
     return str(rtype), INTERACTIONS.get(endpoint) or METHOD_INTERACTIONS.get(request.method, "read")
 
 
-def _authorize(endpoint: str, who_: Principal | None) -> None:
+def _authorize(endpoint: str, rule: Rule | None, who_: Principal | None) -> None:
     blueprint = endpoint.split(".", 1)[0]
-    rule = _rule(endpoint)
     if rule is not None and rule.public:
         return
     if who_ is None:
@@ -285,7 +284,7 @@ def guard() -> Response | None:
     try:
         who_ = _authenticate()
         g.principal = who_
-        _authorize(endpoint, who_)
+        _authorize(endpoint, rule, who_)
         if who_ is not None and not (rule is not None and rule.public):
             _check_csrf(who_)
     except Refused as exc:

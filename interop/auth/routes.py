@@ -16,7 +16,6 @@ import logging
 from typing import Any
 from urllib.parse import parse_qsl
 
-import jwt
 import orjson
 import psycopg
 from authlib.integrations.base_client import OAuthError as OidcError
@@ -30,7 +29,7 @@ from ..domain import audit, scopes
 from ..fhir.capability import RESOURCES
 from ..services.security import people
 from ..services.security.principal import ROLES, Principal
-from ..services.security.tokens import CLIENT_ALGORITHMS, OAuthError, token_url
+from ..services.security.tokens import CLIENT_ALGORITHMS, OAuthError
 from ..tls import ClientTls
 
 log = logging.getLogger("interop.auth")
@@ -53,8 +52,8 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 def smart_configuration() -> Response:
     settings = _hub().settings
     return _json({
-        "issuer": token_url(settings).rsplit("/auth/token", 1)[0],
-        "token_endpoint": token_url(settings),
+        "issuer": settings.public_origin(),
+        "token_endpoint": settings.token_url(),
         "token_endpoint_auth_methods_supported": ["private_key_jwt"],
         "token_endpoint_auth_signing_alg_values_supported": list(CLIENT_ALGORITHMS),
         "grant_types_supported": ["client_credentials"],
@@ -90,8 +89,8 @@ def token() -> Response:
     try:
         form = _token_form()
         with hub.pool.connection() as conn, conn.transaction():
-            body = hub.tokens.issue(conn, form, {token_url(hub.settings), request.base_url}, hub.pool.connection)
-        client_id = jwt_subject(form)
+            body, client_id = hub.tokens.issue(conn, form, {hub.settings.token_url(), request.base_url},
+                                               hub.pool.connection)
         outcome, description = audit.SUCCESS, f"token issued: {body['scope']}"
         answer = _json(body, 200, NO_STORE)
     except OAuthError as exc:
@@ -103,15 +102,6 @@ def token() -> Response:
                                   outcome=outcome, description=description, type=audit.AUTHENTICATION))
     access.mark_audited()
     return answer
-
-
-def jwt_subject(form: dict[str, str]) -> str | None:
-    """The client a (verified) assertion named: its `sub`, read again for the audit record."""
-    try:
-        sub = jwt.decode(form.get("client_assertion", ""), options={"verify_signature": False}).get("sub")
-    except jwt.PyJWTError:
-        return None
-    return str(sub) if sub else None
 
 
 # -- people: local accounts -------------------------------------------------------------------------

@@ -402,7 +402,7 @@ def _audit_search(args: list[tuple[str, str]]) -> Response:
 
 @bp.get("/metadata")
 def metadata() -> Response:
-    return respond(capability.statement(hub().settings.public_base(), hub().params, hub().started))
+    return respond(capability.statement(hub().settings.public_base(), hub().settings.token_url(), hub().params, hub().started))
 
 
 @bp.route("/<rtype>/<rid>", methods=["DELETE", "PATCH"])

@@ -40,7 +40,7 @@ def writable(rtype: str) -> bool:
     return "create" in RESOURCES.get(rtype, [])
 
 
-def statement(base: str, params: dict[str, dict[str, SearchParam]], software_date: str) -> dict[str, Any]:
+def statement(base: str, token_url: str, params: dict[str, dict[str, SearchParam]], software_date: str) -> dict[str, Any]:
     resources = []
     for rtype, interactions in RESOURCES.items():
         entry: dict[str, Any] = {
@@ -73,20 +73,20 @@ def statement(base: str, params: dict[str, dict[str, SearchParam]], software_dat
         "rest": [{
             "mode": "server",
             "documentation": "AI results are preliminary until a radiologist signs them.",
-            "security": security(base),
+            "security": security(token_url),
             "resource": resources,
         }],
     }
 
 
-def security(base: str) -> dict[str, Any]:
+def security(token_url: str) -> dict[str, Any]:
     """SMART Backend Services: the service and its token endpoint (the oauth-uris extension)."""
-    origin = base[: -len("/fhir")] if base.endswith("/fhir") else base
+    origin = token_url.removesuffix("/auth/token")
     return {
         "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
                                  "code": "SMART-on-FHIR"}],
                      "text": "SMART Backend Services (client_credentials, private_key_jwt)"}],
-        "extension": [{"url": OAUTH_URIS, "extension": [{"url": "token", "valueUri": f"{origin}/auth/token"}]}],
+        "extension": [{"url": OAUTH_URIS, "extension": [{"url": "token", "valueUri": token_url}]}],
         "description": "Every interaction but this statement needs a bearer token with system/ scopes;"
                        f" see {origin}/.well-known/smart-configuration",
     }

@@ -88,16 +88,6 @@ def _kid(key: Any) -> str:
     return thumbprint(jwk)
 
 
-def hub_issuer(settings: Settings) -> str:
-    """The `iss` of the hub's tokens: its public origin (the FHIR base without /fhir)."""
-    base = settings.public_base()
-    return base[: -len("/fhir")] if base.endswith("/fhir") else base
-
-
-def token_url(settings: Settings) -> str:
-    return f"{hub_issuer(settings)}/auth/token"
-
-
 def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
@@ -147,8 +137,8 @@ class Tokens:
 
     # -- the token endpoint -------------------------------------------------------------------
     def issue(self, conn: psycopg.Connection[Any], form: Mapping[str, str], audiences: Iterable[str],
-              connect: Callable[[], Any]) -> dict[str, Any]:
-        """The token response for a client_credentials request, or OAuthError."""
+              connect: Callable[[], Any]) -> tuple[dict[str, Any], str]:
+        """(the token response, the client it is for) for a client_credentials request, or OAuthError."""
         if form.get("grant_type") != "client_credentials":
             raise OAuthError("unsupported_grant_type", "grant_type must be client_credentials")
         if form.get("client_assertion_type") != ASSERTION_TYPE:
@@ -170,11 +160,12 @@ class Tokens:
         now = int(time.time())
         lifetime = self.settings.token_seconds
         kid, key = self.signing_key(connect)
-        claims = {"iss": hub_issuer(self.settings), "sub": client["client_id"], "client_id": client["client_id"],
+        claims = {"iss": self.settings.public_origin(), "sub": client["client_id"], "client_id": client["client_id"],
                   "aud": self.settings.public_base(), "iat": now, "exp": now + lifetime,
                   "jti": secrets.token_urlsafe(16), "scope": " ".join(granted)}
         token = jwt.encode(claims, key, algorithm=HUB_ALGORITHM, headers={"kid": kid, "typ": "at+jwt"})
-        return {"access_token": token, "token_type": "bearer", "expires_in": lifetime, "scope": claims["scope"]}
+        return ({"access_token": token, "token_type": "bearer", "expires_in": lifetime, "scope": claims["scope"]},
+                client["client_id"])
 
     def _authenticate(self, conn: psycopg.Connection[Any], assertion: str, audiences: list[str]) -> dict[str, Any]:
         def refuse(why: str, client_id: str | None = None) -> OAuthError:
@@ -259,7 +250,7 @@ class Tokens:
             raise InvalidToken("the token is not a signed JWT") from None
         settings = self.settings
         try:
-            if issuer == hub_issuer(settings):
+            if issuer == settings.public_origin():
                 kid, key = self.signing_key(connect)
                 if header.get("kid") != kid:
                     raise InvalidToken("the token was signed with a key the hub does not hold")
