@@ -18,6 +18,7 @@ from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type:
 
 from interop.domain.vocabulary import source_images
 from scripts.synthetic.dicom import make_chest_xray
+from tests.fixtures.auth import person_session
 from tests.fixtures.hub import HubProcess, start_hub, stop_hub
 from tests.helpers import free_port, wait_for
 
@@ -162,15 +163,32 @@ def test_an_unmatched_study_of_a_holding_site_waits_for_an_admin(scp_hub: HubPro
         return next((r for r in rows if r["study_uid"] == uid), None)
 
     row = wait_for(listed, timeout=60, what="the study in the unmatched queue")
-    assert row["site"] == "TTYTHOLD"
-    assert studies(scp_hub, uid) == []
-    answer = scp_hub.session.post(f"{scp_hub.base}/admin/dicom/unmatched/{uid}/release", timeout=10)
-    assert answer.status_code == 200, answer.text
+    assert row["site"] == "TTYTHOLD" and row["modalities"] == "DX" and row["instances"] == 1
+    # held: a `registered` ImagingStudy, found by the queue's FHIR search, and not analysed
+    held = fhir(scp_hub, "ImagingStudy", _tag="urn:interop-hub:dicom-in|unmatched", status="registered")
+    [study] = [e["resource"] for e in held["entry"] if e["resource"]["identifier"][0]["value"] == f"urn:oid:{uid}"]
+    assert row["imaging_study"] == f"ImagingStudy/{study['id']}" and reports(scp_hub, uid) == []
+    # an admin sees it on the page and releases it there
+    browser, csrf = person_session(scp_hub.base, scp_hub.env["DATABASE_URL"], f"pacs-admin-{uid[-6:]}", role="admin",
+                                   landing="/admin/dicom/queue")
+    page = browser.get(f"{scp_hub.base}/admin/dicom/queue", timeout=10)
+    assert page.status_code == 200 and f'data-study="{uid}"' in page.text and "HOLD-1" in page.text
+    forged = browser.post(f"{scp_hub.base}/admin/dicom/queue/{uid}", data={"decision": "release"}, timeout=10)
+    assert forged.status_code == 403  # no CSRF token: refused, still waiting
+    unknown = browser.post(f"{scp_hub.base}/admin/dicom/queue/{uid}", timeout=10,
+                           data={"decision": "match", "service_request": "no-such-order", "csrf_token": csrf})
+    assert unknown.status_code == 400 and "match needs an existing ServiceRequest" in unknown.text
+    answer = browser.post(f"{scp_hub.base}/admin/dicom/queue/{uid}", data={"decision": "release", "csrf_token": csrf},
+                          allow_redirects=False, timeout=10)
+    assert answer.status_code == 303 and answer.headers["Location"].endswith("/admin/dicom/queue?done=release")
     report = wait_for(lambda: next(iter(reports(scp_hub, uid)), None), timeout=90, what="the released study's report")
-    study = studies(scp_hub, uid)[0]
+    [study] = studies(scp_hub, uid)
+    assert study["status"] == "available" and study["id"] == row["imaging_study"].split("/")[1]
     assert {"system": "urn:interop-hub:dicom-in", "code": "unmatched",
             "display": "no order matched this pushed study"} in study["meta"]["tag"]
     assert report["subject"] == study["subject"]
+    assert f'data-study="{uid}"' not in browser.get(f"{scp_hub.base}/admin/dicom/queue", timeout=10).text
+    assert scp_hub.session.post(f"{scp_hub.base}/admin/dicom/unmatched/{uid}/release", timeout=10).status_code == 404
 
 
 def test_instances_naming_different_patients_are_flagged_not_merged(scp_hub: HubProcess) -> None:
@@ -184,7 +202,11 @@ def test_instances_naming_different_patients_are_flagged_not_merged(scp_hub: Hub
 
     row = wait_for(listed, timeout=60, what="the conflicting study held")
     assert "different patient IDs" in row["identity_conflict"]
-    assert studies(scp_hub, a.StudyInstanceUID) == []
+    [study] = studies(scp_hub, a.StudyInstanceUID)  # held, flagged, not analysed
+    assert study["status"] == "registered" and "identity-conflict" in {t["code"] for t in study["meta"]["tag"]}
+    assert reports(scp_hub, a.StudyInstanceUID) == []
+    found = fhir(scp_hub, "ImagingStudy", _tag="urn:interop-hub:dicom-in|identity-conflict")
+    assert study["id"] in {e["resource"]["id"] for e in found["entry"]}
 
 
 # -- STOW-RS: the same keeping, over HTTP ----------------------------------------------------------

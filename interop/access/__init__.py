@@ -77,6 +77,7 @@ RULES: dict[str, Rule] = {
     "worklist.static": Rule(roles=PERSON),
     "analytics.dashboard": Rule(roles=("analyst", "admin"), page=True),
     "analytics.static": Rule(roles=("analyst", "admin")),
+    "admin.queue_page": Rule(roles=("admin",), hub_scope="hub:admin", page=True),
 }
 BLUEPRINT_RULES: dict[str, Rule] = {
     "analytics": Rule(roles=("analyst", "admin"), hub_scope="hub:analytics"),

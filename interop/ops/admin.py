@@ -24,7 +24,7 @@ from ..fhir.errors import BadRequest, Conflict, NotFoundError
 from ..services.delivery import CHANNEL_OF, KIND_OF, KINDS
 from ..store import hl7_messages, queue
 
-bp = Blueprint("admin", __name__)
+bp = Blueprint("admin", __name__, template_folder="templates")
 # how operators name a delivery's state -> the queue's status
 OUTBOX_STATUS = {"pending": "queued", "sending": "running", "sent": "done", "rejected": "rejected", "dead": "dead"}
 SHOWN_STATUS = {v: k for k, v in OUTBOX_STATUS.items()}  # a queue status in the outbox's words

@@ -11,6 +11,13 @@
 * `POST /admin/dicom/unmatched/<study_uid>/release` -> analyse it as it is;
   `POST /admin/dicom/unmatched/<study_uid>/match` with `{"service_request": "<id>"}` -> analyse
   it as that order's study. 404 when the study is not waiting.
+* `GET /admin/dicom/queue` -> the same queue as a page for a logged-in admin (each study's site,
+  patient, accession, modalities, instances, why it waits, a link to its `registered` FHIR
+  ImagingStudy), with a Release button and a Match form per study; `POST /admin/dicom/queue/<uid>`
+  is that form (CSRF-checked like every form), then back to the page (303) or the page again
+  with the refusal and its status.
+
+The queue is also a FHIR search: `ImagingStudy?_tag=urn:interop-hub:dicom-in|unmatched&status=registered`.
 """
 from __future__ import annotations
 
@@ -19,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
+from werkzeug.wrappers import Response as BaseResponse
 
 from .. import access
 from ..dicom.dicomweb import iter_multipart, multipart_boundary
 from ..dicom.errors import DicomError
+from ..domain import audit
 from ..fhir.errors import BadRequest, NotFoundError, UnsupportedMediaType
 from ..services import inbound
 from ..services.security import clients
@@ -109,18 +118,48 @@ def unmatched() -> Response:
         return _json({"studies": inbound.unmatched(conn)})
 
 
-@admin.post("/admin/dicom/unmatched/<study_uid>/<decision>")
-def decide(study_uid: str, decision: str) -> Response:
+def _decide(study_uid: str, decision: str, service_request: str | None) -> None:
+    """Release or match a waiting study, audited; BadRequest / NotFoundError say why not."""
     if decision not in ("release", "match"):
         raise NotFoundError("decide release or match")
-    body = request.get_json(silent=True) or {}
     with _hub().pool.connection() as conn, conn.transaction():
         try:
-            done = inbound.decide(conn, _hub().ctx, study_uid, decision, str(body.get("service_request") or "") or None)
+            done = inbound.decide(conn, _hub().ctx, study_uid, decision, service_request)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         if not done:
             raise NotFoundError("no pushed study with this UID is waiting")
-        access.audit_change(conn, {"system": "urn:interop-hub:operation", "code": f"unmatched-{decision}"}, "U",
+        access.audit_change(conn, audit.operation(f"unmatched-{decision}"), "U",
                             what=[f"urn:dicom:uid:{study_uid}"], patients=[])
+
+
+@admin.post("/admin/dicom/unmatched/<study_uid>/<decision>")
+def decide(study_uid: str, decision: str) -> Response:
+    body = request.get_json(silent=True) or {}
+    _decide(study_uid, decision, str(body.get("service_request") or "") or None)
     return _json({"study_uid": study_uid, "decision": decision})
+
+
+def _queue_page(*, done: str | None = None, error: str | None = None, status: int = 200) -> Response:
+    with _hub().pool.connection() as conn:
+        rows = inbound.unmatched(conn)
+    access.note(audit.interaction("search-type"), "E", what=["ImagingStudy"], query="unmatched-queue",
+                patients=[])
+    body = render_template("admin/unmatched.html", studies=rows, done=done, error=error)
+    return Response(body, status=status, content_type="text/html; charset=utf-8")
+
+
+@admin.get("/admin/dicom/queue")
+def queue_page() -> Response:
+    done = request.args.get("done")
+    return _queue_page(done=done if done in ("release", "match") else None)
+
+
+@admin.post("/admin/dicom/queue/<study_uid>")
+def queue_decide(study_uid: str) -> BaseResponse:
+    decision = request.form.get("decision", "")
+    try:
+        _decide(study_uid, decision, request.form.get("service_request", "").strip() or None)
+    except (BadRequest, NotFoundError) as exc:
+        return _queue_page(error=str(exc), status=exc.status)
+    return redirect(url_for("admin.queue_page", done=decision), code=303)

@@ -238,7 +238,7 @@ def study_stable(conn: psycopg.Connection[Any], ctx: Context, job: queue.Job, _t
         order = _order(conn, ctx, row)
         wait = _wait_seconds(ctx, row, order)
         if wait is not None:
-            store.set_state(conn, uid, "unmatched")
+            _hold(conn, ctx, row, order)
             queue.retry_later(conn, job, "no order matches the study yet" if order is None and not row["identity_conflict"]
                               else "held for a person", wait, refund=True)
             return
@@ -324,11 +324,17 @@ def _source(ctx: Context) -> str:
     return ctx.settings.dicomweb_url or LOCAL
 
 
-def _analyse(conn: psycopg.Connection[Any], ctx: Context, row: dict[str, Any], order: dict[str, Any] | None) -> None:
+def _keep_study(conn: psycopg.Connection[Any], ctx: Context, row: dict[str, Any], order: dict[str, Any] | None,
+                *, held: bool) -> dict[str, Any]:
+    """The pushed study as a FHIR ImagingStudy, created or updated (one per Study Instance UID).
+    A held one is `registered` and tagged, so admins find the queue with a FHIR search too
+    (`ImagingStudy?_tag=urn:interop-hub:dicom-in|unmatched`); analysis makes it `available`."""
     uid = row["study_uid"]
     subject = order["subject"]["reference"] if order else _patient(conn, ctx, row)
     study = imaging_study(_refs(conn, uid), subject=subject, endpoint_address=ctx.settings.dicomweb_url,
                           based_on=f"ServiceRequest/{order['id']}" if order else None, accession=row["accession"])
+    if held:
+        study["status"] = "registered"
     tags = [site_tag(row["site"])] if row["site"] else []
     if order is None:
         tags.append({"system": FLAG_SYSTEM, "code": "unmatched", "display": "no order matched this pushed study"})
@@ -341,9 +347,22 @@ def _analyse(conn: psycopg.Connection[Any], ctx: Context, row: dict[str, Any], o
     resources.lock(conn, f"ImagingStudy?uid={uid}")
     same = intake.same_study(conn, ctx, study)
     if same is None:
-        stored = resources.create(conn, study, ctx.params["ImagingStudy"])
-    else:
-        stored = resources.update(conn, {**study, "id": same["id"]}, ctx.params["ImagingStudy"])[0]
+        return resources.create(conn, study, ctx.params["ImagingStudy"])
+    if held and same.get("status") == "registered" and same.get("numberOfInstances") == study["numberOfInstances"] \
+            and same.get("subject") == study["subject"]:
+        return same  # already held as it is: no new version at every recheck
+    return resources.update(conn, {**study, "id": same["id"]}, ctx.params["ImagingStudy"])[0]
+
+
+def _hold(conn: psycopg.Connection[Any], ctx: Context, row: dict[str, Any], order: dict[str, Any] | None) -> None:
+    """The study waits (for its order, or for a person): visible as a `registered` ImagingStudy."""
+    stored = _keep_study(conn, ctx, row, order, held=True)
+    store.set_state(conn, row["study_uid"], "unmatched", imaging_study=f"ImagingStudy/{stored['id']}")
+
+
+def _analyse(conn: psycopg.Connection[Any], ctx: Context, row: dict[str, Any], order: dict[str, Any] | None) -> None:
+    uid = row["study_uid"]
+    stored = _keep_study(conn, ctx, row, order, held=False)
     if queue.exists(conn, intake.analysis_key(uid)):
         _reanalyse(conn, ctx, stored, uid, int(row["round"]))
     else:

@@ -100,8 +100,10 @@ def decide(conn: psycopg.Connection[Any], study_uid: str, decision: str, service
 
 def unmatched(conn: psycopg.Connection[Any], limit: int = 200) -> list[dict[str, Any]]:
     return [dict(r) for r in conn.execute(
-        "SELECT study_uid, site, patient_id, accession, identity_conflict, first_received, last_received, instances,"
-        " bytes, round, decision FROM dicom_study WHERE state = 'unmatched' ORDER BY last_received LIMIT %s", (limit,))]
+        "SELECT study_uid, site, patient_id, patient_name, accession, identity_conflict, first_received, last_received,"
+        " instances, bytes, round, decision, imaging_study, (SELECT string_agg(DISTINCT modality, ',')"
+        " FROM dicom_instance i WHERE i.study_uid = s.study_uid) AS modalities"
+        " FROM dicom_study s WHERE state = 'unmatched' ORDER BY last_received LIMIT %s", (limit,))]
 
 
 def pending_order(conn: psycopg.Connection[Any], study_uid: str, accession: str | None) -> str | None:
