@@ -17,6 +17,7 @@ MAX_COUNT = 200
 DEFAULT_COUNT = 20
 RESULT_PARAMS = {"_count", "_offset", "_include", "_sort", "_format", "_total", "_elements", "_summary"}
 MODIFIERS = {"exact", "not", "contains"}
+TOTALS = ("none", "estimate", "accurate")
 MAX_VALUE = 1000  # characters of one search value; longer ones are refused, not silently cut
 
 
@@ -103,6 +104,10 @@ def parse(
             if raw not in ("_lastUpdated", "-_lastUpdated"):
                 raise SearchError("_sort: only _lastUpdated and -_lastUpdated are supported")
             search.query.descending = raw.startswith("-")
+        elif name == "_total":
+            if raw not in TOTALS:
+                raise SearchError("_total: one of none, estimate, accurate")
+            search.query.total = raw
         elif name == "_include":
             source, _, pname = raw.partition(":")
             if source != rtype or pname not in params or params[pname].type != "reference":
@@ -114,10 +119,14 @@ def parse(
         elif name in params:
             if modifier and modifier not in MODIFIERS:
                 raise SearchError(f"{key[:40]}: modifier :{modifier[:20]} is not supported")
+            if modifier in ("exact", "contains") and params[name].type != "string":
+                raise SearchError(f"{key[:40]}: :{modifier} applies to string parameters only")
             search.query.criteria.append(Criterion(params[name], _values(params[name], raw), modifier or None))
         elif lenient:
             search.ignored.append(key)
         else:
             known = ", ".join(sorted(["_id", "_lastUpdated", *params]))
             raise SearchError(f"unknown search parameter {key[:40]!r} for {rtype}; supported: {known}")
+    if search.query.count == 0 and search.query.total is None:
+        search.query.total = "accurate"  # _count=0 asks for nothing but how many
     return search

@@ -282,7 +282,7 @@ def history(rtype: str, rid: str) -> Response:
 
 def _search(
     conn: psycopg.Connection[Any], rtype: str, args: list[tuple[str, str]], count: int | None = None
-) -> tuple[search.Search, list[dict[str, Any]], int]:
+) -> tuple[search.Search, list[dict[str, Any]], resources.Page]:
     lenient = "handling=lenient" in request.headers.get("Prefer", "")
     try:
         parsed = search.parse(rtype, args, hub().params.get(rtype, {}), lenient=lenient)
@@ -290,8 +290,8 @@ def _search(
         raise BadRequest(str(exc)) from None
     if count is not None:
         parsed.query.count = count
-    total, found = resources.search(conn, rtype, parsed.query)
-    return parsed, found, total
+    page = resources.search(conn, rtype, parsed.query)
+    return parsed, page.found, page
 
 
 @bp.route("/<rtype>", methods=["GET"])
@@ -304,7 +304,7 @@ def search_type(rtype: str) -> Response:
     if rtype == "AuditEvent":
         return _audit_search(args)
     with hub().pool.connection() as conn:  # a refused search (400) is audited by interop.access.after
-        parsed, found, total = _search(conn, rtype, args)
+        parsed, found, page = _search(conn, rtype, args)
         included: list[dict[str, Any]] = []
         for _source, pname in parsed.includes:
             path = hub().params[rtype][pname].path
@@ -314,7 +314,7 @@ def search_type(rtype: str) -> Response:
         included = [b for b in included if caller is not None and caller.grant.allows(b["resourceType"], "r")]  # in scope
         access.audit_read(audit.interaction("search-type"), "E", what=[rtype], query=urlencode(args),
                           patients=[p for b in found + included for p in audit.patients_of(b)])
-    return respond(_bundle(rtype, args, parsed, found, included, total))
+    return respond(_bundle(rtype, args, parsed, page, included))
 
 
 def _refs(body: dict[str, Any], path: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -328,8 +328,11 @@ def _refs(body: dict[str, Any], path: tuple[str, ...]) -> list[dict[str, Any]]:
 
 def _bundle(
     rtype: str, args: list[tuple[str, str]], parsed: search.Search,
-    found: list[dict[str, Any]], included: list[dict[str, Any]], total: int,
+    page: resources.Page, included: list[dict[str, Any]],
 ) -> dict[str, Any]:
+    """The searchset: Bundle.total only when known (asked for with _total, or the first page holds
+    every match); a next link whenever a further match exists."""
+    found = page.found
     base = hub().settings.public_base()
     q = parsed.query
     kept = [(k, v) for k, v in args if k not in ("_offset", "_count") and k not in parsed.ignored]
@@ -339,7 +342,7 @@ def _bundle(
         return {"relation": relation, "url": f"{base}/{rtype}?{query}"}
 
     links = [link("self", q.offset)]
-    if q.offset + q.count < total and q.count > 0:
+    if page.more and q.count > 0:
         links.append(link("next", q.offset + q.count))
     if q.offset > 0:
         links.append(link("previous", max(0, q.offset - q.count)))
@@ -351,8 +354,10 @@ def _bundle(
             seen.add((b["resourceType"], b["id"]))
             entries.append({"fullUrl": f"{base}/{b['resourceType']}/{b['id']}", "resource": b,
                             "search": {"mode": "include"}})
-    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": total,
-                              "link": links, "entry": entries}
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+    if page.total is not None:
+        bundle["total"] = page.total
+    bundle.update(link=links, entry=entries)
     if parsed.ignored:
         bundle["entry"].append({"resource": outcome([issue(
             "not-supported", f"ignored unknown parameters: {', '.join(parsed.ignored)}", "warning")]),

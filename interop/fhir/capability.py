@@ -40,6 +40,16 @@ def writable(rtype: str) -> bool:
     return "create" in RESOURCES.get(rtype, [])
 
 
+STRING_SEARCH = ("matches when a word of the text starts with the value, ignoring case and accents (tran finds"
+                 " Trần, duc finds Đức); :exact for the text as written, :contains for anywhere in it")
+
+
+def _search_param(param: SearchParam) -> dict[str, str]:
+    if param.type == "string":
+        return {"name": param.name, "type": param.type, "documentation": STRING_SEARCH}
+    return {"name": param.name, "type": param.type}
+
+
 def statement(base: str, token_url: str, params: dict[str, dict[str, SearchParam]], software_date: str) -> dict[str, Any]:
     resources = []
     for rtype, interactions in RESOURCES.items():
@@ -53,7 +63,7 @@ def statement(base: str, token_url: str, params: dict[str, dict[str, SearchParam
             "searchParam": [
                 {"name": "_id", "type": "token"},
                 {"name": "_lastUpdated", "type": "date"},
-                *({"name": p.name, "type": p.type} for p in params.get(rtype, {}).values()),
+                *(_search_param(p) for p in params.get(rtype, {}).values()),
                 *(AUDIT_PARAMS if rtype == "AuditEvent" else []),
             ],
         }

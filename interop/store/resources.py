@@ -10,14 +10,14 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from .db import scalar
-from .search_params import SearchParam, index_rows
+from .search_params import SearchParam, index_rows, normalise
 
 
 class StoreError(Exception):
@@ -64,6 +64,7 @@ class Query:
     count: int = 20
     offset: int = 0
     descending: bool = False
+    total: str | None = None  # None: only when the first page holds every match | none | estimate | accurate
 
 
 def new_id() -> str:
@@ -219,21 +220,42 @@ def history(conn: psycopg.Connection[Any], rtype: str, rid: str) -> list[dict[st
     return [r["body"] for r in rows]
 
 
+def _like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_")
+
+
+def _exact_path(param: SearchParam) -> str:
+    """A JSON path to every string under the parameter's elements, for :exact (the index holds
+    the normalised text; the body the text as written)."""
+    return "$" + "".join(f'."{step}"' for step in param.path) + ".**"
+
+
 def _criterion_sql(crit: Criterion) -> tuple[sql.Composed, list[Any]]:
-    """EXISTS over the search index for one parameter, its values ORed (NOT EXISTS for :not)."""
+    """EXISTS over the search index for one parameter, its values ORed (NOT EXISTS for :not).
+
+    A string matches as FHIR R4 says (search.html#string): by default when the field's text
+    starts with the value, both normalised by case and accent (`normalise`); :contains anywhere in
+    it; :exact when the text equals the value as written (the index narrows by the normalised
+    text, the body's own text decides)."""
     ors: list[str] = []
     args: list[Any] = [crit.param.name]
+    exact: list[str] = []
     for system, value in crit.values:
         if crit.param.type == "string":
+            text = normalise(value)[:STRING_INDEX_CHARS]
             if crit.modifier == "exact":
                 ors.append("s.value = %s")
-                args.append(value.lower()[:STRING_INDEX_CHARS])
+                args.append(text)
+                exact.append(value)
+            elif crit.modifier == "contains":
+                ors.append("s.value LIKE %s")
+                args.append("%" + _like(text) + "%")
             else:
                 ors.append("s.value LIKE %s")
-                args.append(value.lower()[:STRING_INDEX_CHARS].replace("%", r"\%").replace("_", r"\_") + "%")
+                args.append(_like(text) + "%")
         elif crit.param.type == "reference" and "/" not in value:
             ors.append("s.value LIKE %s")
-            args.append("%/" + value)
+            args.append("%/" + _like(value))
         elif system is ANY_SYSTEM:
             ors.append("s.value = %s")
             args.append(value)
@@ -250,16 +272,25 @@ def _criterion_sql(crit: Criterion) -> tuple[sql.Composed, list[Any]]:
                      " AND s.param = %s AND ({values}))").format(
         negated=sql.SQL("NOT " if crit.modifier == "not" else ""),
         values=sql.SQL(" OR ").join(map(sql.SQL, ors)))
+    if exact:
+        test = " || ".join(f"@ == $v{n}" for n in range(len(exact)))
+        exists = sql.SQL("({} AND jsonb_path_exists(r.body, %s::jsonpath, %s))").format(exists)
+        args.extend([f"{_exact_path(crit.param)} ? ({test})", Jsonb({f"v{n}": v for n, v in enumerate(exact)})])
     return exists, args
 
 
 _OPS = {"gt": sql.SQL(">"), "lt": sql.SQL("<"), "ge": sql.SQL(">="), "le": sql.SQL("<="), "eq": sql.SQL("=")}
 
 
-def search(
-    conn: psycopg.Connection[Any], rtype: str, query: Query
-) -> tuple[int, list[dict[str, Any]]]:
-    """(total matches, one page of bodies) for a type-level search."""
+class Page(NamedTuple):
+    """One page of a search: the total when known, the bodies, whether more follow."""
+
+    total: int | None
+    found: list[dict[str, Any]]
+    more: bool
+
+
+def _where(rtype: str, query: Query) -> tuple[sql.Composable, list[Any]]:
     where: list[sql.Composable] = [sql.SQL("r.type = %s AND NOT r.deleted")]
     args: list[Any] = [rtype]
     if query.ids:
@@ -272,20 +303,43 @@ def search(
         exists, crit_args = _criterion_sql(crit)
         where.append(exists)
         args.extend(crit_args)
-    clause = sql.SQL(" AND ").join(where)
-    total = scalar(conn, sql.SQL("SELECT count(*) FROM resource r WHERE {}").format(clause), args)
+    return sql.SQL(" AND ").join(where), args
+
+
+def search(conn: psycopg.Connection[Any], rtype: str, query: Query) -> Page:
+    """One page of a type-level search, newest last (or first when `descending`).
+
+    The total is counted only when asked (`Query.total` "accurate"; "estimate" is the planner's
+    row estimate): counting every match of a common name on every page cost more than finding the
+    page. Without it the total is still given when the first page holds every match. Statements
+    are planned with their values (never as prepared generic plans), so a prefix LIKE can use the
+    index and the planner sees how common the value is."""
+    clause, args = _where(rtype, query)
     rows = conn.execute(
         sql.SQL("SELECT body FROM resource r WHERE {} ORDER BY r.last_updated {}, r.id LIMIT %s OFFSET %s").format(
             clause, sql.SQL("DESC" if query.descending else "ASC")),
-        [*args, query.count, query.offset],
+        [*args, query.count + 1, query.offset], prepare=False,
     ).fetchall()
-    return int(total or 0), [r["body"] for r in rows]
+    found, more = [r["body"] for r in rows[:query.count]], len(rows) > query.count
+    total: int | None = None
+    if query.total == "accurate" or (query.total == "estimate" and (more or query.offset)):
+        total = _count(conn, clause, args, estimate=query.total == "estimate")
+    elif query.total != "none" and query.offset == 0 and not more:
+        total = len(found)
+    return Page(total, found, more)
+
+
+def _count(conn: psycopg.Connection[Any], clause: sql.Composable, args: list[Any], *, estimate: bool) -> int:
+    if estimate:
+        plan = scalar(conn, sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM resource r WHERE {}").format(clause), args)
+        return int(plan[0]["Plan"]["Plan Rows"])
+    return int(scalar(conn, sql.SQL("SELECT count(*) FROM resource r WHERE {}").format(clause), args) or 0)
 
 
 def matches(conn: psycopg.Connection[Any], rtype: str, rid: str, query: Query) -> bool:
     """Whether the stored resource is in the result of the search `query` (as a search would find it)."""
-    narrowed = Query(criteria=query.criteria, ids=[rid], last_updated=query.last_updated, count=1)
-    return search(conn, rtype, narrowed)[0] > 0
+    clause, args = _where(rtype, Query(criteria=query.criteria, ids=[rid], last_updated=query.last_updated))
+    return bool(scalar(conn, sql.SQL("SELECT EXISTS (SELECT 1 FROM resource r WHERE {})").format(clause), args))
 
 
 def read_many(

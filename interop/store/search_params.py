@@ -5,6 +5,7 @@ module turns query parameters into conditions on those rows.
 """
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -75,6 +76,21 @@ def _strings(value: Any) -> Iterator[str]:
             yield from _strings(part)
 
 
+# Letters that carry no combining mark under NFKD but are read as a plain letter: Vietnamese đ/Đ
+# above all (Đức, Đặng), and a few Latin ones a name from elsewhere may hold.
+_FOLD = str.maketrans({"đ": "d", "Đ": "d", "ø": "o", "Ø": "o", "ł": "l", "Ł": "l", "ħ": "h", "Ħ": "h"})
+
+
+def normalise(text: str) -> str:
+    """A string as string search compares it (FHIR R4 3.1.1.4.12: "normalized by case and accent"):
+    lower case, compatibility-decomposed, combining marks dropped, đ read as d. "Trần" -> "tran",
+    "Nguyễn" -> "nguyen", "ĐỨC" -> "duc"."""
+    if text.isascii():
+        return text.lower()
+    decomposed = unicodedata.normalize("NFKD", text.translate(_FOLD))
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).lower()
+
+
 def normalise_reference(ref: str) -> str:
     """'http://host/fhir/Patient/1' and 'Patient/1/_history/2' both index as 'Patient/1'."""
     parts = [p for p in ref.split("/") if p]
@@ -98,5 +114,5 @@ def index_rows(
                     if param.target is None or ref.startswith(param.target + "/"):
                         rows.append((param.name, None, ref))
             else:
-                rows.extend((param.name, None, s.lower()) for s in _strings(value))
+                rows.extend((param.name, None, normalise(s)) for s in _strings(value))
     return sorted(set(rows), key=lambda r: (r[0], r[1] or "", r[2]))
