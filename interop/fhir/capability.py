@@ -40,8 +40,9 @@ def writable(rtype: str) -> bool:
     return "create" in RESOURCES.get(rtype, [])
 
 
-STRING_SEARCH = ("matches when a word of the text starts with the value, ignoring case and accents (tran finds"
-                 " Trần, duc finds Đức); :exact for the text as written, :contains for anywhere in it")
+STRING_SEARCH = ("matches when the text (or a part of a name: family, each given) starts with the value, ignoring"
+                 " case and accents (tran finds Trần, duc finds Đức); :exact for the text as written, :contains"
+                 " for the value anywhere in it")
 
 
 def _search_param(param: SearchParam) -> dict[str, str]:

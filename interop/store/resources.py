@@ -306,6 +306,14 @@ def _where(rtype: str, query: Query) -> tuple[sql.Composable, list[Any]]:
     return sql.SQL(" AND ").join(where), args
 
 
+def page_statement(rtype: str, query: Query) -> tuple[sql.Composed, list[Any]]:
+    """The statement that reads one page, and one row more to tell whether more follow."""
+    clause, args = _where(rtype, query)
+    statement = sql.SQL("SELECT body FROM resource r WHERE {} ORDER BY r.last_updated {}, r.id LIMIT %s OFFSET %s")
+    return (statement.format(clause, sql.SQL("DESC" if query.descending else "ASC")),
+            [*args, query.count + 1, query.offset])
+
+
 def search(conn: psycopg.Connection[Any], rtype: str, query: Query) -> Page:
     """One page of a type-level search, newest last (or first when `descending`).
 
@@ -314,26 +322,26 @@ def search(conn: psycopg.Connection[Any], rtype: str, query: Query) -> Page:
     page. Without it the total is still given when the first page holds every match. Statements
     are planned with their values (never as prepared generic plans), so a prefix LIKE can use the
     index and the planner sees how common the value is."""
-    clause, args = _where(rtype, query)
-    rows = conn.execute(
-        sql.SQL("SELECT body FROM resource r WHERE {} ORDER BY r.last_updated {}, r.id LIMIT %s OFFSET %s").format(
-            clause, sql.SQL("DESC" if query.descending else "ASC")),
-        [*args, query.count + 1, query.offset], prepare=False,
-    ).fetchall()
+    statement, args = page_statement(rtype, query)
+    rows = conn.execute(statement, args, prepare=False).fetchall()
     found, more = [r["body"] for r in rows[:query.count]], len(rows) > query.count
     total: int | None = None
     if query.total == "accurate" or (query.total == "estimate" and (more or query.offset)):
-        total = _count(conn, clause, args, estimate=query.total == "estimate")
+        total = _count(conn, rtype, query)
     elif query.total != "none" and query.offset == 0 and not more:
         total = len(found)
     return Page(total, found, more)
 
 
-def _count(conn: psycopg.Connection[Any], clause: sql.Composable, args: list[Any], *, estimate: bool) -> int:
-    if estimate:
-        plan = scalar(conn, sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM resource r WHERE {}").format(clause), args)
-        return int(plan[0]["Plan"]["Plan Rows"])
-    return int(scalar(conn, sql.SQL("SELECT count(*) FROM resource r WHERE {}").format(clause), args) or 0)
+def _count(conn: psycopg.Connection[Any], rtype: str, query: Query) -> int:
+    clause, args = _where(rtype, query)
+    if query.total == "estimate":
+        explain = sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM resource r WHERE {}").format(clause)
+        plan = conn.execute(explain, args, prepare=False).fetchone()
+        return int(next(iter(plan.values()))[0]["Plan"]["Plan Rows"]) if plan else 0
+    row = conn.execute(sql.SQL("SELECT count(*) AS n FROM resource r WHERE {}").format(clause), args,
+                       prepare=False).fetchone()
+    return int(row["n"]) if row else 0
 
 
 def matches(conn: psycopg.Connection[Any], rtype: str, rid: str, query: Query) -> bool:
