@@ -193,13 +193,13 @@ def _hl7(parser: argparse.ArgumentParser, settings: Settings, action: str, item:
 def _analytics(settings: Settings, action: str, rekey: bool) -> int:
     from .services.analytics import facts
     from .services.context import Context
-    from .store import analytics, db
+    from .store import db
 
     with db.connect(settings.database_url or "", autocommit=True) as conn:
         if action == "backfill":
             count = facts.backfill(conn, Context.from_settings(settings), rekey=rekey)
             print(f"analytics facts rebuilt for {count} reports" + (" (patient keys recomputed)" if rekey else ""))
-        for name, seconds in analytics.refresh(conn).items():
+        for name, seconds in facts.refresh(conn).items():
             print(f"refreshed {name} in {seconds:.1f}s")
     return 0
 

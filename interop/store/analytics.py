@@ -7,6 +7,7 @@ with a WHERE clause built only from fixed column names and bound parameters.
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -15,7 +16,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 
 from .db import scalar
 
@@ -91,7 +92,8 @@ def delivered(conn: psycopg.Connection[Any], series: str, site: str, reviewed_ve
 
 
 def refresh(conn: psycopg.Connection[Any]) -> dict[str, float]:
-    """Refresh the materialised views (CONCURRENTLY once populated); seconds per view.
+    """Refresh the materialised views (CONCURRENTLY once populated), then the turnaround summary
+    of the weeks that changed; seconds per relation.
 
     Needs an autocommit connection or runs in the caller's transaction (then not concurrently).
     """
@@ -104,10 +106,65 @@ def refresh(conn: psycopg.Connection[Any]) -> dict[str, float]:
         conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}{}").format(
             sql.SQL("CONCURRENTLY ") if populated else sql.SQL(""), sql.Identifier(schema, view)))
         out[name] = round(time.perf_counter() - start, 3)
-        conn.execute("INSERT INTO analytics.refresh_log (name, refreshed_at, seconds) VALUES (%s, now(), %s)"
-                     " ON CONFLICT (name) DO UPDATE SET refreshed_at = EXCLUDED.refreshed_at,"
-                     " seconds = EXCLUDED.seconds", (name, out[name]))
+        _log_refresh(conn, name, out[name])
+    start = time.perf_counter()
+    refresh_turnaround(conn)
+    out[TURNAROUND_SUMMARY] = round(time.perf_counter() - start, 3)
+    _log_refresh(conn, TURNAROUND_SUMMARY, out[TURNAROUND_SUMMARY])
     return out
+
+
+def _log_refresh(conn: psycopg.Connection[Any], name: str, seconds: float) -> None:
+    conn.execute("INSERT INTO analytics.refresh_log (name, refreshed_at, seconds) VALUES (%s, now(), %s)"
+                 " ON CONFLICT (name) DO UPDATE SET refreshed_at = EXCLUDED.refreshed_at,"
+                 " seconds = EXCLUDED.seconds", (name, seconds))
+
+
+TURNAROUND_SUMMARY = "analytics.turnaround_summary"
+_REFRESH_LOCK = 0x7475726E  # one turnaround refresh at a time, across processes
+
+
+def refresh_turnaround(conn: psycopg.Connection[Any]) -> list[date]:
+    """Recompute the turnaround summary of the weeks whose facts changed (the stale weeks that the
+    triggers of migration 0012 recorded); returns those weeks.
+
+    Read committed, one transaction: the stale marks are taken (deleted) first, then the weeks are
+    recomputed by a later statement, whose snapshot sees every fact whose mark was taken. A fact
+    committed meanwhile leaves its mark for the next refresh, and readers compute it live until then.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_REFRESH_LOCK,))
+        with conn.cursor(row_factory=tuple_row) as cur:
+            weeks = sorted({r[0] for r in cur.execute("DELETE FROM analytics.stale_week RETURNING study_week")})
+        if weeks:
+            conn.execute("DELETE FROM analytics.turnaround_summary WHERE study_week = ANY(%s)", (weeks,))
+            conn.execute("INSERT INTO analytics.turnaround_summary SELECT * FROM analytics.turnaround_rollup(%s)",
+                         (weeks,))
+    return weeks
+
+
+def last_day(conn: psycopg.Connection[Any]) -> date | None:
+    """The last day with studies in the rollup (the dashboard's default period ends there)."""
+    value = scalar(conn, "SELECT max(study_day) FROM analytics.mv_study_daily")
+    return value if isinstance(value, date) else None
+
+
+def keep_forecasts(conn: psycopg.Connection[Any], bodies: Mapping[str, Any]) -> None:
+    """Replace the kept forecasts with `bodies` (digest of the inputs -> the forecast as JSON)."""
+    with conn.transaction():
+        conn.execute("DELETE FROM analytics.forecast_cache")
+        with conn.cursor() as cur, cur.copy("COPY analytics.forecast_cache (key, body) FROM STDIN") as copy:
+            for key, body in bodies.items():
+                copy.write_row((key, json.dumps(body)))
+
+
+def kept_forecasts(conn: psycopg.Connection[Any], keys: list[str]) -> dict[str, dict[str, Any]]:
+    """The kept forecasts among `keys`."""
+    if not keys:
+        return {}
+    with conn.cursor(row_factory=tuple_row) as cur:
+        return {k: b for k, b in cur.execute("SELECT key, body FROM analytics.forecast_cache WHERE key = ANY(%s)",
+                                             (keys,))}
 
 
 # -- reading: the dashboard's views ---------------------------------------------------------------
@@ -230,16 +287,37 @@ def _pct(q: float, a: str, b: str, name: str) -> sql.Composed:
         q=sql.Literal(q), a=sql.Identifier(a), b=sql.Identifier(b), name=sql.Identifier(name))
 
 
+_STEPS = (("ordered_at", "ai_result_at", "order_to_ai"), ("ai_result_at", "reviewed_at", "ai_to_reviewed"),
+          ("reviewed_at", "delivered_at", "reviewed_to_delivered"), ("ordered_at", "delivered_at", "order_to_delivered"))
+_TURNAROUND_COLUMNS = tuple(f"{n}_p{q}" for _, _, n in _STEPS for q in (50, 90))
+
+
 def turnaround(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]:
-    """p50/p90 minutes per facility and week: order -> AI result -> reviewed -> delivered."""
+    """p50/p90 minutes per facility and week: order -> AI result -> reviewed -> delivered.
+
+    Weeks the summary covers (analytics.turnaround_summary, the row of the filter's grain) are read
+    from it; weeks whose facts changed since the last refresh (analytics.stale_week) are computed
+    from study_fact here, as they always were. One statement, so one snapshot: both parts agree."""
     where, args = _where(f, "study_week", STUDY_FACT, weekly=True)
-    steps = [("ordered_at", "ai_result_at", "order_to_ai"), ("ai_result_at", "reviewed_at", "ai_to_reviewed"),
-             ("reviewed_at", "delivered_at", "reviewed_to_delivered"), ("ordered_at", "delivered_at", "order_to_delivered")]
-    cols = sql.SQL(", ").join(_pct(q, a, b, f"{n}_p{int(q * 100)}") for a, b, n in steps for q in (0.5, 0.9))
+    args.update({"s_district": f.district, "s_facility": f.facility, "s_modality": f.modality})
+    stored = sql.SQL(", ").join(
+        sql.SQL("round({0}::numeric, 1)::float AS {0}").format(sql.Identifier(c)) for c in _TURNAROUND_COLUMNS)
+    live = sql.SQL(", ").join(_pct(q, a, b, f"{n}_p{int(q * 100)}") for a, b, n in _STEPS for q in (0.5, 0.9))
     return _rows(conn, sql.SQL("""
-        SELECT study_week AS week, province, facility, count(*) AS studies, {cols}
+        WITH stale AS (SELECT DISTINCT study_week FROM analytics.stale_week
+                       WHERE study_week >= %(start)s AND study_week <= %(end)s)
+        SELECT study_week AS week, province, facility, studies, {stored}
+        FROM analytics.turnaround_summary
+        WHERE study_week >= %(start)s AND study_week <= %(end)s
+          AND district IS NOT DISTINCT FROM %(s_district)s::text AND modality IS NOT DISTINCT FROM %(s_modality)s::text
+          AND (%(s_facility)s::text IS NULL OR facility = %(s_facility)s::text)
+          AND study_week NOT IN (SELECT study_week FROM stale)
+        UNION ALL
+        SELECT study_week AS week, province, facility, count(*) AS studies, {live}
         FROM analytics.study_fact WHERE {where} AND report_status <> 'cancelled'
-        GROUP BY study_week, province, facility ORDER BY study_week, facility""").format(cols=cols, where=where), args)
+          AND study_week IN (SELECT study_week FROM stale)
+        GROUP BY study_week, province, facility
+        ORDER BY week, facility""").format(stored=stored, live=live, where=where), args)
 
 
 def workload(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]:
@@ -324,8 +402,7 @@ def options(conn: psycopg.Connection[Any]) -> dict[str, Any]:
 VIEWS: dict[str, tuple[Callable[[psycopg.Connection[Any], Filters], list[dict[str, Any]]], tuple[str, ...], tuple[str, ...]]] = {
     "findings_weekly": (findings_weekly, ("studies", "positives"), ("rate_per_1000",)),
     "districts": (district_table, ("studies", "critical", "positive_findings"), ("positive_per_1000_reads",)),
-    "turnaround": (turnaround, ("studies",), tuple(f"{n}_p{q}" for n in ("order_to_ai", "ai_to_reviewed",
-                   "reviewed_to_delivered", "order_to_delivered") for q in (50, 90))),
+    "turnaround": (turnaround, ("studies",), _TURNAROUND_COLUMNS),
     "workload": (workload, ("studies",), ()),
     "backlog": (backlog, ("waiting", "over_24h", "critical"), ("oldest_hours", "median_wait_hours")),
     "agreement": (agreement, ("reviewed", "agree", "disagree", "added", "tp", "fp", "fn", "tn"),

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from datetime import date, timedelta
 from typing import Any
 
 from flask import Blueprint, Response, current_app, render_template, request
 from psycopg_pool import ConnectionPool
 
-from ..services.analytics import export, forecast
+from ..services.analytics import export, forecasting
 from ..store import analytics as queries
 from ..store import db
 from .dashboard_labels import LABELS
@@ -23,7 +22,6 @@ from .dashboard_labels import LABELS
 log = logging.getLogger("interop.analytics")
 bp = Blueprint("analytics", __name__, url_prefix="/analytics", template_folder="templates",
                static_folder="static/analytics", static_url_path="/static")
-MAX_FORECAST_SERIES = 12
 
 
 def _pool() -> ConnectionPool:
@@ -75,30 +73,6 @@ def view(name: str) -> Response:
         return _json({"filters": f.as_args(), "rows": queries.VIEWS[name][0](conn, f)})
 
 
-def _forecasts(conn: Any, f: queries.Filters, horizon: int) -> Iterator[forecast.Forecast]:
-    rows = [r for r in queries.findings_weekly(conn, f)]
-    if f.finding:
-        codes = [f.finding]
-    else:  # the main findings: the three with most positives in the selection
-        totals: dict[str, int] = {}
-        for r in rows:
-            if r["level"] == "province":
-                totals[r["code"]] = totals.get(r["code"], 0) + int(r["positives"])
-        codes = [c for c, _ in sorted(totals.items(), key=lambda kv: -kv[1])[:3]]
-    level = "district"
-    series: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    labels: dict[str, str] = {}
-    for r in rows:
-        if r["code"] in codes and r["level"] == level:
-            series.setdefault((r["district"], r["code"]), []).append(r)
-            labels[r["code"]] = r["label"]
-    # The last complete week (Monday): a partial week would pull the forecast down.
-    last = f.end - timedelta(days=f.end.weekday()) - (timedelta(0) if f.end.weekday() == 6 else timedelta(weeks=1))
-    for (district, code), points in sorted(series.items())[:MAX_FORECAST_SERIES]:
-        yield forecast.forecast(points, district=district, code=code, label=labels[code], start=f.start,
-                                end=last, horizon=horizon)
-
-
 @bp.get("/api/forecast")
 def forecasts() -> Response:
     f = queries.Filters.from_args(request.args)
@@ -107,7 +81,7 @@ def forecasts() -> Response:
     except ValueError:
         return _error("horizon must be an integer (4 to 8 weeks)", 400)
     with _pool().connection() as conn:
-        return _json({"filters": f.as_args(), "forecasts": [x.as_dict() for x in _forecasts(conn, f, horizon)]})
+        return _json({"filters": f.as_args(), "forecasts": forecasting.forecasts(conn, f, horizon)})
 
 
 @bp.get("/export/<name>.csv")

@@ -26,6 +26,7 @@ from ...sites import Site
 from ...store import analytics as store
 from ...store import queue, resources, reviews
 from ..context import Context
+from . import forecasting
 from .pseudonym import Pseudonymizer
 
 log = logging.getLogger("interop.analytics")
@@ -252,9 +253,13 @@ def backfill(conn: psycopg.Connection[Any], ctx: Context, *, rekey: bool = False
 
 def refresh(conn: psycopg.Connection[Any], ctx: Context | None = None, job: queue.Job | None = None,
             _timings: object = None) -> dict[str, float]:
-    """Refresh the dashboard's summary views; as the `refresh-analytics` job, also queue the next
-    period's refresh. Needs an autocommit connection."""
+    """Refresh the dashboard's summaries (materialised views, the turnaround summary's changed
+    weeks, the kept forecasts); as the `refresh-analytics` job, also queue the next period's
+    refresh. Needs an autocommit connection."""
     seconds = store.refresh(conn)
+    start = time.perf_counter()
+    forecasting.precompute(conn)
+    seconds["analytics.forecast_cache"] = round(time.perf_counter() - start, 3)
     if ctx is not None and job is not None:
         with conn.transaction():
             queue.complete(conn, job)
