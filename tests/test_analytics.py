@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
+import numpy as np
 import pytest
 from werkzeug.serving import make_server
 
@@ -336,6 +337,174 @@ def test_forecast_with_intervals_and_backtest(seeded: str, client: Any) -> None:
     short = forecast.forecast([{"week": date(2026, 11, 2), "positives": 3}], district="X", code="c", label="l",
                               start=date(2026, 10, 1), end=date(2026, 11, 16))
     assert short.method.startswith("fallback") and len(short.forecast) == 8
+
+
+# -- turnaround from the summary and kept forecasts (issue 14) -------------------------------
+STEPS = {"order_to_ai": ("ordered_at", "ai_result_at"), "ai_to_reviewed": ("ai_result_at", "reviewed_at"),
+         "reviewed_to_delivered": ("reviewed_at", "delivered_at"), "order_to_delivered": ("ordered_at", "delivered_at")}
+SEED_END = date(2026, 11, 22)
+
+
+def exact_turnaround(conn: Any, f: queries.Filters) -> dict[tuple[date, str], dict[str, Any]]:
+    """The turnaround of a selection computed here from the raw facts: numpy's linear percentile
+    (what percentile_cont computes), unrounded."""
+    first = f.start - timedelta(days=f.start.weekday())
+    groups: dict[tuple[date, str], list[dict[str, Any]]] = {}
+    for r in conn.execute("SELECT * FROM analytics.study_fact WHERE report_status <> 'cancelled'"):
+        if first <= r["study_week"] <= f.end and all(
+                getattr(f, k) is None or r[k] == getattr(f, k) for k in ("district", "facility", "modality")):
+            groups.setdefault((r["study_week"], r["facility"]), []).append(r)
+    out = {}
+    for key, rows in groups.items():
+        row: dict[str, Any] = {"studies": len(rows)}
+        for name, (a, b) in STEPS.items():
+            minutes = [(r[b] - r[a]).total_seconds() / 60 for r in rows if r[a] is not None and r[b] is not None]
+            for q in (50, 90):
+                row[f"{name}_p{q}"] = float(np.percentile(minutes, q)) if minutes else None
+        out[key] = row
+    return out
+
+
+SELECTIONS = [{}, {"district": "Bien Hoa"}, {"facility": "BVDKDN"}, {"modality": "DX"},
+              {"district": "Nhon Trach", "modality": "CR"}, {"district": "Bien Hoa", "facility": "BVDKDN", "modality": "CR"}]
+
+
+def assert_turnaround_exact(conn: Any, args: dict[str, str]) -> int:
+    """The dashboard's turnaround equals the exact computation (to its 0.1-minute rounding); how many rows."""
+    f = queries.Filters.from_args({"start": "2026-05-01", "end": SEED_END.isoformat(), **args})
+    got = {(r["week"], r["facility"]): r for r in queries.turnaround(conn, f)}
+    want = exact_turnaround(conn, f)
+    assert got.keys() == want.keys(), args
+    for key, row in want.items():
+        assert got[key]["studies"] == row["studies"], (args, key)
+        for name in queries.VIEWS["turnaround"][2]:
+            if row[name] is None:
+                assert got[key][name] is None
+            else:  # the summary holds percentile_cont itself: the only difference is the rounding to 0.1
+                assert abs(got[key][name] - row[name]) <= 0.05 + 1e-9, (args, key, name, got[key][name], row[name])
+    return len(want)
+
+
+def test_turnaround_summary_is_exact_and_refreshed_incrementally(seeded: str) -> None:
+    settings = Settings.from_env({})
+    with connect(seeded, autocommit=True) as conn:
+        # After the refresh every week is in the summary, nothing is computed live.
+        assert conn.execute("SELECT count(*) AS n FROM analytics.stale_week").fetchone()["n"] == 0
+        weeks = conn.execute("SELECT count(DISTINCT study_week) AS n FROM analytics.turnaround_summary").fetchone()["n"]
+        assert weeks == conn.execute("SELECT count(DISTINCT study_week) AS n FROM analytics.study_fact").fetchone()["n"]
+        for args in SELECTIONS:
+            assert assert_turnaround_exact(conn, args) > 0
+        view = {(r["week"], r["facility"]): r["studies"] for r in conn.execute("SELECT * FROM analytics.turnaround_weekly")}
+        assert view == {k: v["studies"] for k, v in exact_turnaround(
+            conn, queries.Filters.from_args({"start": "2025-01-01", "end": SEED_END.isoformat()})).items()}
+        before = {(r["week"], r["facility"]): r["studies"] for r in queries.turnaround(conn, queries.Filters.from_args(
+            {"start": "2026-05-01", "end": SEED_END.isoformat()}))}
+
+        # New studies in the last two weeks: those weeks, and only those, become stale ...
+        seed.seed(conn, 400, sites_file=settings.sites_file, mappings_dir=settings.mappings_dir, weeks=2,
+                  end=SEED_END, start_index=6000, random_seed=11)
+        new_weeks = {r["study_week"] for r in conn.execute(
+            "SELECT DISTINCT study_week FROM analytics.study_fact WHERE report_id >= 'synthetic-6000'"
+            " AND length(report_id) = length('synthetic-6000')")}
+        assert {r["study_week"] for r in conn.execute("SELECT study_week FROM analytics.stale_week")} == new_weeks
+        # ... and are counted at once (computed live from the facts until the refresh), exactly
+        for args in SELECTIONS:
+            assert_turnaround_exact(conn, args)
+        after = {(r["week"], r["facility"]): r["studies"] for r in queries.turnaround(conn, queries.Filters.from_args(
+            {"start": "2026-05-01", "end": SEED_END.isoformat()}))}
+        assert sum(after.values()) == sum(before.values()) + 400
+        assert all(after[k] == v for k, v in before.items() if k[0] not in new_weeks)
+
+        # The refresh recomputes those weeks only, and the summary then agrees with the facts.
+        assert set(queries.refresh_turnaround(conn)) == new_weeks
+        assert conn.execute("SELECT count(*) AS n FROM analytics.stale_week").fetchone()["n"] == 0
+        for args in SELECTIONS:
+            assert_turnaround_exact(conn, args)
+
+        # A review recorded late (an update) and a deleted report mark their week too.
+        old = conn.execute("SELECT report_id, study_week FROM analytics.study_fact WHERE reviewed_at IS NOT NULL"
+                           " AND study_week = '2026-08-03' ORDER BY report_id LIMIT 2").fetchall()
+        conn.execute("UPDATE analytics.study_fact SET reviewed_at = reviewed_at + interval '9 hours',"
+                     " delivered_at = delivered_at + interval '9 hours' WHERE report_id = %s", (old[0]["report_id"],))
+        conn.execute("UPDATE analytics.study_fact SET report_status = 'cancelled' WHERE report_id = %s",
+                     (old[1]["report_id"],))
+        conn.execute("DELETE FROM analytics.study_fact WHERE study_week = '2026-07-27' AND facility = 'BVDKDN'")
+        assert set(queries.refresh_turnaround(conn)) == {date(2026, 8, 3), date(2026, 7, 27)}
+        for args in SELECTIONS:
+            assert_turnaround_exact(conn, args)
+        assert queries.refresh_turnaround(conn) == []  # nothing changed since
+
+
+def exact_weekly_positives(conn: Any, code: str, start: date, end: date) -> dict[str, dict[date, int]]:
+    """Positive findings per district and week, counted here from the raw facts."""
+    out: dict[str, dict[date, int]] = {}
+    for r in conn.execute("SELECT s.district, s.study_week, f.final_positive FROM analytics.study_fact s"
+                          " JOIN analytics.finding_fact f USING (report_id)"
+                          " WHERE s.report_status <> 'cancelled' AND f.code = %s", (code,)):
+        if start - timedelta(days=start.weekday()) <= r["study_week"] <= end:
+            weeks = out.setdefault(r["district"], {})
+            weeks[r["study_week"]] = weeks.get(r["study_week"], 0) + int(bool(r["final_positive"]))
+    return out
+
+
+def test_kept_forecasts_match_fitting_the_raw_counts(seeded: str, client: Any) -> None:
+    from interop.services.analytics import forecasting
+
+    default = {"end": SEED_END.isoformat()}  # what the dashboard opens with: 26 weeks to the last day
+    with connect(seeded, autocommit=True) as conn:
+        f = queries.Filters.from_args(default)
+        series = forecasting.selection(conn, f, every_finding=True)
+        assert len(series) >= 3 * len({s.district for s in series})
+        # The weekly rollup the forecasts read gives the counts of the raw facts.
+        for s in series:
+            raw = exact_weekly_positives(conn, s.code, f.start, s.end + timedelta(days=6))[s.district]
+            weeks, values = forecast.weekly_series(s.points(), s.start, s.end)
+            assert values == [float(raw.get(w, 0)) for w in weeks], (s.district, s.code)
+        # The refresh kept every one of them, and what it kept is what fitting gives now.
+        digests = [s.digest(forecasting.DEFAULT_HORIZON) for s in series]
+        kept = queries.kept_forecasts(conn, digests)
+        assert set(kept) == set(digests)
+        for s, d in zip(series, digests):
+            assert kept[d] == s.fit(forecasting.DEFAULT_HORIZON)
+            assert kept[d]["method"].startswith("ETS")
+        shown = forecasting.forecasts(conn, f)
+        assert [(x["district"], x["code"]) for x in shown] == [
+            (s.district, s.code) for s in forecasting.selection(conn, f)][:forecasting.MAX_SERIES]
+    response = client.get("/analytics/api/forecast", query_string=default)
+    assert response.status_code == 200 and response.get_json()["forecasts"] == shown
+    # Another horizon is not kept: fitted on request, same series.
+    short = client.get("/analytics/api/forecast", query_string={**default, "horizon": "4"}).get_json()["forecasts"]
+    assert [len(x["forecast"]) for x in short] == [4] * len(shown)
+    assert [x["history"] for x in short] == [x["history"] for x in shown]
+
+    # New positives in the last complete week change the series: its kept forecast is not reused.
+    settings = Settings.from_env({})
+    with connect(seeded, autocommit=True) as conn:
+        seed.seed(conn, 300, sites_file=settings.sites_file, mappings_dir=settings.mappings_dir, weeks=1,
+                  end=date(2026, 11, 21), start_index=7000, random_seed=12)
+        facts.refresh(conn)  # the rollup, then the kept forecasts, of the new data
+        f = queries.Filters.from_args(default)
+        fresh = forecasting.selection(conn, f, every_finding=True)
+        now = {s.digest(8) for s in fresh}
+        changed = set(digests) - now  # series with new positives (a rare finding may have none)
+        assert len(changed) >= len(digests) // 2
+        assert set(queries.kept_forecasts(conn, list(now))) == now
+        assert not queries.kept_forecasts(conn, list(changed))  # the forecasts of the old series are gone
+        for s in fresh:
+            raw = exact_weekly_positives(conn, s.code, f.start, s.end + timedelta(days=6))[s.district]
+            weeks, values = forecast.weekly_series(s.points(), s.start, s.end)
+            assert values == [float(raw.get(w, 0)) for w in weeks]
+
+
+def test_turnaround_export_still_suppresses_small_cells(db_url: str, known: dict[str, str]) -> None:
+    with connect(db_url) as conn:
+        fn, counts, stats = queries.VIEWS["turnaround"]
+        rows = fn(conn, today_filters())
+        assert conn.execute("SELECT count(*) AS n FROM analytics.stale_week").fetchone()["n"] == 0  # from the summary
+        text = export.to_csv(rows, counts, stats)
+    assert [r["studies"] for r in rows] == [2, 1]  # BVDKDN: A and C; TTYT_NHONTRACH: B
+    assert "<5" in text and "suppressed" in text and not re.search(r",[1-4](,|$)", text, re.M)
+    assert not re.search(r",\d+\.\d", text)  # no percentile over fewer than 5 studies
 
 
 # -- the dashboard in headless Chromium ------------------------------------------------------
