@@ -273,6 +273,7 @@ def test_custom_resources_carry_what_their_operators_need(overlay: tuple[str, li
     deployment(objects, "interop-worker")
     trigger, = scaled["spec"]["triggers"]
     assert trigger["type"] == "postgresql"
+    assert all(isinstance(v, str) for v in trigger["metadata"].values())  # the CRD: a map of strings
     assert float(trigger["metadata"]["targetQueryValue"]) > 0
     auth = by_kind(objects, "TriggerAuthentication")[trigger["authenticationRef"]["name"]]
     refs = auth["spec"]["secretTargetRef"]
