@@ -92,41 +92,40 @@ def _with_meta(body: dict[str, Any], rid: str, version: int, ts: datetime) -> di
     return out
 
 
-def _write(
-    conn: psycopg.Connection[Any],
-    rtype: str,
-    rid: str,
-    version: int,
-    body: dict[str, Any],
-    params: dict[str, SearchParam],
-) -> dict[str, Any]:
-    with conn.transaction():  # atomic even on an autocommit connection (a savepoint inside one)
-        return _insert(conn, rtype, rid, version, body, params)
+# One statement for a version (atomic by itself, on an autocommit connection too, and one round
+# trip): the current row, its history copy, and the index rows replaced. Sub-statements of one
+# statement see the same snapshot, so the DELETE removes the old index rows, not the new ones.
+_WRITE = sql.SQL("""
+WITH current AS (
+    INSERT INTO resource (type, id, version, last_updated, body) VALUES (%(type)s, %(id)s, %(version)s, %(ts)s, %(body)s)
+    ON CONFLICT (type, id) DO UPDATE SET version = EXCLUDED.version, last_updated = EXCLUDED.last_updated,
+        deleted = false, body = EXCLUDED.body
+    RETURNING type, id, version, last_updated, body
+), history AS (
+    INSERT INTO resource_history (type, id, version, last_updated, body)
+    SELECT type, id, version, last_updated, body FROM current
+), old_index AS (
+    DELETE FROM search_index WHERE type = %(type)s AND id = %(id)s
+)
+INSERT INTO search_index (type, id, param, system, value)
+SELECT %(type)s, %(id)s, p, s, v FROM unnest(%(params)s::text[], %(systems)s::text[], %(values)s::text[]) AS i(p, s, v)
+""")
 
 
-def _insert(conn: psycopg.Connection[Any], rtype: str, rid: str, version: int, body: dict[str, Any],
-            params: dict[str, SearchParam]) -> dict[str, Any]:
+def _write(conn: psycopg.Connection[Any], rtype: str, rid: str, version: int, body: dict[str, Any],
+           params: dict[str, SearchParam]) -> dict[str, Any]:
     ts = _now(conn)
     stored = _with_meta(body, rid, version, ts)
-    conn.execute(
-        "INSERT INTO resource (type, id, version, last_updated, body) VALUES (%s, %s, %s, %s, %s)"
-        " ON CONFLICT (type, id) DO UPDATE SET version = EXCLUDED.version,"
-        " last_updated = EXCLUDED.last_updated, deleted = false, body = EXCLUDED.body",
-        (rtype, rid, version, ts, Jsonb(stored)),
-    )
-    conn.execute(
-        "INSERT INTO resource_history (type, id, version, last_updated, body) VALUES (%s, %s, %s, %s, %s)",
-        (rtype, rid, version, ts, Jsonb(stored)),
-    )
-    conn.execute("DELETE FROM search_index WHERE type = %s AND id = %s", (rtype, rid))
-    rows = _indexable(rtype, index_rows(stored, params), params)
-    if rows:
-        with conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO search_index (type, id, param, system, value) VALUES (%s, %s, %s, %s, %s)",
-                [(rtype, rid, p, s, v) for p, s, v in rows],
-            )
+    rows = index_entries(stored, params)
+    conn.execute(_WRITE, {"type": rtype, "id": rid, "version": version, "ts": ts, "body": Jsonb(stored),
+                          "params": [r[0] for r in rows], "systems": [r[1] for r in rows],
+                          "values": [r[2] for r in rows]})
     return stored
+
+
+def index_entries(stored: dict[str, Any], params: dict[str, SearchParam]) -> list[tuple[str, str | None, str]]:
+    """The (param, system, value) rows a stored resource has in the search index (bulk loads use it too)."""
+    return _indexable(stored["resourceType"], index_rows(stored, params), params)
 
 
 def _indexable(rtype: str, rows: list[tuple[str, str | None, str]],
