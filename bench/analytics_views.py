@@ -5,8 +5,9 @@
 Without DATABASE_URL it starts an embedded PostgreSQL in a temporary directory. It seeds the
 studies (and 14 findings each) into a fresh database, refreshes the materialised views, then
 times every dashboard endpoint through the Flask app (JSON serialisation included) with the
-dashboard's default filter (the last 26 weeks) and with a district + finding filter. Prints the
-figures and, with --write, appends them to docs/BENCHMARKS.md.
+dashboard's default filter (the last 26 weeks) and with a district + finding filter, as a SMART
+backend client with the `hub:analytics` scope (so each call also pays the token check and the
+audit record of the read). Prints the figures and, with --write, appends them to docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -16,15 +17,20 @@ import platform
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
+
+from flask.testing import FlaskClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the checkout
 
 from bench.common import fresh_database
 from interop.app import create_app
 from interop.config import Settings
-from interop.store import analytics as facts
+from interop.services.analytics import facts
 from interop.store import db
+from interop.store import security as accounts
+from scripts import smart
 from scripts.synthetic import analytics as seed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +41,18 @@ ENDPOINTS = ["findings_weekly", "districts", "turnaround", "workload", "backlog"
 def p95(samples: list[float]) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+
+
+def analytics_client(client: FlaskClient, url: str) -> FlaskClient:
+    """The test client with the bearer token of a new SMART backend client allowed `hub:analytics`."""
+    key, client_id, scope = smart.ClientKey.new(), uuid.uuid4().hex, "hub:analytics"
+    with db.connect(url, autocommit=True) as conn:
+        accounts.add_client(conn, client_id, "bench analytics", scope, jwks=key.jwks)
+    answer = client.post("/auth/token", data=smart.token_form(
+        key.assertion(client_id, "http://localhost/auth/token"), scope))
+    assert answer.status_code == 200, answer.get_json()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {answer.get_json()['access_token']}"
+    return client
 
 
 def main() -> None:
@@ -73,25 +91,29 @@ def main() -> None:
                 "SELECT (SELECT count(*) FROM analytics.finding_fact) AS findings,"
                 " pg_size_pretty(pg_total_relation_size('analytics.study_fact')) AS study_size,"
                 " pg_size_pretty(pg_total_relation_size('analytics.finding_fact')) AS finding_size,"
-                " (SELECT count(*) FROM analytics.mv_finding_weekly) AS mv_rows").fetchone()
+                " (SELECT count(*) FROM analytics.mv_finding_weekly) AS mv_rows,"
+                " (SELECT count(*) FROM analytics.turnaround_summary) AS summary_rows").fetchone()
             last = conn.execute("SELECT max(study_day) AS d FROM analytics.study_fact").fetchone()["d"]
             district = conn.execute("SELECT district FROM analytics.study_fact LIMIT 1").fetchone()["district"]
         per_view = ", ".join(f"{k.split('.')[1]} {v:.1f} s" for k, v in refreshed.items())
         lines += [f"- seeded {args.studies:,} studies and {sizes['findings']:,} findings with COPY in {seeded:.0f} s"
                   f" (study_fact {sizes['study_size']}, finding_fact {sizes['finding_size']});",
-                  f"- first refresh of the materialised views {first_refresh:.1f} s "
+                  f"- first refresh (materialised views, turnaround summary of every week, kept forecasts)"
+                  f" {first_refresh:.1f} s "
                   f"({per_view}), "
-                  f"REFRESH CONCURRENTLY {concurrent_refresh:.1f} s; mv_finding_weekly has {sizes['mv_rows']:,} rows."]
+                  f"again (REFRESH CONCURRENTLY, nothing else changed) {concurrent_refresh:.1f} s;"
+                  f" mv_finding_weekly has {sizes['mv_rows']:,} rows, turnaround_summary {sizes['summary_rows']:,}."]
         app = create_app(settings)
-        client = app.test_client()
+        client = analytics_client(app.test_client(), url)
         filters = {"default (last 26 weeks)": {"end": str(last)},
                    "district + finding, 52 weeks": {"end": str(last), "start": str(last.replace(year=last.year - 1)),
                                                     "district": district, "finding": "409609008"}}
         table = ["| endpoint | " + " | ".join(f"p95 ms, {name}" for name in filters) + " |",
                  "|---|" + "---|" * len(filters)]
         paths = [f"/analytics/api/{e}" for e in ENDPOINTS] + ["/analytics/api/forecast", "/analytics/api/options",
-                                                             "/analytics/export/findings_weekly.csv", "/analytics/"]
-        for path in paths:
+                                                             "/analytics/export/findings_weekly.csv"]
+
+        def row(path: str, label: str) -> None:
             cells = []
             for query in filters.values():
                 samples = []
@@ -101,13 +123,25 @@ def main() -> None:
                     samples.append((time.perf_counter() - start) * 1000)
                     assert response.status_code == 200, (path, response.status_code)
                 cells.append(f"{p95(samples):.0f}")
-            table.append(f"| `{path}` | " + " | ".join(cells) + " |")
+            table.append(f"| {label} | " + " | ".join(cells) + " |")
             print(table[-1], flush=True)
+
+        for path in paths:
+            row(path, f"`{path}`")
+        # Between two refreshes the current week has changed: the turnaround computes it live.
+        with db.connect(url, autocommit=True) as conn:
+            conn.execute("UPDATE analytics.study_fact SET updated_at = now() WHERE report_id ="
+                         " (SELECT report_id FROM analytics.study_fact WHERE study_day = %s LIMIT 1)", (last,))
+            row("/analytics/api/turnaround", "`/analytics/api/turnaround`, its last week changed since the refresh")
+            start = time.perf_counter()
+            facts.refresh(conn)
+            lines.append(f"- a refresh after that change (one week of the turnaround summary recomputed, the"
+                         f" materialised views and the kept forecasts again): {time.perf_counter() - start:.1f} s.")
         app.extensions["interop"].close()
     finally:
         if server is not None:
             server.stop()
-    head = (f"\n## Provincial analytics (issue 6)\n\n`python bench/analytics_views.py` on {os.cpu_count()} CPUs "
+    head = (f"\n## Provincial analytics (issues 6 and 14)\n\n`python bench/analytics_views.py` on {os.cpu_count()} CPUs "
             f"({platform.processor() or platform.machine()}), PostgreSQL embedded, {args.repeat} calls per endpoint "
             f"through the Flask app, measured {time.strftime('%Y-%m-%d')}:\n\n")
     text = head + "\n".join(lines) + "\n\n" + "\n".join(table) + "\n"

@@ -315,7 +315,7 @@ def turnaround(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]
         UNION ALL
         SELECT study_week AS week, province, facility, count(*) AS studies, {live}
         FROM analytics.study_fact WHERE {where} AND report_status <> 'cancelled'
-          AND study_week IN (SELECT study_week FROM stale)
+          AND study_week = ANY (ARRAY(SELECT study_week FROM stale))  -- an index condition
         GROUP BY study_week, province, facility
         ORDER BY week, facility""").format(stored=stored, live=live, where=where), args)
 
