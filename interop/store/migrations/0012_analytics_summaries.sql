@@ -84,19 +84,29 @@ $$;
 -- Every week is stale until the first refresh builds the summary (reads stay exact meanwhile).
 INSERT INTO analytics.stale_week (study_week) SELECT DISTINCT study_week FROM analytics.study_fact;
 
--- The unfiltered view, now from the summary (stale weeks live): same columns as before.
+-- The unfiltered view, now from the summary (stale weeks live): same columns as before. The live
+-- part is written out rather than calling turnaround_rollup, so that an analyst granted only the
+-- view reads it with the view owner's rights (a function would run with the analyst's).
 CREATE OR REPLACE VIEW analytics.turnaround_weekly AS
-WITH stale AS (SELECT DISTINCT study_week FROM analytics.stale_week),
-rows AS (
-    SELECT * FROM analytics.turnaround_summary
-    WHERE district IS NULL AND modality IS NULL AND study_week NOT IN (SELECT study_week FROM stale)
-    UNION ALL
-    SELECT * FROM analytics.turnaround_rollup(ARRAY(SELECT study_week FROM stale))
-    WHERE district IS NULL AND modality IS NULL)
+WITH stale AS (SELECT DISTINCT study_week FROM analytics.stale_week)
 SELECT study_week AS week, province, facility, studies,
        order_to_ai_p50, order_to_ai_p90, ai_to_reviewed_p50, ai_to_reviewed_p90,
        reviewed_to_delivered_p50, reviewed_to_delivered_p90, order_to_delivered_p50, order_to_delivered_p90
-FROM rows;
+FROM analytics.turnaround_summary
+WHERE district IS NULL AND modality IS NULL AND study_week NOT IN (SELECT study_week FROM stale)
+UNION ALL
+SELECT study_week, province, facility, count(*),
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM ai_result_at - ordered_at) / 60),
+       percentile_cont(0.9) WITHIN GROUP (ORDER BY extract(epoch FROM ai_result_at - ordered_at) / 60),
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM reviewed_at - ai_result_at) / 60),
+       percentile_cont(0.9) WITHIN GROUP (ORDER BY extract(epoch FROM reviewed_at - ai_result_at) / 60),
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM delivered_at - reviewed_at) / 60),
+       percentile_cont(0.9) WITHIN GROUP (ORDER BY extract(epoch FROM delivered_at - reviewed_at) / 60),
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM delivered_at - ordered_at) / 60),
+       percentile_cont(0.9) WITHIN GROUP (ORDER BY extract(epoch FROM delivered_at - ordered_at) / 60)
+FROM analytics.study_fact
+WHERE report_status <> 'cancelled' AND study_week = ANY (ARRAY(SELECT study_week FROM stale))
+GROUP BY study_week, province, facility;
 
 -- Forecasts kept by the refresh (services/analytics/forecasting.py): every district × finding
 -- series of the dashboard's default period, under a digest of the forecast's inputs (the series'
