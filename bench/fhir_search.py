@@ -10,7 +10,7 @@ patient of a study or report, _lastUpdated), creates only (POST Patient), then b
 per nine searches). Rates are per vCPU of the machine (hub, PostgreSQL and wrk share it).
 
     python bench/fhir_search.py [--resources 1000000] [--seconds 15] [--connections 8] [--workers 2]
-    python bench/fhir_search.py --code /tmp/before   # serve (and migrate with) another checkout
+    python bench/fhir_search.py --before 003bb35   # and the hub before issue 14, on the same data
 """
 from __future__ import annotations
 
@@ -219,13 +219,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--code", type=Path, default=ROOT, help="the checkout to migrate with and serve")
+    parser.add_argument("--before", help="also serve this commit (git worktree) on the same data, with the"
+                                         " search index as it had it")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     from interop.runtime.postgres import EmbeddedPostgres
 
-    code = args.code.resolve()
+    code = ROOT
     tmp = Path(tempfile.mkdtemp(prefix="fhir-search-bench-", dir="/var/tmp"))
     os.chmod(tmp, 0o755)
     pg = EmbeddedPostgres(tmp / "pg")
@@ -239,7 +240,7 @@ def main() -> int:
         with psycopg.connect(url) as conn:
             sizes = conn.execute("SELECT pg_size_pretty(pg_total_relation_size('resource')),"
                                  " pg_size_pretty(pg_total_relation_size('search_index'))").fetchone()
-        print(f"loaded {args.resources:,} resources ({rows:,} index rows) in {seconds:.0f} s;"
+        print(f"loaded {args.resources // 3 * 3:,} resources ({rows:,} index rows) in {seconds:.0f} s;"
               f" resource {sizes[0] if sizes else '?'}, search_index {sizes[1] if sizes else '?'}", flush=True)
         key = smart.ClientKey.new()
         jwks = tmp / "jwks.json"
@@ -247,33 +248,48 @@ def main() -> int:
         client_id = subprocess.run([sys.executable, "-m", "interop.cli", "clients", "add", "bench", "--jwks", str(jwks),
                                     "--scopes", SCOPES], cwd=code, env=cli, capture_output=True, text=True,
                                    check=True).stdout.split()[-1]
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        proc = serve(code, url, port, args.workers)
         rng = random.Random(7)
         paths = searches(args.resources // 3, rng)
         bodies = [json.dumps(patient(10_000_000 + n, rng), ensure_ascii=False) for n in range(200)]
+        runs = {"after": code}
+        if args.before:
+            old = tmp / "before"
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.before], check=True,
+                           capture_output=True)
+            runs["before"] = old
         cores = os.cpu_count() or 1
-        results = {}
-        for name, every in (("warm-up", 0), ("search", 0), ("create", 1), ("mixed 1 create : 9 searches", 10)):
-            token = smart.Smart(f"{base}/auth/token", client_id, key, SCOPES).token()
-            script = tmp / "load.lua"
-            script.write_text(LUA % {"paths": lua_list(paths), "bodies": lua_list(bodies), "create_every": every,
-                                     "seed": len(results) + 1, "token": token})
-            results[name] = wrk(base, script, 5 if name == "warm-up" else args.seconds, args.connections)
-        print(f"\n{args.resources:,} resources; gunicorn {args.workers} workers; wrk -t2 -c{args.connections}"
+        print(f"\n{args.resources // 3 * 3:,} resources; gunicorn {args.workers} workers; wrk -t2 -c{args.connections}"
               f" {args.seconds}s per run; {cores} vCPUs shared by the hub, PostgreSQL and wrk")
-        print("| workload | requests/s | per vCPU | p50 ms | p95 ms | p99 ms |")
-        print("|---|---|---|---|---|---|")
-        for name, r in results.items():
-            if name != "warm-up":
-                print(f"| {name} | {r['rate']:.0f} | {r['rate'] / cores:.0f} | {r['p50']:.1f} | {r['p95']:.1f}"
-                      f" | {r['p99']:.1f} |")
+        print("| code | workload | requests/s | per vCPU | p50 ms | p95 ms | p99 ms |")
+        print("|---|---|---|---|---|---|---|")
+        for which, checkout in runs.items():
+            if which == "before":  # the index as it stood: (type, param, value) in the database's collation
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute("DROP INDEX search_index_lookup")
+                    conn.execute("CREATE INDEX search_index_lookup ON search_index (type, param, value)")
+                    conn.execute("ANALYZE search_index")
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            proc = serve(checkout, url, port, args.workers)
+            for name, every in (("warm-up", 0), ("search", 0), ("create", 1), ("mixed 1 create : 9 searches", 10)):
+                token = smart.Smart(f"{base}/auth/token", client_id, key, SCOPES).token()
+                script = tmp / "load.lua"
+                script.write_text(LUA % {"paths": lua_list(paths), "bodies": lua_list(bodies), "create_every": every,
+                                         "seed": 1, "token": token})
+                r = wrk(base, script, 5 if name == "warm-up" else args.seconds, args.connections)
+                if name != "warm-up":
+                    print(f"| {which} | {name} | {r['rate']:.0f} | {r['rate'] / cores:.0f} | {r['p50']:.1f}"
+                          f" | {r['p95']:.1f} | {r['p99']:.1f} |", flush=True)
+            proc.terminate()
+            proc.wait(30)
     finally:
         if proc is not None and proc.poll() is None:
             proc.terminate()
             proc.wait(30)
         pg.stop()
+        if args.before:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "before")],
+                           capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
