@@ -34,7 +34,8 @@ ENVIRONMENT: list[tuple[str, str, str | None, str]] = [
     ("INTEROP_TRITON_REPO", "triton_repo", "triton_repo", "Triton model repository for the bundled server"),
     ("INTEROP_TRITON_MODELS", "triton_models", None,
      "models the bundled Triton loads, comma-separated (e.g. chest_xray); unset: every model of the repository"),
-    ("INTEROP_WORKERS", "workers", "1", "analysis worker processes started by `interop serve`"),
+    ("INTEROP_WORKERS", "workers", "auto",
+     "analysis worker processes started by `interop serve`; auto: one per CPU core the hub may use"),
     ("INTEROP_HTTP_WORKERS", "http_workers", "2", "gunicorn worker processes for the FHIR API"),
     ("INTEROP_DELIVERY_LANES", "delivery_lanes", "32", "destinations the delivery process serves at once (one thread each)"),
     ("INTEROP_JOB_LEASE_SECONDS", "job_lease_seconds", "120",
@@ -179,7 +180,9 @@ class Settings:
             if raw is None:
                 continue
             kind = str(types[attr])
-            if kind == "int":
+            if attr == "workers" and raw == "auto":
+                values[attr] = max(1, len(os.sched_getaffinity(0)))
+            elif kind == "int":
                 values[attr] = _int(raw, name)
             elif "Path" in kind:
                 values[attr] = Path(raw).absolute()

@@ -81,8 +81,22 @@ class TimedClient(DicomWebClient):
             yield ds
 
 
+@dataclass
+class Prepared:
+    """A study read and its models' inputs assembled: what inference needs, nothing more. Made
+    ahead of time (`Analyser.prepare`, on another thread) while the previous study is inferred."""
+
+    study: dict[str, Any]
+    inputs: list[tuple[ModelDescription, list[InstanceRef], list[dict[str, np.ndarray[Any, Any]]], Any]]
+    timings: Timings
+    seconds: float
+
+
 class Analyser:
-    """`analyse-study` jobs for one runner (it owns the Triton client and the connection)."""
+    """`analyse-study` jobs for one runner (it owns the Triton client and the connection).
+
+    In two steps, so that a runner can overlap them across studies: `prepare` (read, route,
+    retrieve, decode: the PACS and the CPU) and `finish` (infer on Triton, store the report)."""
 
     def __init__(self, ctx: Context, triton: TritonClient):
         self.ctx = ctx
@@ -90,19 +104,14 @@ class Analyser:
         self.rules = routing.load_rules(ctx.settings.mappings_dir)
 
     def __call__(self, conn: psycopg.Connection[Any], job: queue.Job, timings: Timings) -> None:
-        total = time.perf_counter()
+        self.finish(conn, job, self.prepare(conn, job), timings)
+
+    def prepare(self, conn: psycopg.Connection[Any], job: queue.Job) -> Prepared:
+        began, timings = time.perf_counter(), Timings()
         study = resources.read(conn, "ImagingStudy", job.payload["study"])
         if job.payload.get("supersedes") and not inbound.previous_over(conn, job.payload["supersedes"]):
             raise Waiting("the previous analysis of this study is not over")  # its report is the one to supersede
         tasks.update(conn, self.ctx, job.payload["task"], "in-progress", business="retrieving images")
-        results = self._analyse(conn, job, study, timings)
-        timings.stages["total"] = round(time.perf_counter() - total, 6)
-        with conn.transaction():
-            self._store(conn, job, study, results, timings)
-        log.info("job %s done in %.2fs", job.id, timings.stages["total"])
-
-    def _analyse(self, conn: psycopg.Connection[Any], job: queue.Job, study: dict[str, Any],
-                 timings: Timings) -> list[dict[str, Any]]:
         client: ImageSource = inbound.local_archive(conn, job.payload["study_uid"]) \
             if job.payload["dicomweb"] == LOCAL else \
             TimedClient(job.payload["dicomweb"], self.ctx.settings.dicomweb_timeout, timings,
@@ -115,20 +124,35 @@ class Analyser:
                 if intake.still_waiting(job.payload.get("deadline")):
                     intake.wait_for_images(conn, self.ctx, job.payload["task"])
                 raise
-            chosen = self._route(study, refs)
-            results = []
-            for name, model_refs in chosen.items():
+            inputs = []
+            for name, model_refs in self._route(study, refs).items():
                 model = self.ctx.models[name]
                 queue.renew(conn, job, self.ctx.settings.job_lease_seconds)
-                tasks.update(conn, self.ctx, job.payload["task"], "in-progress", business=f"inference: {name}")
-                probabilities = self._run_model(client, model, model_refs, timings)
-                with timings.stage("inference"):
-                    version = self.triton.model_version_label(model.triton_model) or model.version
-                results.append({"model": model, "version": version, "probabilities": probabilities,
-                                "sources": [r.instance_uid for r in model_refs]})
-            return results
+                start, fetched = time.perf_counter(), timings.stages.get("retrieve", 0.0)
+                batches, present = self._assemble(client, model, model_refs)
+                timings.add("decode", time.perf_counter() - start - (timings.stages.get("retrieve", 0.0) - fetched))
+                inputs.append((model, model_refs, batches, present))
         finally:
             client.close()
+        return Prepared(study, inputs, timings, time.perf_counter() - began)
+
+    def finish(self, conn: psycopg.Connection[Any], job: queue.Job, prepared: Prepared, timings: Timings) -> None:
+        """Infer each model's prepared input, then store the reports (with the job's completion)."""
+        began = time.perf_counter()
+        for name, value in prepared.timings.stages.items():
+            timings.add(name, value)
+        results = []
+        for model, refs, batches, present in prepared.inputs:
+            tasks.update(conn, self.ctx, job.payload["task"], "in-progress", business=f"inference: {model.name}")
+            with timings.stage("inference"):
+                outputs = [self._infer(model, inputs) for inputs in batches]
+                version = self.triton.model_version_label(model.triton_model) or model.version
+            results.append({"model": model, "version": version, "probabilities": self._values(outputs, present),
+                            "sources": [r.instance_uid for r in refs]})
+        with conn.transaction():
+            timings.stages["total"] = round(prepared.seconds + time.perf_counter() - began, 6)
+            self._store(conn, job, prepared.study, results, timings)
+        log.info("job %s done in %.2fs", job.id, timings.stages["total"])
 
     def _route(self, study: dict[str, Any], refs: list[InstanceRef]) -> dict[str, list[InstanceRef]]:
         procedure = [c.get("code") for pc in study.get("procedureCode", []) for c in pc.get("coding", [])]
@@ -147,31 +171,24 @@ class Analyser:
             raise NoModel(f"not analysed: no model for {', '.join(kinds) or 'this study'}")
         return chosen
 
-    def _run_model(self, client: ImageSource, model: ModelDescription, refs: list[InstanceRef],
-                   timings: Timings) -> list[float | None]:
-        """Assemble the model's input from the PACS (streamed), infer, and reduce to one value per label."""
+    @staticmethod
+    def _assemble(client: ImageSource, model: ModelDescription, refs: list[InstanceRef]
+                  ) -> tuple[list[dict[str, np.ndarray[Any, Any]]], np.ndarray[Any, Any] | None]:
+        """The model's input batches from the PACS (streamed), and which views were present (mammography)."""
         kind = assembly.kind(model)
-        start, fetched = time.perf_counter(), timings.stages.get("retrieve", 0.0)
-        outputs: list[np.ndarray[Any, Any]] = []
-        present: np.ndarray[Any, Any] | None = None
-        inference = 0.0
         if kind == "image":
-            for inputs in assembly.image_batches(client, model, refs):
-                t = time.perf_counter()
-                outputs.append(self._infer(model, inputs))
-                inference += time.perf_counter() - t
-            if not outputs:
+            batches = list(assembly.image_batches(client, model, refs))
+            if not batches:
                 raise NotAnImage(f"none of the {len(refs)} instances routed to {model.name} holds an image")
-        else:
-            inputs = (assembly.views_input if kind == "views" else assembly.volume_input)(client, model, refs)
-            t = time.perf_counter()
-            outputs.append(self._infer(model, inputs))
-            inference += time.perf_counter() - t
-            if kind == "views" and model.assembly and model.assembly.present:
-                present = inputs[model.assembly.present][0]
-        total = time.perf_counter() - start
-        timings.add("inference", inference)
-        timings.add("decode", total - inference - (timings.stages.get("retrieve", 0.0) - fetched))
+            return batches, None
+        inputs = (assembly.views_input if kind == "views" else assembly.volume_input)(client, model, refs)
+        present = inputs[model.assembly.present][0] if kind == "views" and model.assembly and model.assembly.present \
+            else None
+        return [inputs], present
+
+    @staticmethod
+    def _values(outputs: list[np.ndarray[Any, Any]], present: np.ndarray[Any, Any] | None) -> list[float | None]:
+        """One value per label: the highest over the images."""
         values: list[float | None] = [float(p) for p in np.concatenate(outputs).max(axis=0)]
         if present is not None and len(values) == 2 and len(present) == 4:
             # one score per breast (right, left); a breast with neither view was not assessed

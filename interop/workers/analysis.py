@@ -1,6 +1,10 @@
 """`interop worker`: the analysis runner. Claims the jobs of the `analysis` pool (mappings/queue.yaml)
 and hands each to its service; turns the outcome into done, retry-later or failed.
 
+Studies overlap: while one study is inferred and stored, the runner has already claimed the next
+analysis and prepares it on a second thread (retrieval from the PACS, decode), so the PACS, the
+CPU and Triton work at the same time; several runners' requests meet in Triton's dynamic batcher.
+
 Several runners (in one hub or in several replicas) share the queue in PostgreSQL. A handler
 completes its job in the transaction that stores its result, while the runner still holds the
 lease; a crash before that commit leaves the job to be retried. Results are delivered by the
@@ -14,6 +18,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from threading import Event
 from typing import Any
 
@@ -24,7 +29,7 @@ from inference_client.triton import ModelNotFound, TritonClient, TritonError, Tr
 from ..config import Settings
 from ..dicom.errors import DicomError, NotAnImage
 from ..services import critical, inbound, orders, tasks
-from ..services.analysis import Analyser, Timings, wait_seconds
+from ..services.analysis import Analyser, Prepared, Timings, wait_seconds
 from ..services.analytics import facts
 from ..services.context import Context
 from ..services.errors import NoModel, Permanent, Transient, Waiting
@@ -53,9 +58,14 @@ class Runner:
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.kinds = ctx.policies.pool("analysis")
         self.conn = db.connect(settings.database_url, autocommit=True)
-        analyser = Analyser(ctx, TritonClient(settings.triton_url, timeout_s=settings.triton_timeout))
+        self.analyser = Analyser(ctx, TritonClient(settings.triton_url, timeout_s=settings.triton_timeout))
+        # the next analysis, claimed and being prepared on its own thread and connection
+        self.ahead: tuple[queue.Job, Future[Prepared]] | None = None
+        self.pending: tuple[queue.Job, Future[Prepared]] | None = None  # the one taken from `ahead`, being processed
+        self.prefetch_conn = db.connect(settings.database_url, autocommit=True)
+        self.prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prepare")
         self.handlers: dict[str, Handler] = {
-            ANALYSE: lambda conn, ctx, job, timings: analyser(conn, job, timings),
+            ANALYSE: self._analyse,
             orders.PROCESS_HL7: orders.process_message, orders.FIND_STUDY: orders.find_study,
             critical.ESCALATE: critical.escalate, facts.REFRESH: facts.refresh,
             inbound.STUDY_STABLE: inbound.study_stable,
@@ -63,7 +73,23 @@ class Runner:
         self.on_fail: dict[str, Failed] = {orders.PROCESS_HL7: orders.message_failed}
 
     def close(self) -> None:
+        self._give_back_ahead()
+        self.prefetcher.shutdown(wait=True)
+        self.prefetch_conn.close()
         self.conn.close()
+
+    def _give_back_ahead(self) -> None:
+        """A runner that stops hands the analysis it claimed ahead back to the queue at once."""
+        if self.ahead is None:
+            return
+        job, future = self.ahead
+        self.ahead = None
+        future.cancel() or future.exception()  # let a started preparation end first
+        try:
+            with self.conn.transaction():
+                queue.retry_later(self.conn, job, "the worker stopped before this analysis", 0, refund=True)
+        except queue.LeaseLost:
+            pass
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: Event, idle_wait: float = 1.0, wake_fd: int | None = None) -> None:
@@ -81,12 +107,40 @@ class Runner:
             log.info("worker %s stopped", self.id)
 
     def run_once(self) -> bool:
-        """Claim and process one job; False when none is ready."""
-        job = queue.claim(self.conn, self.id, self.ctx.settings.job_lease_seconds, kinds=self.kinds)
+        """Process one job (the one claimed ahead, or a new one); False when none is ready."""
+        if self.ahead is not None:
+            job: queue.Job | None = self.ahead[0]
+            self.pending, self.ahead = self.ahead, None
+        else:
+            job = queue.claim(self.conn, self.id, self.ctx.settings.job_lease_seconds, kinds=self.kinds)
         if job is None:
             return False
-        self.process(job)
+        try:
+            self.process(job)
+        finally:
+            if self.pending is not None:  # refused before its handler ran: let the preparation end
+                self.pending[1].cancel() or self.pending[1].exception()
+                self.pending = None
         return True
+
+    def _analyse(self, conn: psycopg.Connection[Any], _ctx: Context, job: queue.Job, timings: Timings) -> None:
+        """An analysis: its preparation (done ahead, or now), then, while the next study is
+        claimed and prepared on the other thread, inference and storing."""
+        if self.pending is not None and self.pending[0].id == job.id:
+            prepared = self.pending[1]
+            self.pending = None
+            ready = prepared.result()  # its exceptions are this job's
+        else:
+            ready = self.analyser.prepare(conn, job)
+        self._claim_ahead()
+        self.analyser.finish(conn, job, ready, timings)
+
+    def _claim_ahead(self) -> None:
+        if self.ahead is not None:
+            return
+        nxt = queue.claim(self.conn, self.id, self.ctx.settings.job_lease_seconds, kinds=[ANALYSE])
+        if nxt is not None:
+            self.ahead = (nxt, self.prefetcher.submit(self.analyser.prepare, self.prefetch_conn, nxt))
 
     # -- one job ----------------------------------------------------------------------------
     def process(self, job: queue.Job) -> None:
