@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import psycopg
 from flask import Flask, Response, request
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 from werkzeug.exceptions import HTTPException
 
 from . import access
@@ -118,6 +118,18 @@ def create_app(settings: Settings | None = None) -> Flask:
         # request's fault, not the hub's. Nothing was stored: the transaction rolled back.
         log.info("refused value (%s) on %s %s", type(exc).__name__, request.method, request.url_rule)
         return api.error_response(errors.BadRequest("a value in the request cannot be stored or searched"))
+
+    @app.errorhandler(psycopg.OperationalError)
+    @app.errorhandler(psycopg.InterfaceError)
+    @app.errorhandler(PoolTimeout)
+    def database_unavailable(exc: Exception) -> Response:
+        # The database went away (a failover or switchover) mid-request: nothing was applied, and
+        # the client may retry (the pool checks connections, so the next request gets a live one).
+        log.warning("database unavailable (%s) on %s %s", type(exc).__name__, request.method, request.url_rule)
+        response = api.error_response(errors.Unavailable("the database is unavailable; the request was not applied,"
+                                                         " retry shortly"))
+        response.headers["Retry-After"] = "2"
+        return response
 
     @app.errorhandler(RecursionError)
     def too_deep(exc: RecursionError) -> Response:

@@ -32,12 +32,14 @@ def scalar(conn: psycopg.Connection[Any], query: str | sql.Composed, args: Any =
 
 
 def pool(url: str, *, min_size: int = 1, max_size: int = 8) -> ConnectionPool:
-    """A pool per process; opened by the caller (never at import time)."""
+    """A pool per process; opened by the caller (never at import time). A connection is checked
+    as it is handed out, so one cut by a database switchover is replaced, not used."""
     return ConnectionPool(
         url,
         min_size=min_size,
         max_size=max_size,
         kwargs={"row_factory": dict_row},
+        check=ConnectionPool.check_connection,
         open=False,
         name="interop",
     )

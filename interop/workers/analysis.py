@@ -99,12 +99,42 @@ class Runner:
         log.info("worker %s started", self.id)
         try:
             while not stop.is_set():
-                if self.run_once():
-                    continue
-                signals.sleep(listener, wake_fd, idle_wait)
+                try:
+                    if self.run_once():
+                        continue
+                    signals.sleep(listener, wake_fd, idle_wait)
+                except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                    listener.close()
+                    back = self._reconnect(stop, exc)
+                    if back is None:
+                        break
+                    listener = back
         finally:
             listener.close()
             log.info("worker %s stopped", self.id)
+
+    def _reconnect(self, stop: Event, exc: BaseException) -> psycopg.Connection[Any] | None:
+        """The database went away (a switchover, a restart): connect again, with a growing pause,
+        until it answers (its LISTEN connection) or the runner is stopped (None). Jobs it held come
+        back when their leases end."""
+        log.warning("worker %s: database connection lost (%s); reconnecting", self.id, type(exc).__name__)
+        if self.ahead is not None:
+            self.ahead[1].cancel() or self.ahead[1].exception()
+            self.ahead = None
+        url, pause = self.ctx.settings.database_url or "", 0.5
+        while True:
+            try:
+                for old in (self.conn, self.prefetch_conn):
+                    old.close()
+                self.conn = db.connect(url, autocommit=True)
+                self.prefetch_conn = db.connect(url, autocommit=True)
+                listener = signals.listen(url)
+                log.info("worker %s: database connection back", self.id)
+                return listener
+            except psycopg.OperationalError:
+                if stop.wait(pause):
+                    return None
+                pause = min(pause * 2, 10.0)
 
     def run_once(self) -> bool:
         """Process one job (the one claimed ahead, or a new one); False when none is ready."""

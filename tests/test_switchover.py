@@ -1,0 +1,48 @@
+"""A database switchover, as CloudNativePG does one: every connection of the hub is cut at once
+(pg_terminate_backend on each of them). The API answers the next requests from fresh
+connections (the pool checks what it hands out) and the analysis worker reconnects and goes on
+analysing, without a restart of either (issue 14)."""
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from tests.fixtures.hub import HubProcess
+from tests.helpers import chest_study_in_pacs, study_resource, wait_for
+
+
+def cut_every_connection(db_url: str) -> int:
+    """Terminate every other session of the hub's database; how many were cut."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        rows = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            " WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall()
+    return len(rows)
+
+
+def analysed(hub: HubProcess, study_id: str) -> bool:
+    found = hub.session.get(f"{hub.fhir}/Task", params={"focus": f"ImagingStudy/{study_id}"}, timeout=10).json()
+    return bool(found.get("entry")) and found["entry"][0]["resource"]["status"] == "completed"
+
+
+def test_the_hub_survives_every_connection_being_cut(hub: HubProcess, orthanc: Any, db_url: str) -> None:
+    first = chest_study_in_pacs(orthanc, seed=61, patient_id="SW-1")
+    created = hub.session.post(f"{hub.fhir}/ImagingStudy", json=study_resource([first], "sw-1",
+                                                                                orthanc.dicomweb_url), timeout=30)
+    assert created.status_code == 201, created.text
+    wait_for(lambda: analysed(hub, created.json()["id"]), timeout=90, what="the first study analysed")
+
+    assert cut_every_connection(db_url) >= 3  # the API's pool, the worker, the listeners
+
+    # the API: each request answered from a live connection, none a 500
+    statuses = [hub.session.get(f"{hub.fhir}/ImagingStudy/{created.json()['id']}", timeout=10).status_code
+                for _ in range(6)]
+    assert set(statuses) <= {200, 503} and statuses[-1] == 200, statuses
+    # the worker: reconnects and analyses a study posted after the cut
+    second = chest_study_in_pacs(orthanc, seed=62, patient_id="SW-2")
+    posted = wait_for(lambda: (r := hub.session.post(
+        f"{hub.fhir}/ImagingStudy", json=study_resource([second], "sw-2", orthanc.dicomweb_url),
+        timeout=30)).status_code == 201 and r, timeout=30, what="the second study accepted")
+    wait_for(lambda: analysed(hub, posted.json()["id"]), timeout=90, what="the study posted after the cut analysed")
+    assert hub.proc.poll() is None
+    assert "database connection back" in hub.log_tail(200)
