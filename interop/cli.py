@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("dicom-scp", help="run the DICOM Storage SCP modalities and PACS push studies to (needs DATABASE_URL)")
     sub.add_parser("migrate", help="apply database migrations to DATABASE_URL")
     sub.add_parser("build-models", help="build the reference model weights into INTEROP_TRITON_REPO")
+    repo = sub.add_parser("triton-repo", help="write INTEROP_TRITON_REPO's models for Triton's ONNX Runtime backend"
+                                              " (NVIDIA's container, GPU nodes)")
+    repo.add_argument("--out", type=Path, required=True, help="the new model repository (Triton's --model-repository)")
+    repo.add_argument("--gpu", action="store_true", help="GPU instances (KIND_GPU); default CPU instances")
+    repo.add_argument("--tensorrt", action="store_true", help="with --gpu: TensorRT execution provider, FP16")
+    repo.add_argument("--instances", type=int, default=1, help="model instances per device [default: 1]")
     out = sub.add_parser("outbox", help="results going out: list dead letters, replay one, show the lanes")
     out.add_argument("action", choices=["dead", "replay", "lanes"],
                      help="dead: list rejected/dead deliveries; replay ID; lanes: each destination's state")
@@ -130,6 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime.supervisor import ensure_models
 
         ensure_models(settings.triton_repo)
+        return 0
+    if args.command == "triton-repo":
+        from .runtime.model_repo import write_onnx_repo
+
+        names = write_onnx_repo(settings.triton_repo, args.out, gpu=args.gpu, tensorrt=args.tensorrt,
+                                instances=args.instances)
+        print(f"{args.out}: {', '.join(names)} for the onnxruntime backend"
+              f" ({'GPU' if args.gpu else 'CPU'}{', TensorRT FP16' if args.tensorrt else ''})")
         return 0
     if args.command == "outbox":
         return _outbox(parser, settings, args.action, args.id)
