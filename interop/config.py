@@ -25,7 +25,12 @@ ENVIRONMENT: list[tuple[str, str, str | None, str]] = [
     ("DATABASE_URL", "database_url", None, "PostgreSQL URL; unset: an embedded PostgreSQL under INTEROP_DATA_DIR"),
     ("ANALYTICS_DATABASE_URL", "analytics_database_url", None,
      "PostgreSQL the analytics dashboard reads (a replica of DATABASE_URL); unset: DATABASE_URL"),
-    ("TRITON_URL", "triton_url", None, "Triton HTTP host:port; unset: the bundled tritonserver on INTEROP_TRITON_REPO"),
+    ("TRITON_URL", "triton_url", None,
+     "Triton: host:port or http://host:port (HTTP), grpc://host:port (gRPC); unset: the bundled tritonserver"
+     " on INTEROP_TRITON_REPO"),
+    ("INTEROP_TRITON_SHARED_MEMORY", "triton_shared_memory", "auto",
+     "system: send input tensors through POSIX shared memory (Triton on the same host); none;"
+     " auto: system with the bundled tritonserver, else none"),
     ("DICOMWEB_URL", "dicomweb_url", None, "DICOMweb base URL of the PACS used when a study names no endpoint"),
     ("INTEROP_DATA_DIR", "data_dir", "var", "where the embedded PostgreSQL and logs live"),
     ("INTEROP_MAPPINGS_DIR", "mappings_dir", "mappings", "routing rules, model descriptions, HL7 v2 tables, queue policies"),
@@ -118,6 +123,7 @@ class Settings:
     database_url: str | None = None
     analytics_database_url: str | None = None
     triton_url: str | None = None
+    triton_shared_memory: str = "auto"
     dicomweb_url: str | None = None
     data_dir: Path = Path("var")
     mappings_dir: Path = Path("mappings")

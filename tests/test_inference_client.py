@@ -146,3 +146,52 @@ def test_load_models_rejects_broken_description(tmp_path: Path, mutate, message:
     with pytest.raises(ModelDescriptionError, match=message) as info:
         load_models(_write_broken(tmp_path, mutate))
     assert "chest-xray.yaml" in str(info.value)
+
+
+# -- gRPC and shared memory (issue 14): the same answers by every route ------------------------------
+def _shm_regions(url: str) -> list[str]:
+    import tritonclient.http as httpclient
+
+    with httpclient.InferenceServerClient(url) as admin:
+        return [r["name"] for r in admin.get_system_shared_memory_status()]
+
+
+def test_grpc_and_shared_memory_give_the_same_answers_as_http(triton_url: str, triton_grpc_url: str) -> None:
+    batch = np.stack([image(1), image(2)])
+    volume = np.random.default_rng(3).standard_normal((1, 3, 32, 128, 128)).astype(np.float32)
+    with TritonClient(triton_url) as http:
+        want_chest = http.infer("chest_xray", {"image": batch}, ["probabilities"])["probabilities"]
+        want_ct = http.infer("brain_ct", {"volume": volume}, ["probabilities"])["probabilities"]
+    for url, shared in ((triton_grpc_url, False), (triton_url, True), (triton_grpc_url, True)):
+        client = TritonClient(url, shared_memory=shared)
+        try:
+            got = client.infer("chest_xray", {"image": batch}, ["probabilities"])["probabilities"]
+            np.testing.assert_allclose(got, want_chest, rtol=1e-5)
+            # a bigger input than the first region: it grows, and the answer is still the volume's
+            np.testing.assert_allclose(client.infer("brain_ct", {"volume": volume}, ["probabilities"])["probabilities"],
+                                       want_ct, rtol=1e-5)
+            assert client.model_version_label("chest_xray") == "0.1.0-reference"
+            assert client.model_ready("chest_xray") and not client.model_ready("no_such_model")
+            if shared:
+                name = client._shared.name  # type: ignore[union-attr]
+                assert name in _shm_regions(triton_url) and Path(f"/dev/shm/{name}").exists()
+        finally:
+            client.close()
+        if shared:  # closing gives the region back, to Triton and to the host
+            assert name not in _shm_regions(triton_url) and not Path(f"/dev/shm/{name}").exists()
+
+
+def test_grpc_errors_are_classified_like_http(triton_grpc_url: str) -> None:
+    with TritonClient(triton_grpc_url, timeout_s=30) as client:
+        with pytest.raises(ModelNotFound):
+            client.infer("no_such_model", {"image": image(1)[None]}, ["probabilities"])
+        with pytest.raises(InferenceFailed):  # wrong shape: the request's fault, not retried
+            client.infer("chest_xray", {"image": np.zeros((1, 3, 10, 10), np.float32)}, ["probabilities"])
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    dead = port.getsockname()[1]
+    port.close()
+    with TritonClient(f"grpc://127.0.0.1:{dead}", timeout_s=2) as client:
+        with pytest.raises(TritonUnavailable):
+            client.infer("chest_xray", {"image": image(1)[None]}, ["probabilities"])
+        assert not client.is_ready()

@@ -11,11 +11,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import orjson
-import requests
 from flask import Blueprint, Request, Response, current_app
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
+
+from inference_client.triton import TritonClient
 
 from ..services.delivery import CHANNEL_OF
 from ..services.delivery import KINDS as DELIVERY_KINDS
@@ -56,12 +57,8 @@ def _checks() -> dict[str, str]:
     if not url:
         checks["triton"] = "not configured"
     else:
-        try:
-            base = url if url.startswith("http") else f"http://{url}"
-            ok = requests.get(f"{base}/v2/health/ready", timeout=2).status_code == 200
-            checks["triton"] = "ok" if ok else "not ready"
-        except requests.RequestException as exc:
-            checks["triton"] = f"unavailable ({type(exc).__name__})"
+        with TritonClient(url, timeout_s=2) as triton:  # HTTP or gRPC, as TRITON_URL says
+            checks["triton"] = "ok" if triton.is_ready() else "not ready or unavailable"
     return checks
 
 

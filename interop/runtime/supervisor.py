@@ -76,7 +76,8 @@ def start_dependencies(settings: Settings, stack: ExitStack) -> Settings:
         models = tuple(m.strip() for m in (settings.triton_models or "").split(",") if m.strip())
         triton = stack.enter_context(BundledTriton(settings.triton_repo, settings.data_dir / "triton",
                                                    environ=settings.environ, models=models, load_only=models))
-        settings = replace(settings, triton_url=triton.url)
+        settings = replace(settings, triton_url=triton.url, triton_shared_memory="system"
+                           if settings.triton_shared_memory == "auto" else settings.triton_shared_memory)
         log.info("bundled Triton started on %s", triton.url)
     return settings
 

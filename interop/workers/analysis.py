@@ -58,7 +58,8 @@ class Runner:
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.kinds = ctx.policies.pool("analysis")
         self.conn = db.connect(settings.database_url, autocommit=True)
-        self.analyser = Analyser(ctx, TritonClient(settings.triton_url, timeout_s=settings.triton_timeout))
+        self.analyser = Analyser(ctx, TritonClient(settings.triton_url, timeout_s=settings.triton_timeout,
+                                                   shared_memory=settings.triton_shared_memory == "system"))
         # the next analysis, claimed and being prepared on its own thread and connection
         self.ahead: tuple[queue.Job, Future[Prepared]] | None = None
         self.pending: tuple[queue.Job, Future[Prepared]] | None = None  # the one taken from `ahead`, being processed
@@ -77,6 +78,7 @@ class Runner:
         self.prefetcher.shutdown(wait=True)
         self.prefetch_conn.close()
         self.conn.close()
+        self.analyser.triton.close()  # its shared-memory region too
 
     def _give_back_ahead(self) -> None:
         """A runner that stops hands the analysis it claimed ahead back to the queue at once."""
