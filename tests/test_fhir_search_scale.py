@@ -176,7 +176,8 @@ def _seed(conn: psycopg.Connection[Any]) -> None:
                jsonb_build_object('resourceType', 'ImagingStudy', 'id', 's' || g)
           FROM generate_series(1, %(n)s) g""", {"n": SEEDED})
     conn.execute("""
-        INSERT INTO search_index (type, id, param, system, value)
+        INSERT INTO search_index (type, id, param, system, value, last_updated)
+        SELECT i.type, i.id, i.param, i.system, i.value, r.last_updated FROM (
         SELECT 'Patient', 'p' || g, 'family', NULL,
                CASE WHEN g %% 5 < 2 THEN 'nguyen' ELSE (%(families)s::text[])[1 + (g * 7919) %% 16] END
           FROM generate_series(1, %(n)s) g
@@ -188,14 +189,15 @@ def _seed(conn: psycopg.Connection[Any]) -> None:
           FROM generate_series(1, %(n)s) g
         UNION ALL SELECT 'ImagingStudy', 's' || g, 'status', NULL, 'available' FROM generate_series(1, %(n)s) g
         UNION ALL SELECT 'ImagingStudy', 's' || g, 'modality', 'http://dicom.nema.org/resources/ontology/DCM',
-                         (ARRAY['CR', 'CT', 'MR', 'DX'])[1 + g %% 4] FROM generate_series(1, %(n)s) g""",
+                         (ARRAY['CR', 'CT', 'MR', 'DX'])[1 + g %% 4] FROM generate_series(1, %(n)s) g
+        ) AS i(type, id, param, system, value) JOIN resource r ON r.type = i.type AND r.id = i.id""",
                  {"n": SEEDED, "families": FAMILIES})
     conn.execute("VACUUM ANALYZE resource")
     conn.execute("VACUUM ANALYZE search_index")
 
 
 def _plan(conn: psycopg.Connection[Any], rtype: str, query: resources.Query) -> str:
-    statement, args = resources.page_statement(rtype, query)
+    statement, args = resources.page_statement(conn, rtype, query)
     row = conn.execute(psycopg.sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) ") + statement, args,
                        prepare=False).fetchone()
     assert row is not None
@@ -252,3 +254,73 @@ def test_searches_use_the_indexes_on_a_realistic_table(db_url: str) -> None:
                                                if g % 5 >= 2 and FAMILIES[(g * 7919) % 16] == "ly")
         assert [b["id"] for b in resources.search(conn, "Patient", q("Patient", "identifier", "MRN4242",
                                                                          "urn:mrn")).found] == ["p4242"]
+
+
+def _rows_read(plan: str) -> int:
+    """Index and table rows every node of an EXPLAIN ANALYZE plan read, its loops counted."""
+    def walk(node: dict[str, Any]) -> int:
+        here = 0
+        if node["Node Type"] in ("Index Scan", "Index Only Scan", "Seq Scan", "Bitmap Heap Scan"):
+            here = int(node["Actual Rows"] * node["Actual Loops"] + node.get("Rows Removed by Filter", 0))
+        return here + sum(walk(child) for child in node.get("Plans", []))
+
+    return walk(json.loads(plan)[0]["Plan"])
+
+
+def test_a_page_of_a_common_name_reads_a_bounded_number_of_rows(db_url: str) -> None:
+    """A common surname (24,000 of 60,000 patients) or a prefix of several stored values: the page
+    is walked from the index in last_updated order and the walk stops at the page's end, so the rows
+    read do not grow with the number of matches; the answers are those of reading every match."""
+    params = search_params.load(MAPPINGS)["Patient"]
+
+    def q(*criteria: tuple[str, str], **kw: Any) -> resources.Query:
+        return resources.Query(criteria=[resources.Criterion(params[p], [(resources.ANY_SYSTEM, v)])
+                                         for p, v in criteria], count=10, **kw)
+
+    nguyen = [g for g in range(1, SEEDED + 1) if g % 5 < 2 or FAMILIES[(g * 7919) % 16] == "nguyen"]
+    h_names = [g for g in range(1, SEEDED + 1) if g % 5 >= 2 and FAMILIES[(g * 7919) % 16].startswith("h")]
+    with db.connect(db_url, autocommit=True) as conn:
+        _seed(conn)
+        cases = {
+            "family=nguyen": (q(("family", "nguyen")), nguyen),
+            "family=ngu (one stored value)": (q(("family", "ngu")), nguyen),
+            "family=h (hoang, huynh, ho)": (q(("family", "h")), h_names),
+            "family=h, newest first": (q(("family", "h"), descending=True), h_names[::-1]),
+            "family=nguyen, third page": (q(("family", "nguyen"), offset=20), nguyen),
+            "family=nguyen&given=given7 (rare together)": (
+                q(("family", "nguyen"), ("given", "given7")),
+                [g for g in nguyen if str(g % 3000).startswith("7")]),
+        }
+        for what, (query, expected) in cases.items():
+            read = _rows_read(_plan(conn, "Patient", query))
+            # one criterion: each stored value's walk stops at the page's end (offset + count + 1 rows);
+            # two: the walk reads until enough also meet the other (1 in 27 here), not all 24,000
+            bound = 3 * (query.offset + query.count + 1) if len(query.criteria) == 1 else 1000
+            assert read <= bound, (what, read)
+            page = resources.search(conn, "Patient", query)
+            assert [b["id"] for b in page.found] == [f"p{g}" for g in expected[query.offset:query.offset + 10]], what
+            assert page.more == (len(expected) > query.offset + 10), what
+        assert _rows_read(_plan(conn, "Patient", q(("family", "nguyen")))) < 100  # one value, nothing else
+
+
+def test_paging_a_prefix_of_several_values_visits_each_match_once(client: FlaskClient) -> None:
+    """name=tran matches tran, trang and tranh, a resource maybe through two of them: each next link
+    gives the following matches in _lastUpdated order, both directions, none twice, none left out."""
+    made = []
+    for n, (family, given) in enumerate([("Trần", ["Trang"]), ("Trang", ["An"]), ("Nguyễn", ["Trâm"]),
+                                         ("Tran", ["Tranh"]), ("Lê", ["Trang", "Trân"]), ("Phạm", ["Anh"])]):
+        answer = client.post("/fhir/Patient", data=json.dumps(patient(family, given, n)), content_type=FHIR)
+        assert answer.status_code == 201, answer.text
+        made.append((answer.get_json(force=True)["id"], family))
+    expected = [rid for rid, family in made if family != "Nguyễn" and family != "Phạm"]
+    for sort, order in (("_lastUpdated", expected), ("-_lastUpdated", expected[::-1])):
+        seen: list[str] = []
+        url = f"/fhir/Patient?name=tran&_count=1&_sort={sort}"
+        while url:
+            page = client.get(url).get_json(force=True)
+            seen += [e["resource"]["id"] for e in page["entry"]]
+            links = {link["relation"]: link["url"] for link in page["link"]}
+            url = "/fhir/" + links["next"].split("/fhir/", 1)[1] if "next" in links else ""
+        assert seen == order, sort
+    both = client.get("/fhir/Patient?name=tran&family=tr&given:exact=Trang").get_json(force=True)
+    assert [e["resource"]["id"] for e in both["entry"]] == [made[0][0]]

@@ -107,8 +107,8 @@ WITH current AS (
 ), old_index AS (
     DELETE FROM search_index WHERE type = %(type)s AND id = %(id)s
 )
-INSERT INTO search_index (type, id, param, system, value)
-SELECT %(type)s, %(id)s, p, s, v FROM unnest(%(params)s::text[], %(systems)s::text[], %(values)s::text[]) AS i(p, s, v)
+INSERT INTO search_index (type, id, param, system, value, last_updated)
+SELECT %(type)s, %(id)s, p, s, v, %(ts)s FROM unnest(%(params)s::text[], %(systems)s::text[], %(values)s::text[]) AS i(p, s, v)
 """)
 
 
@@ -229,17 +229,25 @@ def _exact_path(param: SearchParam) -> str:
     return "$" + "".join(f'."{step}"' for step in param.path) + ".**"
 
 
-def _criterion_sql(crit: Criterion) -> tuple[sql.Composed, list[Any]]:
-    """EXISTS over the search index for one parameter, its values ORed (NOT EXISTS for :not).
+def _criterion_sql(crit: Criterion, alias: str = "r",
+                   expanded: list[str] | None = None) -> tuple[sql.Composed, list[Any]]:
+    """EXISTS over the search index for one parameter, its values ORed (NOT EXISTS for :not), of
+    the resource whose row (resource `r`, or index row `d` of a page's walk) is `alias`.
 
     A string matches as FHIR R4 says (search.html#string): by default when the field's text
     starts with the value, both normalised by case and accent (`normalise`); :contains anywhere in
     it; :exact when the text equals the value as written (the index narrows by the normalised
-    text, the body's own text decides)."""
+    text, the body's own text decides). `expanded`: the stored values a prefix search matches
+    (`_expand`), tested for equality. The index row's last_updated is its resource's, so an
+    equality is one probe of (type, param, value, last_updated, id). In a walk (`d`) the test is
+    kept a per-row subplan (OFFSET 0): the walk stops at the page's end only if it is not joined."""
     ors: list[str] = []
     args: list[Any] = [crit.param.name]
     exact: list[str] = []
-    for system, value in crit.values:
+    if expanded is not None:
+        ors.append("s.value = ANY(%s)")
+        args.append(expanded)
+    for system, value in crit.values if expanded is None else []:
         if crit.param.type == "string":
             text = normalise(value)[:STRING_INDEX_CHARS]
             if crit.modifier == "exact":
@@ -267,15 +275,23 @@ def _criterion_sql(crit: Criterion) -> tuple[sql.Composed, list[Any]]:
         else:
             ors.append("(s.value = %s AND s.system = %s)")
             args.extend([value, system])
-    exists = sql.SQL("{negated}EXISTS (SELECT 1 FROM search_index s WHERE s.type = r.type AND s.id = r.id"
-                     " AND s.param = %s AND ({values}))").format(
-        negated=sql.SQL("NOT " if crit.modifier == "not" else ""),
+    exists = sql.SQL("{negated}EXISTS (SELECT 1 FROM search_index s WHERE s.type = {a}.type AND s.id = {a}.id"
+                     " AND s.last_updated = {a}.last_updated AND s.param = %s AND ({values}){per_row})").format(
+        negated=sql.SQL("NOT " if crit.modifier == "not" else ""), a=sql.Identifier(alias),
+        per_row=sql.SQL(" OFFSET 0" if alias == "d" else ""),  # tested row by row as the walk goes (not joined)
         values=sql.SQL(" OR ").join(map(sql.SQL, ors)))
     if exact:
-        test = " || ".join(f"@ == $v{n}" for n in range(len(exact)))
-        exists = sql.SQL("({} AND jsonb_path_exists(r.body, %s::jsonpath, %s))").format(exists)
-        args.extend([f"{_exact_path(crit.param)} ? ({test})", Jsonb({f"v{n}": v for n, v in enumerate(exact)})])
+        exists = sql.SQL("({} AND {})").format(exists, _EXACT)
+        args.extend(_exact_args(crit.param, exact))
     return exists, args
+
+
+_EXACT = sql.SQL("jsonb_path_exists(r.body, %s::jsonpath, %s)")  # the text as written, in the body
+
+
+def _exact_args(param: SearchParam, texts: list[str]) -> list[Any]:
+    test = " || ".join(f"@ == $v{n}" for n in range(len(texts)))
+    return [f"{_exact_path(param)} ? ({test})", Jsonb({f"v{n}": v for n, v in enumerate(texts)})]
 
 
 _OPS = {"gt": sql.SQL(">"), "lt": sql.SQL("<"), "ge": sql.SQL(">="), "le": sql.SQL("<="), "eq": sql.SQL("=")}
@@ -305,12 +321,169 @@ def _where(rtype: str, query: Query) -> tuple[sql.Composable, list[Any]]:
     return sql.SQL(" AND ").join(where), args
 
 
-def page_statement(rtype: str, query: Query) -> tuple[sql.Composed, list[Any]]:
-    """The statement that reads one page, and one row more to tell whether more follow."""
+# -- choosing a page from the index alone ---------------------------------------------------------
+EXPAND_MOST = 32  # a prefix matching more stored values than this is not walked value by value
+
+# The stored values of each (param, prefix), in byte order, one index descent each: the next value
+# is the first one above the last, and the walk ends at the first that does not start with the
+# prefix, or past `most` values (then the prefix is too common to walk value by value).
+_EXPAND = """
+WITH RECURSIVE walk(n, param, prefix, value, k) AS (
+    SELECT p.n, p.param, p.prefix,
+           (SELECT s.value FROM search_index s WHERE s.type = %(type)s AND s.param = p.param
+               AND s.value ~>=~ p.prefix ORDER BY s.value USING ~<~ LIMIT 1), 1
+      FROM unnest(%(params)s::text[], %(prefixes)s::text[]) WITH ORDINALITY AS p(param, prefix, n)
+    UNION ALL
+    SELECT w.n, w.param, w.prefix,
+           (SELECT s.value FROM search_index s WHERE s.type = %(type)s AND s.param = w.param
+               AND s.value ~>~ w.value ORDER BY s.value USING ~<~ LIMIT 1), w.k + 1
+      FROM walk w WHERE starts_with(w.value, w.prefix) AND w.k <= %(most)s
+)
+SELECT n, value FROM walk WHERE starts_with(value, prefix)
+"""
+
+
+def _prefix_search(crit: Criterion) -> bool:
+    return crit.param.type == "string" and crit.modifier is None
+
+
+def _expand(conn: psycopg.Connection[Any], rtype: str,
+            criteria: list[Criterion]) -> dict[int, list[str] | None]:
+    """criterion number -> the stored values its prefixes match (None: more than EXPAND_MOST),
+    for the prefix string searches among `criteria`; one round trip."""
+    pairs = [(n, crit.param.name, normalise(value)[:STRING_INDEX_CHARS])
+             for n, crit in enumerate(criteria) if _prefix_search(crit) for _, value in crit.values]
+    if not pairs:
+        return {}
+    rows = conn.execute(_EXPAND, {"type": rtype, "params": [p for _, p, _ in pairs],
+                                  "prefixes": [v for _, _, v in pairs], "most": EXPAND_MOST},
+                        prepare=False).fetchall()
+    found: dict[int, list[str]] = {}
+    for row in rows:
+        found.setdefault(row["n"] - 1, []).append(row["value"])
+    out: dict[int, list[str] | None] = {}
+    for k, (n, _, _) in enumerate(pairs):
+        values = found.get(k, [])
+        if len(values) > EXPAND_MOST or out.get(n, []) is None:
+            out[n] = None
+        else:
+            out[n] = sorted({*(out.get(n) or []), *values})
+    return out
+
+
+Keys = list[tuple[str, str | None, bool]]  # (value, system, any system) of one index equality each
+
+
+def _candidates(criteria: list[Criterion], expanded: dict[int, list[str] | None]) -> dict[int, Keys]:
+    """The criteria a page can be walked by, with their index keys: those whose every value is
+    an index equality (a token or reference, an :exact string, a prefix with few stored values)."""
+    out: dict[int, Keys] = {}
+    for n, crit in enumerate(criteria):
+        if crit.modifier in ("not", "contains"):
+            continue
+        if _prefix_search(crit):
+            values = expanded.get(n)
+            if values is not None:
+                out[n] = [(v, None, True) for v in values]
+        elif crit.param.type == "string":  # :exact
+            out[n] = [(normalise(v)[:STRING_INDEX_CHARS], None, True) for _, v in crit.values]
+        elif not any((crit.param.type == "reference" and "/" not in value) or (value == "" and system is not None)
+                     for system, value in crit.values):  # not a reference by id alone or a system alone
+            out[n] = [(value, None if system is None or system is ANY_SYSTEM else str(system), system is ANY_SYSTEM)
+                      for system, value in crit.values]
+    return out
+
+
+COUNT_UP_TO = 1000  # index rows counted per candidate to choose the rarest: a bounded, index-only read
+
+
+def _driver(conn: psycopg.Connection[Any], rtype: str, criteria: list[Criterion],
+            candidates: dict[int, Keys]) -> int:
+    """The candidate with the fewest index rows (counted up to COUNT_UP_TO; one round trip), so that
+    the walk reads at most that many rows whatever the other conditions match. The planner cannot
+    be left to choose: it takes conditions on one resource's index rows as independent and expects
+    almost no resource to meet two of them."""
+    if len(candidates) == 1:
+        return next(iter(candidates))
+    counts: list[sql.Composable] = []
+    args: list[Any] = []
+    for n, keys in candidates.items():
+        counts.append(sql.SQL("(SELECT count(*) FROM (SELECT 1 FROM search_index s WHERE s.type = %s AND s.param = %s"
+                              " AND s.value = ANY(%s) LIMIT %s) x)"))
+        args += [rtype, criteria[n].param.name, [k[0] for k in keys], COUNT_UP_TO]
+    row = conn.execute(sql.SQL("SELECT ARRAY[{}] AS counts").format(sql.SQL(", ").join(counts)), args,
+                       prepare=False).fetchone()
+    assert row is not None
+    return min(zip(row["counts"], candidates), key=lambda c: c[0])[1]
+
+
+def _walk_statement(rtype: str, query: Query, driver: int, keys: Keys,
+                    expanded: dict[int, list[str] | None]) -> tuple[sql.Composed, list[Any]]:
+    """For each index key of the driving criterion, its rows in (last_updated, id) order, each
+    checked against the other conditions, up to the end of the page (offset + count + 1): an index
+    walk that stops there however common the value. The page is the first of their union; only its
+    resources are read. Each key is a branch of its own with its value written out, so that the
+    planner sees how common it is (and may rather start from a rarer condition and sort)."""
+    direction = sql.SQL("DESC" if query.descending else "ASC")
+    crit = query.criteria[driver]
+    where: list[sql.Composable] = []
+    args: list[Any] = []
+    for op, when in query.last_updated:
+        where.append(sql.SQL(" AND d.last_updated {} %s").format(_OPS[op]))
+        args.append(when)
+    if query.ids:
+        where.append(sql.SQL(" AND d.id = ANY(%s)"))
+        args.append(query.ids)
+    exact = any(c.param.type == "string" and c.modifier == "exact" for c in query.criteria)
+    for n, other in enumerate(query.criteria):
+        if n != driver:
+            exists, crit_args = _criterion_sql(other, "d", expanded.get(n))
+            where.append(sql.SQL(" AND ") + exists)
+            args.extend(crit_args)
+        elif crit.modifier == "exact":
+            where.append(sql.SQL(" AND ") + _EXACT)
+            args.extend(_exact_args(crit.param, [v for _, v in crit.values]))
+    end = query.offset + query.count + 1
+    branch = sql.SQL("(SELECT d.last_updated, d.id FROM search_index d{join}"
+                     " WHERE d.type = %s AND d.param = %s AND d.value = %s{system}{where}"
+                     " ORDER BY d.last_updated {dir}, d.id {dir} LIMIT %s)")
+    branches: list[sql.Composable] = []
+    branch_args: list[Any] = []
+    for value, system, any_system in keys:
+        branches.append(branch.format(
+            join=sql.SQL(" JOIN resource r ON r.type = d.type AND r.id = d.id" if exact else ""),
+            system=sql.SQL("" if any_system else " AND d.system IS NULL" if system is None else " AND d.system = %s"),
+            where=sql.Composed(where), dir=direction))
+        branch_args += [rtype, crit.param.name, value, *([] if any_system or system is None else [system]), *args, end]
+    statement = sql.SQL("""
+SELECT r.body FROM (
+    SELECT DISTINCT c.last_updated, c.id FROM ({branches}) c
+     ORDER BY c.last_updated {dir}, c.id {dir} LIMIT %s OFFSET %s) p
+  JOIN resource r ON r.type = %s AND r.id = p.id
+ WHERE NOT r.deleted
+ ORDER BY p.last_updated {dir}, p.id {dir}""").format(branches=sql.SQL(" UNION ALL ").join(branches), dir=direction)
+    return statement, [*branch_args, query.count + 1, query.offset, rtype]
+
+
+def page_statement(conn: psycopg.Connection[Any], rtype: str, query: Query) -> tuple[sql.Composed, list[Any]]:
+    """The statement that reads one page, and one row more to tell whether more follow.
+
+    When a criterion's values are index equalities (`_driver`) the page is walked from the index
+    (`_walk_statement`): its cost is the page's, not the number of matches. Otherwise (no
+    criteria, or only :not, :contains, a prefix of many stored values, a reference by id alone)
+    resources are read in last_updated order, each tested through the index."""
+    expanded = _expand(conn, rtype, query.criteria)
+    candidates = _candidates(query.criteria, expanded)
+    if any(not keys for keys in candidates.values()):  # a prefix no stored value starts with
+        return sql.Composed([sql.SQL("SELECT NULL::jsonb AS body WHERE false")]), []
+    if candidates:
+        driver = _driver(conn, rtype, query.criteria, candidates)
+        return _walk_statement(rtype, query, driver, candidates[driver], expanded)
     clause, args = _where(rtype, query)
-    statement = sql.SQL("SELECT body FROM resource r WHERE {} ORDER BY r.last_updated {}, r.id LIMIT %s OFFSET %s")
-    return (statement.format(clause, sql.SQL("DESC" if query.descending else "ASC")),
-            [*args, query.count + 1, query.offset])
+    direction = sql.SQL("DESC" if query.descending else "ASC")
+    statement = sql.SQL("SELECT body FROM resource r WHERE {} ORDER BY r.last_updated {dir}, r.id {dir}"
+                        " LIMIT %s OFFSET %s")
+    return statement.format(clause, dir=direction), [*args, query.count + 1, query.offset]
 
 
 def search(conn: psycopg.Connection[Any], rtype: str, query: Query) -> Page:
@@ -319,9 +492,9 @@ def search(conn: psycopg.Connection[Any], rtype: str, query: Query) -> Page:
     The total is counted only when asked (`Query.total` "accurate"; "estimate" is the planner's
     row estimate): counting every match of a common name on every page cost more than finding the
     page. Without it the total is still given when the first page holds every match. Statements
-    are planned with their values (never as prepared generic plans), so a prefix LIKE can use the
-    index and the planner sees how common the value is."""
-    statement, args = page_statement(rtype, query)
+    are planned with their values (never as prepared generic plans), so the planner sees how
+    common each value is."""
+    statement, args = page_statement(conn, rtype, query)
     rows = conn.execute(statement, args, prepare=False).fetchall()
     found, more = [r["body"] for r in rows[:query.count]], len(rows) > query.count
     total: int | None = None
