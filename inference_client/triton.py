@@ -188,17 +188,24 @@ class TritonClient:
             return dict(answer.get("config", answer))
         return dict(self._call(f"config of {name}", lambda c: c.get_model_config(name), model=name))
 
-    def model_version_label(self, name: str) -> str | None:
-        """The `model_version_label` parameter of the model's config.pbtxt, if set. Asked at most
-        every MODEL_INFO_SECONDS (once per study would be a round trip per study for nothing)."""
+    def _recent_config(self, name: str) -> dict[str, Any]:
+        """The model's config, asked at most every MODEL_INFO_SECONDS (not a round trip per study)."""
         now = time.monotonic()
         cached = self._configs.get(name)
         if cached is None or now - cached[0] > MODEL_INFO_SECONDS:
             cached = (now, self.model_config(name))
             self._configs[name] = cached
-        params = cached[1].get("parameters") or {}
+        return cached[1]
+
+    def model_version_label(self, name: str) -> str | None:
+        """The `model_version_label` parameter of the model's config.pbtxt, if set."""
+        params = self._recent_config(name).get("parameters") or {}
         value = (params.get("model_version_label") or {}).get("string_value")
         return str(value) if value else None
+
+    def max_batch_size(self, name: str) -> int:
+        """The most rows one request may hold (0 in the config: the model does not batch: 1)."""
+        return max(1, int(self._recent_config(name).get("max_batch_size") or 0))
 
     def infer(self, model: str, inputs: dict[str, np.ndarray[Any, Any]], outputs: list[str]) -> dict[str, np.ndarray[Any, Any]]:
         """Run one request with binary tensors (or the shared-memory region); returns the named

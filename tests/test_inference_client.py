@@ -195,3 +195,39 @@ def test_grpc_errors_are_classified_like_http(triton_grpc_url: str) -> None:
         with pytest.raises(TritonUnavailable):
             client.infer("chest_xray", {"image": image(1)[None]}, ["probabilities"])
         assert not client.is_ready()
+
+
+# -- several studies in one request (issue 14): the hub batches images across studies ---------------
+def test_studies_inferred_together_get_the_answers_they_get_alone(triton_url: str) -> None:
+    """`Analyser.infer` of several prepared studies (one Triton request per model while
+    max_batch_size allows, split when it does not) equals inferring each study on its own."""
+    from interop.services.analysis import Analyser, Prepared, Timings
+    from tests.helpers import context
+
+    ctx = context(TRITON_URL=triton_url)
+    chest, ct = ctx.models["chest-xray"], ctx.models["brain-ct"]
+    rng = np.random.default_rng(7)
+
+    def rows(n: int) -> dict[str, np.ndarray]:
+        return {"image": np.stack([image(int(rng.integers(1000))) for _ in range(n)])}
+
+    def study(*inputs: tuple) -> Prepared:
+        return Prepared(study={}, inputs=list(inputs), timings=Timings(), seconds=0.0)
+
+    volume = {"volume": rng.standard_normal((1, 3, 32, 128, 128)).astype(np.float32)}
+    studies = [
+        study((chest, [], [rows(1)], None)),
+        study((chest, [], [rows(3), rows(2)], None), (ct, [], [volume], None)),  # two batches, and a second model
+        study((chest, [], [rows(20)], None)),
+        study((chest, [], [rows(20)], None)),  # 46 chest rows in all: more than one request of 32
+    ]
+    with TritonClient(triton_url, timeout_s=120) as triton:
+        analyser = Analyser(ctx, triton)
+        together = analyser.infer(studies)
+        alone = [analyser.infer([s])[0] for s in studies]
+    assert [[len(batches) for batches in per_model] for per_model in together] == [[1], [2, 1], [1], [1]]
+    for got, want in zip(together, alone):
+        for got_batches, want_batches in zip(got, want):
+            for g, w in zip(got_batches, want_batches):
+                assert g.shape == w.shape
+                np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)

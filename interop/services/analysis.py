@@ -137,20 +137,54 @@ class Analyser:
         return Prepared(study, inputs, timings, time.perf_counter() - began)
 
     def finish(self, conn: psycopg.Connection[Any], job: queue.Job, prepared: Prepared, timings: Timings) -> None:
-        """Infer each model's prepared input, then store the reports (with the job's completion)."""
+        """Infer the prepared study alone, then store its reports (with the job's completion)."""
+        began = time.perf_counter()
+        outputs = self.infer([prepared])[0]
+        timings.add("inference", time.perf_counter() - began)
+        self.store_results(conn, job, prepared, outputs, timings)
+
+    def infer(self, studies: list[Prepared]) -> list[list[list[np.ndarray[Any, Any]]]]:
+        """Infer several prepared studies together: each model's rows from every study in as few
+        Triton requests as its max_batch_size allows. Per study, per model, the output batches."""
+        out: list[list[list[np.ndarray[Any, Any]]]] = [[[] for _ in p.inputs] for p in studies]
+        by_model: dict[str, list[tuple[int, int, dict[str, np.ndarray[Any, Any]]]]] = {}
+        models: dict[str, ModelDescription] = {}
+        for si, prepared in enumerate(studies):
+            for mi, (model, _refs, batches, _present) in enumerate(prepared.inputs):
+                models[model.name] = model
+                by_model.setdefault(model.name, []).extend((si, mi, b) for b in batches)
+        for name, parts in by_model.items():
+            model = models[name]
+            limit = self.triton.max_batch_size(model.triton_model)
+            chunk: list[tuple[int, int, dict[str, np.ndarray[Any, Any]]]] = []
+            for part in [*parts, None]:
+                rows = sum(len(next(iter(b.values()))) for _, _, b in chunk)
+                if chunk and (part is None or rows + len(next(iter(part[2].values()))) > limit):
+                    inputs = {k: np.concatenate([b[k] for _, _, b in chunk]) for k in chunk[0][2]}
+                    result, start = self._infer(model, inputs), 0
+                    for si, mi, b in chunk:
+                        n = len(next(iter(b.values())))
+                        out[si][mi].append(result[start:start + n])
+                        start += n
+                    chunk = []
+                if part is not None:
+                    chunk.append(part)
+        return out
+
+    def store_results(self, conn: psycopg.Connection[Any], job: queue.Job, prepared: Prepared,
+                      outputs: list[list[np.ndarray[Any, Any]]], timings: Timings) -> None:
+        """The reports of a study from its models' outputs, stored with the job's completion."""
         began = time.perf_counter()
         for name, value in prepared.timings.stages.items():
             timings.add(name, value)
         results = []
-        for model, refs, batches, present in prepared.inputs:
-            tasks.update(conn, self.ctx, job.payload["task"], "in-progress", business=f"inference: {model.name}")
-            with timings.stage("inference"):
-                outputs = [self._infer(model, inputs) for inputs in batches]
-                version = self.triton.model_version_label(model.triton_model) or model.version
-            results.append({"model": model, "version": version, "probabilities": self._values(outputs, present),
+        for (model, refs, _batches, present), model_outputs in zip(prepared.inputs, outputs):
+            version = self.triton.model_version_label(model.triton_model) or model.version
+            results.append({"model": model, "version": version, "probabilities": self._values(model_outputs, present),
                             "sources": [r.instance_uid for r in refs]})
         with conn.transaction():
-            timings.stages["total"] = round(prepared.seconds + time.perf_counter() - began, 6)
+            timings.stages["total"] = round(prepared.seconds + timings.stages.get("inference", 0.0)
+                                            + time.perf_counter() - began, 6)
             self._store(conn, job, prepared.study, results, timings)
         log.info("job %s done in %.2fs", job.id, timings.stages["total"])
 

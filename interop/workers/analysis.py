@@ -2,8 +2,10 @@
 and hands each to its service; turns the outcome into done, retry-later or failed.
 
 Studies overlap: while one study is inferred and stored, the runner has already claimed the next
-analysis and prepares it on a second thread (retrieval from the PACS, decode), so the PACS, the
-CPU and Triton work at the same time; several runners' requests meet in Triton's dynamic batcher.
+analyses (up to AHEAD) and prepares them on a second thread (retrieval from the PACS, decode), so
+the PACS, the CPU and Triton work at the same time. The images of every study prepared by then go
+to Triton in one request (batched across studies; each study still gets its own report, stored in
+its own transaction), and several runners' requests meet in Triton's dynamic batcher.
 
 Several runners (in one hub or in several replicas) share the queue in PostgreSQL. A handler
 completes its job in the transaction that stores its result, while the runner still holds the
@@ -16,7 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from threading import Event
@@ -39,6 +43,7 @@ from . import signals
 
 log = logging.getLogger("interop.worker")
 
+AHEAD = 4  # analyses a runner claims and prepares ahead; their images can share one Triton request
 Handler = Callable[[psycopg.Connection[Any], Context, queue.Job, Timings], Any]
 Failed = Callable[[psycopg.Connection[Any], Context, queue.Job, str, BaseException | None], None]
 
@@ -60,9 +65,11 @@ class Runner:
         self.conn = db.connect(settings.database_url, autocommit=True)
         self.analyser = Analyser(ctx, TritonClient(settings.triton_url, timeout_s=settings.triton_timeout,
                                                    shared_memory=settings.triton_shared_memory == "system"))
-        # the next analysis, claimed and being prepared on its own thread and connection
-        self.ahead: tuple[queue.Job, Future[Prepared]] | None = None
+        # the next analyses, claimed and being prepared on their own thread and connection
+        self.ahead: deque[tuple[queue.Job, Future[Prepared]]] = deque()
         self.pending: tuple[queue.Job, Future[Prepared]] | None = None  # the one taken from `ahead`, being processed
+        # analyses whose images were inferred together with another's: stored when their turn comes
+        self.inferred: dict[int, tuple[Prepared, list[Any], float]] = {}
         self.prefetch_conn = db.connect(settings.database_url, autocommit=True)
         self.prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prepare")
         self.handlers: dict[str, Handler] = {
@@ -81,17 +88,16 @@ class Runner:
         self.analyser.triton.close()  # its shared-memory region too
 
     def _give_back_ahead(self) -> None:
-        """A runner that stops hands the analysis it claimed ahead back to the queue at once."""
-        if self.ahead is None:
-            return
-        job, future = self.ahead
-        self.ahead = None
-        future.cancel() or future.exception()  # let a started preparation end first
-        try:
-            with self.conn.transaction():
-                queue.retry_later(self.conn, job, "the worker stopped before this analysis", 0, refund=True)
-        except queue.LeaseLost:
-            pass
+        """A runner that stops hands the analyses it claimed ahead back to the queue at once."""
+        while self.ahead:
+            job, future = self.ahead.popleft()
+            future.cancel() or future.exception()  # let a started preparation end first
+            try:
+                with self.conn.transaction():
+                    queue.retry_later(self.conn, job, "the worker stopped before this analysis", 0, refund=True)
+            except queue.LeaseLost:
+                pass
+        self.inferred.clear()
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: Event, idle_wait: float = 1.0, wake_fd: int | None = None) -> None:
@@ -120,9 +126,10 @@ class Runner:
         until it answers (its LISTEN connection) or the runner is stopped (None). Jobs it held come
         back when their leases end."""
         log.warning("worker %s: database connection lost (%s); reconnecting", self.id, type(exc).__name__)
-        if self.ahead is not None:
-            self.ahead[1].cancel() or self.ahead[1].exception()
-            self.ahead = None
+        while self.ahead:  # their leases end and they come back
+            _, future = self.ahead.popleft()
+            future.cancel() or future.exception()
+        self.inferred.clear()
         url, pause = self.ctx.settings.database_url or "", 0.5
         while True:
             try:
@@ -140,9 +147,9 @@ class Runner:
 
     def run_once(self) -> bool:
         """Process one job (the one claimed ahead, or a new one); False when none is ready."""
-        if self.ahead is not None:
-            job: queue.Job | None = self.ahead[0]
-            self.pending, self.ahead = self.ahead, None
+        if self.ahead:
+            self.pending = self.ahead.popleft()
+            job: queue.Job | None = self.pending[0]
         else:
             job = queue.claim(self.conn, self.id, self.ctx.settings.job_lease_seconds, kinds=self.kinds)
         if job is None:
@@ -153,11 +160,18 @@ class Runner:
             if self.pending is not None:  # refused before its handler ran: let the preparation end
                 self.pending[1].cancel() or self.pending[1].exception()
                 self.pending = None
+            self.inferred.pop(job.id, None)
         return True
 
     def _analyse(self, conn: psycopg.Connection[Any], _ctx: Context, job: queue.Job, timings: Timings) -> None:
-        """An analysis: its preparation (done ahead, or now), then, while the next study is
-        claimed and prepared on the other thread, inference and storing."""
+        """An analysis: its preparation (done ahead, or now), then, while the next studies are
+        claimed and prepared on the other thread, inference (with those already prepared: one
+        Triton request for all their images) and storing its report."""
+        if job.id in self.inferred:  # its images went with an earlier study's
+            ready, outputs, seconds = self.inferred.pop(job.id)
+            timings.add("inference", seconds)
+            self.analyser.store_results(conn, job, ready, outputs, timings)
+            return
         if self.pending is not None and self.pending[0].id == job.id:
             prepared = self.pending[1]
             self.pending = None
@@ -165,14 +179,27 @@ class Runner:
         else:
             ready = self.analyser.prepare(conn, job)
         self._claim_ahead()
-        self.analyser.finish(conn, job, ready, timings)
+        companions = [(j, f.result()) for j, f in self.ahead if f.done() and not f.cancelled() and f.exception() is None]
+        began = time.perf_counter()
+        try:
+            outputs = self.analyser.infer([ready, *(p for _, p in companions)])
+        except Exception:
+            if not companions:
+                raise
+            companions, outputs = [], self.analyser.infer([ready])  # another's input may be the cause: alone
+        seconds = time.perf_counter() - began
+        for (other, other_ready), other_outputs in zip(companions, outputs[1:]):
+            self.inferred[other.id] = (other_ready, other_outputs, seconds)
+        timings.add("inference", seconds)
+        self.analyser.store_results(conn, job, ready, outputs[0], timings)
 
     def _claim_ahead(self) -> None:
-        if self.ahead is not None:
-            return
-        nxt = queue.claim(self.conn, self.id, self.ctx.settings.job_lease_seconds, kinds=[ANALYSE])
-        if nxt is not None:
-            self.ahead = (nxt, self.prefetcher.submit(self.analyser.prepare, self.prefetch_conn, nxt))
+        """Claim analyses up to AHEAD and start preparing them (on the prepare thread, in order)."""
+        while len(self.ahead) < AHEAD:
+            nxt = queue.claim(self.conn, self.id, self.ctx.settings.job_lease_seconds, kinds=[ANALYSE])
+            if nxt is None:
+                return
+            self.ahead.append((nxt, self.prefetcher.submit(self.analyser.prepare, self.prefetch_conn, nxt)))
 
     # -- one job ----------------------------------------------------------------------------
     def process(self, job: queue.Job) -> None:
