@@ -55,6 +55,44 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def _label(proc: psutil.Process) -> str:
+    """Which part of the system a process is: worker, api, deliver, triton, pacs, postgres, ..."""
+    try:
+        line = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "gone"
+    for needle, label in (("interop.cli worker", "worker"), ("gunicorn", "api"), ("interop.cli deliver", "deliver"),
+                          ("interop.cli", "other hub"), ("triton", "triton"), ("stub", "triton"),
+                          ("Orthanc", "pacs"), ("postgres", "postgres")):
+        if needle in line:
+            return label
+    return "other"
+
+
+def cpu_by_part(roots: list[int]) -> dict[str, float]:
+    """CPU time (user + system, with reaped children) of these processes and all their descendants,
+    by part (`_label`)."""
+    parts: dict[str, float] = {}
+    seen: set[int] = set()
+    for root in roots:
+        try:
+            top = psutil.Process(root)
+            family = [top, *top.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for proc in family:
+            if proc.pid in seen:
+                continue
+            seen.add(proc.pid)
+            try:
+                t = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            label = _label(proc)
+            parts[label] = parts.get(label, 0.0) + t.user + t.system + t.children_user + t.children_system
+    return parts
+
+
 def cpu_seconds(roots: list[int]) -> float:
     """CPU time (user + system, with reaped children) of these processes and all their descendants."""
     total, seen = 0.0, set()
@@ -147,13 +185,14 @@ def run(count: int, size: int, workers: str | None, profile: Path | None = None)
             before_rate, before_cpu = model_alone()
             postmaster = int(next((work / "pg").rglob("postmaster.pid")).read_text().split()[0])
             roots = [hub.proc.pid, triton._proc.pid, pacs._process.pid, postmaster]  # type: ignore[union-attr]
-            cpu_start = cpu_seconds(roots)
+            cpu_start, parts_start = cpu_seconds(roots), cpu_by_part(roots)
             start = time.perf_counter()
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(post, studies[2:]))
             posted = time.perf_counter() - start
             elapsed = wait_done(pg.url, count + 2) - start
             hub_cpu = (cpu_seconds(roots) - cpu_start) / count
+            parts = {k: round((v - parts_start.get(k, 0.0)) / count, 4) for k, v in cpu_by_part(roots).items()}
             after_rate, after_cpu = model_alone()
             with connect(pg.url) as conn:
                 rows = conn.execute("SELECT timings FROM job WHERE kind = 'analyse-study' AND status = 'done'"
@@ -180,6 +219,7 @@ def run(count: int, size: int, workers: str | None, profile: Path | None = None)
         "hub_cpu_s_per_study": round(hub_cpu, 4),
         "model_cpu_s_per_image": round(alone_cpu, 4),
         "cpu_ratio": round(alone_cpu / hub_cpu, 3),
+        "cpu_s_per_study_by_part": dict(sorted(parts.items(), key=lambda kv: -kv[1])),
         "worker_stage_median_s": {k: round(statistics.median(v), 4) for k, v in stages.items() if v},
         "worker_stage_p95_s": {k: round(pct(v, 0.95), 4) for k, v in stages.items() if v},
     }

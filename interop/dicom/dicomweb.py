@@ -19,6 +19,7 @@ from io import BytesIO
 from typing import Any, Protocol
 
 import requests
+import urllib3
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -438,14 +439,16 @@ class DicomWebClient:
             f"{self.base_url}/studies/{ref.study_uid}/series/{ref.series_uid}/instances/{ref.instance_uid}",
             accept=accept,
             what="WADO-RS retrieval",
+            stream=True,
         )
         content_type = response.headers.get("Content-Type", "")
         media_type = content_type.split(";", 1)[0].strip().lower()
+        body = _body(response)
         if media_type == "multipart/related":
-            parts = parse_multipart(response.content, multipart_boundary(content_type))
+            parts = parse_multipart(body, multipart_boundary(content_type))
             payloads = [data for headers, data in parts if _is_dicom_part(headers)]
         elif media_type == "application/dicom":
-            payloads = [response.content]
+            payloads = [body]
         else:
             raise DicomError(f"PACS sent {media_type or 'no media type'} instead of DICOM")
         if not payloads:
@@ -540,6 +543,18 @@ class DicomWebClient:
         if not seen:
             raise StudyNotFound("series not found on the PACS")
         log.debug("WADO-RS series: %d instances, %d bytes in %.3f s", len(seen), total, time.perf_counter() - began)
+
+
+def _body(response: requests.Response) -> bytes:
+    """The whole body in one read (not `.content`'s 10 KiB chunks joined: half the CPU for an 8 MB
+    radiograph); a connection that fails or stalls mid-body is PacsUnavailable."""
+    try:
+        body = bytes(response.raw.read(decode_content=True))
+    except (requests.ConnectionError, requests.Timeout, OSError, urllib3.exceptions.HTTPError) as exc:
+        response.close()
+        raise PacsUnavailable("PACS connection failed during the transfer") from exc
+    response.raw.release_conn()  # read to the end: the connection goes back to the pool (keep-alive)
+    return body
 
 
 def _chunks(response: requests.Response, size: int) -> Iterator[bytes]:

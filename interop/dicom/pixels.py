@@ -190,34 +190,42 @@ def _grayscale(stored: np.ndarray[Any, Any], ds: Dataset) -> np.ndarray[Any, Any
     width = _first_number(source.get("WindowWidth"))
     if centre is not None and width is not None and width > 0:
         function = str(source.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-        return window(values, centre, width, function)
+        return window(values, centre, width, function, inplace=True)  # `values` is ours: no copies
 
     sample = values[:: max(1, values.shape[0] // 512), :: max(1, values.shape[1] // 512)]
     low, high = np.percentile(sample, [0.5, 99.5])
-    return _scale(values, float(low), float(high))
+    return _scale(values, float(low), float(high), inplace=True)
 
 
-def _scale(values: np.ndarray[Any, Any], low: float, high: float) -> np.ndarray[Any, Any]:
+def _scale(values: np.ndarray[Any, Any], low: float, high: float, *, inplace: bool = False) -> np.ndarray[Any, Any]:
+    """`values` from [low, high] to [0, 1], clipped; `inplace` overwrites a float32 `values`
+    (a 2048² radiograph: one pass over 16 MB instead of three new arrays)."""
     if high <= low:
         return np.zeros(values.shape, dtype=np.float32)
-    out = (values - np.float32(low)) * np.float32(1.0 / (high - low))
+    if inplace and values.dtype == np.float32:
+        out = np.subtract(values, np.float32(low), out=values)
+        out *= np.float32(1.0 / (high - low))
+    else:
+        out = (values - np.float32(low)) * np.float32(1.0 / (high - low))
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def window(values: np.ndarray[Any, Any], centre: float, width: float, function: str = "LINEAR") -> np.ndarray[Any, Any]:
-    """Window centre/width to [0, 1], per PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT, SIGMOID)."""
+def window(values: np.ndarray[Any, Any], centre: float, width: float, function: str = "LINEAR", *,
+           inplace: bool = False) -> np.ndarray[Any, Any]:
+    """Window centre/width to [0, 1], per PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT, SIGMOID);
+    `inplace`: `values` may be overwritten."""
     values = values.astype(np.float32, copy=False)
     if function == "SIGMOID":
         sigmoid: np.ndarray[Any, Any] = (1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))).astype(np.float32)
         return sigmoid
     if function == "LINEAR_EXACT":
-        return _scale(values, centre - width / 2.0, centre + width / 2.0)
+        return _scale(values, centre - width / 2.0, centre + width / 2.0, inplace=inplace)
     # LINEAR: x <= c - 0.5 - (w-1)/2 -> 0; x > c - 0.5 + (w-1)/2 -> 1; linear between.
     width = max(width, 1.0)
     if width == 1.0:
         return (values > centre - 0.5).astype(np.float32)
     low = centre - 0.5 - (width - 1.0) / 2.0
-    return _scale(values, low, low + (width - 1.0))
+    return _scale(values, low, low + (width - 1.0), inplace=inplace)
 
 
 def preprocess(
@@ -247,9 +255,12 @@ def preprocess(
 
     rows, cols = image.shape
     side = max(rows, cols)
-    square = np.full((side, side), pad_value, dtype=np.float32)
-    top, left = (side - rows) // 2, (side - cols) // 2
-    square[top : top + rows, left : left + cols] = image
+    if rows == cols and image.dtype == np.float32 and image.flags.c_contiguous:
+        square = image  # already square: no padded copy
+    else:
+        square = np.full((side, side), pad_value, dtype=np.float32)
+        top, left = (side - rows) // 2, (side - cols) // 2
+        square[top : top + rows, left : left + cols] = image
     resized = Image.fromarray(square, mode="F").resize((width, height), Image.Resampling.BILINEAR)
     plane = np.asarray(resized, dtype=np.float32)
     out = np.repeat(plane[np.newaxis, :, :], channels, axis=0)
