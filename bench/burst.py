@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -198,6 +199,7 @@ def run(count: int, size: int, workers: str | None, profile: Path | None = None)
                 rows = conn.execute("SELECT timings FROM job WHERE kind = 'analyse-study' AND status = 'done'"
                                     " ORDER BY id OFFSET 2").fetchall()
             used = hub.env.get("INTEROP_WORKERS", "default")
+            stats = requests.get(f"http://{triton.url}/v2/models/chest_xray/stats", timeout=10).json()["model_stats"][0]
             for spy in spies:
                 spy.send_signal(signal.SIGINT)
                 spy.wait()
@@ -220,6 +222,10 @@ def run(count: int, size: int, workers: str | None, profile: Path | None = None)
         "model_cpu_s_per_image": round(alone_cpu, 4),
         "cpu_ratio": round(alone_cpu / hub_cpu, 3),
         "cpu_s_per_study_by_part": dict(sorted(parts.items(), key=lambda kv: -kv[1])),
+        "triton_images_per_execution": round(stats["inference_count"] / max(1, stats["execution_count"]), 2),
+        "triton_ms_per_execution": {k: round(v["ns"] / 1e6 / max(1, stats["execution_count"]), 2)
+                                    for k, v in stats["inference_stats"].items() if k in (
+                                        "queue", "compute_input", "compute_infer", "compute_output")},
         "worker_stage_median_s": {k: round(statistics.median(v), 4) for k, v in stages.items() if v},
         "worker_stage_p95_s": {k: round(pct(v, 0.95), 4) for k, v in stages.items() if v},
     }

@@ -132,7 +132,12 @@ class _OnnxRuntime:
         providers: list[object] = ["CPUExecutionProvider"]
         if cuda_device is not None:
             providers = [("CUDAExecutionProvider", {"device_id": cuda_device}), "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), providers=providers)
+        options = ort.SessionOptions()
+        # Triton shares the host's cores with the hub (retrieval, decode, PostgreSQL): threads that
+        # spin-wait between operators burn the CPU those need; they sleep instead.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.description = f"onnxruntime {self.session.get_providers()}"
 
     def __call__(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
