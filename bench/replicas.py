@@ -103,13 +103,20 @@ class Replica:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
+    def send_signal(self, sig: int) -> None:
+        """To the whole process group (gunicorn's workers too), without waiting."""
         if self.proc is None:
             return
         try:
             os.killpg(self.proc.pid, sig)
         except ProcessLookupError:
             pass
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the group and wait until the process, and with SIGKILL every process of its group, is gone."""
+        if self.proc is None:
+            return
+        self.send_signal(sig)
         try:
             self.proc.wait(15)
         except subprocess.TimeoutExpired:
@@ -310,6 +317,15 @@ def job_counts(conn: Any) -> dict[str, dict[str, int]]:
 RECURRING = ("refresh-analytics",)  # always one queued for later: not work left over from the run
 
 
+def processed(db_url: str, orders: int, studies: int) -> bool:
+    with connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FILTER (WHERE kind = 'process-hl7') AS orders, count(*) FILTER (WHERE kind = 'analyse-study')"
+            " AS studies FROM job WHERE status IN ('done', 'failed', 'dead')").fetchone()
+    assert row is not None
+    return bool(row["orders"] >= orders and row["studies"] >= studies)
+
+
 def drained(db_url: str, studies: int) -> bool:
     with connect(db_url) as conn:
         row = conn.execute(
@@ -475,24 +491,29 @@ def run(n_orders: int, n_studies: int, *, kill_at: float = 0.4, restart_delay: f
                         kills["error"] = repr(exc)
 
                 def kill_and_restart() -> None:
-                    while len(sender.acked) < n_orders * kill_at and time.monotonic() < deadline:
-                        time.sleep(0.02)
-                    mark("kill_triggered")
-                    with connect(pg.url) as conn:  # the worker holding the most jobs, and what each process held
-                        held = {row["worker"]: row["n"] for row in conn.execute(
-                            "SELECT split_part(worker, ':', 2) AS worker, count(*) AS n FROM job"
-                            " WHERE status = 'running' AND leased_until > now() GROUP BY 1")}
-                        before = job_counts(conn)
-                    victim_worker = max(workers, key=lambda w: held.get(str(w.proc.pid if w.proc else 0), 0))
-                    victims = [apis[0], mllps[0], victim_worker, deliver]
-                    kills["jobs_leased_by_the_killed"] = {v.name: held.get(str(v.proc.pid if v.proc else 0), 0)
-                                                          for v in (victim_worker, deliver)}
-                    kills["orders_acked_at_kill"] = len(sender.acked)
-                    kills["studies_posted_at_kill"] = len(poster.posted)
-                    kills["jobs_at_kill"] = before
+                    held: dict[str, int] = {}  # pid -> jobs it holds a lease on, polled up to the moment
+                    with connect(pg.url, autocommit=True) as conn:
+                        while len(sender.acked) < n_orders * kill_at and time.monotonic() < deadline:
+                            held = {row["pid"]: row["n"] for row in conn.execute(
+                                "SELECT split_part(worker, ':', 2) AS pid, count(*) AS n FROM job"
+                                " WHERE status = 'running' AND leased_until > now() GROUP BY 1")}
+                            time.sleep(0.1)
+                        mark("kill_triggered")
+
+                        def pid(r: Replica) -> str:
+                            return str(r.proc.pid if r.proc else 0)
+
+                        victim_worker = max(workers, key=lambda w: held.get(pid(w), 0))
+                        victims = [apis[0], mllps[0], victim_worker, deliver]
+                        for victim in victims:  # all four at once, as a node dies
+                            victim.send_signal(signal.SIGKILL)
+                        mark("killed")
+                        kills["jobs_leased_by_the_killed"] = {v.name: held.get(pid(v), 0) for v in (victim_worker, deliver)}
+                        kills["orders_acked_at_kill"] = len(sender.acked)
+                        kills["studies_posted_at_kill"] = len(poster.posted)
+                        kills["jobs_at_kill"] = job_counts(conn)
                     for victim in victims:
                         victim.kill()
-                    mark("killed")
                     kills["killed"] = [v.name for v in victims]
                     time.sleep(restart_delay)
                     for victim in victims:
@@ -510,10 +531,14 @@ def run(n_orders: int, n_studies: int, *, kill_at: float = 0.4, restart_delay: f
                 for thread in threads:
                     thread.join(max(1.0, deadline - time.monotonic()))
                 mark("studies_posted")
+                stages: list[tuple[str, Callable[[], bool]]] = [
+                    ("orders_processed_and_studies_analysed", lambda: processed(pg.url, n_orders, n_studies)),
+                    ("every_result_at_the_ris", lambda: ris_results(ris, uids)["missing"] == 0),
+                    ("drained", lambda: drained(pg.url, n_studies))]
                 try:
-                    wait_until("every analysis and delivery", lambda: drained(pg.url, n_studies)
-                               and ris_results(ris, uids)["missing"] == 0, max(1.0, deadline - time.monotonic()))
-                    mark("drained")
+                    for stage, probe in stages:
+                        wait_until(stage, probe, max(1.0, deadline - time.monotonic()))
+                        mark(stage)
                 except RuntimeError as exc:
                     kills["drain_error"] = str(exc)
                 time.sleep(1)  # anything late (a resend) arrives now, or not at all
@@ -566,7 +591,8 @@ def run(n_orders: int, n_studies: int, *, kill_at: float = 0.4, restart_delay: f
         "ris": ris_seen,
         "emr": emr_seen,
         "orders_acked_in_s": round(marks["orders_acked"] - marks["sending"], 2),
-        "all_delivered_in_s": round(marks["drained"] - marks["sending"], 2) if "drained" in marks else None,
+        **{f"{stage}_in_s": round(marks[stage] - marks["sending"], 2) if stage in marks else None
+           for stage in ("orders_processed_and_studies_analysed", "every_result_at_the_ris", "drained")},
         "workdir": str(work) if keep else None,
     }
     if not keep:
@@ -580,7 +606,8 @@ def main() -> int:
     parser.add_argument("--studies", type=int, default=50)
     parser.add_argument("--kill-at", type=float, default=0.4, help="share of the orders acknowledged when the kills happen")
     parser.add_argument("--restart-delay", type=float, default=2.0)
-    parser.add_argument("--order-rate", type=float, default=0, help="orders a second from the HIS, all connections (0: no limit)")
+    parser.add_argument("--order-rate", type=float, default=50,
+                        help="orders a second from the HIS, all connections together (0: as fast as the hub acknowledges)")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--http-workers", type=int, default=2, help="gunicorn workers per API replica")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs of every replica)")
