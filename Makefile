@@ -26,6 +26,9 @@ system-deps:
 	@if [ ! -x /usr/bin/chromium ]; then \
 	  echo "installing Debian's chromium (headless, for the worklist and dashboard browser tests)"; \
 	  $(APT) update -qq && $(APT) install -y -qq chromium >/dev/null; fi
+	@if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then \
+	  echo "installing Debian's haproxy (the load balancer in front of the replicas, tests/test_replicas.py)"; \
+	  $(APT) update -qq && $(APT) install -y -qq haproxy >/dev/null; fi
 
 $(PEERS): tests/peers/package.json
 	@command -v npm >/dev/null || { $(APT) update -qq && $(APT) install -y -qq nodejs npm >/dev/null; }
