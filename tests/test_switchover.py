@@ -46,3 +46,23 @@ def test_the_hub_survives_every_connection_being_cut(hub: HubProcess, orthanc: A
     wait_for(lambda: analysed(hub, posted.json()["id"]), timeout=90, what="the study posted after the cut analysed")
     assert hub.proc.poll() is None
     assert "database connection back" in hub.log_tail(200)
+
+
+def test_readiness_can_leave_triton_out(db_url: str, tmp_path: Any) -> None:
+    """Triton away: /readyz is 503 and says why; `?exclude=triton` (the API pods' readiness in
+    deploy/k8s) is 200, since orders and studies are still accepted and their analyses wait."""
+    from interop.app import create_app
+    from interop.config import Settings
+    from tests.helpers import free_port
+
+    app = create_app(Settings.from_env({"DATABASE_URL": db_url, "TRITON_URL": f"127.0.0.1:{free_port()}",
+                                        "INTEROP_DATA_DIR": str(tmp_path)}))
+    try:
+        client = app.test_client()
+        whole = client.get("/readyz")
+        assert whole.status_code == 503 and whole.get_json()["checks"]["database"] == "ok"
+        assert whole.get_json()["checks"]["triton"] != "ok"
+        api = client.get("/readyz?exclude=triton")
+        assert api.status_code == 200 and "triton" not in api.get_json()["checks"]
+    finally:
+        app.extensions["interop"].close()
