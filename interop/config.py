@@ -43,6 +43,9 @@ ENVIRONMENT: list[tuple[str, str, str | None, str]] = [
      "analysis worker processes started by `interop serve`; auto: one per CPU core the hub may use"),
     ("INTEROP_HTTP_WORKERS", "http_workers", "2", "gunicorn worker processes for the FHIR API"),
     ("INTEROP_DELIVERY_LANES", "delivery_lanes", "32", "destinations the delivery process serves at once (one thread each)"),
+    ("INTEROP_HEARTBEAT_FILE", "heartbeat_file", None,
+     "a file `interop worker` and `interop deliver` touch at every turn of their loop (a liveness probe"
+     " checks its age); unset: none"),
     ("INTEROP_JOB_LEASE_SECONDS", "job_lease_seconds", "120",
      "a claimed job whose worker stops renewing it is retried after this"),
     ("INTEROP_JOB_MAX_ATTEMPTS", "job_max_attempts", "8", "attempts before an analysis job is marked failed"),
@@ -124,6 +127,7 @@ class Settings:
     analytics_database_url: str | None = None
     triton_url: str | None = None
     triton_shared_memory: str = "auto"
+    heartbeat_file: Path | None = None
     dicomweb_url: str | None = None
     data_dir: Path = Path("var")
     mappings_dir: Path = Path("mappings")

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -540,16 +541,24 @@ def test_prometheus_scrapes_the_metrics_with_a_hub_metrics_token(overlay: tuple[
     assert endpoint["oauth2"]["tokenUrl"].startswith(env["INTEROP_TRUSTED_ISSUER"])
 
 
-def test_the_liveness_exec_probe_sees_the_process(overlay: tuple[str, list[dict[str, Any]]]) -> None:
-    """Run the probe against a stand-in process (its /proc in place of PID 1's)."""
+def test_the_liveness_exec_probe_sees_the_process(overlay: tuple[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    """Run the probe against a stand-in process (its /proc in place of PID 1's) and a heartbeat
+    file fresh or 700 s old."""
     _name, objects = overlay
     for name, command in (("interop-worker", "worker"), ("interop-deliver", "deliver")):
         probe = container_of(objects, name)["livenessProbe"]["exec"]["command"]
-        for argv, expected in (([command], 0), (["something-else"], 1)):
+        env = {e["name"]: e["value"] for e in container_of(objects, name)["env"] if "value" in e}
+        heartbeat = tmp_path / f"{command}-heartbeat"
+        heartbeat.touch()
+        probe_env = {**os.environ, "INTEROP_HEARTBEAT_FILE": str(heartbeat)}
+        assert env["INTEROP_HEARTBEAT_FILE"].startswith("/tmp/")  # the container's writable emptyDir
+        for argv, age, expected in (([command], 0, 0), (["something-else"], 0, 1), ([command], 700, 1)):
+            os.utime(heartbeat, (time.time() - age, time.time() - age))  # a loop that stopped turning
             child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *argv])
             try:
                 code = probe[2].replace("/proc/1/", f"/proc/{child.pid}/")
-                assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == expected, (name, argv)
+                assert subprocess.run([sys.executable, "-c", code], env=probe_env, timeout=30,
+                                      capture_output=True).returncode == expected, (name, argv, age)
             finally:
                 os.kill(child.pid, signal.SIGTERM)
                 child.wait(timeout=10)

@@ -66,3 +66,30 @@ def test_readiness_can_leave_triton_out(db_url: str, tmp_path: Any) -> None:
         assert api.status_code == 200 and "triton" not in api.get_json()["checks"]
     finally:
         app.extensions["interop"].close()
+
+
+def test_worker_and_delivery_loops_touch_their_heartbeat(db_url: str, triton_url: str, tmp_path: Any) -> None:
+    """INTEROP_HEARTBEAT_FILE: each turn of `interop worker`'s and `interop deliver`'s loop
+    touches it (the liveness probe of deploy/k8s checks its age), idle or not."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import stop_process, wait_for
+
+    procs = []
+    try:
+        for command in ("worker", "deliver"):
+            beat = tmp_path / f"{command}.beat"
+            env = {**os.environ, "DATABASE_URL": db_url, "TRITON_URL": triton_url, "INTEROP_DATA_DIR": str(tmp_path),
+                   "INTEROP_HEARTBEAT_FILE": str(beat)}
+            procs.append((subprocess.Popen([sys.executable, "-m", "interop.cli", command], env=env,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), beat))
+        for proc, beat in procs:
+            first = wait_for(lambda b=beat: b.exists() and b.stat().st_mtime, timeout=60, what=f"{beat.name} written")
+            wait_for(lambda b=beat, t=first: b.stat().st_mtime > t, timeout=30, what=f"{beat.name} touched again")
+            assert proc.poll() is None and time.time() - beat.stat().st_mtime < 30
+    finally:
+        for proc, _ in procs:
+            stop_process(proc)

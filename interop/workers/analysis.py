@@ -107,6 +107,7 @@ class Runner:
         log.info("worker %s started", self.id)
         try:
             while not stop.is_set():
+                signals.beat(self.ctx.settings.heartbeat_file)
                 try:
                     if self.run_once():
                         continue

@@ -182,6 +182,7 @@ class DeliveryPool:
         log.info("delivery runner %s started (up to %d lanes)", self.id, self.ctx.settings.delivery_lanes)
         try:
             while not stop.is_set():
+                signals.beat(self.ctx.settings.heartbeat_file)
                 try:
                     if listener is None or listener.closed:
                         listener = signals.listen(self.ctx.settings.database_url or "")

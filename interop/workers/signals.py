@@ -4,16 +4,20 @@
 `interop serve` and a pod stop in well under a second. SIGHUP reloads the sites file."""
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from threading import Event
 from typing import Any
 
 import psycopg
 
 from ..store import db, queue
+
+log = logging.getLogger("interop.worker")
 
 
 def install(on_hup: Callable[[], None]) -> tuple[Event, int]:
@@ -53,3 +57,14 @@ def sleep(listener: psycopg.Connection[Any], wake_fd: int | None, timeout: float
     drain(wake_fd)
     for _ in listener.notifies(timeout=0):
         pass
+
+
+def beat(path: Path | None) -> None:
+    """Touch the heartbeat file (INTEROP_HEARTBEAT_FILE): the loop is turning. A liveness probe
+    that finds it old knows the process hangs, which a process-state check cannot see."""
+    if path is None:
+        return
+    try:
+        path.touch()
+    except OSError as exc:  # a probe will say so; the work goes on
+        log.warning("heartbeat file %s cannot be touched (%s)", path, exc.strerror)
