@@ -17,8 +17,9 @@ from .db import scalar
 COLUMNS = ("type", "subtype_system", "subtype", "action", "outcome", "client", "person", "role", "address",
            "entities", "patients", "query", "description")
 _SELECT = sql.SQL("SELECT id, recorded, {} FROM audit_event").format(sql.SQL(", ").join(map(sql.Identifier, COLUMNS)))
-_INSERT = sql.SQL("INSERT INTO audit_event ({}) VALUES ({}) RETURNING id").format(
-    sql.SQL(", ").join(map(sql.Identifier, COLUMNS)), sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)))
+# Rendered once (fixed column names): a change's record is written with every change.
+_INSERT = sql.SQL(sql.SQL("INSERT INTO audit_event ({}) VALUES ({})").format(
+    sql.SQL(", ").join(map(sql.Identifier, COLUMNS)), sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS))).as_string())
 _COPY = sql.SQL("COPY audit_event ({}) FROM STDIN").format(sql.SQL(", ").join(map(sql.Identifier, COLUMNS)))
 
 
@@ -39,9 +40,10 @@ class Filters(Protocol):
     newest_first: bool
 
 
-def insert(conn: psycopg.Connection[Any], row: dict[str, Any]) -> int:
-    """One record, in the caller's transaction (a change and its record stand or fall together)."""
-    return int(scalar(conn, _INSERT, [row[c] for c in COLUMNS]))
+def insert(conn: psycopg.Connection[Any], row: dict[str, Any]) -> None:
+    """One record, in the caller's transaction (a change and its record stand or fall together).
+    Nothing is read back, so in pipeline mode the insert travels with the COMMIT that follows it."""
+    conn.execute(_INSERT, [row[c] for c in COLUMNS])
 
 
 def copy(conn: psycopg.Connection[Any], rows: list[dict[str, Any]]) -> None:

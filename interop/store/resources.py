@@ -7,13 +7,15 @@ are stored together or not at all. Reads return the stored JSON: it was validate
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
 from .db import scalar
@@ -77,27 +79,60 @@ def lock(conn: psycopg.Connection[Any], key: str) -> None:
     conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (key,))
 
 
-def _now(conn: psycopg.Connection[Any]) -> datetime:
-    now: datetime = scalar(conn, "SELECT clock_timestamp()")
-    return now
+@contextmanager
+def pipelined_transaction(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """A transaction whose statements go out in pipeline mode: BEGIN travels with the first
+    statement, COMMIT with whatever follows the last result read, and the block ends only once the
+    COMMIT is acknowledged (as durable as any commit). A plain create so costs two round trips
+    (BEGIN + write, audit record + COMMIT) where it took five. Inside, nothing may open `conn.transaction()` (psycopg syncs around it); an error
+    raised inside, or by a statement, rolls the whole block back.
+
+    psycopg itself would sync after its own BEGIN, so the connection is switched to autocommit and
+    the block's BEGIN and COMMIT are sent as statements; autocommit is switched back before the
+    connection returns to its pool."""
+    conn.set_autocommit(True)
+    try:
+        with conn.pipeline():
+            conn.execute("BEGIN")
+            yield
+            conn.execute("COMMIT")
+    except BaseException:
+        if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
+            conn.rollback()
+        raise
+    finally:
+        if not conn.broken:
+            conn.set_autocommit(False)
 
 
-def _with_meta(body: dict[str, Any], rid: str, version: int, ts: datetime) -> dict[str, Any]:
+def _with_meta(body: dict[str, Any], rid: str, version: int) -> dict[str, Any]:
+    """The body as stored, meta.lastUpdated left for the write statement to fill (the database's clock)."""
     out = dict(body)
     out["id"] = rid
     meta = dict(out.get("meta") or {})
     meta["versionId"] = str(version)
-    meta["lastUpdated"] = ts.isoformat()
+    meta["lastUpdated"] = ""
     out["meta"] = meta
     return out
 
 
+# meta.lastUpdated: the database's clock as Python's datetime.isoformat() writes it in the session's
+# time zone (microseconds only when not zero, offset as +HH:MM), which is what it was when the hub
+# read the clock in a round trip of its own and formatted it here.
+LAST_UPDATED_TEXT = ("""to_char(ts, 'YYYY-MM-DD"T"HH24:MI:SS')"""
+                     " || CASE WHEN date_trunc('second', ts) = ts THEN '' ELSE to_char(ts, '.US') END"
+                     " || to_char(ts, 'TZH:TZM')")
+
 # One statement for a version (atomic by itself, on an autocommit connection too, and one round
-# trip): the current row, its history copy, and the index rows replaced. Sub-statements of one
-# statement see the same snapshot, so the DELETE removes the old index rows, not the new ones.
-_WRITE = sql.SQL("""
-WITH current AS (
-    INSERT INTO resource (type, id, version, last_updated, body) VALUES (%(type)s, %(id)s, %(version)s, %(ts)s, %(body)s)
+# trip): the clock read once, the current row, its history copy, and the index rows replaced.
+# Sub-statements of one statement see the same snapshot, so the DELETE removes the old index rows,
+# not the new ones.
+_WRITE = """
+WITH clock AS MATERIALIZED (
+    SELECT ts, {text} AS stamp FROM (SELECT clock_timestamp() AS ts) now
+), current AS (
+    INSERT INTO resource (type, id, version, last_updated, body)
+    SELECT %(type)s, %(id)s, %(version)s, ts, jsonb_set(%(body)s, '{meta,lastUpdated}', to_jsonb(stamp)) FROM clock
     ON CONFLICT (type, id) DO UPDATE SET version = EXCLUDED.version, last_updated = EXCLUDED.last_updated,
         deleted = false, body = EXCLUDED.body
     RETURNING type, id, version, last_updated, body
@@ -106,20 +141,22 @@ WITH current AS (
     SELECT type, id, version, last_updated, body FROM current
 ), old_index AS (
     DELETE FROM search_index WHERE type = %(type)s AND id = %(id)s
+), new_index AS (
+    INSERT INTO search_index (type, id, param, system, value, last_updated)
+    SELECT %(type)s, %(id)s, p, s, v, ts FROM clock, unnest(%(params)s::text[], %(systems)s::text[], %(values)s::text[])
+        AS i(p, s, v)
 )
-INSERT INTO search_index (type, id, param, system, value, last_updated)
-SELECT %(type)s, %(id)s, p, s, v, %(ts)s FROM unnest(%(params)s::text[], %(systems)s::text[], %(values)s::text[]) AS i(p, s, v)
-""")
+SELECT stamp FROM clock
+""".replace("{text}", LAST_UPDATED_TEXT)  # a plain string: nothing to compose per write
 
 
 def _write(conn: psycopg.Connection[Any], rtype: str, rid: str, version: int, body: dict[str, Any],
            params: dict[str, SearchParam]) -> dict[str, Any]:
-    ts = _now(conn)
-    stored = _with_meta(body, rid, version, ts)
+    stored = _with_meta(body, rid, version)
     rows = index_entries(stored, params)
-    conn.execute(_WRITE, {"type": rtype, "id": rid, "version": version, "ts": ts, "body": Jsonb(stored),
-                          "params": [r[0] for r in rows], "systems": [r[1] for r in rows],
-                          "values": [r[2] for r in rows]})
+    stored["meta"]["lastUpdated"] = scalar(conn, _WRITE, {
+        "type": rtype, "id": rid, "version": version, "body": Jsonb(stored), "params": [r[0] for r in rows],
+        "systems": [r[1] for r in rows], "values": [r[2] for r in rows]})
     return stored
 
 

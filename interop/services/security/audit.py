@@ -37,9 +37,9 @@ class AuditBacklog(Exception):
     """Records cannot be written now and too many wait: do not serve what cannot be recorded."""
 
 
-def record(conn: psycopg.Connection[Any], event: Event) -> str:
-    """Store the AuditEvent for `event` in the caller's transaction; its id."""
-    return str(store.insert(conn, row_of(event)))
+def record(conn: psycopg.Connection[Any], event: Event) -> None:
+    """Store the AuditEvent for `event` in the caller's transaction."""
+    store.insert(conn, row_of(event))
 
 
 def read(conn: psycopg.Connection[Any], event_id: str) -> dict[str, Any] | None:
