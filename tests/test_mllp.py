@@ -407,3 +407,32 @@ def test_acknowledged_message_survives_sigkill(db_url: str, tmp_path: Path) -> N
         again.proc.terminate()
         assert again.proc.wait(15) == 0
     assert len(jobs(db_url)) == 2
+
+
+def test_one_senders_messages_are_processed_in_arrival_order(mllp_listener: RunningListener, db_url: str) -> None:
+    """Several workers share the queue (one per core): a second worker cannot take a sender's
+    next message (the cancel) while its previous one (the order) is queued or running; another
+    sender's message is not held up by them."""
+    from interop.store import queue as jobs
+    from interop.store.db import connect
+    from tests.fixtures.mllp import orm, send
+
+    answers = send(mllp_listener.port,
+                   orm("ORD-1", placer="PL-ORD", filler="FL-ORD", accession="ACC-ORD"),
+                   orm("ORD-2", order_control="CA", order_status="CA", placer="PL-ORD", filler="FL-ORD",
+                       accession="ACC-ORD"),
+                   orm("ORD-3", placer="PL-OTHER", filler="FL-OTHER", accession="ACC-OTHER", facility="BVTANPHU"))
+    assert all("MSA|AA" in a for a in answers)
+    with connect(db_url, autocommit=True) as conn:
+        first = jobs.claim(conn, "worker-a", 60, kinds=["process-hl7"])
+        other = jobs.claim(conn, "worker-b", 60, kinds=["process-hl7"])
+        assert first is not None and other is not None
+        ids = {j.payload["message"]: j for j in (first, other)}
+        rows = conn.execute("SELECT id, control_id FROM hl7_message ORDER BY id").fetchall()
+        by_control = {r["control_id"]: r["id"] for r in rows}
+        assert set(ids) == {by_control["ORD-1"], by_control["ORD-3"]}  # the cancel waits for its order
+        assert jobs.claim(conn, "worker-c", 60, kinds=["process-hl7"]) is None
+        with conn.transaction():
+            jobs.complete(conn, ids[by_control["ORD-1"]])
+        cancel = jobs.claim(conn, "worker-c", 60, kinds=["process-hl7"])
+        assert cancel is not None and cancel.payload["message"] == by_control["ORD-2"]

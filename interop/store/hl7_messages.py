@@ -26,15 +26,18 @@ _INSERT = """
         %(processing)s, %(accept)s, %(app)s, %(charset)s, %(raw)b, %(sha)b, %(ack)s, %(ack_error)s, %(status)s)
 """
 
-# Accepted: store, queue, notify; or, when the control id is held, find the holder.
+# Accepted: store, queue, notify; or, when the control id is held, find the holder. The job is in
+# its sender's series, ordered by arrival: several workers still process one sender's messages in
+# the order they came (an order and then its cancel), as HL7's sequential interfaces expect.
 ACCEPT_SQL = f"""
 WITH ins AS (
     {_INSERT}
     ON CONFLICT (sending_application, sending_facility, control_id) WHERE {_HELD} DO NOTHING
     RETURNING id
 ), queued AS (
-    INSERT INTO job (kind, payload, dedupe_key, max_attempts, priority)
-    SELECT %(kind)s, jsonb_build_object('message', ins.id), 'hl7:' || ins.id, %(max_attempts)s, %(priority)s FROM ins
+    INSERT INTO job (kind, payload, dedupe_key, max_attempts, priority, series, seq)
+    SELECT %(kind)s, jsonb_build_object('message', ins.id), 'hl7:' || ins.id, %(max_attempts)s, %(priority)s,
+           'hl7:' || coalesce(%(sa)s, '') || '|' || coalesce(%(sf)s, ''), ins.id FROM ins
     RETURNING id
 ), notified AS (
     SELECT pg_notify('{CHANNEL}', '') FROM queued
