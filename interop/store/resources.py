@@ -84,8 +84,9 @@ def pipelined_transaction(conn: psycopg.Connection[Any]) -> Iterator[None]:
     """A transaction whose statements go out in pipeline mode: BEGIN travels with the first
     statement, COMMIT with whatever follows the last result read, and the block ends only once the
     COMMIT is acknowledged (as durable as any commit). A plain create so costs two round trips
-    (BEGIN + write, audit record + COMMIT) where it took five. Inside, nothing may open `conn.transaction()` (psycopg syncs around it); an error
-    raised inside, or by a statement, rolls the whole block back.
+    (BEGIN + write, audit record + COMMIT) where it took five. Inside, nothing may open
+    `conn.transaction()` (psycopg syncs around it); an error raised inside, or by a statement,
+    rolls the whole block back.
 
     psycopg itself would sync after its own BEGIN, so the connection is switched to autocommit and
     the block's BEGIN and COMMIT are sent as statements; autocommit is switched back before the
