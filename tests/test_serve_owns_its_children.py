@@ -92,6 +92,8 @@ def test_the_next_start_ends_an_orphaned_tritonserver_and_only_that(tmp_path: Pa
     orphan = subprocess.Popen(stand_in, start_new_session=True)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "tritonserver", "--model-repository=/x"])
     try:
+        for proc in (orphan, other):  # until exec, /proc shows the forked pytest's command line, not the stand-in's
+            wait_for(lambda p=proc.pid: "tritonserver" in psutil.Process(p).cmdline(), 30, what="the stand-in to start")
         record = PidFile(tmp_path / "tritonserver.pid", "tritonserver", str(repo))
         record.write(orphan.pid)
         assert record.end_orphan() is True
