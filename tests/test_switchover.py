@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 
+from interop.store import db
 from tests.fixtures.hub import HubProcess
 from tests.helpers import chest_study_in_pacs, study_resource, wait_for
 
@@ -93,3 +94,24 @@ def test_worker_and_delivery_loops_touch_their_heartbeat(db_url: str, triton_url
     finally:
         for proc, _ in procs:
             stop_process(proc)
+
+
+def test_the_pool_replaces_a_cut_connection_and_asks_a_live_one_nothing(db_url: str) -> None:
+    def last_statement_at(pid: int) -> Any:
+        with psycopg.connect(db_url, autocommit=True) as other:
+            row = other.execute("SELECT query_start FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+        return row[0] if row else None
+
+    with db.pool(db_url, min_size=1, max_size=1) as pool:
+        with pool.connection() as conn:
+            first = db.scalar(conn, "SELECT pg_backend_pid()")
+        before = last_statement_at(first)
+        with pool.connection() as conn:  # a live, idle connection: handed out without a round trip
+            assert last_statement_at(first) == before
+            assert db.scalar(conn, "SELECT pg_backend_pid()") == first
+
+        with psycopg.connect(db_url, autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", (first,))
+        wait_for(lambda: last_statement_at(first) is None, timeout=10, what="the backend to end")
+        with pool.connection() as conn:  # the cut one is found out and replaced, not handed out
+            assert db.scalar(conn, "SELECT pg_backend_pid()") != first
