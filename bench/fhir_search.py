@@ -11,6 +11,7 @@ per nine searches). Rates are per vCPU of the machine (hub, PostgreSQL and wrk s
 
     python bench/fhir_search.py [--resources 1000000] [--seconds 15] [--connections 8] [--workers 2]
     python bench/fhir_search.py --before 003bb35   # and the hub before issue 14, on the same data
+    python bench/fhir_search.py --resources 30000 --only create --rounds 4 --workers 2,4 --before HEAD~1
 """
 from __future__ import annotations
 
@@ -218,7 +219,11 @@ def main() -> int:
     parser.add_argument("--resources", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", default="2", help="gunicorn workers; several (2,4) are each a run of their own")
+    parser.add_argument("--rounds", type=int, default=1, help="serve each code (and worker count) this many times,"
+                                                                 " alternating the order: a noisy machine's drift falls"
+                                                                 " on both")
+    parser.add_argument("--only", default="search,create,mixed", help="workloads to run, of search,create,mixed")
     parser.add_argument("--before", help="also serve this commit (git worktree) on the same data, with the"
                                          " search index as it had it")
     args = parser.parse_args()
@@ -258,13 +263,18 @@ def main() -> int:
                            capture_output=True)
             runs["before"] = old
         cores = os.cpu_count() or 1
+        counts = [int(w) for w in args.workers.split(",")]
+        wanted = set(args.only.split(","))
         print(f"\n{args.resources // 3 * 3:,} resources; gunicorn {args.workers} workers; wrk -t2 -c{args.connections}"
               f" {args.seconds}s per run; {cores} vCPUs shared by the hub, PostgreSQL and wrk")
-        print("| code | workload | requests/s | per vCPU | p50 ms | p95 ms | p99 ms |")
-        print("|---|---|---|---|---|---|---|")
-        for which, checkout in runs.items():
+        print("| code | workers | round | workload | requests/s | per vCPU | p50 ms | p95 ms | p99 ms |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        plan = [(which, checkout, workers) for which, checkout in runs.items() for workers in counts]
+        rounds = [plan if n % 2 == 0 else plan[::-1] for n in range(args.rounds)]
+        reindexed = False
+        for n, (which, checkout, workers) in ((n, run) for n, order in enumerate(rounds) for run in order):
             ordered = (checkout / "interop/store/migrations/0013_search_index_ordered.sql").exists()
-            if which == "before" and not ordered:  # the index as it stood: (type, param, value) in the
+            if which == "before" and not ordered and not reindexed:  # the index as it stood: (type, param, value) in the
                 with psycopg.connect(url, autocommit=True) as conn:  # database's collation, or as 0011 made it
                     old = (checkout / "interop/store/migrations/0011_string_search_normalised.sql").exists()
                     conn.execute("DROP INDEX search_index_lookup")
@@ -274,17 +284,22 @@ def main() -> int:
                                  " INCLUDE (system, id)" if old else
                                  "CREATE INDEX search_index_lookup ON search_index (type, param, value)")
                     conn.execute("ANALYZE search_index")
+                reindexed = True  # from here on "after" runs on the old index too: use --rounds with ordered code only
             port = free_port()
             base = f"http://127.0.0.1:{port}"
-            proc = serve(checkout, url, port, args.workers)
-            for name, every in (("warm-up", 0), ("search", 0), ("create", 1), ("mixed 1 create : 9 searches", 10)):
+            proc = serve(checkout, url, port, workers)
+            workloads = [("warm-up", "", 0), ("search", "search", 0), ("create", "create", 1),
+                         ("mixed 1 create : 9 searches", "mixed", 10)]
+            for name, key, every in workloads:
+                if key and key not in wanted:
+                    continue
                 token = smart.Smart(f"{base}/auth/token", client_id, key, SCOPES).token()
                 script = tmp / "load.lua"
                 script.write_text(LUA % {"paths": lua_list(paths), "bodies": lua_list(bodies), "create_every": every,
                                          "seed": 1, "token": token})
                 r = wrk(base, script, 5 if name == "warm-up" else args.seconds, args.connections)
                 if name != "warm-up":
-                    print(f"| {which} | {name} | {r['rate']:.0f} | {r['rate'] / cores:.0f} | {r['p50']:.1f}"
+                    print(f"| {which} | {workers} | {n + 1} | {name} | {r['rate']:.0f} | {r['rate'] / cores:.0f} | {r['p50']:.1f}"
                           f" | {r['p95']:.1f} | {r['p99']:.1f} |", flush=True)
             proc.terminate()
             proc.wait(30)
