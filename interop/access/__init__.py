@@ -54,6 +54,7 @@ class Rule:
     roles: tuple[str, ...] = ()        # people with one of these roles may
     hub_scope: str | None = None       # clients with this scope may
     page: bool = False                 # an HTML page: 401 shows the login form
+    client_scopes: bool = False        # any machine client; the view checks its scopes (Bulk Data, $status)
 
 
 PERSON = ("radiologist", "clinician", "analyst", "admin")
@@ -82,13 +83,20 @@ RULES: dict[str, Rule] = {
 BLUEPRINT_RULES: dict[str, Rule] = {
     "analytics": Rule(roles=("analyst", "admin"), hub_scope="hub:analytics"),
     "admin": Rule(roles=("admin",), hub_scope="hub:admin"),
+    "bulk": Rule(client_scopes=True),           # interop.fhir.bulk: $export, by scope (hub:analytics or system/)
+    "subscription_status": Rule(client_scopes=True),  # interop.fhir.subscription_status: Subscription/$status
 }
 INTERACTIONS = {
     "fhir.create": "create", "fhir.update": "update", "fhir.read": "read", "fhir.vread": "vread",
     "fhir.history": "history-instance", "fhir.search_type": "search-type",
     "operations.review_report": "operation", "operations.acknowledge": "operation",
     "operations.transfer_decision": "operation",
+    "fhir.conditional_update": "update", "fhir.patch": "patch", "fhir.conditional_patch": "patch",
+    "fhir.delete": "delete", "fhir.conditional_delete": "delete", "fhir.history_type": "history-type",
 }
+# System-level interactions: any machine client may ask; the view checks each entry of a Bundle
+# (transaction, batch) or each resource type (history) against the token's scopes.
+SYSTEM_INTERACTIONS = {"fhir.transaction_or_batch": "transaction", "fhir.history_system": "history-system"}
 METHOD_INTERACTIONS = {"DELETE": "delete", "PATCH": "patch", "PUT": "update", "POST": "create", "GET": "search-type"}
 
 
@@ -185,7 +193,8 @@ def _rule(endpoint: str) -> Rule | None:
 
 def _fhir_interaction(endpoint: str) -> tuple[str, str]:
     rtype = (request.view_args or {}).get("rtype") or "DiagnosticReport"
-    return str(rtype), INTERACTIONS.get(endpoint) or METHOD_INTERACTIONS.get(request.method, "read")
+    return str(rtype), (INTERACTIONS.get(endpoint) or SYSTEM_INTERACTIONS.get(endpoint)
+                        or METHOD_INTERACTIONS.get(request.method, "read"))
 
 
 def _authorize(endpoint: str, rule: Rule | None, who_: Principal | None) -> None:
@@ -195,6 +204,10 @@ def _authorize(endpoint: str, rule: Rule | None, who_: Principal | None) -> None
     if who_ is None:
         raise Refused(401, "authentication is required")
     if blueprint in FHIR_BLUEPRINTS:
+        if endpoint in SYSTEM_INTERACTIONS:
+            if who_.is_person:
+                raise Refused(403, "the FHIR API takes SMART backend access tokens; people use the pages")
+            return
         rtype, interaction = _fhir_interaction(endpoint)
         if who_.is_person:
             if who_.role == "admin" and rtype == "AuditEvent" and interaction in ("read", "search-type"):
@@ -205,6 +218,10 @@ def _authorize(endpoint: str, rule: Rule | None, who_: Principal | None) -> None
         return
     if rule is None:  # a route nobody gave a rule: closed
         raise Refused(403, "this endpoint is not open to this caller")
+    if rule.client_scopes:
+        if who_.is_person:
+            raise Refused(403, "the FHIR API takes SMART backend access tokens; people use the pages")
+        return
     if who_.is_person:
         if who_.role not in rule.roles:
             raise Refused(403, f"this needs the role {' or '.join(rule.roles) or 'of a machine client'}")

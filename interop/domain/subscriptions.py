@@ -1,14 +1,25 @@
-"""FHIR R4 Subscriptions (rest-hook) as the hub accepts them. Pure.
+"""FHIR R4 Subscriptions (rest-hook) as the hub accepts them, classic and topic-based. Pure.
 
 HIS/EMR vendors that prefer to be told when a report is created or changes subscribe instead of
-polling `DiagnosticReport?_lastUpdated=gt...`:
+polling `DiagnosticReport?_lastUpdated=gt...`. Two kinds, both `channel.type = rest-hook` with an
+http(s) `channel.endpoint`:
 
-* only `channel.type = rest-hook` with an http(s) `channel.endpoint`;
-* `criteria` is a FHIR search on DiagnosticReport, parsed with the hub's own search parser (an
-  unknown parameter is refused, as in a search); a report matches when that search, run on the
-  store, finds it (`interop.services.delivery.rest_hook`): one definition of matching;
-* a client's `requested` becomes `active` at once (the hub does no handshake); `off` stays off;
-  `error` stays error until the client sets `requested` or `active` again (which clears `error`).
+* **Classic R4** (`criteria` = a search on DiagnosticReport, e.g. `DiagnosticReport?status=final`):
+  with `channel.payload` set, each notification is `PUT [endpoint]/DiagnosticReport/[id]` with the
+  report as the body; without, an empty `POST [endpoint]` (the client then searches). A client's
+  `requested` becomes `active` at once (R4 specifies no handshake for rest-hook).
+* **Topic-based** (the R4 Subscriptions Backport IG, `criteria` = a topic's canonical URL, here
+  `TOPIC`: a DiagnosticReport created or updated): filters in the `backport-filter-criteria`
+  extension (searches on DiagnosticReport, all must match), `channel.payload` with the
+  `backport-payload-content` extension (empty | id-only | full-resource), an optional
+  `backport-heartbeat-period`. Notifications are `history` Bundles POSTed to the endpoint, their
+  first entry a `Parameters` subscription status (`notification`). The Subscription stays
+  `requested` until a `handshake` notification is accepted, then is `active`.
+
+Criteria and filters are parsed with the hub's own search parser (an unknown parameter is
+refused, as in a search); a report matches when that search, run on the store, finds it
+(`interop.services.delivery`): one definition of matching. Whatever the kind, `error` stays until
+the client sets `requested` or `active` again (which clears `error`).
 """
 from __future__ import annotations
 
@@ -21,6 +32,20 @@ from . import search
 
 REST_HOOK = "rest-hook"
 TARGET = "DiagnosticReport"
+
+BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
+PROFILE = f"{BACKPORT}/backport-subscription"
+STATUS_PROFILE = f"{BACKPORT}/backport-subscription-status-r4"
+NOTIFICATION_PROFILE = f"{BACKPORT}/backport-subscription-notification-r4"
+FILTER_CRITERIA = f"{BACKPORT}/backport-filter-criteria"
+PAYLOAD_CONTENT = f"{BACKPORT}/backport-payload-content"
+HEARTBEAT_PERIOD = f"{BACKPORT}/backport-heartbeat-period"
+TIMEOUT = f"{BACKPORT}/backport-timeout"
+CONTENTS = ("empty", "id-only", "full-resource")
+# The hub's one topic: an AI or radiologist DiagnosticReport created or updated (any version).
+TOPIC = "urn:interop-hub:SubscriptionTopic:diagnostic-report"
+MAX_HEARTBEAT_SECONDS = 7 * 24 * 3600
+MIN_HEARTBEAT_SECONDS = 10
 
 
 class SubscriptionError(ValueError):
@@ -42,6 +67,87 @@ def parse_criteria(criteria: Any, params: dict[str, dict[str, SearchParam]]) -> 
         raise SubscriptionError(f"criteria: {exc}") from None
 
 
+def _extension(element: Any, url: str) -> list[dict[str, Any]]:
+    return [e for e in ((element or {}).get("extension") or []) if isinstance(e, dict) and e.get("url") == url] \
+        if isinstance(element, dict) else []
+
+
+def is_topic_based(subscription: dict[str, Any]) -> bool:
+    """Whether `criteria` names a topic (the backport) rather than a search."""
+    criteria = subscription.get("criteria")
+    return isinstance(criteria, str) and "?" not in criteria and criteria.strip() != TARGET
+
+
+def filters(subscription: dict[str, Any]) -> list[str]:
+    """A topic-based Subscription's filter criteria (`_criteria.extension`, as R4 JSON puts a
+    primitive's extensions; `criteria.extension` is read too, for clients that write it so)."""
+    holders = [subscription.get("_criteria"), subscription.get("criteria")]
+    return [str(e.get("valueString")) for h in holders for e in _extension(h, FILTER_CRITERIA)]
+
+
+def topic_query(subscription: dict[str, Any], params: dict[str, dict[str, SearchParam]]) -> Query:
+    """One search with every filter's criteria ANDed (a topic without filters: every report)."""
+    query = Query()
+    for text in filters(subscription):
+        criteria = text if "?" in text else f"{TARGET}?{text}"
+        query.criteria.extend(parse_criteria(criteria, params).criteria)
+    return query
+
+
+def query_of(subscription: dict[str, Any], params: dict[str, dict[str, SearchParam]]) -> Query:
+    """The search a report must match to be notified to this Subscription."""
+    if is_topic_based(subscription):
+        return topic_query(subscription, params)
+    return parse_criteria(subscription.get("criteria"), params)
+
+
+def content(subscription: dict[str, Any]) -> str:
+    """A topic-based Subscription's payload content: empty | id-only | full-resource."""
+    channel = subscription.get("channel") or {}
+    found = _extension(channel.get("_payload"), PAYLOAD_CONTENT) + _extension(channel.get("payload"), PAYLOAD_CONTENT)
+    return str(found[0].get("valueCode")) if found else "empty"
+
+
+def heartbeat_seconds(subscription: dict[str, Any]) -> int | None:
+    """The heartbeat period a topic-based Subscription asked for (None: no heartbeats)."""
+    found = _extension(subscription.get("channel"), HEARTBEAT_PERIOD)
+    value = found[0].get("valueUnsignedInt") if found else None
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def timeout_seconds(subscription: dict[str, Any], default: float) -> float:
+    """How long one notification may take: the backport's timeout, at most `default`."""
+    found = _extension(subscription.get("channel"), TIMEOUT)
+    value = found[0].get("valueUnsignedInt") if found else None
+    return float(min(value, default)) if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+        else default
+
+
+def _check_topic(resource: dict[str, Any], params: dict[str, dict[str, SearchParam]]) -> None:
+    criteria = str(resource.get("criteria")).strip()
+    if criteria != TOPIC:
+        raise SubscriptionError(f"unknown topic {criteria[:80]!r}; the hub's topic is {TOPIC}"
+                                " (a DiagnosticReport created or updated)")
+    for text in filters(resource):
+        if not text.strip():
+            raise SubscriptionError("a backport-filter-criteria needs a valueString such as DiagnosticReport?status=final")
+    topic_query(resource, params)  # raises for an unknown parameter
+    channel = resource.get("channel") or {}
+    if not channel.get("payload"):
+        raise SubscriptionError("a topic-based Subscription needs channel.payload (application/fhir+json)")
+    if "json" not in str(channel["payload"]):
+        raise SubscriptionError("channel.payload must be application/fhir+json (notifications are JSON Bundles)")
+    found = _extension(channel.get("_payload"), PAYLOAD_CONTENT) + _extension(channel.get("payload"), PAYLOAD_CONTENT)
+    if found and found[0].get("valueCode") not in CONTENTS:
+        raise SubscriptionError(f"backport-payload-content must be one of {', '.join(CONTENTS)}")
+    period = _extension(channel, HEARTBEAT_PERIOD)
+    if period:
+        value = period[0].get("valueUnsignedInt")
+        if not isinstance(value, int) or isinstance(value, bool) or not MIN_HEARTBEAT_SECONDS <= value <= MAX_HEARTBEAT_SECONDS:
+            raise SubscriptionError(f"backport-heartbeat-period must be {MIN_HEARTBEAT_SECONDS} to"
+                                    f" {MAX_HEARTBEAT_SECONDS} seconds")
+
+
 def check(resource: dict[str, Any], params: dict[str, dict[str, SearchParam]]) -> None:
     """Raise SubscriptionError unless `resource` is a Subscription the hub can serve."""
     channel = resource.get("channel") or {}
@@ -54,18 +160,32 @@ def check(resource: dict[str, Any], params: dict[str, dict[str, SearchParam]]) -
     for header in channel.get("header") or []:
         if not isinstance(header, str) or ":" not in header or "\n" in header or "\r" in header:
             raise SubscriptionError("channel.header entries must be 'Name: value'")
-    parse_criteria(resource.get("criteria"), params)
+    if is_topic_based(resource):
+        _check_topic(resource, params)
+    else:
+        parse_criteria(resource.get("criteria"), params)
 
 
 def prepare(body: dict[str, Any], params: dict[str, dict[str, SearchParam]]) -> dict[str, Any]:
-    """What the API stores for a client's Subscription (create or update): checked, `requested`
-    made `active`, `error` cleared when (re)activated. Raises SubscriptionError."""
+    """What the API stores for a client's Subscription (create or update): checked, `error`
+    cleared when (re)activated; a classic one's `requested` made `active`, a topic-based one's
+    `active` made `requested` (it becomes active once its handshake is accepted) and declared
+    with the backport's profile. Raises SubscriptionError."""
     check(body, params)
     out = dict(body)
+    if is_topic_based(out):
+        meta = dict(out.get("meta") or {})
+        meta["profile"] = list(dict.fromkeys([*(meta.get("profile") or []), PROFILE]))
+        out["meta"] = meta
     if out.get("status") in ("requested", "active"):
-        out["status"] = "active"
+        out["status"] = "requested" if is_topic_based(out) else "active"
         out.pop("error", None)
     return out
+
+
+def needs_handshake(subscription: dict[str, Any]) -> bool:
+    """A topic-based Subscription waiting for its handshake."""
+    return is_topic_based(subscription) and subscription.get("status") == "requested"
 
 
 def headers(subscription: dict[str, Any]) -> dict[str, str]:
@@ -75,3 +195,56 @@ def headers(subscription: dict[str, Any]) -> dict[str, str]:
         name, _, value = str(header).partition(":")
         out[name.strip()] = value.strip()
     return out
+
+
+# -- topic-based notifications (R4 backport shapes) ------------------------------------------------
+def status_parameters(subscription: dict[str, Any], base: str, kind: str, events: int, *,
+                      event: dict[str, Any] | None = None, status: str | None = None,
+                      error: str | None = None) -> dict[str, Any]:
+    """The backport's R4 SubscriptionStatus (a Parameters). `event`: {number, timestamp, focus}."""
+    sub_url = f"{base}/Subscription/{subscription['id']}"
+    parameter: list[dict[str, Any]] = [{"name": "subscription", "valueReference": {"reference": sub_url}}]
+    if content(subscription) != "empty" or kind != "event-notification":
+        parameter.append({"name": "topic", "valueCanonical": str(subscription.get("criteria"))})
+    parameter += [{"name": "status", "valueCode": status or str(subscription.get("status"))},
+                  {"name": "type", "valueCode": kind},
+                  {"name": "events-since-subscription-start", "valueString": str(events)}]
+    if event is not None:
+        part: list[dict[str, Any]] = [{"name": "event-number", "valueString": str(event["number"])},
+                                      {"name": "timestamp", "valueInstant": event["timestamp"]}]
+        if content(subscription) != "empty" and event.get("focus"):
+            part.append({"name": "focus", "valueReference": {"reference": f"{base}/{event['focus']}"}})
+        parameter.append({"name": "notification-event", "part": part})
+    if error:
+        parameter.append({"name": "error", "valueCodeableConcept": {"text": error[:500]}})
+    return {"resourceType": "Parameters", "meta": {"profile": [STATUS_PROFILE]}, "parameter": parameter}
+
+
+def notification(subscription: dict[str, Any], base: str, kind: str, events: int, *, bundle_id: str,
+                 timestamp: str, event: dict[str, Any] | None = None,
+                 resource: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A notification Bundle (type history): the status first, then the report when the
+    Subscription asked for full-resource content."""
+    status_id = f"{bundle_id}-status"
+    entries: list[dict[str, Any]] = [{
+        "fullUrl": f"urn:uuid:{status_id}",
+        "resource": {**status_parameters(subscription, base, kind, events, event=event), "id": status_id},
+        "request": {"method": "GET", "url": f"{base}/Subscription/{subscription['id']}/$status"},
+        "response": {"status": "200"},
+    }]
+    if resource is not None and content(subscription) == "full-resource":
+        first = str((resource.get("meta") or {}).get("versionId")) == "1"
+        rtype, rid = resource["resourceType"], resource["id"]
+        entries.append({"fullUrl": f"{base}/{rtype}/{rid}", "resource": resource,
+                        "request": {"method": "POST" if first else "PUT", "url": rtype if first else f"{rtype}/{rid}"},
+                        "response": {"status": "201" if first else "200"}})
+    return {"resourceType": "Bundle", "id": bundle_id, "meta": {"profile": [NOTIFICATION_PROFILE]},
+            "type": "history", "timestamp": timestamp, "entry": entries}
+
+
+def status_bundle(subscription: dict[str, Any], base: str, events: int, error: str | None = None) -> dict[str, Any]:
+    """What `Subscription/[id]/$status` answers: a searchset holding the status."""
+    status = status_parameters(subscription, base, "query-status", events, error=error)
+    return {"resourceType": "Bundle", "type": "searchset", "total": 1,
+            "entry": [{"fullUrl": f"{base}/Subscription/{subscription['id']}/$status", "resource": status,
+                       "search": {"mode": "match"}}]}

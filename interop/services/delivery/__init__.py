@@ -7,7 +7,7 @@ A delivery is a job of the one queue (`interop.store.queue`) in a lane, its dest
 |--------------------|----------------------|------------------------------------------------------------|
 | `deliver-hl7`      | `SITE:hl7`           | the report version as ORU^R01 over MLLP (`hl7`)             |
 | `deliver-fhir`     | `SITE:fhir`          | the report version, or a critical notice, as a FHIR transaction (`fhir`) |
-| `notify-rest-hook` | `Subscription/<id>`  | a rest-hook notification (`rest_hook`)                      |
+| `notify-rest-hook` | `Subscription/<id>`  | a rest-hook notification, handshake or heartbeat (`rest_hook`) |
 | `hl7-app-ack`      | `SITE:hl7` (or `SITE:ack`) | an application acknowledgement of an HL7 message (`app_ack`) |
 | `deliver-sr`       | `SITE:pacs`          | the report version as a DICOM SR, to the site's PACS (`pacs`) |
 
@@ -18,15 +18,17 @@ order in a lane, and a critical result's go first (priority 0). A channel builds
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psycopg
 
-from ...domain.subscriptions import TARGET, SubscriptionError, parse_criteria
+from ...domain import subscriptions
+from ...domain.subscriptions import TARGET, SubscriptionError
 from ...domain.vocabulary import CRITICAL_PRIORITY, priority, version_of
 from ...sites import Site
-from ...store import queue, resources, reviews
+from ...store import notifications, queue, resources, reviews
 from ...store.resources import ANY_SYSTEM, Criterion, Query
 from ..context import Context
 
@@ -120,11 +122,11 @@ class Channel(Protocol):
 
 # -- queueing (in the caller's transaction) -----------------------------------------------------------
 def _enqueue(conn: psycopg.Connection[Any], ctx: Context, kind: str, lane_name: str, resource: dict[str, Any],
-             prio: int) -> int | None:
+             prio: int, **extra: Any) -> int | None:
     rtype, rid, version = resource["resourceType"], resource["id"], version_of(resource)
     series = f"{rtype}/{rid}"
     policy = ctx.policies.kind(kind)
-    return queue.enqueue(conn, kind, {"resource_type": rtype, "resource_id": rid, "version": version},
+    return queue.enqueue(conn, kind, {"resource_type": rtype, "resource_id": rid, "version": version, **extra},
                          dedupe_key=f"deliver:{lane_name}:{series}/{version}", max_attempts=policy.max_attempts,
                          priority=min(prio, policy.priority), lane=lane_name, series=series, seq=version)
 
@@ -150,8 +152,57 @@ def queue_report(conn: psycopg.Connection[Any], ctx: Context, report: dict[str, 
     if site is not None and site.results_to_pacs and (site.dicom_store is not None or site.dicomweb is not None):
         ids.append(_enqueue(conn, ctx, SR, lane(site.code, "pacs"), report, prio))  # the images are in its PACS only
     for sub in matching_subscriptions(conn, ctx, report):
-        ids.append(_enqueue(conn, ctx, REST_HOOK, f"Subscription/{sub['id']}", report, prio))
+        ids.append(_notify(conn, ctx, sub, report, prio))
     return [i for i in ids if i is not None]
+
+
+def _notify(conn: psycopg.Connection[Any], ctx: Context, sub: dict[str, Any], report: dict[str, Any],
+            prio: int) -> int | None:
+    """Queue a report version's notification to a Subscription; a topic-based one's carries its
+    event number (counted only when the notification is queued, once per report version)."""
+    lane_name = f"Subscription/{sub['id']}"
+    if not subscriptions.is_topic_based(sub):
+        return _enqueue(conn, ctx, REST_HOOK, lane_name, report, prio)
+    if queue.exists(conn, f"deliver:{lane_name}:{report['resourceType']}/{report['id']}/{version_of(report)}"):
+        return None
+    return _enqueue(conn, ctx, REST_HOOK, lane_name, report, prio, type="event-notification",
+                    event=notifications.next_event(conn, sub["id"]))
+
+
+def queue_handshake(conn: psycopg.Connection[Any], ctx: Context, sub: dict[str, Any]) -> int | None:
+    """Queue the handshake of a topic-based Subscription waiting for one (once per version)."""
+    if not subscriptions.needs_handshake(sub):
+        return None
+    return _signal(conn, ctx, sub, "handshake", str(version_of(sub)))
+
+
+def queue_heartbeat(conn: psycopg.Connection[Any], ctx: Context, sub: dict[str, Any], *, after: int = 0,
+                    now: float | None = None) -> int | None:
+    """Queue an active topic-based Subscription's next heartbeat, due at the end of the current
+    period (once per period: the key is the period's slot; `after`: the slot of the heartbeat just
+    sent, so the next is a later one even when that one went early)."""
+    period = subscriptions.heartbeat_seconds(sub)
+    if period is None or not subscriptions.is_topic_based(sub) or sub.get("status") != "active":
+        return None
+    now = time.time() if now is None else now
+    slot = max(int(now // period) + 1, after + 1)
+    return _signal(conn, ctx, sub, "heartbeat", f"{version_of(sub)}/{slot}", delay=max(0.0, slot * period - now),
+                   slot=slot)
+
+
+def _signal(conn: psycopg.Connection[Any], ctx: Context, sub: dict[str, Any], kind: str, key: str, *,
+            delay: float = 0, **extra: Any) -> int | None:
+    policy = ctx.policies.kind(REST_HOOK)
+    lane_name = f"Subscription/{sub['id']}"
+    return queue.enqueue(conn, REST_HOOK, {"type": kind, "subscription_version": version_of(sub), **extra},
+                         dedupe_key=f"deliver:{lane_name}:{kind}/{key}", max_attempts=policy.max_attempts,
+                         priority=policy.priority, lane=lane_name, delay_seconds=delay)
+
+
+def subscription_stored(conn: psycopg.Connection[Any], ctx: Context, stored: dict[str, Any]) -> int | None:
+    """After a client stored a Subscription (in its transaction): a topic-based one waiting for
+    its handshake gets it queued."""
+    return queue_handshake(conn, ctx, stored)
 
 
 def queue_notice(conn: psycopg.Connection[Any], ctx: Context, resource: dict[str, Any], to: Site | None) -> int | None:
@@ -171,11 +222,12 @@ def active_subscriptions(conn: psycopg.Connection[Any], ctx: Context) -> list[di
 
 
 def matching_subscriptions(conn: psycopg.Connection[Any], ctx: Context, report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The active Subscriptions whose criteria, run as a search on the store, find this report."""
+    """The active Subscriptions whose criteria (or a topic's filters), run as a search on the
+    store, find this report."""
     out = []
     for sub in active_subscriptions(conn, ctx):
         try:
-            query = parse_criteria(sub.get("criteria"), ctx.params)
+            query = subscriptions.query_of(sub, ctx.params)
         except SubscriptionError:
             continue  # stored before a search parameter was removed from the mappings: never matches
         if resources.matches(conn, TARGET, report["id"], query):
