@@ -290,8 +290,8 @@ def main() -> int:
             proc = serve(checkout, url, port, workers)
             workloads = [("warm-up", "", 0), ("search", "search", 0), ("create", "create", 1),
                          ("mixed 1 create : 9 searches", "mixed", 10)]
-            for name, key, every in workloads:
-                if key and key not in wanted:
+            for name, kind, every in workloads:
+                if kind and kind not in wanted:
                     continue
                 token = smart.Smart(f"{base}/auth/token", client_id, key, SCOPES).token()
                 script = tmp / "load.lua"
