@@ -63,6 +63,9 @@ ENVIRONMENT: list[tuple[str, str, str | None, str]] = [
     ("INTEROP_PSEUDONYM_KEY_FILE", "pseudonym_key_file", None,
      "file holding that secret; unset with no key: INTEROP_DATA_DIR/pseudonym.key, created"),
     ("INTEROP_BASE_URL", "base_url", None, "public base URL of the FHIR API, for Location and Bundle links"),
+    ("INTEROP_CORS_ORIGINS", "cors_origins", None,
+     "origins (comma-separated, e.g. https://viewer.example.org, or *) whose web pages may call the FHIR API"
+     " with a token (CORS); unset: none"),
     ("PROMETHEUS_MULTIPROC_DIR", "metrics_dir", None,
      "set by `interop serve`: where gunicorn workers share their request metrics"),
     # -- security: who may call the hub, and how its connections are protected --------------------
@@ -149,6 +152,7 @@ class Settings:
     pseudonym_key: str | None = field(default=None, repr=False)
     pseudonym_key_file: Path | None = None
     base_url: str | None = None
+    cors_origins: str | None = None
     metrics_dir: Path | None = None
     token_seconds: int = 300
     signing_key_file: Path | None = None
@@ -228,6 +232,11 @@ class Settings:
     @property
     def dicom_unknown_ae_allowed(self) -> bool:
         return self.dicom_allow_unknown_ae.strip().lower() in ("1", "true", "yes", "on")
+
+    def cors_allowed(self, origin: str) -> bool:
+        """Whether a web page of `origin` may call the FHIR API (INTEROP_CORS_ORIGINS; * for any)."""
+        listed = [o.strip().rstrip("/") for o in (self.cors_origins or "").split(",") if o.strip()]
+        return "*" in listed or origin.rstrip("/") in listed
 
     def allowed_url_prefixes(self) -> tuple[str, ...]:
         """INTEROP_URL_ALLOW as a tuple of prefixes (the sites file adds its own)."""

@@ -349,6 +349,11 @@ def _routes(app: Flask) -> Iterator[tuple[str, str, str]]:
             yield rule.rule, method, path
 
 
+# A transaction is checked entry by entry (tests/test_fhir_transaction.py): this one needs system/Patient.c
+TRANSACTION = ('{"resourceType": "Bundle", "type": "transaction", "entry": [{"request": {"method": "POST", "url":'
+               ' "Patient"}, "resource": {"resourceType": "Patient"}}]}')
+
+
 def test_every_route_is_closed_to_strangers_and_to_tokens_without_the_scope(app: Flask, db_url: str) -> None:
     anonymous = app.test_client()
     narrow = with_token(app.test_client(), token_for(anonymous, db_url, "system/Observation.s"))
@@ -357,10 +362,11 @@ def test_every_route_is_closed_to_strangers_and_to_tokens_without_the_scope(app:
         if rule in PUBLIC:
             continue
         walked += 1
-        stranger = anonymous.open(path, method=method, data="{}", content_type=FHIR)
+        body = TRANSACTION if rule in ("/fhir", "/fhir/") else "{}"
+        stranger = anonymous.open(path, method=method, data=body, content_type=FHIR)
         assert stranger.status_code == 401, (method, rule, stranger.status_code)
         assert stranger.headers["WWW-Authenticate"].startswith("Bearer"), rule
-        unscoped = narrow.open(path, method=method, data="{}", content_type=FHIR)
+        unscoped = narrow.open(path, method=method, data=body, content_type=FHIR)
         assert unscoped.status_code == 403, (method, rule, unscoped.status_code)
     assert walked >= 25
     for path in ("/fhir/metadata", "/.well-known/smart-configuration", "/healthz", "/login"):

@@ -18,7 +18,7 @@ def test_versions_and_history(db_url: str) -> None:
         task["status"] = "in-progress"
         updated, created = resources.update(conn, task, PARAMS["Task"])
         assert not created and updated["meta"]["versionId"] == "2"
-        assert [v["status"] for v in resources.history(conn, "Task", task["id"])] == ["in-progress", "requested"]
+        assert [v.body["status"] for v in resources.versions(conn, "Task", task["id"])] == ["in-progress", "requested"]
         assert resources.vread(conn, "Task", task["id"], 1)["status"] == "requested"
 
 

@@ -1,33 +1,36 @@
-"""FHIR REST interactions: create, update, read, vread, history, search.
+"""FHIR REST interactions: create, update, patch, delete (and their conditional forms), read,
+vread, history (instance, type, system), search, and transaction and batch Bundles at the base.
 
 Writes are validated, then stored with their search index (and, for an available
-ImagingStudy, its analysis Task and queue entry) in one transaction. Reads serve stored JSON.
+ImagingStudy, its analysis Task and queue entry) in one transaction (`interactions` holds the
+writes, `transaction` the Bundles). Reads serve stored JSON.
 An ImagingStudy posted again with a DICOM Study Instance UID the hub holds (a client's retry
 without If-None-Exist) updates the stored one: one study, one analysis, one report lineage.
+
+Every answer is JSON (`_format=json` or a JSON media type; XML is 406), indented with
+`_pretty=true`, with `ETag: W/"n"` and `Last-Modified` as an HTTP date for a version. Browsers on
+the origins INTEROP_CORS_ORIGINS lists may call the API (CORS, preflight included).
 """
 from __future__ import annotations
 
-import re
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import urlencode
 
 import orjson
 import psycopg
 from flask import Blueprint, Response, current_app, request
 
 from .. import access
-from ..domain import audit, search, subscriptions
-from ..domain.vocabulary import study_uid
-from ..services import intake
-from ..services.errors import IntakeError
+from ..domain import audit, search
 from ..services.security import audit as audit_trail
-from ..services.security import urls
 from ..store import resources
-from . import capability
+from . import capability, interactions, transaction
 from .errors import (
     BadRequest,
-    BusinessRule,
     FhirError,
+    Forbidden,
     GoneError,
     MethodNotAllowed,
     NotAcceptable,
@@ -37,9 +40,6 @@ from .errors import (
     issue,
     outcome,
 )
-from .validation import validate
-
-FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # FHIR R4 id
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 JSON_TYPES = ("application/fhir+json", "application/json")
@@ -54,179 +54,156 @@ def hub() -> Any:
 def respond(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
     if "resourceType" in body:  # JSONB keeps keys by length; people read resourceType first
         body = {"resourceType": body["resourceType"], **body}
-    return Response(orjson.dumps(body), status=status, headers=headers or {}, content_type=FHIR_JSON)
+    pretty = request.args.get("_pretty") == "true"
+    data = orjson.dumps(body, option=orjson.OPT_INDENT_2 if pretty else 0)
+    return Response(data, status=status, headers=headers or {}, content_type=FHIR_JSON)
+
+
+def http_date(instant: str) -> str:
+    """meta.lastUpdated (an ISO instant) as HTTP's Last-Modified wants it (RFC 7231 IMF-fixdate)."""
+    return format_datetime(datetime.fromisoformat(instant.replace("Z", "+00:00")).astimezone(UTC), usegmt=True)
 
 
 def _version_headers(body: dict[str, Any], location: bool = False) -> dict[str, str]:
     meta = body.get("meta", {})
-    headers = {"ETag": f'W/"{meta.get("versionId")}"', "Last-Modified": meta.get("lastUpdated", "")}
+    headers = {"ETag": f'W/"{meta.get("versionId")}"'}
+    if meta.get("lastUpdated"):
+        headers["Last-Modified"] = http_date(meta["lastUpdated"])
     if location:
         where = f"{body['resourceType']}/{body['id']}/_history/{meta.get('versionId')}"
         headers["Location"] = f"{hub().settings.public_base()}/{where}"
     return headers
 
 
+XML_FORMATS = ("xml", "text/xml", "application/xml", "application/fhir+xml", "application/xml+fhir")
+
+
 @bp.before_request
 def negotiate() -> None:
+    wanted = request.args.get("_format")
+    if wanted is not None and ("json" not in wanted.lower() or wanted.lower() in XML_FORMATS):
+        raise NotAcceptable("only JSON is served (_format=json or application/fhir+json)")
     accept = request.headers.get("Accept", "")
-    if accept and "json" not in accept and "*/*" not in accept:
+    if wanted is None and accept and "json" not in accept and "*/*" not in accept:
         raise NotAcceptable("only application/fhir+json is served")
-    if request.method in ("POST", "PUT") and not request.path.endswith("/_search"):
-        ctype = (request.mimetype or "").lower()
-        if ctype not in JSON_TYPES:
-            raise UnsupportedMediaType(f"Content-Type must be application/fhir+json, not {ctype or 'missing'}")
+    ctype = (request.mimetype or "").lower()
+    if request.method in ("POST", "PUT") and not request.path.endswith("/_search") and ctype not in JSON_TYPES:
+        raise UnsupportedMediaType(f"Content-Type must be application/fhir+json, not {ctype or 'missing'}")
+    if request.method == "PATCH" and ctype not in (interactions.JSON_PATCH, interactions.MERGE_PATCH, *JSON_TYPES):
+        raise UnsupportedMediaType(f"PATCH takes a JSON Patch ({interactions.JSON_PATCH}), not {ctype or 'missing'}")
 
 
 def _known(rtype: str, rid: str | None = None) -> None:
-    if rtype not in capability.RESOURCES:
-        raise NotFoundError(f"resource type {rtype[:64]} is not supported here")
-    if rid is not None and not FHIR_ID.fullmatch(rid):
-        raise NotFoundError(f"{rtype}/{rid[:64]!r} is not a FHIR id, so there is no such resource")
+    interactions.known(rtype, rid)
 
 
 def _parse_body(rtype: str) -> dict[str, Any]:
     raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
-    try:
-        body: Any = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadRequest("the body is not valid JSON") from None
-    if not isinstance(body, dict) or "resourceType" not in body:
-        raise BadRequest("the body is not a FHIR resource (no resourceType)")
-    if body["resourceType"] != rtype:
-        raise BadRequest(f"resourceType {str(body['resourceType'])[:64]!r} does not match the URL ({rtype})")
-    validate(body, hub().settings.mappings_dir)
-    if rtype == "Subscription":  # delivery: rest-hook only, criteria checked, requested -> active
-        try:
-            body = subscriptions.prepare(body, hub().params)
-        except subscriptions.SubscriptionError as exc:
-            raise BusinessRule(str(exc)) from None
-        _may_call(str((body.get("channel") or {}).get("endpoint") or ""), "Subscription.channel.endpoint")
-    if rtype == "Endpoint":
-        _may_call(str(body.get("address") or ""), "Endpoint.address")
-    return dict(body)
-
-
-def _may_call(url: str, expression: str) -> None:
-    """Refuse a URL the hub would call on the client's word unless the operator allowed it."""
-    if not urls.allowed(hub().ctx, url):
-        reason = (f"{expression} is not an address this hub may call; its operator allows addresses in"
-                  " INTEROP_URL_ALLOW or the site's allow_urls")
-        raise BusinessRule(reason, issues=[issue("security", reason, expression=expression)])
+    return interactions.prepare(rtype, interactions.parse_json(raw))
 
 
 def _if_match() -> int | None:
-    raw = request.headers.get("If-Match")
-    if raw is None:
-        return None
-    digits = raw.replace("W/", "").strip('"')
-    if not digits.isdigit():
-        raise BadRequest('If-Match must be a version ETag such as W/"3"')
-    return int(digits)
-
-
-def _business(exc: IntakeError) -> BusinessRule:
-    return BusinessRule(exc.reason, issues=[issue("business-rule", exc.reason, expression=exc.expression)])
-
-
-def _before_write(conn: psycopg.Connection[Any], body: dict[str, Any]) -> dict[str, Any]:
-    if body["resourceType"] != "ImagingStudy":
-        return body
-    try:
-        return intake.tag_site(conn, hub().ctx, body)
-    except IntakeError as exc:
-        raise _business(exc) from None
-
-
-def _after_write(conn: psycopg.Connection[Any], stored: dict[str, Any]) -> None:
-    if stored["resourceType"] == "ImagingStudy":
-        try:
-            intake.accept_study(conn, hub().ctx, stored)
-        except IntakeError as exc:
-            raise _business(exc) from None
-
-
-def _write(conn: psycopg.Connection[Any], body: dict[str, Any], if_match: int | None = None) -> tuple[dict[str, Any], bool]:
-    """Store a new version (or a new resource when `body` has no id); (stored, created)."""
-    try:
-        if "id" not in body:
-            return resources.create(conn, body, hub().params[body["resourceType"]]), True
-        return resources.update(conn, body, hub().params[body["resourceType"]], if_match)
-    except resources.VersionConflict as exc:
-        raise PreconditionFailed(str(exc)) from None
-    except resources.NotIndexable as exc:
-        raise BusinessRule(str(exc)) from None
+    return interactions.if_match(request.headers.get("If-Match"))
 
 
 def _prefer_minimal() -> bool:
     return "return=minimal" in request.headers.get("Prefer", "")
 
 
+def _written(done: interactions.Result, location: bool) -> Response:
+    """The answer to a write: the resource (or nothing, with Prefer: return=minimal) and its version's headers."""
+    headers = _version_headers(done.resource, location=location)
+    if _prefer_minimal():
+        return Response(status=done.status, headers=headers)
+    return respond(done.resource, done.status, headers)
+
+
 @bp.post("/<rtype>")
 def create(rtype: str) -> Response:
     _known(rtype)
-    if not capability.writable(rtype):
-        raise MethodNotAllowed(f"{rtype} is written by the hub, not by clients")
+    interactions.writable(rtype)
     body = _parse_body(rtype)
-    body.pop("id", None)
     criteria = request.headers.get("If-None-Exist")
-    status = 201
     # A plain create reads nothing before it writes: BEGIN and the write go in one round trip, the
     # audit record and COMMIT in another, and the answer waits for the COMMIT.
     plain = not criteria and rtype != "ImagingStudy"
     with hub().pool.connection() as conn, \
             resources.pipelined_transaction(conn) if plain else conn.transaction():
-        if criteria:
-            resources.lock(conn, f"{rtype}?{criteria}")
-            found = _search(conn, rtype, parse_qsl(criteria, keep_blank_values=True), count=2)[1]
-            if len(found) > 1:
-                raise PreconditionFailed("If-None-Exist matches more than one resource")
-            if found:
-                access.note(audit.interaction("create"), "R", what=[_ref(found[0])], patients=audit.patients_of(found[0]))
-                return respond(found[0], 200, _version_headers(found[0], location=True))
-        body = _before_write(conn, body)
-        same = None
-        if rtype == "ImagingStudy" and study_uid(body):
-            resources.lock(conn, f"ImagingStudy?uid={study_uid(body)}")
-            same = intake.same_study(conn, hub().ctx, body)
-        if same is not None:  # the same study again: a retry, or news of it (registered -> available)
-            stored, status = same, 200
-            if _content(same) != _content(body):
-                stored = _write(conn, {**body, "id": same["id"]})[0]
-        else:
-            stored = _write(conn, body)[0]
-        _after_write(conn, stored)
-        _audit_write(conn, "create", stored)
-    if _prefer_minimal():
-        return Response(status=status, headers=_version_headers(stored, location=True))
-    return respond(stored, status, _version_headers(stored, location=True))
+        done = interactions.create(conn, rtype, body, criteria)
+    return _written(done, location=True)
 
 
-def _ref(body: dict[str, Any]) -> str:
-    return f"{body['resourceType']}/{body['id']}/_history/{body.get('meta', {}).get('versionId', '1')}"
-
-
-def _audit_write(conn: psycopg.Connection[Any], interaction: str, stored: dict[str, Any]) -> None:
-    access.audit_change(conn, audit.interaction(interaction), audit.ACTIONS[interaction], what=[_ref(stored)],
-                        patients=audit.patients_of(stored))
-
-
-def _content(resource: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in resource.items() if k not in ("id", "meta")}
+_ref = interactions.ref_of
 
 
 @bp.put("/<rtype>/<rid>")
 def update(rtype: str, rid: str) -> Response:
     _known(rtype, rid)
-    if not capability.writable(rtype):
-        raise MethodNotAllowed(f"{rtype} is written by the hub, not by clients")
+    interactions.writable(rtype)
     body = _parse_body(rtype)
-    if body.get("id") != rid:
-        raise BadRequest("the resource id must match the URL")
     with hub().pool.connection() as conn, conn.transaction():
-        stored, created = _write(conn, _before_write(conn, body), _if_match())
-        _after_write(conn, stored)
-        _audit_write(conn, "create" if created else "update", stored)
-    return respond(stored, 201 if created else 200, _version_headers(stored, location=created))
+        done = interactions.update(conn, rtype, rid, body, _if_match())
+    return _written(done, location=done.status == 201)
+
+
+@bp.put("/<rtype>")
+def conditional_update(rtype: str) -> Response:
+    """PUT Type?criteria (HAPI FHIR's conditional update): none found creates, one is updated, more is 412."""
+    _known(rtype)
+    interactions.writable(rtype)
+    body = _parse_body(rtype)
+    with hub().pool.connection() as conn, conn.transaction():
+        done = interactions.conditional_update(conn, rtype, list(request.args.items(multi=True)), body, _if_match())
+    return _written(done, location=True)
+
+
+@bp.patch("/<rtype>/<rid>")
+def patch(rtype: str, rid: str) -> Response:
+    """JSON Patch (application/json-patch+json), or a JSON Merge Patch (what fhirpy's patch() sends)."""
+    _known(rtype, rid)
+    interactions.writable(rtype)
+    kind = (request.mimetype or "").lower()
+    document = interactions.parse_json(request.get_data(cache=False))
+    with hub().pool.connection() as conn, conn.transaction():
+        done = interactions.patch(conn, rtype, rid, kind, document, _if_match())
+    return _written(done, location=False)
+
+
+@bp.patch("/<rtype>")
+def conditional_patch(rtype: str) -> Response:
+    _known(rtype)
+    interactions.writable(rtype)
+    kind = (request.mimetype or "").lower()
+    document = interactions.parse_json(request.get_data(cache=False))
+    with hub().pool.connection() as conn, conn.transaction():
+        found = interactions.matching(conn, rtype, list(request.args.items(multi=True)))
+        if len(found) != 1:
+            raise (NotFoundError("the criteria match no resource") if not found else
+                   PreconditionFailed("the criteria of the conditional patch match more than one resource"))
+        done = interactions.patch(conn, rtype, found[0]["id"], kind, document, _if_match())
+    return _written(done, location=False)
+
+
+@bp.delete("/<rtype>/<rid>")
+def delete(rtype: str, rid: str) -> Response:
+    """Soft delete, as a version of its own (interop.fhir.interactions says what is refused and why)."""
+    _known(rtype, rid)
+    with hub().pool.connection() as conn, conn.transaction():
+        done = interactions.delete(conn, rtype, rid)
+    return _deleted(done)
+
+
+@bp.delete("/<rtype>")
+def conditional_delete(rtype: str) -> Response:
+    _known(rtype)
+    with hub().pool.connection() as conn, conn.transaction():
+        done = interactions.conditional_delete(conn, rtype, list(request.args.items(multi=True)))
+    return _deleted(done)
+
+
+def _deleted(done: interactions.Result) -> Response:
+    headers = {"ETag": f'W/"{done.version}"'} if done.version else {}
+    return respond(interactions.answer(done), 200, headers)
 
 
 @bp.get("/<rtype>/<rid>")
@@ -241,12 +218,7 @@ def read(rtype: str, rid: str) -> Response:
 
 
 def _read(conn: psycopg.Connection[Any], rtype: str, rid: str) -> dict[str, Any]:
-    try:
-        return resources.read(conn, rtype, rid)
-    except resources.Gone as exc:
-        raise GoneError(str(exc)) from None
-    except resources.NotFound as exc:
-        raise NotFoundError(str(exc)) from None
+    return interactions.read(conn, rtype, rid)
 
 
 @bp.get("/<rtype>/<rid>/_history/<vid>")
@@ -256,12 +228,18 @@ def vread(rtype: str, rid: str, vid: str) -> Response:
     if not (vid.isascii() and vid.isdigit()) or len(vid) > 9:
         raise NotFoundError(f"{rtype}/{rid} has no version {vid}")
     with hub().pool.connection() as conn:
-        try:
-            body = resources.vread(conn, rtype, rid, int(vid))
-        except resources.NotFound as exc:
-            raise NotFoundError(str(exc)) from None
+        body = _vread(conn, rtype, rid, int(vid))
         access.audit_read(audit.interaction("vread"), "R", what=[_ref(body)], patients=audit.patients_of(body))
     return respond(body, 200, _version_headers(body))
+
+
+def _vread(conn: psycopg.Connection[Any], rtype: str, rid: str, vid: int) -> dict[str, Any]:
+    try:
+        return resources.vread(conn, rtype, rid, vid)
+    except resources.Gone as exc:  # the version that deleted it has no content
+        raise GoneError(str(exc)) from None
+    except resources.NotFound as exc:
+        raise NotFoundError(str(exc)) from None
 
 
 @bp.get("/<rtype>/<rid>/_history")
@@ -270,18 +248,137 @@ def history(rtype: str, rid: str) -> Response:
     _versioned(rtype)
     with hub().pool.connection() as conn:
         try:
-            versions = resources.history(conn, rtype, rid)
+            versions = resources.versions(conn, rtype, rid)
         except resources.NotFound as exc:
             raise NotFoundError(str(exc)) from None
         access.audit_read(audit.interaction("history-instance"), "R", what=[f"{rtype}/{rid}"],
-                          patients=[p for v in versions[:1] for p in audit.patients_of(v)])
+                          patients=[p for v in versions if not v.deleted for p in audit.patients_of(v.body)][:1])
+    return respond(history_bundle(versions, total=len(versions)))
+
+
+def history_bundle(versions: list[resources.Version], total: int | None = None,
+                   links: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """A history Bundle as R4 has it: each version with the request that made it and its response
+    (a deletion: DELETE, and no resource), newest first."""
     base = hub().settings.public_base()
-    return respond({
-        "resourceType": "Bundle", "type": "history", "total": len(versions),
-        "entry": [{"fullUrl": f"{base}/{rtype}/{rid}", "resource": v,
-                   "request": {"method": "PUT" if v["meta"]["versionId"] != "1" else "POST",
-                               "url": f"{rtype}/{rid}"}} for v in versions],
-    })
+    entries = []
+    for v in versions:
+        meta = v.body.get("meta", {})
+        where = f"{v.body['resourceType']}/{v.body['id']}"
+        if v.deleted:
+            request_, status = {"method": "DELETE", "url": where}, "200 OK"
+        elif meta.get("versionId") == "1":
+            request_, status = {"method": "POST", "url": v.body["resourceType"]}, "201 Created"
+        else:
+            request_, status = {"method": "PUT", "url": where}, "200 OK"
+        entry: dict[str, Any] = {"fullUrl": f"{base}/{where}"}
+        if not v.deleted:
+            entry["resource"] = v.body
+        entry["request"] = request_
+        entry["response"] = {"status": status, "etag": f'W/"{meta.get("versionId")}"', "lastModified": meta.get("lastUpdated")}
+        entries.append(entry)
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "history"}
+    if total is not None:
+        bundle["total"] = total
+    if links:
+        bundle["link"] = links
+    bundle["entry"] = entries
+    return bundle
+
+
+HISTORY_PARAMS = ("_count", "_offset", "_since", *interactions.FORMAT_PARAMS)
+MAX_HISTORY_COUNT = 1000
+
+
+@bp.get("/<rtype>/_history")
+def history_type(rtype: str) -> Response:
+    """Every version of every resource of one type, newest first (_count, _since; pages by _offset)."""
+    _known(rtype)
+    _versioned(rtype)
+    return _history_of([rtype], f"{rtype}/_history", "history-type")
+
+
+@bp.get("/_history")
+def history_system() -> Response:
+    """Every version of the types the token may read (system/<type>.r), newest first."""
+    caller = access.principal()
+    types = [t for t in capability.RESOURCES if t != "AuditEvent" and caller is not None
+             and caller.grant.allows(t, "r")]
+    if not types:
+        raise Forbidden("the token's scopes allow reading no resource type (system/<type>.r)")
+    return _history_of(types, "_history", "history-system")
+
+
+def _history_of(types: list[str], path: str, interaction: str) -> Response:
+    unknown = [k for k in request.args if k not in HISTORY_PARAMS]
+    if unknown:
+        raise BadRequest(f"unknown parameter {unknown[0][:64]} (history takes _count, _since, _offset)")
+    count = _bounded("_count", request.args.get("_count", "20"), MAX_HISTORY_COUNT)
+    offset = _bounded("_offset", request.args.get("_offset", "0"), 10**6)
+    since = None
+    if "_since" in request.args:
+        try:
+            since = datetime.fromisoformat(request.args["_since"].replace("Z", "+00:00"))
+        except ValueError:
+            raise BadRequest("_since must be an instant such as 2026-12-01T00:00:00Z") from None
+        if since.tzinfo is None:
+            raise BadRequest("_since needs a time zone (Z or +hh:mm)")
+    with hub().pool.connection() as conn:
+        versions = resources.changes(conn, types, count + 1, offset, since)
+        access.audit_read(audit.interaction(interaction), "R", what=types if len(types) == 1 else [],
+                          patients=[p for v in versions[:count] if not v.deleted for p in audit.patients_of(v.body)],
+                          query=urlencode(list(request.args.items(multi=True))))
+    base = hub().settings.public_base()
+    kept = [(k, v) for k, v in request.args.items(multi=True) if k not in ("_count", "_offset")]
+
+    def link(relation: str, at: int) -> dict[str, str]:
+        return {"relation": relation, "url": f"{base}/{path}?{urlencode([*kept, ('_count', str(count)), ('_offset', str(at))])}"}
+
+    links = [link("self", offset)]
+    if len(versions) > count:
+        links.append(link("next", offset + count))
+    if offset > 0:
+        links.append(link("previous", max(0, offset - count)))
+    return respond(history_bundle(versions[:count], links=links))
+
+
+def _bounded(name: str, raw: str, most: int) -> int:
+    if not raw.isascii() or not raw.isdigit() or int(raw) > most:
+        raise BadRequest(f"{name} must be a whole number up to {most}")
+    return int(raw)
+
+
+# -- transaction and batch at the base --------------------------------------------------------------
+@bp.post("")
+@bp.post("/")
+def transaction_or_batch() -> Response:
+    """POST [base] with a transaction or batch Bundle (interop.fhir.transaction)."""
+    base = hub().settings.public_base()
+    kind, entries = transaction.entries(interactions.parse_json(request.get_data(cache=False)), base)
+    representation = "return=representation" in request.headers.get("Prefer", "")
+    with hub().pool.connection() as conn:
+        if kind == "transaction":
+            results: list[Any] = list(transaction.transaction(conn, entries, _entry_get))
+        else:
+            results = list(transaction.batch(conn, entries, _entry_get))
+    return respond(transaction.answer(kind, base, results, representation))
+
+
+def _entry_get(conn: psycopg.Connection[Any], entry: transaction.Entry) -> tuple[int, dict[str, Any]]:
+    """A GET entry of a Bundle: read, vread, or a search (its searchset)."""
+    if entry.rid is not None and entry.vid is not None:
+        if not (entry.vid.isascii() and entry.vid.isdigit()) or len(entry.vid) > 9:
+            raise NotFoundError(f"{entry.rtype}/{entry.rid} has no version {entry.vid[:16]}")
+        body = _vread(conn, entry.rtype, entry.rid, int(entry.vid))
+    elif entry.rid is not None:
+        body = _read(conn, entry.rtype, entry.rid)
+    else:
+        parsed, found, page = _search(conn, entry.rtype, entry.query)
+        access.audit_read(audit.interaction("search-type"), "E", what=[entry.rtype], query=urlencode(entry.query),
+                          patients=[p for b in found for p in audit.patients_of(b)])
+        return 200, _bundle(entry.rtype, entry.query, parsed, page, [])
+    access.audit_read(audit.interaction(entry.interaction), "R", what=[_ref(body)], patients=audit.patients_of(body))
+    return 200, body
 
 
 def _search(
@@ -414,10 +511,49 @@ def metadata() -> Response:
     return respond(capability.statement(hub().settings.public_base(), hub().settings.token_url(), hub().params, hub().started))
 
 
-@bp.route("/<rtype>/<rid>", methods=["DELETE", "PATCH"])
-@bp.route("/<rtype>", methods=["DELETE", "PUT", "PATCH"])
-def not_supported(rtype: str, rid: str | None = None) -> Response:
-    raise MethodNotAllowed(f"{request.method} is not supported on {request.path}")
+
+# -- CORS: web pages of the origins INTEROP_CORS_ORIGINS lists may call the API --------------------
+CORS_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+CORS_REQUEST_HEADERS = ("Authorization, Content-Type, Accept, If-Match, If-None-Match, If-None-Exist,"
+                        " If-Modified-Since, Prefer, X-Requested-With")
+CORS_EXPOSED = "Location, ETag, Last-Modified, Content-Location"
+CORS_PATHS = ("/fhir", "/.well-known/smart-configuration")  # the API, and how a SMART client finds its token endpoint
+
+
+def _cors_origin() -> str | None:
+    """The request's Origin when it is one the operator listed and the path is the API's."""
+    origin = request.headers.get("Origin")
+    path = request.path
+    if not origin or not any(path == p or path.startswith(p + "/") for p in CORS_PATHS):
+        return None
+    return origin if hub().settings.cors_allowed(origin) else None
+
+
+@bp.before_app_request
+def preflight() -> Response | None:
+    """A CORS preflight (OPTIONS, sent by browsers without credentials) is answered before
+    authentication, for listed origins only; it says which methods and headers may follow."""
+    if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+        return None
+    origin = _cors_origin()
+    if origin is None:
+        return None
+    return Response(status=204, headers={
+        "Access-Control-Allow-Origin": origin, "Access-Control-Allow-Methods": CORS_METHODS,
+        "Access-Control-Allow-Headers": CORS_REQUEST_HEADERS, "Access-Control-Max-Age": "600", "Vary": "Origin"})
+
+
+@bp.after_app_request
+def cors(response: Response) -> Response:
+    """Every answer to a listed origin (refusals too, so a page can read its 401) may be read by
+    its page, headers included; other origins get nothing more (the browser keeps the answer from them)."""
+    if request.headers.get("Origin"):
+        response.vary.add("Origin")
+    origin = _cors_origin()
+    if origin is not None and "Access-Control-Allow-Origin" not in response.headers:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
+    return response
 
 
 def error_response(exc: FhirError) -> Response:

@@ -50,6 +50,12 @@ class GoneError(FhirError):
     status, code = 410, "deleted"
 
 
+class Forbidden(FhirError):
+    """The token's scopes do not allow this (a Bundle entry; the request itself is refused in access)."""
+
+    status, code = 403, "forbidden"
+
+
 class MethodNotAllowed(FhirError):
     status, code = 405, "not-supported"
 

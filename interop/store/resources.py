@@ -30,8 +30,8 @@ class NotFound(StoreError):
     pass
 
 
-class Gone(StoreError):
-    pass
+class Gone(NotFound):
+    """It was deleted (HTTP 410); a NotFound to callers that only ask whether it is there."""
 
 
 class VersionConflict(StoreError):
@@ -230,12 +230,15 @@ def find(conn: psycopg.Connection[Any], reference: str | None) -> dict[str, Any]
 
 
 def vread(conn: psycopg.Connection[Any], rtype: str, rid: str, version: int) -> dict[str, Any]:
+    """One version; Gone for the version that deleted it (that version has no content)."""
     row = conn.execute(
-        "SELECT body FROM resource_history WHERE type = %s AND id = %s AND version = %s",
+        "SELECT body, deleted FROM resource_history WHERE type = %s AND id = %s AND version = %s",
         (rtype, rid, version),
     ).fetchone()
     if row is None:
         raise NotFound(f"{rtype}/{rid} has no version {version}")
+    if row["deleted"]:
+        raise Gone(f"{rtype}/{rid} was deleted in version {version}")
     return row["body"]  # type: ignore[no-any-return]
 
 
@@ -246,15 +249,92 @@ def first_stored(conn: psycopg.Connection[Any], rtype: str, rid: str) -> datetim
     return first
 
 
-def history(conn: psycopg.Connection[Any], rtype: str, rid: str) -> list[dict[str, Any]]:
-    """Every version, newest first."""
+class Version(NamedTuple):
+    """One version as history shows it: the body (a stub for a deletion) and whether it deleted."""
+
+    body: dict[str, Any]
+    deleted: bool
+
+
+def versions(conn: psycopg.Connection[Any], rtype: str, rid: str) -> list[Version]:
+    """Every version of one resource, newest first (a deletion as its stub: resourceType, id, meta)."""
     rows = conn.execute(
-        "SELECT body FROM resource_history WHERE type = %s AND id = %s ORDER BY version DESC",
+        "SELECT body, deleted FROM resource_history WHERE type = %s AND id = %s ORDER BY version DESC",
         (rtype, rid),
     ).fetchall()
     if not rows:
         raise NotFound(f"{rtype}/{rid} is not known")
-    return [r["body"] for r in rows]
+    return [Version(r["body"], r["deleted"]) for r in rows]
+
+
+def changes(conn: psycopg.Connection[Any], types: list[str], count: int, offset: int = 0,
+            since: datetime | None = None) -> list[Version]:
+    """The versions of every resource of `types`, newest first (type- and system-level history): one
+    walk of (type, last_updated) per type, merged, so that a page reads about its own rows whatever
+    the number of versions."""
+    if not types:
+        return []
+    branch = sql.SQL("(SELECT body, deleted, last_updated, type, id, version FROM resource_history WHERE type = %s{since}"
+                     " ORDER BY last_updated DESC, id DESC, version DESC LIMIT %s)").format(
+        since=sql.SQL("" if since is None else " AND last_updated >= %s"))
+    args: list[Any] = []
+    for rtype in types:
+        args += [rtype, *([] if since is None else [since]), count + offset]
+    statement = sql.SQL("{} ORDER BY last_updated DESC, type, id DESC, version DESC LIMIT %s OFFSET %s").format(
+        sql.SQL(" UNION ALL ").join([branch] * len(types)))
+    rows = conn.execute(statement, [*args, count, offset]).fetchall()
+    return [Version(r["body"], r["deleted"]) for r in rows]
+
+
+# A deletion is a version of its own: the current row marked deleted with a stub body (resourceType,
+# id, meta), the same stub in history flagged deleted, and the index rows removed (a search no longer
+# finds it; a reference to it no longer keeps anything else from being deleted).
+_DELETE = """
+WITH clock AS MATERIALIZED (
+    SELECT ts, {text} AS stamp FROM (SELECT clock_timestamp() AS ts) now
+), current AS (
+    UPDATE resource SET version = %(version)s, last_updated = ts, deleted = true,
+        body = jsonb_set(%(body)s, '{meta,lastUpdated}', to_jsonb(stamp))
+      FROM clock WHERE type = %(type)s AND id = %(id)s
+    RETURNING type, id, version, last_updated, body
+), history AS (
+    INSERT INTO resource_history (type, id, version, last_updated, deleted, body)
+    SELECT type, id, version, last_updated, true, body FROM current
+), old_index AS (
+    DELETE FROM search_index WHERE type = %(type)s AND id = %(id)s
+)
+SELECT stamp FROM clock
+""".replace("{text}", LAST_UPDATED_TEXT)
+
+
+def delete(conn: psycopg.Connection[Any], rtype: str, rid: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Delete a resource: (the deletion's stub, the body it deleted; None when it was deleted
+    already, and the stub is then the earlier deletion's). NotFound when it never existed."""
+    with conn.transaction():
+        row = conn.execute("SELECT version, deleted, body FROM resource WHERE type = %s AND id = %s FOR UPDATE",
+                           (rtype, rid)).fetchone()
+        if row is None:
+            raise NotFound(f"{rtype}/{rid} is not known")
+        if row["deleted"]:
+            return row["body"], None
+        stub = _with_meta({"resourceType": rtype}, rid, row["version"] + 1)
+        stub["meta"]["lastUpdated"] = scalar(conn, _DELETE, {"type": rtype, "id": rid, "version": row["version"] + 1,
+                                                             "body": Jsonb(stub)})
+        return stub, row["body"]
+
+
+def referrers(conn: psycopg.Connection[Any], reference: str, params: dict[str, dict[str, SearchParam]],
+              most: int = 3) -> list[str]:
+    """Up to `most` current resources ('Type/id') whose reference search parameters point at
+    `reference` ('Type/id'), other than itself: what a deletion would leave dangling."""
+    pairs = [(rtype, p.name) for rtype, named in params.items() for p in named.values() if p.type == "reference"]
+    rtype, _, rid = reference.partition("/")
+    rows = conn.execute(
+        "SELECT DISTINCT s.type, s.id FROM search_index s"
+        " JOIN unnest(%s::text[], %s::text[]) AS p(type, param) ON s.type = p.type AND s.param = p.param"
+        " WHERE s.value = %s AND NOT (s.type = %s AND s.id = %s) LIMIT %s",
+        ([t for t, _ in pairs], [n for _, n in pairs], reference, rtype, rid, most)).fetchall()
+    return [f"{r['type']}/{r['id']}" for r in rows]
 
 
 def _like(text: str) -> str:
