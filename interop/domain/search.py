@@ -15,7 +15,7 @@ from ..store.search_params import SearchParam, normalise_reference
 
 MAX_COUNT = 200
 DEFAULT_COUNT = 20
-RESULT_PARAMS = {"_count", "_offset", "_include", "_sort", "_format", "_total", "_elements", "_summary"}
+RESULT_PARAMS = {"_count", "_offset", "_include", "_sort", "_format", "_pretty", "_total", "_elements", "_summary"}
 MODIFIERS = {"exact", "not", "contains"}
 TOTALS = ("none", "estimate", "accurate")
 MAX_VALUE = 1000  # characters of one search value; longer ones are refused, not silently cut

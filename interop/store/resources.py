@@ -197,13 +197,16 @@ def update(
     params: dict[str, SearchParam],
     if_match: int | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """Store a new version; creates when the id is new. Returns (stored, created)."""
+    """Store a new version; creates when the id is new (or was deleted: it comes back with the next
+    version number). Returns (stored, created)."""
     rtype, rid = body["resourceType"], body["id"]
     with conn.transaction():
-        current = scalar(conn, "SELECT version FROM resource WHERE type = %s AND id = %s FOR UPDATE", (rtype, rid))
+        row = conn.execute("SELECT version, deleted FROM resource WHERE type = %s AND id = %s FOR UPDATE",
+                           (rtype, rid)).fetchone()
+        current = row["version"] if row is not None else None
         if if_match is not None and current != if_match:
             raise VersionConflict(f"{rtype}/{rid} is at version {current}, not {if_match}")
-        return _write(conn, rtype, rid, (current or 0) + 1, body, params), current is None
+        return _write(conn, rtype, rid, (current or 0) + 1, body, params), row is None or bool(row["deleted"])
 
 
 def read(conn: psycopg.Connection[Any], rtype: str, rid: str) -> dict[str, Any]:
@@ -280,7 +283,8 @@ def changes(conn: psycopg.Connection[Any], types: list[str], count: int, offset:
     args: list[Any] = []
     for rtype in types:
         args += [rtype, *([] if since is None else [since]), count + offset]
-    statement = sql.SQL("{} ORDER BY last_updated DESC, type, id DESC, version DESC LIMIT %s OFFSET %s").format(
+    statement = sql.SQL("SELECT body, deleted FROM ({}) h ORDER BY last_updated DESC, type, id DESC, version DESC"
+                        " LIMIT %s OFFSET %s").format(
         sql.SQL(" UNION ALL ").join([branch] * len(types)))
     rows = conn.execute(statement, [*args, count, offset]).fetchall()
     return [Version(r["body"], r["deleted"]) for r in rows]
