@@ -47,7 +47,8 @@ def test_delete_is_a_version_read_gives_410_and_the_id_can_come_back(
     person["gender"] = "female"
     assert client.put(f"/fhir/Patient/{pid}", data=json.dumps(person), content_type=FHIR).status_code == 200
 
-    deleted = client.delete(f"/fhir/Patient/{pid}")
+    outcome(client.delete(f"/fhir/Patient/{pid}", headers={"If-Match": 'W/"1"'}), 412, "conflict")
+    deleted = client.delete(f"/fhir/Patient/{pid}", headers={"If-Match": 'W/"2"'})
     assert deleted.status_code == 200 and deleted.headers["ETag"] == 'W/"3"'
     said = deleted.get_json(force=True)
     assert said["resourceType"] == "OperationOutcome" and said["issue"][0]["severity"] == "information"

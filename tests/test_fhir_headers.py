@@ -36,6 +36,7 @@ def test_last_modified_is_an_http_date_of_the_version(client: FlaskClient) -> No
         stored = datetime.fromisoformat(body["meta"]["lastUpdated"])
         assert stated == stored.replace(microsecond=0)  # the same instant, to the second
         assert answer.headers["ETag"] == 'W/"1"'
+        assert answer.headers["Content-Location"].endswith(f"/fhir/Patient/{pid}/_history/1")
 
 
 def test_pretty_and_format_on_every_interaction(client: FlaskClient, fhir_validate: Validate) -> None:

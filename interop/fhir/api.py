@@ -65,13 +65,16 @@ def http_date(instant: str) -> str:
 
 
 def _version_headers(body: dict[str, Any], location: bool = False) -> dict[str, str]:
+    """ETag, Last-Modified, and the version's own URL (Content-Location; Location too for a create)."""
     meta = body.get("meta", {})
     headers = {"ETag": f'W/"{meta.get("versionId")}"'}
     if meta.get("lastUpdated"):
         headers["Last-Modified"] = http_date(meta["lastUpdated"])
-    if location:
-        where = f"{body['resourceType']}/{body['id']}/_history/{meta.get('versionId')}"
-        headers["Location"] = f"{hub().settings.public_base()}/{where}"
+    if body.get("id") and meta.get("versionId") and body.get("resourceType") != "AuditEvent":  # not versioned
+        where = f"{hub().settings.public_base()}/{body['resourceType']}/{body['id']}/_history/{meta['versionId']}"
+        headers["Content-Location"] = where
+        if location:
+            headers["Location"] = where
     return headers
 
 
@@ -189,7 +192,7 @@ def delete(rtype: str, rid: str) -> Response:
     """Soft delete, as a version of its own (interop.fhir.interactions says what is refused and why)."""
     _known(rtype, rid)
     with hub().pool.connection() as conn, conn.transaction():
-        done = interactions.delete(conn, rtype, rid)
+        done = interactions.delete(conn, rtype, rid, version=_if_match())
     return _deleted(done)
 
 

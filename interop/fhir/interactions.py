@@ -353,17 +353,21 @@ def read(conn: psycopg.Connection[Any], rtype: str, rid: str) -> dict[str, Any]:
 
 
 # -- delete ----------------------------------------------------------------------------------------
-def delete(conn: psycopg.Connection[Any], rtype: str, rid: str, check: bool = True) -> Result:
+def delete(conn: psycopg.Connection[Any], rtype: str, rid: str, check: bool = True,
+           version: int | None = None) -> Result:
     """Delete (200 with an OperationOutcome, as HAPI FHIR answers); deleting again changes nothing.
-    404 for an id never stored; 405 for types the hub writes; 409 while referenced (module docstring)."""
+    404 for an id never stored; 405 for types the hub writes; 409 while referenced (module docstring);
+    412 when If-Match names another version than the current one."""
     writable(rtype)
     try:
-        resources.read(conn, rtype, rid)
+        current = resources.read(conn, rtype, rid)
     except resources.Gone:
         return Result(200, resources.versions(conn, rtype, rid)[0].body, deleted=True,
                       message=f"{rtype}/{rid} was deleted already; nothing changed")
     except resources.NotFound as exc:
         raise NotFoundError(str(exc)) from None
+    if version is not None and current["meta"]["versionId"] != str(version):
+        raise PreconditionFailed(f"{rtype}/{rid} is at version {current['meta']['versionId']}, not {version}")
     if check:
         unreferenced(conn, f"{rtype}/{rid}")
     try:

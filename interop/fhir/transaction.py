@@ -226,7 +226,7 @@ def _delete(conn: psycopg.Connection[Any], entry: Entry, check: bool = True) -> 
     if entry.conditional:
         return interactions.conditional_delete(conn, entry.rtype, entry.query, check)
     assert entry.rid is not None
-    return interactions.delete(conn, entry.rtype, entry.rid, check)
+    return interactions.delete(conn, entry.rtype, entry.rid, check, entry.if_match)
 
 
 def _resolve(conn: psycopg.Connection[Any], ordered: list[Entry]) -> tuple[dict[int, Target], dict[str, str]]:
