@@ -148,7 +148,11 @@ def test_json_patch(client: FlaskClient, db_url: str) -> None:
     assert body["gender"] == "female" and body["name"][0]["given"] == ["Van", "A", "Thi"]
     assert body["birthDate"] == "1980-02-03" and done.headers["ETag"] == 'W/"2"'
     assert audit_actions(db_url, f"Patient/{pid}/_history/2") == [f"U:Patient/{pid}"]
-    outcome(patch([{"op": "remove", "path": "/gender"}], **{"If-Match": 'W/"1"'}), 412, "conflict")
+    tagged = patch([{"op": "add", "path": "/meta/tag", "value": [{"system": "urn:x", "code": "vip"}]},
+                    {"op": "replace", "path": "/meta/versionId", "value": "99"}])
+    assert tagged.get_json(force=True)["meta"]["tag"] == [{"system": "urn:x", "code": "vip"}]
+    assert tagged.headers["ETag"] == 'W/"3"'  # the version is the hub's to set
+    outcome(patch([{"op": "remove", "path": "/gender"}], **{"If-Match": 'W/"2"'}), 412, "conflict")
     outcome(patch([{"op": "test", "path": "/gender", "value": "male"}, {"op": "remove", "path": "/gender"}]), 412)
     outcome(patch([{"op": "replace", "path": "/gender", "value": "bogus"}]), 400, "code-invalid")  # validated
     outcome(patch([{"op": "replace", "path": "/id", "value": "x"}]), 400, "invalid")
@@ -157,7 +161,7 @@ def test_json_patch(client: FlaskClient, db_url: str) -> None:
     outcome(patch("[{not json"), 400, "invalid")
     outcome(patch({"resourceType": "Parameters", "parameter": []}, "application/fhir+json"), 415, "not-supported")
     outcome(patch([], "text/plain"), 415, "not-supported")
-    assert client.get(f"/fhir/Patient/{pid}").get_json(force=True)["meta"]["versionId"] == "2"  # none of those stored
+    assert client.get(f"/fhir/Patient/{pid}").get_json(force=True)["meta"]["versionId"] == "3"  # none of those stored
     outcome(client.patch("/fhir/DiagnosticReport/r1", data="[]", content_type=JSON_PATCH), 405, "not-supported")
     outcome(client.patch("/fhir/Patient/nope", data="[]", content_type=JSON_PATCH), 404, "not-found")
     client.delete(f"/fhir/Patient/{pid}")

@@ -34,7 +34,7 @@ def patient(mrn: str, family: str = "Nguyen") -> dict[str, Any]:
 
 
 def entry(method: str, url: str, resource: dict[str, Any] | None = None, full_url: str | None = None,
-          **request: str) -> dict[str, Any]:
+          **request: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"request": {"method": method, "url": url, **request}}
     if resource is not None:
         out["resource"] = resource
@@ -182,6 +182,10 @@ def test_a_transaction_deletes_a_patient_with_its_studies_together(client: Flask
     (bundle("transaction", entry("PUT", "Patient/a", {"resourceType": "Patient", "id": "a"}),
             entry("DELETE", "Patient/a")), 400, "once"),
     (bundle("transaction", entry("DELETE", "Patient")), 400, "criteria"),
+    (bundle("transaction", entry("PUT", "Patient/a", {"resourceType": "Patient", "id": "a"}, ifMatch=3)), 400, "If-Match"),
+    (bundle("transaction", entry("POST", "Patient", patient("M1"), ifNoneExist=["identifier=x"])), 400, "ifNoneExist"),
+    (bundle("transaction", entry("POST", "Patient", patient("M1"), "urn:uuid:1"),
+            entry("POST", "Patient", patient("M2"), "urn:uuid:1")), 400, "fullUrl"),
     ("{not json", 400, "JSON"),
 ])
 def test_bad_bundles_get_an_operation_outcome(client: FlaskClient, db_url: str, fhir_validate: Validate,

@@ -127,11 +127,11 @@ def _may_call(url: str, expression: str) -> None:
         raise BusinessRule(reason, issues=[issue("security", reason, expression=expression)])
 
 
-def if_match(raw: str | None) -> int | None:
+def if_match(raw: Any) -> int | None:
     """The version an If-Match header (or a Bundle entry's ifMatch) names."""
     if raw is None:
         return None
-    digits = raw.replace("W/", "").strip('"')
+    digits = raw.replace("W/", "").strip('"') if isinstance(raw, str) else ""
     if not digits.isdigit() or len(digits) > 9:
         raise BadRequest('If-Match must be a version ETag such as W/"3"')
     return int(digits)
@@ -332,10 +332,9 @@ def patch(conn: psycopg.Connection[Any], rtype: str, rid: str, kind: str, docume
     result = patched(current, kind, document)
     if not isinstance(result, dict) or result.get("resourceType") != rtype or result.get("id") != rid:
         raise BadRequest("a patch may not change the resource's type or id")
-    result.pop("meta", None)
-    meta = {k: v for k, v in (current.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
-    if meta:
-        result["meta"] = meta
+    meta = result.pop("meta", None)  # tags and profiles may be patched; the version is the hub's to set
+    if isinstance(meta, dict) and any(k not in ("versionId", "lastUpdated") for k in meta):
+        result["meta"] = {k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")}
     body = prepare(rtype, result)
     stored = _write(conn, _before_write(conn, body), int(current["meta"]["versionId"]))[0]
     _after_write(conn, stored)

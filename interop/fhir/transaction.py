@@ -124,7 +124,9 @@ def _parse_entry(index: int, raw: Any, base: str) -> Entry:
     full_url = raw.get("fullUrl")
     entry.full_url = full_url if isinstance(full_url, str) and full_url else None
     entry.if_match = interactions.if_match(request.get("ifMatch"))
-    entry.if_none_exist = request.get("ifNoneExist") if isinstance(request.get("ifNoneExist"), str) else None
+    if request.get("ifNoneExist") is not None and not isinstance(request["ifNoneExist"], str):
+        raise BadRequest("request.ifNoneExist must be search criteria such as identifier=system|value")
+    entry.if_none_exist = request.get("ifNoneExist") or None
     if entry.method in ("POST", "PUT"):
         entry.resource = interactions.prepare(entry.rtype, raw.get("resource"))
     elif entry.method == "PATCH":
@@ -188,6 +190,11 @@ def transaction(conn: psycopg.Connection[Any], checked: list[Entry | FhirError],
     items = [e for e in checked if isinstance(e, Entry)]
     for refused in (e for e in checked if isinstance(e, FhirError)):
         raise refused
+    urls: dict[str, int] = {}
+    for entry in (e for e in items if e.full_url):
+        if urls.setdefault(str(entry.full_url), entry.index) != entry.index:
+            raise entry_error(BadRequest(f"fullUrl {str(entry.full_url)[:80]} is also entry {urls[str(entry.full_url)]}'s;"
+                                         " each entry has its own"), entry.where)
     _named_once([(e, f"{e.rtype}/{e.rid}") for e in items if e.rid is not None and e.method != "GET"])
     done: dict[int, Done] = {}
     with conn.transaction():
