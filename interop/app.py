@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 from . import access
 from .auth import routes as auth
 from .config import Settings
-from .fhir import api, errors, operations, subscription_status
+from .fhir import api, bulk, errors, operations, subscription_status
 from .ops import admin, dicom_in, health
 from .services.context import Context
 from .services.security.audit import AuditWriter
@@ -96,6 +96,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(operations.bp)
     app.register_blueprint(subscription_status.bp)  # Subscription/$status (R4 Subscriptions Backport)
+    app.register_blueprint(bulk.bp)  # $export (FHIR Bulk Data)
     app.register_blueprint(health.bp)
     app.register_blueprint(admin.bp)  # with the unmatched-studies queue (interop.ops.dicom_in)
     app.register_blueprint(dicom_in.stow)

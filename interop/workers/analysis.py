@@ -32,7 +32,7 @@ from inference_client.triton import ModelNotFound, TritonClient, TritonError, Tr
 
 from ..config import Settings
 from ..dicom.errors import DicomError, NotAnImage
-from ..services import critical, inbound, orders, tasks
+from ..services import bulk, critical, inbound, orders, tasks
 from ..services.analysis import Analyser, Prepared, Timings, wait_seconds
 from ..services.analytics import facts
 from ..services.context import Context
@@ -76,9 +76,9 @@ class Runner:
             ANALYSE: self._analyse,
             orders.PROCESS_HL7: orders.process_message, orders.FIND_STUDY: orders.find_study,
             critical.ESCALATE: critical.escalate, facts.REFRESH: facts.refresh,
-            inbound.STUDY_STABLE: inbound.study_stable,
+            inbound.STUDY_STABLE: inbound.study_stable, bulk.EXPORT: bulk.run,
         }
-        self.on_fail: dict[str, Failed] = {orders.PROCESS_HL7: orders.message_failed}
+        self.on_fail: dict[str, Failed] = {orders.PROCESS_HL7: orders.message_failed, bulk.EXPORT: bulk.export_failed}
 
     def close(self) -> None:
         self._give_back_ahead()
