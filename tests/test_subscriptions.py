@@ -186,6 +186,11 @@ def test_classic_rest_hook_puts_the_report_at_the_endpoint_or_posts_nothing(
     [post] = without.received
     assert post["method"] == "POST" and post["path"] == "/hook" and post["body"] == b""
     assert "Content-Type" not in post["headers"]
+    answer = requests.get(f"{api.url}/Subscription/{sub.id}/$status", headers={"Authorization": api.authorization},
+                          timeout=10)
+    assert answer.status_code == 200 and fhir_validate(answer.json()) == []
+    status = {p["name"]: p for p in answer.json()["entry"][0]["resource"]["parameter"]}
+    assert status["status"]["valueCode"] == "active" and "topic" not in status  # a classic one has no topic
 
 
 # -- the R4 Subscriptions Backport (topic-based) ------------------------------------------------------

@@ -204,7 +204,7 @@ def status_parameters(subscription: dict[str, Any], base: str, kind: str, events
     """The backport's R4 SubscriptionStatus (a Parameters). `event`: {number, timestamp, focus}."""
     sub_url = f"{base}/Subscription/{subscription['id']}"
     parameter: list[dict[str, Any]] = [{"name": "subscription", "valueReference": {"reference": sub_url}}]
-    if content(subscription) != "empty" or kind != "event-notification":
+    if is_topic_based(subscription) and (content(subscription) != "empty" or kind != "event-notification"):
         parameter.append({"name": "topic", "valueCanonical": str(subscription.get("criteria"))})
     parameter += [{"name": "status", "valueCode": status or str(subscription.get("status"))},
                   {"name": "type", "valueCode": kind},
