@@ -146,3 +146,15 @@ def test_no_cors_unless_configured(client: FlaskClient) -> None:
     assert answer.status_code == 200 and "Access-Control-Allow-Origin" not in answer.headers
     preflight = client.options("/fhir/Patient", headers={"Origin": VIEWER, "Access-Control-Request-Method": "GET"})
     assert "Access-Control-Allow-Origin" not in preflight.headers
+
+
+def test_an_operation_answers_with_the_version_headers(client: FlaskClient, db_url: str) -> None:
+    from tests.test_review import make_report, review
+
+    report = make_report(db_url)
+    signed = review(client, report["id"], "sign")
+    assert signed.status_code == 200, signed.get_data(as_text=True)
+    body = signed.get_json(force=True)
+    assert signed.headers["ETag"] == f'W/"{body["meta"]["versionId"]}"'
+    assert parsedate_to_datetime(signed.headers["Last-Modified"]) == \
+        datetime.fromisoformat(body["meta"]["lastUpdated"]).replace(microsecond=0)

@@ -78,6 +78,8 @@ def _version_headers(body: dict[str, Any], location: bool = False) -> dict[str, 
     return headers
 
 
+version_headers = _version_headers  # the operations' answers carry them too (interop.fhir.operations)
+
 XML_FORMATS = ("xml", "text/xml", "application/xml", "application/fhir+xml", "application/xml+fhir")
 
 

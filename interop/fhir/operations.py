@@ -13,7 +13,7 @@ from .. import access
 from ..domain import audit
 from ..services import critical, review
 from ..services.errors import ReviewError
-from .api import hub, respond
+from .api import hub, respond, version_headers
 from .errors import BadRequest, FhirError, InvalidResource
 from .validation import MAX_DEPTH, depth
 
@@ -118,7 +118,7 @@ def review_report(rid: str) -> Response:
         except ReviewError as exc:
             raise error(exc) from None
         _audited(conn, f"review-{args['action']}", report, f"by {args['reviewer'] or 'unnamed'}")
-    return respond(report, 200, {"ETag": f'W/"{report["meta"]["versionId"]}"'})
+    return respond(report, 200, version_headers(report))
 
 
 def _audited(conn: Any, operation: str, changed: dict[str, Any], description: str) -> None:
@@ -137,7 +137,7 @@ def acknowledge(rid: str) -> Response:
         except ReviewError as exc:
             raise error(exc) from None
         _audited(conn, "acknowledge-critical", task, f"by {by or 'unnamed'}")
-    return respond(task)
+    return respond(task, 200, version_headers(task))
 
 
 @bp.post("/DiagnosticReport/<rid>/$transfer-decision")
@@ -151,4 +151,4 @@ def transfer_decision(rid: str) -> Response:
         except ReviewError as exc:
             raise error(exc) from None
         _audited(conn, "transfer-decision", referral, f"{text(params, 'decision')} by {text(params, 'by') or 'unnamed'}")
-    return respond(referral)
+    return respond(referral, 200, version_headers(referral))
