@@ -261,3 +261,35 @@ def test_an_export_interrupted_by_a_crash_is_done_again_from_the_start(
     manifest = done.json()
     exported = download(emr, manifest, fhir_validate)
     assert [r["id"] for r in exported["DiagnosticReport"]] == ["r1"] and len(manifest["output"]) == 1
+
+
+def test_large_exports_are_split_into_files_read_a_page_at_a_time(
+        hub: Hub, conn: psycopg.Connection[Any], fhir_validate: Callable[[dict[str, Any]], list[str]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bulk, "FILE_LINES", 4)
+    monkeypatch.setattr(bulk, "PAGE", 2)
+    reports = [store_report(conn, hub.ctx, f"r{i}", "BVDKDN") for i in range(3)]
+    emr = hub.client("system/DiagnosticReport.rs system/Observation.rs", site="BVDKDN")
+    manifest = finish(hub, emr, kick_off(emr, f"{hub.base}/DiagnosticReport/$export?_type=Observation,DiagnosticReport"))
+    observations = sorted(r["reference"].split("/")[1] for report in reports for r in report["result"])
+    assert [f["type"] for f in manifest["output"]] == ["Observation"] * -(-len(observations) // 4) + ["DiagnosticReport"]
+    assert all(f["count"] <= 4 for f in manifest["output"]) and len(observations) % 4  # a last, partial file
+    exported = download(emr, manifest, fhir_validate)
+    assert sorted(o["id"] for o in exported["Observation"]) == observations  # each once
+    assert sorted(r["id"] for r in exported["DiagnosticReport"]) == ["r0", "r1", "r2"]
+
+
+def test_an_analytics_export_since_an_instant_holds_what_changed_after_it(
+        hub: Hub, conn: psycopg.Connection[Any], fhir_validate: Callable[[dict[str, Any]], list[str]]) -> None:
+    store_report(conn, hub.ctx, "r1", "BVDKDN")
+    store_report(conn, hub.ctx, "r2", "BVDKDN")
+    cdc = hub.client("hub:analytics")
+    first = finish(hub, cdc, kick_off(cdc, f"{hub.base}/$export?_type=DiagnosticReport"))
+    assert [f["type"] for f in first["output"]] == ["DiagnosticReport"] and first["output"][0]["count"] == 2
+    with conn.transaction():
+        facts.record(conn, hub.ctx, "r2", event="reviewed")  # the fact is recomputed: it changed
+    again = finish(hub, cdc, kick_off(cdc, f"{hub.base}/$export?_since={first['transactionTime']}"))
+    exported = download(cdc, again, fhir_validate)
+    expected = hub.ctx.pseudonymizer.patient_key(bulk.REPORT_KEY_SYSTEM, "r2")
+    assert [r["id"] for r in exported["DiagnosticReport"]] == [expected]
+    assert len(exported["Patient"]) == 1 and len(exported["Observation"]) == len(exported["DiagnosticReport"][0]["result"])

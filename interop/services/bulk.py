@@ -153,16 +153,21 @@ def cancel(conn: psycopg.Connection[Any], export_id: str) -> None:
 
 # -- the job -------------------------------------------------------------------------------------------
 class _Files:
-    """NDJSON files as they fill: one type at a time, FILE_LINES lines each, each stored in its own
-    transaction (an export of millions never holds one open)."""
+    """NDJSON files as they fill, FILE_LINES lines each, each stored in its own transaction (an
+    export of millions never holds one open). `grouped`: resources come one type after another, so
+    a type's last file is written when the next type begins (the manifest lists types in order)."""
 
-    def __init__(self, conn: psycopg.Connection[Any], export_id: str):
-        self.conn, self.export_id = conn, export_id
+    def __init__(self, conn: psycopg.Connection[Any], export_id: str, *, grouped: bool):
+        self.conn, self.export_id, self.grouped = conn, export_id, grouped
         self.n = 0
         self.lines: dict[str, list[bytes]] = {}
+        self.last: str | None = None
 
     def add(self, resource: dict[str, Any]) -> None:
         rtype = resource["resourceType"]
+        if self.grouped and self.last is not None and self.last != rtype:
+            self.flush(self.last)
+        self.last = rtype
         lines = self.lines.setdefault(rtype, [])
         lines.append(orjson.dumps({"resourceType": rtype, **resource}))
         if len(lines) >= FILE_LINES:
@@ -188,7 +193,7 @@ def run(conn: psycopg.Connection[Any], ctx: Context, job: queue.Job, _timings: o
         with conn.transaction():
             queue.complete(conn, job)
         return
-    files = _Files(conn, export_id)
+    files = _Files(conn, export_id, grouped=row["kind"] == RESOURCES)
     since = row["since"]
     pages = _analytics(conn, ctx.pseudonymizer, since, until) if row["kind"] == ANALYTICS else \
         _resources(conn, row["types"], since, until, row["site"])
