@@ -206,3 +206,23 @@ def test_fhirpy_habits(fhir: fhirpy.SyncFHIRClient) -> None:
     with pytest.raises(fhirpy.base.exceptions.ResourceNotFound):
         fhir.reference("Patient", person.id).to_resource()
     assert fhir.resources("Patient").search(identifier=f"{NHI}|M8").fetch() == []
+
+
+def test_every_element_of_a_patch_replaced_by_a_wrong_type_is_a_4xx_never_a_500(client: FlaskClient) -> None:
+    from tests.test_fhir_transaction import _paths, _replaced
+
+    pid = created(client, patient("M1"))["id"]
+    ops = [{"op": "replace", "path": "/gender", "value": "female"}, {"op": "add", "path": "/name/0/given/-", "value": "X"},
+           {"op": "move", "from": "/name/0/given/0", "path": "/name/0/given/1"},
+           {"op": "test", "path": "/id", "value": pid}]
+    merge = {"gender": "female", "name": [{"family": "Ho"}], "active": None}
+    tried = 0
+    for document, ctype in ((ops, JSON_PATCH), (merge, "application/merge-patch+json")):
+        for path in _paths(document):
+            for wrong in (None, 7, "x", [], {}, True, "/", "/-", "/name/99"):
+                answer = client.patch(f"/fhir/Patient/{pid}", data=json.dumps(_replaced(document, path, wrong)),
+                                      content_type=ctype)
+                tried += 1
+                assert answer.status_code < 500, (path, wrong, answer.get_data(as_text=True)[:300])
+                assert answer.get_json(force=True)["resourceType"] in ("Patient", "OperationOutcome")
+    assert tried > 150

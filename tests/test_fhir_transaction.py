@@ -4,6 +4,7 @@ nothing for a transaction and each entry on its own for a batch, the token's sco
 Every answer is checked against the official R4 JSON schema."""
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import uuid
@@ -259,3 +260,40 @@ def test_fhirpy_posts_a_transaction(app: Flask, db_url: str, hub_http: str, fhir
     assert len(studies) == 1 and studies[0]["subject"]["reference"] == f"Patient/{pid}"
     with pytest.raises(fhirpy.base.exceptions.OperationOutcome):
         fhir.execute("/", method="post", data=bundle("document"))
+
+
+def _paths(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    yield path
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+    for key, child in children:
+        yield from _paths(child, (*path, key))
+
+
+def _replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    if not path:
+        return new
+    out = copy.deepcopy(value)
+    holder = out
+    for key in path[:-1]:
+        holder = holder[key]
+    holder[path[-1]] = new
+    return out
+
+
+@pytest.mark.parametrize("kind", ["transaction", "batch"])
+def test_every_element_of_a_bundle_replaced_by_a_wrong_type_is_a_4xx_never_a_500(
+        client: FlaskClient, kind: str) -> None:
+    p_url = urn()
+    sent = bundle(kind, entry("POST", "Patient", patient("M1"), p_url, ifNoneExist=f"identifier={NHI}|M1"),
+                  entry("PUT", f"Patient?identifier={NHI}|M2", patient("M2"), ifMatch='W/"1"'),
+                  entry("PATCH", "Patient/p9", {"resourceType": "Binary", "contentType": "application/json-patch+json",
+                                                "data": "W10="}),
+                  entry("DELETE", "Patient/p8"), entry("GET", "Patient?name=x"))
+    tried = 0
+    for path in _paths(sent):
+        for wrong in (None, 7, "x", [], {}, True, "urn:uuid:" + "9" * 36):
+            answer = post_bundle(client, _replaced(sent, path, wrong))
+            tried += 1
+            assert answer.status_code < 500, (path, wrong, answer.get_data(as_text=True)[:300])
+            assert answer.get_json(force=True)["resourceType"] in ("Bundle", "OperationOutcome"), (path, wrong)
+    assert tried > 300

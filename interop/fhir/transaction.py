@@ -95,7 +95,7 @@ def _parse_entry(index: int, raw: Any, base: str) -> Entry:
         raise BadRequest("each entry needs a request (method and url)")
     request = raw["request"]
     method, url = request.get("method"), request.get("url")
-    if method not in ORDER or not isinstance(url, str) or not url:
+    if not isinstance(method, str) or method not in ORDER or not isinstance(url, str) or not url:
         raise BadRequest("request.method must be GET, HEAD, POST, PUT, PATCH or DELETE, and request.url a relative URL")
     if url.startswith(base + "/"):
         url = url[len(base) + 1:]
