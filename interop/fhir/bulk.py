@@ -89,13 +89,20 @@ def _kick_off(rtype: str | None) -> Response:
             chosen = bulk.plan(list(request.args.items(multi=True)), caller.grant, rtype=rtype, site=site,
                                exportable=tuple(capability.RESOURCES), lenient="handling=lenient" in prefer)
             with conn.transaction():
-                export_id = bulk.start(conn, hub.ctx, caller.name, chosen, request.url)
+                export_id = bulk.start(conn, hub.ctx, caller.name, chosen, _public_url())
         except bulk.ExportError as exc:
             kind = {403: Forbidden, 429: TooMany}.get(exc.status, BadRequest)
             raise kind(str(exc)) from None
     access.note(audit.operation("export"), "E", what=[f"$export/{export_id}"], query=request.query_string.decode()[:500])
     location = f"{hub.settings.public_base()}/$export-poll-status/{export_id}"
     return Response(status=202, headers={"Content-Location": location})
+
+
+def _public_url() -> str:
+    """The kick-off URL as the client sent it, on the hub's public base (behind a proxy too)."""
+    path = request.path.removeprefix(bp.url_prefix or "")
+    query = request.query_string.decode("utf-8", "replace")
+    return f"{_hub().settings.public_base()}{path}" + (f"?{query}" if query else "")
 
 
 def _mine(conn: Any, export_id: str) -> dict[str, Any]:
