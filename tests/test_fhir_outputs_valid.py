@@ -5,7 +5,8 @@ over MLLP (Patient, Encounter, ServiceRequest from HL7), its images in the PACS 
 the AI analysis (Task, DiagnosticReport, Observation, Device, Provenance), a radiologist's review
 over `$review` adding a critical finding (a new report version and its Provenance, critical
 Communications to the site's contact and to its referral hospital, the transfer ServiceRequest and
-the acknowledgement Task), the acknowledgement and the transfer decision, and refused requests.
+the acknowledgement Task), the acknowledgement and the transfer decision; a HIS's FHIR Patient and ImagingStudy whose PACS never
+answers (a failed Task with its reason); a person's login and a failed one; refused requests.
 
 Then every version of every resource in the resource table (SQL), every AuditEvent of the trail
 (FHIR search, paged) and every answer the API gave (searchsets, histories, OperationOutcomes,
@@ -27,11 +28,12 @@ import pytest
 import yaml
 
 from inference_client.models import load_models
+from tests.fixtures.auth import csrf_of, person_session
 from tests.fixtures.fhir_check import FhirCheck, started
 from tests.fixtures.hub import HubProcess, start_hub, stop_hub
 from tests.fixtures.mllp import SEP, orm, send
 from tests.fixtures.postgres import with_database
-from tests.helpers import ROOT, chest_study_in_pacs, wait_for
+from tests.helpers import ROOT, chest_study_in_pacs, study_resource, wait_for
 
 REVIEWER = "BS. Trần Văn Bình"
 MODEL = load_models(ROOT / "mappings")["chest-xray"]
@@ -132,6 +134,24 @@ def full_run(hub: HubProcess, orthanc: Any) -> Run:
     run.get("Encounter", patient=report["subject"]["reference"])
     run.get("metadata")
 
+    # A HIS's FHIR client: a Patient and an ImagingStudy whose PACS never answers (the analysis
+    # Task fails with its reason), and a person's login to the worklist, then a wrong password.
+    from scripts.synthetic.dicom import make_chest_xray
+
+    patient = run.post("Patient", {"resourceType": "Patient", "identifier": [{"system": "urn:test:mrn", "value": "F151"}],
+                                   "name": [{"family": "Lê", "given": ["Thị", "Hoa"]}], "gender": "female",
+                                   "birthDate": "1961-03-08"}, status=201)
+    dead = study_resource([make_chest_xray(seed=152, size=64)], patient["id"], "http://127.0.0.1:9/dicom-web")
+    study = run.post("ImagingStudy", dead, status=201)
+    wait_for(lambda: [e for e in run.get("Task", focus=f"ImagingStudy/{study['id']}").get("entry", [])
+                      if e["resource"]["status"] == "failed"], 60, what="the failed analysis Task")
+    browser, _ = person_session(hub.base, hub.env["DATABASE_URL"], "bs-hoa")
+    assert browser.get(f"{hub.base}/worklist/", timeout=10).status_code == 200
+    stranger = hub.session.__class__()
+    page = stranger.get(f"{hub.base}/login", timeout=10)
+    stranger.post(f"{hub.base}/login", data={"username": "bs-hoa", "password": "wrong", "csrf_token": csrf_of(page.text)},
+                  allow_redirects=False, timeout=30)
+
     # Refusals: each an OperationOutcome with its status.
     run.post("ImagingStudy", "{not json", status=400)
     run.post("ImagingStudy", {"resourceType": "ImagingStudy", "status": "bogus", "subject": {"reference": "Patient/x"}},
@@ -176,7 +196,8 @@ def run(pg_server_url: str, pg_template: str, triton_url: str, orthanc: Any,
     (workdir / "sites.yaml").write_text(yaml.safe_dump(SITES, allow_unicode=True), encoding="utf-8")
     hub = start_hub({"DATABASE_URL": with_database(pg_server_url, name), "TRITON_URL": triton_url,
                      "DICOMWEB_URL": orthanc.dicomweb_url, "INTEROP_SITES": str(workdir / "sites.yaml"),
-                     "INTEROP_RETRY_BASE_SECONDS": "1", "INTEROP_WORKERS": "1"}, workdir)
+                     "INTEROP_RETRY_BASE_SECONDS": "1", "INTEROP_JOB_MAX_ATTEMPTS": "2",
+                     "INTEROP_WORKERS": "1"}, workdir)
     try:
         done = full_run(hub, orthanc)
         stored(done)
