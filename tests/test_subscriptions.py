@@ -293,3 +293,27 @@ def test_topic_subscriptions_the_hub_cannot_serve_are_refused(
         assert outcome.value.resource["issue"][0]["code"] == "business-rule"
     assert scalar(conn, "SELECT count(*) FROM resource WHERE type = 'Subscription'") == 0
     assert queue.depth(conn) == {}
+
+
+def test_a_payload_subscription_on_an_emr_fhir_base_updates_the_report_there(
+        api: fhirpy.SyncFHIRClient, fhir_emr: Any, sender: Deliverer, conn: psycopg.Connection[Any]) -> None:
+    """R4's payload semantics with a real FHIR server as the endpoint (Medplum): the notification
+    is an update of the report at the EMR, which then holds each new version."""
+    create(api, {"status": "requested", "reason": "x", "criteria": "DiagnosticReport?status=preliminary,final",
+                 "channel": {"type": "rest-hook", "endpoint": fhir_emr.base, "payload": "application/fhir+json",
+                             "header": [f"Authorization: Bearer {fhir_emr.token}"]}})
+    assert len(new_report(conn, sender, "r7")) == 1
+    assert run_ready(sender) == 1
+    held = fhir_emr.read("DiagnosticReport/r7")
+    assert held["status"] == "preliminary"
+    report = resources.read(conn, "DiagnosticReport", "r7")
+    report["status"] = "final"
+    del report["meta"]["lastUpdated"]
+    with conn.transaction():
+        stored = resources.update(conn, report, PARAMS["DiagnosticReport"])[0]
+        delivery.queue_report(conn, sender.ctx, stored, None)
+    assert run_ready(sender) == 1
+    assert fhir_emr.read("DiagnosticReport/r7")["status"] == "final"
+    puts = [r for r in fhir_emr.requests() if r["method"] == "PUT"]
+    assert [(r["url"], r["authorization"]) for r in puts] == [("/DiagnosticReport/r7", f"Bearer {fhir_emr.token}")] * 2
+    assert all(200 <= r["status"] < 300 for r in puts)
