@@ -297,3 +297,24 @@ def test_every_element_of_a_bundle_replaced_by_a_wrong_type_is_a_4xx_never_a_500
             assert answer.status_code < 500, (path, wrong, answer.get_data(as_text=True)[:300])
             assert answer.get_json(force=True)["resourceType"] in ("Bundle", "OperationOutcome"), (path, wrong)
     assert tried > 300
+
+
+def test_the_same_conditional_transaction_sent_at_once_makes_one_patient(app: Flask, db_url: str) -> None:
+    token = bearer(app.test_client(), db_url)
+    creates = bundle("transaction", entry("POST", "Patient", patient("M1"), urn(), ifNoneExist=f"identifier={NHI}|M1"))
+    updates = bundle("transaction", entry("PUT", f"Patient?identifier={NHI}|M2", patient("M2")))
+    statuses: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def send(sent: dict[str, Any]) -> None:
+        sender = with_token(app.test_client(), token)
+        barrier.wait(30)
+        statuses.append(post_bundle(sender, sent).status_code)
+
+    threads = [threading.Thread(target=send, args=(creates if n % 2 else updates,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert statuses == [200] * 8
+    assert count(db_url, "Patient") == 2  # one M1 (the others found it), one M2 (the others updated it)

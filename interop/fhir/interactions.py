@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import jsonpatch
 import orjson
@@ -142,6 +142,17 @@ def criteria_of(query: str | list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in args if k not in FORMAT_PARAMS]
 
 
+def lock_criteria(conn: psycopg.Connection[Any], rtype: str, query: str | list[tuple[str, str]]) -> None:
+    """Serialise the conditional writes of the same criteria (create, update, in a Bundle or not) until
+    the transaction ends, so that two of them at once make one resource, not two."""
+    resources.lock(conn, f"{rtype}?{criteria_key(query)}")
+
+
+def criteria_key(query: str | list[tuple[str, str]]) -> str:
+    """The criteria as one string, whatever their order or spelling."""
+    return urlencode(sorted(criteria_of(query)))
+
+
 def matching(conn: psycopg.Connection[Any], rtype: str, query: str | list[tuple[str, str]],
              most: int = 2) -> list[dict[str, Any]]:
     """Up to `most` current resources a conditional interaction's criteria find (strict: an
@@ -221,7 +232,7 @@ def target(conn: psycopg.Connection[Any], rtype: str, body: dict[str, Any], crit
     """Resolve a create: If-None-Exist (0 matches: create, 1: that one, more: 412), or the same
     ImagingStudy posted again (a client's retry, or news of the study: it updates that one)."""
     if criteria:
-        resources.lock(conn, f"{rtype}?{criteria}")
+        lock_criteria(conn, rtype, criteria)
         found = matching(conn, rtype, criteria)
         if len(found) > 1:
             raise PreconditionFailed("If-None-Exist matches more than one resource")
@@ -274,7 +285,7 @@ def conditional_update(conn: psycopg.Connection[Any], rtype: str, criteria: str 
     """PUT Type?criteria: no match creates (under the body's id, if it has one), one match is
     updated (the body's id, if any, must be its id), more than one is 412."""
     writable(rtype)
-    resources.lock(conn, f"{rtype}?{criteria if isinstance(criteria, str) else sorted(criteria)}")
+    lock_criteria(conn, rtype, criteria)
     found = matching(conn, rtype, criteria)
     if len(found) > 1:
         raise PreconditionFailed("the criteria of the conditional update match more than one resource")

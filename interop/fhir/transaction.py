@@ -202,6 +202,12 @@ def transaction(conn: psycopg.Connection[Any], checked: list[Entry | FhirError],
         try:
             for current in items:
                 check_scope(current)
+            current = None
+            # the conditional entries' locks, taken in one order: two transactions never wait on each other in a circle
+            conditions = {(e.rtype, interactions.criteria_key(e.if_none_exist or "" if e.method == "POST" else e.query))
+                          for e in items if (e.method == "POST" and e.if_none_exist) or e.conditional}
+            for rtype, query in sorted(conditions):
+                interactions.lock_criteria(conn, rtype, query)
             ordered = sorted(items, key=lambda e: (ORDER[e.method], e.index))
             for current in (e for e in ordered if e.method == "DELETE"):
                 done[current.index] = _delete(conn, current, check=False)
@@ -246,6 +252,7 @@ def _resolve(conn: psycopg.Connection[Any], ordered: list[Entry]) -> tuple[dict[
                 assert entry.resource is not None
                 targets[entry.index] = interactions.target(conn, entry.rtype, entry.resource, entry.if_none_exist)
             elif entry.method in ("PUT", "PATCH") and entry.conditional:
+                interactions.lock_criteria(conn, entry.rtype, entry.query)
                 found = interactions.matching(conn, entry.rtype, entry.query)
                 if len(found) > 1:
                     raise PreconditionFailed("the criteria match more than one resource")
