@@ -23,7 +23,7 @@ import psycopg
 from flask import Blueprint, Response, current_app, request
 
 from .. import access
-from ..domain import audit, search
+from ..domain import audit, elements, search
 from ..services.security import audit as audit_trail
 from ..store import resources
 from . import capability, interactions, transaction
@@ -219,7 +219,20 @@ def read(rtype: str, rid: str) -> Response:
     with hub().pool.connection() as conn:  # a refusal (404, 410) is audited by interop.access.after
         body = _read(conn, rtype, rid)
         access.audit_read(audit.interaction("read"), "R", what=[_ref(body)], patients=audit.patients_of(body))
-    return respond(body, 200, _version_headers(body))
+    return respond(_subset(body), 200, _version_headers(body))
+
+
+def _subset(body: dict[str, Any]) -> dict[str, Any]:
+    """A read with _summary or _elements (interop.domain.elements)."""
+    summary = request.args.get("_summary")
+    wanted = request.args.get("_elements")
+    if summary is None and wanted is None:
+        return body
+    if summary not in (None, "true", "false", "text", "data"):
+        raise BadRequest("_summary on a read: one of true, text, data, false")
+    fields = [e.strip() for e in wanted.split(",") if e.strip()] if wanted is not None else None
+    return elements.subset(body, elements.load(hub().settings.mappings_dir),
+                           None if summary == "false" else summary, fields)
 
 
 def _read(conn: psycopg.Connection[Any], rtype: str, rid: str) -> dict[str, Any]:
@@ -391,7 +404,7 @@ def _search(
 ) -> tuple[search.Search, list[dict[str, Any]], resources.Page]:
     lenient = "handling=lenient" in request.headers.get("Prefer", "")
     try:
-        parsed = search.parse(rtype, args, hub().params.get(rtype, {}), lenient=lenient)
+        parsed = search.parse(rtype, args, hub().params.get(rtype, {}), lenient=lenient, table=hub().params)
     except search.SearchError as exc:
         raise BadRequest(str(exc)) from None
     if count is not None:
@@ -413,9 +426,11 @@ def search_type(rtype: str) -> Response:
         parsed, found, page = _search(conn, rtype, args)
         included: list[dict[str, Any]] = []
         for _source, pname in parsed.includes:
-            path = hub().params[rtype][pname].path
-            refs = [r["reference"] for body in found for r in _refs(body, path)]
+            param = hub().params[rtype][pname]
+            refs = [r["reference"] for body in found for path in param.paths for r in _refs(body, path)]
             included.extend(resources.read_many(conn, refs))
+        for source, pname in parsed.revincludes:  # the resources that refer to this page's
+            included.extend(resources.read_referring(conn, source, pname, [f"{rtype}/{b['id']}" for b in found]))
         caller = access.principal()
         included = [b for b in included if caller is not None and caller.grant.allows(b["resourceType"], "r")]  # in scope
         access.audit_read(audit.interaction("search-type"), "E", what=[rtype], query=urlencode(args),
@@ -452,7 +467,9 @@ def _bundle(
         links.append(link("next", q.offset + q.count))
     if q.offset > 0:
         links.append(link("previous", max(0, q.offset - q.count)))
-    entries = [{"fullUrl": f"{base}/{b['resourceType']}/{b['id']}", "resource": b,
+    shapes = elements.load(hub().settings.mappings_dir)
+    entries = [{"fullUrl": f"{base}/{b['resourceType']}/{b['id']}",
+                "resource": elements.subset(b, shapes, parsed.summary, parsed.elements),
                 "search": {"mode": "match"}} for b in found]
     seen = {(b["resourceType"], b["id"]) for b in found}
     for b in included:
@@ -464,6 +481,8 @@ def _bundle(
     if page.total is not None:
         bundle["total"] = page.total
     bundle.update(link=links, entry=entries)
+    if parsed.summary == "count":  # how many, and no entries
+        bundle["entry"] = []
     if parsed.ignored:
         bundle["entry"].append({"resource": outcome([issue(
             "not-supported", f"ignored unknown parameters: {', '.join(parsed.ignored)}", "warning")]),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -46,13 +46,31 @@ STRING_INDEX_CHARS = 200  # a string is searchable by its first 200 characters (
 TOKEN_INDEX_CHARS = 512   # a longer code, identifier or reference is refused: it could not be found
 
 
+class Comparison(NamedTuple):
+    """One prefixed value of a date, number or quantity parameter: the range [low, high) it stands
+    for (dates as the index holds them, numbers as plain decimals), the unit ('system|code',
+    '*|code' for any system) and, for a number, the value itself."""
+
+    prefix: str
+    low: str
+    high: str
+    unit: str | None = None
+    value: str | None = None
+
+
 @dataclass
 class Criterion:
-    """One search parameter with its OR'd values: (system or None or ANY, value)."""
+    """One search parameter with its OR'd values: (system or None or ANY, value); or its OR'd
+    comparisons (date, number, quantity); or a chain (the referenced type and the criterion its
+    resource meets); or _has (the referring type, whose reference parameter is `param`, and the
+    criterion the referring resource meets)."""
 
     param: SearchParam
     values: list[tuple[str | None | object, str]]
     modifier: str | None = None
+    comparisons: list[Comparison] = field(default_factory=list)
+    chain: tuple[str, Criterion] | None = None
+    has: tuple[str, Criterion] | None = None
 
 
 ANY_SYSTEM = object()
@@ -363,6 +381,8 @@ def _criterion_sql(crit: Criterion, alias: str = "r",
     (`_expand`), tested for equality. The index row's last_updated is its resource's, so an
     equality is one probe of (type, param, value, last_updated, id). In a walk (`d`) the test is
     kept a per-row subplan (OFFSET 0): the walk stops at the page's end only if it is not joined."""
+    if crit.comparisons or crit.chain is not None or crit.has is not None:
+        return _linked_sql(crit, alias)
     ors: list[str] = []
     args: list[Any] = [crit.param.name]
     exact: list[str] = []
@@ -401,11 +421,90 @@ def _criterion_sql(crit: Criterion, alias: str = "r",
                      " AND s.last_updated = {a}.last_updated AND s.param = %s AND ({values}){per_row})").format(
         negated=sql.SQL("NOT " if crit.modifier == "not" else ""), a=sql.Identifier(alias),
         per_row=sql.SQL(" OFFSET 0" if alias == "d" else ""),  # tested row by row as the walk goes (not joined)
-        values=sql.SQL(" OR ").join(map(sql.SQL, ors)))
+        values=sql.SQL(" OR ").join(map(sql.SQL, ors or ["false"])))  # no value (a chain that found none): nothing
     if exact:
         exists = sql.SQL("({} AND {})").format(exists, _EXACT)
         args.extend(_exact_args(crit.param, exact))
     return exists, args
+
+
+# A date row holds its range [low, high) as text whose byte order is time order: low in `value`,
+# high in `system`. Each prefix as HAPI FHIR compares the ranges (R4 search.html#prefix); ap's
+# range is the value's, widened by the search module.
+_DATE_SQL = {
+    "eq": ("(s.value ~>=~ %s AND s.value ~<~ %s AND s.system ~<=~ %s)", ("low", "high", "high")),  # low < high
+    "ne": ("(s.value ~<~ %s OR s.system ~>~ %s)", ("low", "high")),
+    "gt": ("s.system ~>~ %s", ("high",)),
+    "lt": ("s.value ~<~ %s", ("low",)),
+    "ge": ("s.system ~>~ %s", ("low",)),
+    "le": ("s.value ~<~ %s", ("high",)),
+    "sa": ("s.value ~>=~ %s", ("high",)),
+    "eb": ("s.system ~<=~ %s", ("low",)),
+    "ap": ("(s.value ~<~ %s AND s.system ~>~ %s)", ("high", "low")),
+}
+# A number row holds a plain decimal in `value` (cast only on this parameter's rows: other rows are
+# text) and a quantity's unit as system|code in `system`.
+_NUMBER = "(CASE WHEN s.param = %s THEN s.value::numeric END)"
+_NUMBER_SQL = {
+    "eq": ("({n} >= %s AND {n} < %s)", ("low", "high")),
+    "ne": ("NOT ({n} >= %s AND {n} < %s)", ("low", "high")),
+    "gt": ("{n} > %s", ("value",)),
+    "lt": ("{n} < %s", ("value",)),
+    "ge": ("{n} >= %s", ("value",)),
+    "le": ("{n} <= %s", ("value",)),
+    "sa": ("{n} > %s", ("value",)),
+    "eb": ("{n} < %s", ("value",)),
+    "ap": ("({n} >= %s AND {n} < %s)", ("low", "high")),
+}
+
+
+def _comparison_sql(crit: Criterion) -> tuple[list[str], list[Any]]:
+    ors: list[str] = []
+    args: list[Any] = []
+    for c in crit.comparisons:
+        if crit.param.type == "date":
+            text, fields = _DATE_SQL[c.prefix]
+            ors.append(text)
+            args += [getattr(c, f) for f in fields]
+            continue
+        text, fields = _NUMBER_SQL[c.prefix]
+        test = text.replace("{n}", _NUMBER)
+        for f in fields:
+            args += [crit.param.name, getattr(c, f)]
+        if c.unit is not None and c.unit.startswith("*|"):
+            test = f"({test} AND s.system LIKE %s)"
+            args.append("%|" + _like(c.unit[2:]))
+        elif c.unit is not None:
+            test = f"({test} AND s.system = %s)"
+            args.append(c.unit)
+        ors.append(test)
+    return ors, args
+
+
+def _linked_sql(crit: Criterion, alias: str) -> tuple[sql.Composed, list[Any]]:
+    """EXISTS for a date, number or quantity parameter, a chain or _has, of the row `alias` (as
+    `_criterion_sql`). A chain tests the referenced resource by its primary key; _has finds the
+    referring resources' index rows by (type, param, value) and tests each as its own criterion says."""
+    a = sql.Identifier(alias)
+    per_row = sql.SQL(" OFFSET 0" if alias == "d" else "")
+    if crit.has is not None:
+        source, inner = crit.has
+        inner_sql, inner_args = _criterion_sql(inner, "h")
+        return sql.SQL("EXISTS (SELECT 1 FROM search_index h WHERE h.type = %s AND h.param = %s"
+                       " AND h.value = {a}.type || '/' || {a}.id AND {inner}{per_row})").format(
+            a=a, inner=inner_sql, per_row=per_row), [source, crit.param.name, *inner_args]
+    head = sql.SQL("EXISTS (SELECT 1 FROM search_index s WHERE s.type = {a}.type AND s.id = {a}.id"
+                   " AND s.last_updated = {a}.last_updated AND s.param = %s AND ").format(a=a)
+    if crit.chain is not None:
+        target, inner = crit.chain
+        inner_sql, inner_args = _criterion_sql(inner, "c")
+        return head + sql.SQL("s.value LIKE %s AND EXISTS (SELECT 1 FROM resource c WHERE c.type = %s"
+                              " AND c.id = substr(s.value, %s) AND NOT c.deleted AND {inner}){per_row})").format(
+            inner=inner_sql, per_row=per_row), [crit.param.name, _like(target) + "/%", target, len(target) + 2,
+                                                *inner_args]
+    ors, args = _comparison_sql(crit)
+    return head + sql.SQL("({values}){per_row})").format(
+        values=sql.SQL(" OR ").join(map(sql.SQL, ors or ["false"])), per_row=per_row), [crit.param.name, *args]
 
 
 _EXACT = sql.SQL("jsonb_path_exists(r.body, %s::jsonpath, %s)")  # the text as written, in the body
@@ -501,7 +600,7 @@ def _candidates(criteria: list[Criterion], expanded: dict[int, list[str] | None]
     an index equality (a token or reference, an :exact string, a prefix with few stored values)."""
     out: dict[int, Keys] = {}
     for n, crit in enumerate(criteria):
-        if crit.modifier in ("not", "contains"):
+        if crit.modifier in ("not", "contains") or crit.comparisons or crit.chain is not None or crit.has is not None:
             continue
         if _prefix_search(crit):
             values = expanded.get(n)
@@ -616,6 +715,7 @@ def search(conn: psycopg.Connection[Any], rtype: str, query: Query) -> Page:
     page. Without it the total is still given when the first page holds every match. Statements
     are planned with their values (never as prepared generic plans), so the planner sees how
     common each value is."""
+    query = resolve_chains(conn, query)
     statement, args = page_statement(conn, rtype, query)
     rows = conn.execute(statement, args, prepare=False).fetchall()
     found, more = [r["body"] for r in rows[:query.count]], len(rows) > query.count
@@ -625,6 +725,29 @@ def search(conn: psycopg.Connection[Any], rtype: str, query: Query) -> Page:
     elif query.total != "none" and query.offset == 0 and not more:
         total = len(found)
     return Page(total, found, more)
+
+
+CHAIN_MOST = 1000  # a chain's referenced resources looked up first, up to this many
+
+
+def resolve_chains(conn: psycopg.Connection[Any], query: Query) -> Query:
+    """Each chain (`subject:Patient.identifier=`) replaced by the references it stands for, when the
+    referenced resources that meet it are found first and few (up to CHAIN_MOST; one search of the
+    referenced type each): the criterion is then an index equality a page can be walked by.
+    Otherwise the chain stays, tested row by row (`_linked_sql`)."""
+    if not any(c.chain is not None for c in query.criteria):
+        return query
+    criteria = []
+    for crit in query.criteria:
+        if crit.chain is not None:
+            target, inner = crit.chain
+            statement, args = page_statement(conn, target, Query(criteria=[inner], count=CHAIN_MOST))
+            rows = conn.execute(sql.SQL("SELECT p.body->>'id' AS id FROM ({}) p").format(statement), args,
+                                prepare=False).fetchall()
+            if len(rows) <= CHAIN_MOST:
+                crit = Criterion(crit.param, [(ANY_SYSTEM, f"{target}/{r['id']}") for r in rows])
+        criteria.append(crit)
+    return replace(query, criteria=criteria)
 
 
 def _count(conn: psycopg.Connection[Any], rtype: str, query: Query) -> int:
@@ -656,4 +779,22 @@ def read_many(
         " (SELECT * FROM unnest(%s::text[], %s::text[]))",
         ([p[0] for p in pairs], [p[1] for p in pairs]),
     ).fetchall()
+    return [r["body"] for r in rows]
+
+
+REVINCLUDE_MOST = 1000  # resources one _revinclude adds to a page, at most
+
+
+def read_referring(conn: psycopg.Connection[Any], source: str, param: str, refs: Iterable[str],
+                   most: int = REVINCLUDE_MOST) -> list[dict[str, Any]]:
+    """Current `source` resources whose reference parameter `param` names one of `refs` ('Type/id'),
+    for _revinclude: one probe of the search index per reference."""
+    wanted = list(dict.fromkeys(refs))
+    if not wanted:
+        return []
+    rows = conn.execute(
+        "SELECT r.body FROM resource r WHERE r.type = %s AND NOT r.deleted AND r.id IN"
+        " (SELECT s.id FROM search_index s WHERE s.type = %s AND s.param = %s AND s.value = ANY(%s) LIMIT %s)"
+        " ORDER BY r.last_updated, r.id",
+        (source, source, param, wanted, most)).fetchall()
     return [r["body"] for r in rows]

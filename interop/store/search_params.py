@@ -5,22 +5,33 @@ module turns query parameters into conditions on those rows.
 """
 from __future__ import annotations
 
+import calendar
+import re
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+TYPES = ("token", "reference", "string", "date", "number", "quantity")
+
 
 @dataclass(frozen=True)
 class SearchParam:
     name: str
-    type: str  # token | reference | string
+    type: str  # one of TYPES
     path: tuple[str, ...]
     target: str | None = None
+    also: tuple[tuple[str, ...], ...] = ()  # further paths (a choice type: effectiveDateTime, effectivePeriod)
+
+    @property
+    def paths(self) -> tuple[tuple[str, ...], ...]:
+        return (self.path, *self.also)
 
 
 @lru_cache(maxsize=8)
@@ -31,11 +42,10 @@ def load(mappings_dir: Path) -> dict[str, dict[str, SearchParam]]:
     for rtype, params in raw.items():
         table[rtype] = {}
         for name, spec in params.items():
-            if spec["type"] not in ("token", "reference", "string"):
+            if spec["type"] not in TYPES:
                 raise ValueError(f"search parameter {rtype}.{name}: unknown type {spec['type']!r}")
-            table[rtype][name] = SearchParam(
-                name, spec["type"], tuple(spec["path"].split(".")), spec.get("target")
-            )
+            paths = [tuple(p.strip().split(".")) for p in spec["path"].split("|")]
+            table[rtype][name] = SearchParam(name, spec["type"], paths[0], spec.get("target"), tuple(paths[1:]))
     return table
 
 
@@ -105,8 +115,14 @@ def index_rows(
     """(param, system, value) rows for one resource."""
     rows: list[tuple[str, str | None, str]] = []
     for param in params.values():
-        for value in walk(resource, param.path):
-            if param.type == "token":
+        for value in (v for path in param.paths for v in walk(resource, path)):
+            if param.type == "date":
+                found = date_range_of(value)
+                if found is not None:
+                    rows.append((param.name, found[1], found[0]))
+            elif param.type in ("number", "quantity"):
+                rows.extend((param.name, unit, number) for unit, number in _numbers(value))
+            elif param.type == "token":
                 rows.extend((param.name, system, code) for system, code in _tokens(value))
             elif param.type == "reference":
                 if isinstance(value, dict) and isinstance(value.get("reference"), str):
@@ -116,3 +132,81 @@ def index_rows(
             else:
                 rows.extend((param.name, None, normalise(s)) for s in _strings(value))
     return sorted(set(rows), key=lambda r: (r[0], r[1] or "", r[2]))
+
+
+# -- dates: every value is a range [low, high), both as fixed-width UTC text --------------------------
+# Byte order of this text is time order, so the search index (value text_pattern_ops) orders and
+# ranges dates as it does strings. A date row holds its low end in `value`, its high end in `system`.
+DATE_MIN = "0001-01-01T00:00:00.000000Z"
+DATE_MAX = "9999-12-31T23:59:59.999999Z"
+_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?"
+                   r"(Z|[+-]\d{2}:\d{2})?)?)?)?$")
+
+
+def stamp(when: datetime) -> str:
+    """A moment as the index holds it (UTC, microseconds, fixed width)."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def date_range(text: str) -> tuple[str, str]:
+    """A FHIR date, dateTime or instant as the range it stands for (R4 search.html#date): '2026' is
+    the whole year, '2026-12' the month, '2026-12-01' the day, a time the second (or minute, or the
+    fraction it is written to). No time zone: UTC. ValueError when it is none of these."""
+    m = _DATE.match(text.strip())
+    if m is None:
+        raise ValueError(f"not a FHIR date: {text[:40]!r}")
+    year, month, day, hour, minute, second, fraction, zone = m.groups()
+    tz = UTC if zone in (None, "Z") else datetime.strptime(zone, "%z").tzinfo
+    y, mo, d = int(year), int(month or 1), int(day or 1)
+    low = datetime(y, mo, d, int(hour or 0), int(minute or 0), int(second or 0),
+                   int((fraction or "0")[:6].ljust(6, "0")), tzinfo=tz)
+    if month is None:
+        high = low.replace(year=y + 1) if y < 9999 else None
+    elif day is None:
+        high = low + timedelta(days=calendar.monthrange(y, mo)[1])
+    elif hour is None:
+        high = low + timedelta(days=1)
+    elif second is None:
+        high = low + timedelta(minutes=1)
+    elif fraction is None:
+        high = low + timedelta(seconds=1)
+    else:
+        high = low + timedelta(microseconds=10 ** max(0, 6 - len(fraction)))
+    return stamp(low), DATE_MAX if high is None else stamp(high)
+
+
+def date_range_of(value: Any) -> tuple[str, str] | None:
+    """The range of a date, dateTime, instant or Period element (an open end is unbounded); None
+    for anything else (the resource was validated: a malformed date is not indexed, not refused)."""
+    try:
+        if isinstance(value, str):
+            return date_range(value)
+        if isinstance(value, dict) and ("start" in value or "end" in value):
+            low = date_range(value["start"])[0] if isinstance(value.get("start"), str) else DATE_MIN
+            high = date_range(value["end"])[1] if isinstance(value.get("end"), str) else DATE_MAX
+            return low, high
+    except (ValueError, OverflowError):
+        return None
+    return None
+
+
+# -- numbers and quantities: the value as a plain decimal, the unit as system|code ------------------
+def number_text(value: Decimal) -> str:
+    """A decimal as the index holds it: plain notation, no exponent."""
+    return format(value, "f")
+
+
+def _numbers(value: Any) -> Iterator[tuple[str | None, str]]:
+    """(unit, number) of a decimal, integer or Quantity; the unit 'system|code' (or '|unit' when
+    the Quantity has no code)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield None, number_text(Decimal(str(value)))
+    elif isinstance(value, dict) and isinstance(value.get("value"), (int, float)) and not isinstance(value["value"], bool):
+        try:
+            number = number_text(Decimal(str(value["value"])))
+        except InvalidOperation:
+            return
+        code = value.get("code") or value.get("unit")
+        yield (f"{value.get('system') or ''}|{code}" if code else None), number
