@@ -1,7 +1,7 @@
 """Transaction and batch Bundles POSTed to the FHIR base (issue 15), as HAPI FHIR users send them:
 `urn:uuid:` references between entries, conditional entries, R4's processing order, all or
 nothing for a transaction and each entry on its own for a batch, the token's scopes per entry.
-Every answer is checked against the official R4 JSON schema."""
+Every answer is checked by the R4 JSON schema, the npm fhir validator and Medplum's."""
 from __future__ import annotations
 
 import copy
@@ -19,10 +19,19 @@ from werkzeug.serving import make_server
 
 from interop.store.db import connect
 from tests.fixtures.auth import bearer, with_token
+from tests.fixtures.fhir_check import started
 from tests.test_fhir_api import FHIR, jobs, outcome, study
 
 Validate = Callable[[dict[str, Any]], list[str]]
 NHI = "urn:oid:1.2.840.99999.1"  # the test HIS's patient identifier system
+
+
+@pytest.fixture(scope="module")
+def check_r4(fhir_validate: Validate) -> Iterator[Validate]:
+    """Every independent R4 check the tests have: the JSON schema, the npm fhir validator,
+    Medplum's validator and R4's data type invariants (tests/fixtures/fhir_check.py)."""
+    with started(fhir_validate) as checker:
+        yield checker.problems
 
 
 def urn() -> str:
@@ -76,7 +85,7 @@ def audited(db_url: str, action: str) -> int:
 
 
 def test_a_transaction_resolves_urn_uuid_references_and_queues_the_study(
-        client: FlaskClient, db_url: str, fhir_validate: Validate) -> None:
+        client: FlaskClient, db_url: str, check_r4: Validate) -> None:
     p_url, e_url = urn(), urn()
     endpoint = {"resourceType": "Endpoint", "status": "active", "connectionType": {"code": "dicom-wado-rs"},
                 "payloadType": [{"text": "DICOM"}], "address": "http://127.0.0.1:9/dicom-web"}
@@ -85,7 +94,7 @@ def test_a_transaction_resolves_urn_uuid_references_and_queues_the_study(
     # the study comes first in the Bundle and names entries that follow it
     sent = bundle("transaction", entry("POST", "ImagingStudy", imaging, urn()), entry("POST", "Patient", patient("M1"), p_url),
                   entry("POST", "Endpoint", endpoint, e_url))
-    body = answered(post_bundle(client, sent), "transaction", fhir_validate)
+    body = answered(post_bundle(client, sent), "transaction", check_r4)
     statuses = [e["response"]["status"] for e in body["entry"]]
     assert statuses == ["201 Created"] * 3
     locations = [e["response"]["location"] for e in body["entry"]]
@@ -103,13 +112,13 @@ def test_a_transaction_resolves_urn_uuid_references_and_queues_the_study(
     assert audited(db_url, "C") >= 3  # each create audited (and the analysis Task is the hub's own write)
 
 
-def test_a_transaction_is_all_or_nothing(client: FlaskClient, db_url: str, fhir_validate: Validate) -> None:
+def test_a_transaction_is_all_or_nothing(client: FlaskClient, db_url: str, check_r4: Validate) -> None:
     bad = study(subject="Patient/x", endpoint=None)
     bad["status"] = "bogus"
     refused = post_bundle(client, bundle("transaction", entry("POST", "Patient", patient("M1"), urn()),
                                          entry("POST", "ImagingStudy", bad)))
     body = outcome(refused, 400)
-    assert fhir_validate(body) == []
+    assert check_r4(body) == []
     assert body["issue"][0]["expression"][0] == "Bundle.entry[1]"
     created = client.post("/fhir/Patient", data=json.dumps(patient("M2")), content_type=FHIR).get_json(force=True)
     before = audited(db_url, "C")
@@ -123,7 +132,7 @@ def test_a_transaction_is_all_or_nothing(client: FlaskClient, db_url: str, fhir_
     assert client.get(f"/fhir/Patient/{created['id']}").get_json(force=True)["meta"]["versionId"] == "1"
 
 
-def test_conditional_entries_and_processing_order(client: FlaskClient, db_url: str, fhir_validate: Validate) -> None:
+def test_conditional_entries_and_processing_order(client: FlaskClient, db_url: str, check_r4: Validate) -> None:
     known = client.post("/fhir/Patient", data=json.dumps(patient("M1")), content_type=FHIR).get_json(force=True)
     doomed = client.post("/fhir/Patient", data=json.dumps(patient("M9", "Tran")), content_type=FHIR).get_json(force=True)
     p_url, q_url = urn(), urn()
@@ -136,7 +145,7 @@ def test_conditional_entries_and_processing_order(client: FlaskClient, db_url: s
         entry("POST", "ImagingStudy", study(uid="1.2.3.4.5", subject=q_url, endpoint=None)),
         entry("DELETE", f"Patient/{doomed['id']}"),                               # processed first
     )
-    body = answered(post_bundle(client, sent), "transaction", fhir_validate)
+    body = answered(post_bundle(client, sent), "transaction", check_r4)
     got = [e["response"]["status"] for e in body["entry"]]
     assert got == ["200 OK", "200 OK", "201 Created", "201 Created", "201 Created", "200 OK"]
     search = body["entry"][0]["resource"]
@@ -151,13 +160,13 @@ def test_conditional_entries_and_processing_order(client: FlaskClient, db_url: s
     assert body["entry"][5]["response"]["outcome"]["resourceType"] == "OperationOutcome"
     # the same conditional PUT again: one match, updated
     again = answered(post_bundle(client, bundle("transaction", entry("PUT", f"Patient?identifier={NHI}|M2",
-                                                                     patient("M2", "Ly")))), "transaction", fhir_validate)
+                                                                     patient("M2", "Ly")))), "transaction", check_r4)
     assert again["entry"][0]["response"]["status"] == "200 OK"
     assert again["entry"][0]["response"]["location"] == f"Patient/{created_id}/_history/2"
 
 
 def test_a_transaction_deletes_a_patient_with_its_studies_together(client: FlaskClient, db_url: str,
-                                                                   fhir_validate: Validate) -> None:
+                                                                   check_r4: Validate) -> None:
     person = client.post("/fhir/Patient", data=json.dumps(patient("M1")), content_type=FHIR).get_json(force=True)
     imaging = client.post("/fhir/ImagingStudy", data=json.dumps(study(subject=f"Patient/{person['id']}", endpoint=None,
                                                                       status="registered")),
@@ -166,7 +175,7 @@ def test_a_transaction_deletes_a_patient_with_its_studies_together(client: Flask
     assert f"ImagingStudy/{imaging['id']}" in outcome(alone, 409, "conflict")["issue"][0]["diagnostics"]
     together = post_bundle(client, bundle("transaction", entry("DELETE", f"Patient/{person['id']}"),
                                           entry("DELETE", f"ImagingStudy/{imaging['id']}")))
-    answered(together, "transaction", fhir_validate)
+    answered(together, "transaction", check_r4)
     assert count(db_url, "Patient") == 0 and count(db_url, "ImagingStudy") == 0
 
 
@@ -189,10 +198,10 @@ def test_a_transaction_deletes_a_patient_with_its_studies_together(client: Flask
             entry("POST", "Patient", patient("M2"), "urn:uuid:1")), 400, "fullUrl"),
     ("{not json", 400, "JSON"),
 ])
-def test_bad_bundles_get_an_operation_outcome(client: FlaskClient, db_url: str, fhir_validate: Validate,
+def test_bad_bundles_get_an_operation_outcome(client: FlaskClient, db_url: str, check_r4: Validate,
                                               sent: Any, status: int, says: str) -> None:
     body = outcome(post_bundle(client, sent), status)
-    assert fhir_validate(body) == []
+    assert check_r4(body) == []
     assert says in json.dumps(body)
     assert count(db_url, "Patient") == 0
 
@@ -205,7 +214,7 @@ def test_the_base_answers_fhir_not_html(client: FlaskClient) -> None:
         assert response.get_json(force=True)["resourceType"] == "OperationOutcome"
 
 
-def test_a_batch_answers_each_entry_on_its_own(client: FlaskClient, db_url: str, fhir_validate: Validate) -> None:
+def test_a_batch_answers_each_entry_on_its_own(client: FlaskClient, db_url: str, check_r4: Validate) -> None:
     created = client.post("/fhir/Patient", data=json.dumps(patient("M1")), content_type=FHIR).get_json(force=True)
     sent = bundle("batch",
                   entry("POST", "Patient", patient("M2")),
@@ -214,7 +223,7 @@ def test_a_batch_answers_each_entry_on_its_own(client: FlaskClient, db_url: str,
                   entry("GET", "Patient/nope"),
                   entry("POST", "ImagingStudy", study(subject="urn:uuid:6f1d", endpoint=None)),
                   entry("DELETE", f"Patient/{created['id']}"))
-    body = answered(post_bundle(client, sent, Prefer="return=representation"), "batch", fhir_validate)
+    body = answered(post_bundle(client, sent, Prefer="return=representation"), "batch", check_r4)
     got = [e["response"]["status"] for e in body["entry"]]
     assert got == ["201 Created", "400 Bad Request", "200 OK", "404 Not Found", "400 Bad Request", "200 OK"]
     assert body["entry"][0]["resource"]["identifier"][0]["value"] == "M2"  # Prefer: return=representation
@@ -224,14 +233,14 @@ def test_a_batch_answers_each_entry_on_its_own(client: FlaskClient, db_url: str,
     assert count(db_url, "Patient") == 1  # M2 kept; M1 deleted after it was read
 
 
-def test_each_entry_needs_its_scope(app: Flask, db_url: str, fhir_validate: Validate) -> None:
+def test_each_entry_needs_its_scope(app: Flask, db_url: str, check_r4: Validate) -> None:
     limited = with_token(app.test_client(), bearer(app.test_client(), db_url, scopes="system/Patient.cr"))
     sent = bundle("transaction", entry("POST", "Patient", patient("M1")),
                   entry("POST", "ImagingStudy", study(endpoint=None)))
     refused = outcome(post_bundle(limited, sent), 403, "forbidden")
     assert "ImagingStudy" in refused["issue"][0]["diagnostics"]
     assert count(db_url, "Patient") == 0
-    body = answered(post_bundle(limited, {**sent, "type": "batch"}), "batch", fhir_validate)
+    body = answered(post_bundle(limited, {**sent, "type": "batch"}), "batch", check_r4)
     assert [e["response"]["status"] for e in body["entry"]] == ["201 Created", "403 Forbidden"]
     deleting = post_bundle(limited, bundle("transaction", entry("DELETE", "Patient?identifier=M1")))
     outcome(deleting, 403, "forbidden")  # delete needs .d
@@ -248,13 +257,13 @@ def hub_http(app: Flask) -> Iterator[str]:
     server.shutdown()
 
 
-def test_fhirpy_posts_a_transaction(app: Flask, db_url: str, hub_http: str, fhir_validate: Validate) -> None:
+def test_fhirpy_posts_a_transaction(app: Flask, db_url: str, hub_http: str, check_r4: Validate) -> None:
     fhir = fhirpy.SyncFHIRClient(hub_http, authorization=f"Bearer {bearer(app.test_client(), db_url)}")
     p_url = urn()
     sent = bundle("transaction", entry("POST", "Patient", patient("M7"), p_url),
                   entry("POST", "ImagingStudy", study(subject=p_url, endpoint=None, status="registered")))
     body = fhir.execute("/", method="post", data=sent)
-    assert fhir_validate(body) == [] and body["type"] == "transaction-response"
+    assert check_r4(body) == [] and body["type"] == "transaction-response"
     pid = body["entry"][0]["response"]["location"].split("/")[1]
     studies = fhir.resources("ImagingStudy").search(subject=f"Patient/{pid}").fetch()
     assert len(studies) == 1 and studies[0]["subject"]["reference"] == f"Patient/{pid}"
