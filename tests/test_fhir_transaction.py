@@ -130,6 +130,12 @@ def test_a_transaction_is_all_or_nothing(client: FlaskClient, db_url: str, check
     assert count(db_url, "Patient") == 1 and jobs(db_url) == []
     assert audited(db_url, "C") == before  # nothing written, nothing recorded as written
     assert client.get(f"/fhir/Patient/{created['id']}").get_json(force=True)["meta"]["versionId"] == "1"
+    for _ in range(2):
+        client.post("/fhir/Patient", data=json.dumps(patient("M4")), content_type=FHIR)
+    ambiguous = post_bundle(client, bundle("transaction", entry("DELETE", f"Patient/{created['id']}"),
+                                           entry("PUT", f"Patient?identifier={NHI}|M4", patient("M4"))))
+    assert outcome(ambiguous, 412)["issue"][0]["expression"] == ["Bundle.entry[1]"]  # the entry at fault, once
+    assert client.get(f"/fhir/Patient/{created['id']}").status_code == 200  # its delete undone
 
 
 def test_conditional_entries_and_processing_order(client: FlaskClient, db_url: str, check_r4: Validate) -> None:

@@ -215,6 +215,7 @@ def transaction(conn: psycopg.Connection[Any], checked: list[Entry | FhirError],
                 deleted = done[current.index]
                 if isinstance(deleted, Result) and "id" in deleted.resource:
                     interactions.unreferenced(conn, deleted.reference)
+            current = None  # each of the next two names its own entry
             targets, ids = _resolve(conn, ordered)
             _no_twice(items, targets, done)
             for current in items:
