@@ -13,6 +13,7 @@ from typing import Any
 
 from inference_client.models import ModelDescription
 
+from .quality import NOT_ANALYSABLE
 from .vocabulary import (
     AI_DEVICE_EXTENSION,
     DIAGNOSTIC_SERVICE,
@@ -222,3 +223,53 @@ def build(
                                                  "display": "Critical abnormal"}],
                                      "text": "Critical finding suspected by AI"}]
     return {"device": dev, "observations": observations, "report": report}
+
+
+def not_analysable_conclusion(model: ModelDescription, version: str, reasons: Sequence[str]) -> str:
+    """What a report says when the quality gate refused the images: never "no finding"."""
+    return "\n".join([
+        f"{DISCLAIMER['en']} {DISCLAIMER['vi']}",
+        f"Model: {model.name} {version}." + (f" {NOT_VALIDATED['en']}" if model.reference_model else ""),
+        "NOT ANALYSABLE: the AI did not read these images. / KHÔNG PHÂN TÍCH ĐƯỢC: AI không đọc các ảnh này.",
+        "Reason: " + "; ".join(dict.fromkeys(reasons)) + ".",
+        "The images need a radiologist's reading (or a repeat acquisition). / Cần bác sĩ đọc ảnh hoặc chụp lại.",
+    ])
+
+
+def not_analysable(*, study: dict[str, Any], study_uid: str, model: ModelDescription, version: str,
+                   reasons: Sequence[str], report_id: str, issued: str,
+                   sources: Sequence[str] = ()) -> dict[str, Any]:
+    """{'device': …, 'observations': [], 'report': …}: the report of a study whose images the
+    quality gate refused. Preliminary like every AI report, with no finding Observation (the model
+    read nothing), the reasons in the conclusion and a conclusionCode saying "not analysable"."""
+    dev = device(model, version)
+    dev_ref = {"reference": f"Device/{dev['id']}", "display": f"{model.name} {version}"}
+    report: dict[str, Any] = {
+        "resourceType": "DiagnosticReport",
+        "id": report_id,
+        "extension": [{"url": AI_DEVICE_EXTENSION, "valueReference": dev_ref},
+                      *({"url": SOURCE_IMAGE_EXTENSION,
+                         "valueIdentifier": {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{uid}"}}
+                        for uid in dict.fromkeys(sources))],
+        "identifier": [{"system": REPORT_SYSTEM, "value": f"{study_uid}/{model.name}"}],
+        "status": "preliminary",
+        "category": [{"coding": [{"system": DIAGNOSTIC_SERVICE, "code": "RAD", "display": "Radiology"}]}],
+        "code": _report_code(model),
+        "effectiveDateTime": study.get("started", issued),
+        "issued": issued,
+        "imagingStudy": [{"reference": f"ImagingStudy/{study['id']}"}],
+        "conclusion": not_analysable_conclusion(model, version, reasons),
+        "conclusionCode": [{"coding": [dict(NOT_ANALYSABLE)],
+                            "text": "Not analysable: " + "; ".join(dict.fromkeys(reasons))}],
+    }
+    if "subject" in study:
+        report["subject"] = study["subject"]
+    if study.get("basedOn"):
+        report["basedOn"] = study["basedOn"]
+    return {"device": dev, "observations": [], "report": report}
+
+
+def is_not_analysable(report: dict[str, Any]) -> bool:
+    """Whether the quality gate refused the report's images."""
+    return any(c.get("system") == NOT_ANALYSABLE["system"] and c.get("code") == NOT_ANALYSABLE["code"]
+               for cc in report.get("conclusionCode") or [] for c in cc.get("coding") or [])

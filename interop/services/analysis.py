@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
+import yaml
 
 from inference_client import routing
 from inference_client.models import ModelDescription
@@ -26,6 +27,7 @@ from inference_client.triton import TritonClient
 from ..dicom.dicomweb import DicomWebClient, ImageSource, InstanceRef
 from ..dicom.errors import NotAnImage, StudyNotFound
 from ..dicom.local import LOCAL
+from ..domain import quality
 from ..domain import report as builder
 from ..store import queue, resources
 from ..tls import ClientTls
@@ -34,6 +36,15 @@ from .context import Context
 from .errors import NoModel, Waiting
 
 log = logging.getLogger("interop.analysis")
+QUALITY_FILE = "quality.yaml"  # in the mappings folder: the image-quality gate's limits
+
+
+def load_quality(mappings_dir: Any) -> dict[str, quality.Limits]:
+    """The quality gate's limits per model (mappings/quality.yaml); the built-in defaults without it."""
+    path = mappings_dir / QUALITY_FILE
+    if not path.exists():
+        return {"": quality.Limits()}
+    return quality.parse_limits(yaml.safe_load(path.read_text(encoding="utf-8")))
 
 
 
@@ -90,6 +101,7 @@ class Prepared:
     inputs: list[tuple[ModelDescription, list[InstanceRef], list[dict[str, np.ndarray[Any, Any]]], Any]]
     timings: Timings
     seconds: float
+    refused: dict[str, quality.Verdicts] = field(default_factory=dict)  # model name -> what the gate refused
 
 
 class Analyser:
@@ -102,6 +114,7 @@ class Analyser:
         self.ctx = ctx
         self.triton = triton
         self.rules = routing.load_rules(ctx.settings.mappings_dir)
+        self.quality = load_quality(ctx.settings.mappings_dir)
 
     def __call__(self, conn: psycopg.Connection[Any], job: queue.Job, timings: Timings) -> None:
         self.finish(conn, job, self.prepare(conn, job), timings)
@@ -124,17 +137,32 @@ class Analyser:
                 if intake.still_waiting(job.payload.get("deadline")):
                     intake.wait_for_images(conn, self.ctx, job.payload["task"])
                 raise
-            inputs = []
+            inputs, refused = [], {}
             for name, model_refs in self._route(study, refs).items():
                 model = self.ctx.models[name]
                 queue.renew(conn, job, self.ctx.settings.job_lease_seconds)
                 start, fetched = time.perf_counter(), timings.stages.get("retrieve", 0.0)
-                batches, present = self._assemble(client, model, model_refs)
+                verdicts = quality.Verdicts()
+                batches, present = self._assemble(client, model, model_refs, self._gate(model, verdicts))
                 timings.add("decode", time.perf_counter() - start - (timings.stages.get("retrieve", 0.0) - fetched))
                 inputs.append((model, model_refs, batches, present))
+                if verdicts.refused:
+                    refused[name] = verdicts
         finally:
             client.close()
-        return Prepared(study, inputs, timings, time.perf_counter() - began)
+        return Prepared(study, inputs, timings, time.perf_counter() - began, refused)
+
+    def _gate(self, model: ModelDescription, verdicts: quality.Verdicts) -> assembly.Gate:
+        """The quality gate for one model's images: records each refusal (never its pixels)."""
+        limits = quality.limits_for(self.quality, model.name)
+
+        def gate(uid: str, modality: object, body_part: object, image: np.ndarray[Any, Any] | None) -> bool:
+            reason = quality.check(limits, modality, body_part, image)
+            if reason is not None:
+                verdicts.refused.setdefault(uid, reason)
+                log.info("quality gate: an image for %s refused (%s)", model.name, reason.split(":")[0])
+            return reason is None
+        return gate
 
     def finish(self, conn: psycopg.Connection[Any], job: queue.Job, prepared: Prepared, timings: Timings) -> None:
         """Infer the prepared study alone, then store its reports (with the job's completion)."""
@@ -180,8 +208,14 @@ class Analyser:
         results = []
         for (model, refs, _batches, present), model_outputs in zip(prepared.inputs, outputs):
             version = self.triton.model_version_label(model.triton_model) or model.version
+            verdicts = prepared.refused.get(model.name)
+            if verdicts is not None and not model_outputs:  # the gate refused every image: nothing was read
+                results.append({"model": model, "version": version, "reasons": verdicts.reasons(),
+                                "sources": list(verdicts.refused)})
+                continue
+            read = [r.instance_uid for r in refs if verdicts is None or r.instance_uid not in verdicts.refused]
             results.append({"model": model, "version": version, "probabilities": self._values(model_outputs, present),
-                            "sources": [r.instance_uid for r in refs]})
+                            "sources": read, "skipped": verdicts})
         with conn.transaction():
             timings.stages["total"] = round(prepared.seconds + timings.stages.get("inference", 0.0)
                                             + time.perf_counter() - began, 6)
@@ -206,16 +240,27 @@ class Analyser:
         return chosen
 
     @staticmethod
-    def _assemble(client: ImageSource, model: ModelDescription, refs: list[InstanceRef]
+    def _assemble(client: ImageSource, model: ModelDescription, refs: list[InstanceRef], gate: assembly.Gate,
                   ) -> tuple[list[dict[str, np.ndarray[Any, Any]]], np.ndarray[Any, Any] | None]:
-        """The model's input batches from the PACS (streamed), and which views were present (mammography)."""
+        """The model's input batches from the PACS (streamed), and which views were present
+        (mammography). No batch when the gate refused the images (every image; for a
+        mammography exam or a volume, any of its views or its series)."""
         kind = assembly.kind(model)
+        refused = False
+
+        def counted(uid: str, modality: object, body_part: object, image: np.ndarray[Any, Any] | None) -> bool:
+            nonlocal refused
+            ok = gate(uid, modality, body_part, image)
+            refused = refused or not ok
+            return ok
         if kind == "image":
-            batches = list(assembly.image_batches(client, model, refs))
-            if not batches:
+            batches = list(assembly.image_batches(client, model, refs, counted))
+            if not batches and not refused:
                 raise NotAnImage(f"none of the {len(refs)} instances routed to {model.name} holds an image")
             return batches, None
-        inputs = (assembly.views_input if kind == "views" else assembly.volume_input)(client, model, refs)
+        inputs = (assembly.views_input if kind == "views" else assembly.volume_input)(client, model, refs, counted)
+        if refused:
+            return [], None
         present = inputs[model.assembly.present][0] if kind == "views" and model.assembly and model.assembly.present \
             else None
         return [inputs], present
@@ -244,11 +289,20 @@ class Analyser:
         stored_reports = []
         for result in results:
             model: ModelDescription = result["model"]
-            built = builder.build(
-                study=study, study_uid=job.payload["study_uid"], model=model, version=result["version"],
-                probabilities=result["probabilities"], report_id=resources.new_id(), sources=result["sources"],
-                observation_ids=[resources.new_id() for _ in range(len(model.labels) + 1)], issued=issued,
-            )
+            if "reasons" in result:
+                built = builder.not_analysable(
+                    study=study, study_uid=job.payload["study_uid"], model=model, version=result["version"],
+                    reasons=result["reasons"], report_id=resources.new_id(), issued=issued, sources=result["sources"])
+            else:
+                built = builder.build(
+                    study=study, study_uid=job.payload["study_uid"], model=model, version=result["version"],
+                    probabilities=result["probabilities"], report_id=resources.new_id(), sources=result["sources"],
+                    observation_ids=[resources.new_id() for _ in range(len(model.labels) + 1)], issued=issued,
+                )
+                skipped: quality.Verdicts | None = result.get("skipped")
+                if skipped is not None:  # some images read, others refused: the report says which were not
+                    built["report"]["conclusion"] += (f"\n{len(skipped.refused)} image(s) not read by the AI: "
+                                                      f"{quality.summary(skipped.refused.values())}.")
             try:
                 resources.read(conn, "Device", built["device"]["id"])
             except resources.NotFound:

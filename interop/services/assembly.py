@@ -8,7 +8,7 @@ streams instances from the PACS into it, so no study is held in memory twice.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -31,6 +31,14 @@ from ..dicom.volume import (
 )
 
 IMAGE_BATCH = 8
+
+# The quality gate (interop.domain.quality, closed over a model's limits by the analysis):
+# (SOP Instance UID, Modality, Body Part Examined, display array or None) -> may the model read it.
+Gate = Callable[[str, object, object, "np.ndarray[Any, Any] | None"], bool]
+
+
+def _open(uid: str, modality: object, body_part: object, image: np.ndarray[Any, Any] | None) -> bool:
+    return True
 
 
 def kind(model: ModelDescription) -> str:
@@ -78,9 +86,10 @@ def zscore(image: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return scored
 
 
-def image_batches(client: ImageSource, model: ModelDescription,
-                  refs: list[InstanceRef]) -> Iterator[dict[str, np.ndarray[Any, Any]]]:
-    """Rows of one image each (instances without pixels are skipped), IMAGE_BATCH at a time."""
+def image_batches(client: ImageSource, model: ModelDescription, refs: list[InstanceRef],
+                  gate: Gate = _open) -> Iterator[dict[str, np.ndarray[Any, Any]]]:
+    """Rows of one image each (instances without pixels, and images the gate refuses, are
+    skipped), IMAGE_BATCH at a time."""
     prep = model.preprocessing
     assert prep is not None, f"{model.name}: kind image needs preprocessing"
     rows: list[np.ndarray[Any, Any]] = []
@@ -90,10 +99,13 @@ def image_batches(client: ImageSource, model: ModelDescription,
         ds = client.retrieve_instance(ref)
         try:
             image = pixels.to_display_array(ds)
+            readable = gate(ref.instance_uid, ds.get("Modality"), ds.get("BodyPartExamined"), image)
         except NotAnImage:
             continue
         finally:
             del ds
+        if not readable:
+            continue
         rows.append(pixels.preprocess(image, size=(prep.resize[0], prep.resize[1]), channels=prep.channels, mean=prep.mean,
                                       std=prep.std))
         if len(rows) == IMAGE_BATCH:
@@ -103,23 +115,39 @@ def image_batches(client: ImageSource, model: ModelDescription,
         yield {model.input.name: np.stack(rows).astype(np.float32)}
 
 
-def views_input(client: ImageSource, model: ModelDescription, refs: list[InstanceRef]) -> dict[str, np.ndarray[Any, Any]]:
+def views_input(client: ImageSource, model: ModelDescription, refs: list[InstanceRef],
+                gate: Gate = _open) -> dict[str, np.ndarray[Any, Any]]:
+    """The exam's views; every view is put to the gate (its header from the search, its plane
+    before normalisation), and the caller learns of a refusal from the gate itself."""
     a = model.assembly
     assert a is not None
     spec = view_spec(a)
     chosen = select_views(refs, spec)
+    for ref in chosen.values():
+        gate(ref.instance_uid, ref.modality, ref.body_part, None)
     assembled = assemble_views((client.retrieve_instance(r) for r in chosen.values()), spec)
     views = assembled.pixels.copy()
+    for i, present in enumerate(assembled.present):
+        if present:
+            gate(assembled.instance_uids[i] or "", None, None, views[i, 0])
     for i, present in enumerate(assembled.present):
         if present and a.normalise == "zscore":
             views[i] = zscore(views[i])
     return {a.tensor: views[None].astype(np.float32), (a.present or "present"): assembled.present[None].astype(np.float32)}
 
 
-def volume_input(client: ImageSource, model: ModelDescription, refs: list[InstanceRef]) -> dict[str, np.ndarray[Any, Any]]:
+def volume_input(client: ImageSource, model: ModelDescription, refs: list[InstanceRef],
+                 gate: Gate = _open) -> dict[str, np.ndarray[Any, Any]]:
+    """The chosen series as a volume; its first instance's header and the whole volume (its first
+    window, as one image) are put to the gate."""
     a = model.assembly
     assert a is not None
     modality = next((r.modality for r in refs if r.modality), None)
     chosen = choose_series(series_facts(refs), series_rules(a, modality))
+    first = next((r for r in refs if r.series_uid == chosen.series_uid), None)
+    if first is not None:
+        gate(first.instance_uid, first.modality, first.body_part, None)
     volume = build_volume(client.retrieve_series(chosen.study_uid, chosen.series_uid), volume_spec(a))
+    gate(first.instance_uid if first is not None else chosen.series_uid, None, None,
+         volume.reshape(-1, volume.shape[-1]) if volume.ndim >= 2 else volume)
     return {a.tensor: volume[None].astype(np.float32)}

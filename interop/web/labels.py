@@ -21,6 +21,7 @@ LABELS: dict[str, dict[str, str]] = {
         "done_acknowledge": "Đã xác nhận kết quả nguy kịch", "error": "Lỗi", "not_found": "Không tìm thấy báo cáo",
         "status": "Trạng thái", "not_waiting": "Báo cáo này không còn chờ đọc.",
         "disclaimer": "Kết quả AI chỉ mang tính hỗ trợ; bác sĩ chịu trách nhiệm kết luận.",
+        "not_analysable": "KHÔNG PHÂN TÍCH ĐƯỢC",
         "minutes": "phút", "hours": "giờ", "days": "ngày", "language": "English", "other_lang": "en",
     },
     "en": {
@@ -43,6 +44,7 @@ LABELS: dict[str, dict[str, str]] = {
         "done_acknowledge": "Critical result acknowledged", "error": "Error", "not_found": "No such report",
         "status": "Status", "not_waiting": "This report is no longer waiting for review.",
         "disclaimer": "AI results assist; the radiologist is responsible for the conclusion.",
+        "not_analysable": "NOT ANALYSABLE",
         "minutes": "min", "hours": "h", "days": "d", "language": "Tiếng Việt", "other_lang": "vi",
     },
 }

@@ -14,6 +14,7 @@ import psycopg
 
 from inference_client.models import ModelDescription
 
+from ..domain.report import is_not_analysable
 from ..domain.vocabulary import REPORT_SYSTEM, codes, is_critical, is_critical_finding, site_of
 from ..sites import Site
 from ..store import resources, worklist
@@ -47,6 +48,7 @@ class Entry:
     findings: list[FindingRow] = field(default_factory=list)
     alert: dict[str, Any] | None = None
     site: str | None = None         # the facility code (a clinician sees their own site's only)
+    not_analysable: str | None = None  # the quality gate's reasons when the AI refused the images
 
     @property
     def signed_by(self) -> str | None:
@@ -145,6 +147,14 @@ def _facility(report: dict[str, Any], study: dict[str, Any] | None, sites: dict[
     return site.name if site else code
 
 
+def _refused(report: dict[str, Any]) -> str | None:
+    """The reasons the quality gate gave, when it refused the report's images."""
+    if not is_not_analysable(report):
+        return None
+    text = str((report.get("conclusionCode") or [{}])[0].get("text") or "")
+    return text.split(":", 1)[1].strip() if ":" in text else text
+
+
 def entries(conn: psycopg.Connection[Any], reports: list[dict[str, Any]], *, models: dict[str, ModelDescription],
             sites: dict[str, Site], alerts: dict[str, dict[str, Any]]) -> list[Entry]:
     """Rows for these reports, with their observations, studies and patients read in one query."""
@@ -168,7 +178,8 @@ def entries(conn: psycopg.Connection[Any], reports: list[dict[str, Any]], *, mod
             facility=_facility(report, study, sites),
             model=(model.display.en if model else _ref_id(report.get("extension", [{}])[0].get("valueReference"))),
             findings=[finding_row(o, model) for o in observations if "valueQuantity" in o or "valueBoolean" in o],
-            alert=alerts.get(str(report["id"])), site=_site_code(report, study)))
+            alert=alerts.get(str(report["id"])), site=_site_code(report, study),
+            not_analysable=_refused(report)))
     return out
 
 
