@@ -145,7 +145,8 @@ _DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2}
 
 def stamp(when: datetime) -> str:
     """A moment as the index holds it (UTC, microseconds, fixed width)."""
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    u = when.astimezone(UTC)  # not strftime: its %Y does not pad years before 1000 on every platform
+    return f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:{u.second:02d}.{u.microsecond:06d}Z"
 
 
 def date_range(text: str) -> tuple[str, str]:

@@ -1,0 +1,71 @@
+"""Migration 0016 gives resources stored before it the date and quantity index rows the store now
+writes, computed in SQL exactly as interop.store.search_params computes them in Python."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from interop.store import db, resources, search_params
+
+MAPPINGS = Path(__file__).resolve().parents[1] / "mappings"
+MIGRATION = Path(db.__file__).parent / "migrations" / "0016_date_and_quantity_search.sql"
+NEW_TYPES = ("date", "number", "quantity")
+
+OLD = [  # resources as they were stored before 0016: body only, no date or quantity rows
+    {"resourceType": "Patient", "birthDate": "1980"},
+    {"resourceType": "Patient", "birthDate": "1975-12"},
+    {"resourceType": "Patient", "birthDate": "2024-02"},  # a leap February
+    {"resourceType": "Patient", "birthDate": "1999-13-01"},  # not a date: no row, as the store does
+    {"resourceType": "DiagnosticReport", "status": "final", "code": {"text": "x"}, "issued": "2026-12-01T23:30:00+07:00",
+     "effectiveDateTime": "2026-11-30T10:00:00.25Z"},
+    {"resourceType": "DiagnosticReport", "status": "final", "code": {"text": "x"}, "issued": "2026-12-01T10:00:00.123456789Z",
+     "effectivePeriod": {"start": "2026-11-30", "end": "2026-12-01T08:00Z"}},
+    {"resourceType": "Encounter", "status": "in-progress", "class": {"code": "IMP"}, "period": {"start": "2026-12-01T10:00:00Z"},
+     "length": {"value": 90, "unit": "min", "system": "http://unitsofmeasure.org", "code": "min"}},
+    {"resourceType": "Encounter", "status": "finished", "class": {"code": "IMP"}, "period": {"end": "2026-12"}},
+    {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "effectiveInstant": "2026-12-01T10:00:00Z",
+     "valueQuantity": {"value": 0.87, "unit": "%"}},
+    {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "valueQuantity": {"value": 3}},
+    {"resourceType": "Task", "status": "ready", "intent": "order", "authoredOn": "2026-12-01T10:00:00+05:30",
+     "executionPeriod": {"start": "9999", "end": "0001-01-01"}, "lastModified": "2026-12-01T10:00Z"},
+    {"resourceType": "ServiceRequest", "status": "active", "intent": "order", "subject": {"reference": "Patient/x"},
+     "occurrenceDateTime": "2026-12-24", "authoredOn": "2026-12-01"},
+    {"resourceType": "Communication", "status": "completed", "sent": "2026-12-01T10:00:00-03:00"},
+    {"resourceType": "Provenance", "target": [{"reference": "Patient/x"}], "recorded": "2026-12-01T10:00:00.5+00:00",
+     "agent": [{"who": {"display": "x"}}]},
+    {"resourceType": "ImagingStudy", "status": "available", "subject": {"reference": "Patient/x"}, "started": "2026"},
+]
+
+
+def _rows(conn: Any) -> set[tuple[str, str, str, str | None, str]]:
+    table = search_params.load(MAPPINGS)
+    new = [(t, p.name) for t, ps in table.items() for p in ps.values() if p.type in NEW_TYPES]
+    rows = conn.execute("SELECT s.type, s.id, s.param, s.system, s.value FROM search_index s"
+                        " JOIN unnest(%s::text[], %s::text[]) AS p(type, param) ON s.type = p.type AND s.param = p.param",
+                        ([t for t, _ in new], [n for _, n in new])).fetchall()
+    return {(r["type"], r["id"], r["param"], r["system"], r["value"]) for r in rows}
+
+
+def test_migration_0016_indexes_stored_resources_as_the_store_does(db_url: str) -> None:
+    table = search_params.load(MAPPINGS)
+    expected: set[tuple[str, str, str, str | None, str]] = set()
+    with db.connect(db_url) as conn:
+        for n, body in enumerate(OLD):
+            stored = {**body, "id": f"old{n}", "meta": {"versionId": "1", "lastUpdated": "2026-12-01T00:00:00Z"}}
+            conn.execute("INSERT INTO resource (type, id, version, last_updated, body) VALUES (%s, %s, 1, now(), %s)",
+                         (body["resourceType"], f"old{n}", json.dumps(stored)))
+            params = {k: p for k, p in table[body["resourceType"]].items() if p.type in NEW_TYPES}
+            expected |= {(body["resourceType"], f"old{n}", p, s, v) for p, s, v in resources.index_entries(stored, params)}
+        conn.commit()
+        assert _rows(conn) == set()
+        with conn.transaction():
+            conn.execute(MIGRATION.read_text(encoding="utf-8"))
+        got = _rows(conn)
+    # numbers compare as numbers (JSON's 90 and Python's 90 both; the text is the store's)
+    assert {r for r in got if r[2] not in ("length", "value-quantity")} == \
+        {r for r in expected if r[2] not in ("length", "value-quantity")}
+    assert {(*r[:4], float(r[4])) for r in got if r[2] in ("length", "value-quantity")} == \
+        {(*r[:4], float(r[4])) for r in expected if r[2] in ("length", "value-quantity")}
+    assert ("Patient", "old3", "birthdate") not in {r[:3] for r in got}
+    assert len(got) == 21  # every date and quantity above but the one that is not a date
