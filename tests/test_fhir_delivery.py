@@ -406,6 +406,8 @@ class Receiver:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
+            do_PUT = do_POST  # R4: a notification with a payload is a PUT of the report at [endpoint]/DiagnosticReport/[id]
+
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -488,6 +490,7 @@ def test_subscription_is_notified_of_matching_reports_only(
         assert len(new_report(stored, sender, "r7")) == 1  # preliminary: only the first matches
         assert drain(sender, stored) == 1
         [note] = wanted.received
+        assert note["path"] == "/hook/DiagnosticReport/r7"  # PUT there (the handler records both methods)
         assert note["headers"]["Authorization"] == "Bearer hook-secret"
         assert note["headers"]["Content-Type"] == "application/fhir+json"
         assert json.loads(note["body"])["id"] == "r7" and other.received == []

@@ -30,7 +30,7 @@ from flask import current_app
 from .. import access
 from ..domain import audit, search, subscriptions
 from ..domain.vocabulary import study_uid
-from ..services import intake
+from ..services import delivery, intake
 from ..services.errors import IntakeError
 from ..services.security import urls
 from ..store import queue, resources
@@ -187,6 +187,8 @@ def _after_write(conn: psycopg.Connection[Any], stored: dict[str, Any]) -> None:
             intake.accept_study(conn, hub().ctx, stored)
         except IntakeError as exc:
             raise _business(exc) from None
+    elif stored["resourceType"] == "Subscription":  # a topic-based one waiting: its handshake (R4 backport)
+        delivery.subscription_stored(conn, hub().ctx, stored)
 
 
 def _write(conn: psycopg.Connection[Any], body: dict[str, Any], version: int | None = None,
