@@ -128,6 +128,13 @@ def test_conditional_update_and_delete(client: FlaskClient, check_r4: Validate) 
     assert second.status_code == 200
     assert second.get_json(force=True)["id"] == pid and second.headers["ETag"] == 'W/"2"'
     outcome(client.put(url, data=json.dumps({**patient("M5"), "id": "other"}), content_type=FHIR), 400, "invalid")
+    bystander = created(client, patient("M0"))  # matches nothing below: its id is not taken over
+    outcome(client.put(f"/fhir/Patient?identifier={NHI}|M99", data=json.dumps({**patient("M99"), "id": bystander["id"]}),
+                       content_type=FHIR), 409, "conflict")
+    assert client.get(f"/fhir/Patient/{bystander['id']}").get_json(force=True)["meta"]["versionId"] == "1"
+    chosen = client.put(f"/fhir/Patient?identifier={NHI}|M98", data=json.dumps({**patient("M98"), "id": "m98"}),
+                        content_type=FHIR)
+    assert chosen.status_code == 201 and chosen.get_json(force=True)["id"] == "m98"  # update as create
     outcome(client.put(url + "&colour=red", data=json.dumps(patient("M5")), content_type=FHIR), 400, "invalid")
     outcome(client.put("/fhir/Patient", data=json.dumps(patient("M5")), content_type=FHIR), 400, "invalid")
     created(client, patient("M6", "Vu"))

@@ -293,11 +293,22 @@ def conditional_update(conn: psycopg.Connection[Any], rtype: str, criteria: str 
         raise PreconditionFailed("the criteria of the conditional update match more than one resource")
     if not found:
         if "id" in body:
+            unclaimed(conn, rtype, str(body["id"]))
             return update(conn, rtype, str(body["id"]), body, version)
         return create(conn, rtype, body)
     if body.get("id", found[0]["id"]) != found[0]["id"]:
         raise BadRequest("the resource id differs from the id of the resource the criteria match")
     return update(conn, rtype, found[0]["id"], {**body, "id": found[0]["id"]}, version)
+
+
+def unclaimed(conn: psycopg.Connection[Any], rtype: str, rid: str) -> None:
+    """A conditional update that matches nothing may create under the body's id, not overwrite
+    another resource that has it (409, as R5 made explicit)."""
+    try:
+        resources.read(conn, rtype, rid)
+    except resources.NotFound:
+        return
+    raise Conflict(f"{rtype}/{rid} exists but does not match the criteria; it is not overwritten")
 
 
 # -- patch -----------------------------------------------------------------------------------------

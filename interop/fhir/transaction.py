@@ -263,6 +263,8 @@ def _resolve(conn: psycopg.Connection[Any], ordered: list[Entry]) -> tuple[dict[
                     raise NotFoundError("the criteria of the conditional patch match no resource")
                 else:
                     rid = (entry.resource or {}).get("id")
+                    if rid:
+                        interactions.unclaimed(conn, entry.rtype, str(rid))
                     targets[entry.index] = Target(str(rid) if rid else resources.new_id())
             elif entry.rid is not None and entry.method in ("PUT", "PATCH"):
                 targets[entry.index] = Target(entry.rid)
