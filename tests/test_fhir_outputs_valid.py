@@ -5,7 +5,8 @@ over MLLP (Patient, Encounter, ServiceRequest from HL7), its images in the PACS 
 the AI analysis (Task, DiagnosticReport, Observation, Device, Provenance), a radiologist's review
 over `$review` adding a critical finding (a new report version and its Provenance, critical
 Communications to the site's contact and to its referral hospital, the transfer ServiceRequest and
-the acknowledgement Task), the acknowledgement and the transfer decision; a HIS's FHIR Patient and ImagingStudy whose PACS never
+the acknowledgement Task), the acknowledgement and the transfer decision; what two Subscriptions (classic rest-hook with a
+payload, R4 Backport topic-based) were sent; a HIS's FHIR Patient and ImagingStudy whose PACS never
 answers (a failed Task with its reason); a person's login and a failed one; refused requests.
 
 Then every version of every resource in the resource table (SQL), every AuditEvent of the trail
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +47,14 @@ SITES = {"sites": {
     "BVND115": {"name": "Benh vien Nhan dan 115", "district": "Quan 10", "province": "Ho Chi Minh"},
 }}
 
-# Every type the brief of issue 15 names as written or served by the hub in a full run.
+BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
+
+# Every type the hub writes or serves in a full run (issue 15 names them), and sends: Subscription
+# notifications (history Bundles of the R4 Backport, each with a Parameters status; a classic
+# rest-hook's PUT of the DiagnosticReport).
 WRITTEN = ["Patient", "Encounter", "ServiceRequest", "ImagingStudy", "Task", "DiagnosticReport", "Observation",
-           "Device", "Provenance", "Communication"]
-SERVED = ["AuditEvent", "Bundle", "OperationOutcome", "CapabilityStatement"]
+           "Device", "Provenance", "Communication", "Subscription"]
+SERVED = ["AuditEvent", "Bundle", "OperationOutcome", "CapabilityStatement", "Parameters"]
 # type -> why its output is not valid R4 yet, for defects in code this test's author does not own
 # (kept as strict xfails: the fix shows as an XPASS to remove here).
 KNOWN_DEFECTS: dict[str, str] = {}
@@ -68,6 +75,35 @@ def order(control_id: str, **kwargs: Any) -> bytes:
     return SEP.join(segments).encode("utf-8")
 
 
+class Hook:
+    """A Subscription endpoint on loopback: keeps every body the hub sends."""
+
+    def __init__(self) -> None:
+        self.bodies: list[tuple[str, bytes]] = []
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _record(self) -> None:
+                hook.bodies.append((f"{self.command} {self.path}",
+                                    self.rfile.read(int(self.headers.get("Content-Length") or 0))))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_PUT = _record
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class Run:
     """What one end-to-end run left: the stored resources and the API's answers, by type."""
 
@@ -79,16 +115,16 @@ class Run:
         self.found[body.get("resourceType", "?")].append((where, body))
         return body
 
-    def get(self, path: str, status: int = 200, **params: str) -> dict[str, Any]:
+    def get(self, path: str, expect: int = 200, **params: str) -> dict[str, Any]:
         response = self.hub.session.get(f"{self.hub.fhir}/{path}", params=params, timeout=30)
-        assert response.status_code == status, f"GET {path}: {response.status_code} {response.text[:500]}"
+        assert response.status_code == expect, f"GET {path}: {response.status_code} {response.text[:500]}"
         return self.answer(f"GET /fhir/{path} {params or ''}".strip(), response.json())
 
-    def post(self, path: str, body: Any, status: int = 200, **headers: str) -> dict[str, Any]:
+    def post(self, path: str, body: Any, expect: int = 200, **headers: str) -> dict[str, Any]:
         data = body if isinstance(body, (str, bytes)) else json.dumps(body)
         response = self.hub.session.post(f"{self.hub.fhir}/{path}", data=data, timeout=60,
                                          headers={"Content-Type": "application/fhir+json", **headers})
-        assert response.status_code == status, f"POST {path}: {response.status_code} {response.text[:500]}"
+        assert response.status_code == expect, f"POST {path}: {response.status_code} {response.text[:500]}"
         return self.answer(f"POST /fhir/{path}", response.json())
 
 
@@ -100,8 +136,28 @@ def operation(**values: Any) -> dict[str, Any]:
     return {"resourceType": "Parameters", "parameter": params}
 
 
-def full_run(hub: HubProcess, orthanc: Any) -> Run:
+def subscribe(run: Run, hook: Hook) -> None:
+    """A classic rest-hook Subscription with a payload (the report PUT at the endpoint) and a
+    topic-based one of the R4 Backport (full-resource notification Bundles), both to `hook`."""
+    run.post("Subscription", {"resourceType": "Subscription", "status": "requested", "reason": "AI results for the EMR",
+                              "criteria": "DiagnosticReport?status=preliminary,final",
+                              "channel": {"type": "rest-hook", "endpoint": f"{hook.url}/classic",
+                                          "payload": "application/fhir+json"}}, expect=201)
+    run.post("Subscription", {
+        "resourceType": "Subscription", "status": "requested", "reason": "AI results for the EMR",
+        "meta": {"profile": [f"{BACKPORT}/backport-subscription"]},
+        "criteria": "urn:interop-hub:SubscriptionTopic:diagnostic-report",
+        "channel": {"type": "rest-hook", "endpoint": f"{hook.url}/topic", "payload": "application/fhir+json",
+                    "_payload": {"extension": [{"url": f"{BACKPORT}/backport-payload-content",
+                                                "valueCode": "full-resource"}]}}}, expect=201)
+    # active once the handshake is accepted: the reports to come are notified
+    wait_for(lambda: len(run.get("Subscription", status="active").get("entry", [])) == 2, 30,
+             what="the Subscriptions to be active")
+
+
+def full_run(hub: HubProcess, orthanc: Any, hook: Hook) -> Run:
     run = Run(hub)
+    subscribe(run, hook)
     ds = chest_study_in_pacs(orthanc, seed=151, size=256, accession="ACC15101", patient_id="BN15101")
     answers = send(int(hub.env["INTEROP_MLLP_PORT"]),
                    order("V1", accession="ACC15101", placer="PL151", filler="FL151", patient_id="BN15101"),
@@ -140,9 +196,9 @@ def full_run(hub: HubProcess, orthanc: Any) -> Run:
 
     patient = run.post("Patient", {"resourceType": "Patient", "identifier": [{"system": "urn:test:mrn", "value": "F151"}],
                                    "name": [{"family": "Lê", "given": ["Thị", "Hoa"]}], "gender": "female",
-                                   "birthDate": "1961-03-08"}, status=201)
+                                   "birthDate": "1961-03-08"}, expect=201)
     dead = study_resource([make_chest_xray(seed=152, size=64)], patient["id"], "http://127.0.0.1:9/dicom-web")
-    study = run.post("ImagingStudy", dead, status=201)
+    study = run.post("ImagingStudy", dead, expect=201)
     wait_for(lambda: [e for e in run.get("Task", focus=f"ImagingStudy/{study['id']}").get("entry", [])
                       if e["resource"]["status"] == "failed"], 60, what="the failed analysis Task")
     browser, _ = person_session(hub.base, hub.env["DATABASE_URL"], "bs-hoa")
@@ -153,15 +209,25 @@ def full_run(hub: HubProcess, orthanc: Any) -> Run:
                   allow_redirects=False, timeout=30)
 
     # Refusals: each an OperationOutcome with its status.
-    run.post("ImagingStudy", "{not json", status=400)
+    run.post("ImagingStudy", "{not json", expect=400)
     run.post("ImagingStudy", {"resourceType": "ImagingStudy", "status": "bogus", "subject": {"reference": "Patient/x"}},
-             status=400)
+             expect=400)
     run.post("DiagnosticReport", {"resourceType": "DiagnosticReport", "status": "final", "code": {"text": "x"}},
-             status=405)
-    run.get("Observation/no-such-id", status=404)
-    run.get("Patient", status=400, unknown="1")
-    run.get("NotAType", status=404)
-    run.post(f"DiagnosticReport/{report['id']}/$review", operation(action="sign", reviewer=""), status=422)
+             expect=405)
+    run.get("Observation/no-such-id", expect=404)
+    run.get("Patient", expect=400, unknown="1")
+    run.get("NotAType", expect=404)
+    run.post(f"DiagnosticReport/{report['id']}/$review", operation(action="sign", reviewer=""), expect=422)
+
+    # What the Subscriptions were sent: the handshake, then each report version (AI, edited).
+    wait_for(lambda: sum(where.startswith("PUT /hook/classic") for where, _ in hook.bodies) >= 2
+             and sum(where.startswith("POST /hook/topic") for where, _ in hook.bodies) >= 3, 60,
+             what=f"the Subscriptions' notifications (so far {[w for w, _ in hook.bodies]})")
+    for where, body in hook.bodies:
+        sent = run.answer(f"sent to the Subscription endpoint: {where}", json.loads(body))
+        for entry in sent.get("entry", []) if sent["resourceType"] == "Bundle" else []:
+            if entry.get("resource", {}).get("resourceType") == "Parameters":  # the notification's status
+                run.answer(f"{where}: its subscription status", entry["resource"])
     return run
 
 
@@ -198,12 +264,14 @@ def run(pg_server_url: str, pg_template: str, triton_url: str, orthanc: Any,
                      "DICOMWEB_URL": orthanc.dicomweb_url, "INTEROP_SITES": str(workdir / "sites.yaml"),
                      "INTEROP_RETRY_BASE_SECONDS": "1", "INTEROP_JOB_MAX_ATTEMPTS": "2",
                      "INTEROP_WORKERS": "1"}, workdir)
+    hook = Hook()
     try:
-        done = full_run(hub, orthanc)
+        done = full_run(hub, orthanc, hook)
         stored(done)
         yield done
     finally:
         stop_hub(hub)
+        hook.close()
         with psycopg.connect(pg_server_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
