@@ -188,11 +188,12 @@ def _chain(rtype: str, head: str, tail: str, raw: str, params: dict[str, SearchP
     param = params.get(name)
     if param is None or param.type != "reference":
         raise SearchError(f"{head[:40]}: chaining needs a reference parameter of {rtype}")
-    target = target or param.target or ""
+    target = target or param.target or (param.targets[0] if len(param.targets) == 1 else "")
     if table is not None and target not in table:
-        raise SearchError(f"{head[:40]}.{tail[:40]}: name the type the reference is to ({name}:Patient.{tail[:40]})")
-    if param.target and target != param.target:
-        raise SearchError(f"{head[:40]}: {rtype}.{name} refers to {param.target} only")
+        raise SearchError(f"{head[:40]}.{tail[:40]}: name a searchable type the reference is to"
+                          f" ({name}:Patient.{tail[:40]})")
+    if not param.refers_to(target):
+        raise SearchError(f"{head[:40]}: {rtype}.{name} does not refer to {target}")
     return Criterion(param, [], None, chain=(target, _inner(target, tail, raw, table, now, depth)))
 
 
@@ -207,15 +208,15 @@ def _has(rtype: str, key: str, raw: str, table: Table | None, now: datetime, dep
             or table[source][ref_name].type != "reference":
         raise SearchError(f"_has:{source[:40]}:{ref_name[:40]}: not a reference parameter of a searchable type")
     ref = table[source][ref_name]
-    if ref.target and ref.target != rtype:
-        raise SearchError(f"_has:{source[:40]}:{ref_name[:40]} refers to {ref.target}, not {rtype}")
+    if not ref.refers_to(rtype):
+        raise SearchError(f"_has:{source[:40]}:{ref_name[:40]} does not refer to {rtype}")
     return Criterion(ref, [], None, has=(source, _inner(source, inner_key, raw, table, now, depth)))
 
 
 def _reverse(rtype: str, raw: str, table: Table | None) -> tuple[str, str]:
     source, _, pname = raw.partition(":")
     param = (table or {}).get(source, {}).get(pname)
-    if param is None or param.type != "reference" or (param.target and param.target != rtype):
+    if param is None or param.type != "reference" or not param.refers_to(rtype):
         raise SearchError(f"_revinclude={raw[:80]} is not supported on {rtype}")
     return source, pname
 

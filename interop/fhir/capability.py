@@ -1,15 +1,28 @@
-"""What the API supports, as one table; the CapabilityStatement and the routes both read it."""
+"""What the API supports, generated from what is routed: the CapabilityStatement (`/fhir/metadata`).
+
+Two sources, so that it cannot drift from the server: the Flask URL map says which interactions,
+conditional forms and operations have a route at all (ROUTED maps each rule to its R4 interaction
+code), and RESOURCES declares which of them each type allows (the routes are generic over the
+type; a type the hub writes refuses clients' writes with 405). A type's interactions are those both
+name. Search parameters come from mappings/search_parameters.yaml with their types, and the
+includes and reverse includes from its reference parameters.
+"""
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
+
+from flask import current_app
 
 from .. import __version__
 from ..store.search_params import SearchParam
 
-READ = ["read", "vread", "history-instance", "search-type"]
-WRITE = ["create", "update"]
+READ = ["read", "vread", "history-instance", "history-type", "search-type"]
+WRITE = ["create", "update", "patch", "delete"]
 
-# resource type -> interactions. Reports, observations, devices and tasks are written by the hub.
+# resource type -> the interactions it allows. Reports, observations, devices and tasks are written
+# by the hub.
 RESOURCES: dict[str, list[str]] = {
     "ImagingStudy": READ + WRITE,
     "Endpoint": READ + WRITE,
@@ -28,6 +41,45 @@ RESOURCES: dict[str, list[str]] = {
     # the audit trail, written by the hub; for admins (system/AuditEvent.rs)
     "AuditEvent": ["read", "search-type"],
 }
+
+# (method, rule with its variables as *) -> what a route is, in R4's words. Type-level rules name
+# the type as a variable (/fhir/*), so they serve every type RESOURCES allows.
+ROUTED: dict[tuple[str, str], str] = {
+    ("GET", "/fhir/*"): "search-type",
+    ("POST", "/fhir/*/_search"): "search-type",
+    ("POST", "/fhir/*"): "create",
+    ("GET", "/fhir/*/*"): "read",
+    ("PUT", "/fhir/*/*"): "update",
+    ("PATCH", "/fhir/*/*"): "patch",
+    ("DELETE", "/fhir/*/*"): "delete",
+    ("GET", "/fhir/*/*/_history/*"): "vread",
+    ("GET", "/fhir/*/*/_history"): "history-instance",
+    ("GET", "/fhir/*/_history"): "history-type",
+    ("PUT", "/fhir/*"): "conditional-update",
+    ("DELETE", "/fhir/*"): "conditional-delete",
+    ("PATCH", "/fhir/*"): "conditional-patch",
+    ("POST", "/fhir"): "transaction",
+    ("GET", "/fhir/_history"): "history-system",
+}
+SYSTEM = {"transaction": ["transaction", "batch"], "history-system": ["history-system"]}
+# operations with a published definition; the hub's own are defined by their documentation
+OPERATIONS = {
+    "export": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
+    "status": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status",
+}
+HUB_OPERATION = "urn:interop-hub:OperationDefinition:"
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def routed(rules: Iterable[Any] | None = None) -> list[tuple[str, str]]:
+    """(method, rule with variables as *) of every route under /fhir (the app's URL map by default)."""
+    out: list[tuple[str, str]] = []
+    for rule in rules if rules is not None else current_app.url_map.iter_rules():
+        text = re.sub(r"<[^>]+>", "*", rule.rule).rstrip("/")
+        if text == "/fhir" or text.startswith("/fhir/"):
+            out.extend((m, text) for m in sorted(rule.methods or ()) if m in METHODS)
+    return out
+
 # the audit trail's own search (interop.domain.audit.parse_query)
 AUDIT_PARAMS = [{"name": "date", "type": "date"}, *({"name": n, "type": "reference" if n in ("patient", "entity") else
                                                      "token"} for n in ("altid", "agent", "agent-name", "patient",
@@ -45,22 +97,58 @@ STRING_SEARCH = ("matches when the text (or a part of a name: family, each given
                  " for the value anywhere in it")
 
 
+DATE_SEARCH = ("a range as precise as written (2026 is the year); prefixes eq ne gt lt ge le sa eb ap as HAPI FHIR"
+               " compares ranges; no time zone: UTC")
+QUANTITY_SEARCH = "[prefix]number[|system|code] or [prefix]number||code; 100 stands for [99.5, 100.5)"
+CHAIN_SEARCH = "chains one level: {name}.identifier=, {name}:Patient.family= (name the type when it can be another)"
+
+
 def _search_param(param: SearchParam) -> dict[str, str]:
-    if param.type == "string":
-        return {"name": param.name, "type": param.type, "documentation": STRING_SEARCH}
-    return {"name": param.name, "type": param.type}
+    documentation = {"string": STRING_SEARCH, "date": DATE_SEARCH, "quantity": QUANTITY_SEARCH, "number": QUANTITY_SEARCH,
+                     "reference": CHAIN_SEARCH.format(name=param.name)}.get(param.type)
+    if documentation is None:
+        return {"name": param.name, "type": param.type}
+    return {"name": param.name, "type": param.type, "documentation": documentation}
 
 
-def statement(base: str, token_url: str, params: dict[str, dict[str, SearchParam]], software_date: str) -> dict[str, Any]:
+def _reverse_includes(rtype: str, params: dict[str, dict[str, SearchParam]]) -> list[str]:
+    return [f"{source}:{p.name}" for source, named in params.items() if source in RESOURCES
+            for p in named.values() if p.type == "reference" and p.refers_to(rtype)]
+
+
+def _operations(routes: list[tuple[str, str]], rtype: str | None) -> list[dict[str, str]]:
+    """Operations routed at the base (rtype None), on any type (/fhir/*/$op) or on this type."""
+    names = []
+    for _method, rule in routes:
+        parts = rule.split("/")[2:]
+        name = next((p[1:] for p in parts if p.startswith("$")), None)
+        if name is None or name.startswith("export-"):  # the export's own status URL and files
+            continue
+        at_base = parts[0].startswith("$")
+        if (rtype is None and at_base) or (rtype is not None and not at_base and parts[0] in ("*", rtype)):
+            names.append(name)
+    return [{"name": n, "definition": OPERATIONS.get(n, HUB_OPERATION + n)} for n in dict.fromkeys(names)]
+
+
+def statement(base: str, token_url: str, params: dict[str, dict[str, SearchParam]], software_date: str,
+              routes: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """The CapabilityStatement of the routes (`routed()` by default) and the declared tables."""
+    routes = routes if routes is not None else routed()
+    found = {ROUTED[r] for r in routes if r in ROUTED}
     resources = []
-    for rtype, interactions in RESOURCES.items():
+    for rtype, allowed in RESOURCES.items():
+        interactions = [i for i in allowed if i in found]
+        writes = "update" in interactions
         entry: dict[str, Any] = {
             "type": rtype,
             "interaction": [{"code": i} for i in interactions],
             "versioning": "versioned-update" if "vread" in interactions else "no-version",
             "readHistory": "history-instance" in interactions,
-            "updateCreate": "update" in interactions,
-            "conditionalCreate": rtype == "ImagingStudy",
+            "updateCreate": writes,
+            "conditionalCreate": "create" in interactions,
+            "conditionalUpdate": writes and "conditional-update" in found,
+            "conditionalDelete": "single" if "delete" in interactions and "conditional-delete" in found
+            else "not-supported",
             "searchParam": [
                 {"name": "_id", "type": "token"},
                 {"name": "_lastUpdated", "type": "date"},
@@ -71,7 +159,23 @@ def statement(base: str, token_url: str, params: dict[str, dict[str, SearchParam
         includes = [f"{rtype}:{p.name}" for p in params.get(rtype, {}).values() if p.type == "reference"]
         if includes:
             entry["searchInclude"] = includes
+        if rtype != "AuditEvent" and _reverse_includes(rtype, params):
+            entry["searchRevInclude"] = _reverse_includes(rtype, params)
+        operations = _operations(routes, rtype)
+        if operations:
+            entry["operation"] = operations
         resources.append(entry)
+    rest: dict[str, Any] = {
+        "mode": "server",
+        "documentation": "AI results are preliminary until a radiologist signs them. " + SEARCH_DOCUMENTATION,
+        "security": security(token_url),
+        "resource": resources,
+        "interaction": [{"code": code} for kind in SYSTEM if kind in found for code in SYSTEM[kind]],
+        "searchParam": COMMON_PARAMS,
+    }
+    operations = _operations(routes, None)
+    if operations:
+        rest["operation"] = operations
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -81,13 +185,24 @@ def statement(base: str, token_url: str, params: dict[str, dict[str, SearchParam
         "implementation": {"description": "Imaging-AI interoperability hub", "url": base},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
-        "rest": [{
-            "mode": "server",
-            "documentation": "AI results are preliminary until a radiologist signs them.",
-            "security": security(token_url),
-            "resource": resources,
-        }],
+        "rest": [rest],
     }
+
+
+SEARCH_DOCUMENTATION = (
+    "Search as HAPI FHIR answers it: date, number and quantity values take R4's prefixes (eq ne gt lt ge le sa"
+    " eb ap) and a date is the range its precision gives (2026, 2026-12, 2026-12-01, an instant); a reference"
+    " parameter chains one level (subject:Patient.identifier=, patient.family=); _has:Type:reference:parameter="
+    " for the reverse; _include, _revinclude, _summary (true, text, data, count, false), _elements, _total"
+    " (none, estimate, accurate), _count, _offset, _sort=_lastUpdated. An unknown parameter is refused (400)"
+    " unless Prefer: handling=lenient.")
+COMMON_PARAMS = [
+    {"name": "_id", "type": "token"},
+    {"name": "_lastUpdated", "type": "date"},
+    {"name": "_has", "type": "special",
+     "documentation": "_has:Type:reference-parameter:parameter=value, one level"
+                      " (Patient?_has:DiagnosticReport:subject:status=final)"},
+]
 
 
 def security(token_url: str) -> dict[str, Any]:

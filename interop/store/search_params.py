@@ -28,10 +28,17 @@ class SearchParam:
     path: tuple[str, ...]
     target: str | None = None
     also: tuple[tuple[str, ...], ...] = ()  # further paths (a choice type: effectiveDateTime, effectivePeriod)
+    targets: tuple[str, ...] = ()  # the types a reference may point to (R4's SearchParameter.target; none: any)
 
     @property
     def paths(self) -> tuple[tuple[str, ...], ...]:
         return (self.path, *self.also)
+
+    def refers_to(self, rtype: str) -> bool:
+        """Whether this reference parameter may point to a resource of `rtype`."""
+        if self.target is not None:
+            return self.target == rtype
+        return not self.targets or rtype in self.targets
 
 
 @lru_cache(maxsize=8)
@@ -45,7 +52,8 @@ def load(mappings_dir: Path) -> dict[str, dict[str, SearchParam]]:
             if spec["type"] not in TYPES:
                 raise ValueError(f"search parameter {rtype}.{name}: unknown type {spec['type']!r}")
             paths = [tuple(p.strip().split(".")) for p in spec["path"].split("|")]
-            table[rtype][name] = SearchParam(name, spec["type"], paths[0], spec.get("target"), tuple(paths[1:]))
+            table[rtype][name] = SearchParam(name, spec["type"], paths[0], spec.get("target"), tuple(paths[1:]),
+                                             tuple(spec.get("targets") or ()))
     return table
 
 
