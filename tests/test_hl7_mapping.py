@@ -43,10 +43,11 @@ def sample_text(name: str) -> str:
     return charset.decode((SAMPLES / name).read_bytes())[0]
 
 
-def order_samples() -> list[Path]:
-    """The samples that are orders by their MSH-9 (not by file name)."""
+def order_samples(prefix: str = "dcm4che_") -> list[Path]:
+    """The public samples (dcm4che/IHE) that are orders by their MSH-9 (not by file name); `prefix=""`
+    adds the messages written here from the standard (hub_*)."""
     found = []
-    for path in sorted(SAMPLES.glob("*.hl7")):
+    for path in sorted(SAMPLES.glob(f"{prefix}*.hl7")):
         msh9 = charset.decode(path.read_bytes())[0].split("\r", 1)[0].split("|")[8]
         if msh9.split("^")[0] in ("ORM", "OMI"):
             found.append(path)
@@ -169,7 +170,11 @@ def test_file_named_orm_is_really_omi_with_zds(fhir_validate: Any) -> None:
 def test_veterinary_omi_keeps_every_patient_identifier() -> None:
     m = map_order(sample_text("dcm4che_OMI_O23_v251_ipc_veterinary.hl7"))
     assert [(i["value"], i["system"]) for i in m.patient["identifier"]] == [
-        ("1234", "urn:interop-hub:pid:CHIP-ISSUER"), ("4711471151", "urn:interop-hub:pid:zxcv")]
+        ("1234", "urn:interop-hub:pid:CHIP-ISSUER"), ("4711471151", "urn:interop-hub:pid:zxcv"),
+        ("1234", "urn:interop-hub:pid:TATTOO-ISSUER")]  # PID-4, the alternate id (the IG's identifier[3])
+    animal = next(e for e in m.patient["extension"] if e["url"].endswith("/patient-animal"))
+    assert [(e["url"], e["valueCodeableConcept"]["coding"][0]["code"]) for e in animal["extension"]] == [
+        ("species", "388490000"), ("breed", "25243005")]  # PID-35, PID-36
     assert m.orders[0].accession == "ACC" and m.orders[0].study_instance_uid.endswith(".199402091242.1")
     assert m.orders[0].procedure_code["coding"][0]["code"] == "ProtocolCode"  # IPC-6: OBR-4 is empty
 

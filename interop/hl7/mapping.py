@@ -89,6 +89,9 @@ def _check(t: Tables) -> None:
             raise MappingTableError(f"datatypes/{name}: unknown function {dt['function']}")
         if dt.get("post") and dt["post"] not in FUNCTIONS:
             raise MappingTableError(f"datatypes/{name}: unknown post {dt['post']}")
+        for key in ("equipment", "use"):  # the vocabularies a function reads (XTN)
+            if dt.get(key) and dt[key] not in t.codesystems:
+                raise MappingTableError(f"datatypes/{name}: unknown vocabulary {dt[key]}")
         for i, row in enumerate(dt.get("components", []), start=1):
             row_refs(f"datatypes/{name} row {i}", row)
     for name, msg in t.messages.items():
@@ -159,6 +162,8 @@ class Context:
     tables: Tables
     segments: dict[str, Segment]
     default_namespace: str = ""
+    # segments that repeat in the group (NTE, DG1): their maps run once per occurrence
+    repeats: dict[str, list[Segment]] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
     contained: list[dict[str, Any]] = field(default_factory=list)
     location: tuple[str, int | None, int] = ("MSH", None, 1)
@@ -181,7 +186,19 @@ class Context:
 
 
 # -- paths ---------------------------------------------------------------------------------------
-_TOKEN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d*)\])?$")
+# `a.b`, `a[0]`, `a[]` (append), and `extension{url}`: the element of the list whose `url` is
+# this one, added when absent (FHIR's way of naming an extension; dots inside braces do not split).
+_TOKEN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\[(-1|\d*)\]|\{([^{}]+)\})?$")
+_SPLIT = re.compile(r"\.(?![^{]*\})")
+
+
+def _by_url(lst: list[Any], url: str) -> dict[str, Any]:
+    for item in lst:
+        if isinstance(item, dict) and item.get("url") == url:
+            return item
+    element: dict[str, Any] = {"url": url}
+    lst.append(element)
+    return element
 
 
 def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
@@ -201,14 +218,22 @@ def set_path(obj: dict[str, Any], path: str, value: Any) -> None:
         if isinstance(value, dict):
             _merge(obj, value)
         return
-    tokens = path.split(".")
+    tokens = _SPLIT.split(path)
     cur: Any = obj
     for i, tok in enumerate(tokens):
         m = _TOKEN.match(tok)
         if not m:
             raise MappingTableError(f"bad target path {path!r}")
-        key, index = m.group(1), m.group(2)
+        key, index, url = m.group(1), m.group(2), m.group(3)
         last = i == len(tokens) - 1
+        if url is not None:
+            element = _by_url(cur.setdefault(key, []), url)
+            if last:
+                if isinstance(value, dict):
+                    _merge(element, value)
+                return
+            cur = element
+            continue
         if index is None:
             if last:
                 if key not in cur or cur[key] in (None, "", [], {}):
@@ -227,6 +252,8 @@ def set_path(obj: dict[str, Any], path: str, value: Any) -> None:
             cur = lst[-1]
             continue
         n = int(index)
+        if n == -1:  # the last element, as an earlier row of the same segment made it
+            n = max(len(lst) - 1, 0)
         while len(lst) <= n:
             lst.append({})
         if last:
@@ -377,9 +404,100 @@ def post_practitioner_reference(result: dict[str, Any], ctx: Context, dt: dict[s
     return ref
 
 
+def fn_sad_line(rep: Repetition, ctx: Context, dt: dict[str, Any], kind: str | None) -> str | None:
+    """SAD (XAD.1): the street or mailing address (SAD.1) as sent; without it, the dwelling number
+    and the street name (SAD.3, SAD.2), so "&Le Loi&12" is the line "12 Le Loi", not nothing."""
+    line = rep.component(1)
+    if line:
+        return line
+    text = " ".join(p for p in (rep.component(3), rep.component(2)) if p)
+    return text or None
+
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
+
+
+def fn_xtn(rep: Repetition, ctx: Context, dt: dict[str, Any], kind: str | None) -> dict[str, Any] | None:
+    """XTN -> ContactPoint with the `system` R4 requires beside a value (invariant cnt-1).
+
+    value: the e-mail address (XTN.4) for Internet/X.400 equipment or NET use, else the
+    unformatted number (XTN.12), the v2.3-v2.6 formatted number (XTN.1), or the number from its
+    parts (+country area local, ext. extension: XTN.5-8). system: XTN.3 through the equipment
+    table; without XTN.3, NET is email, BPN pager, an address with an @ email, else phone; an
+    equipment code the table does not know is `other` (never no system). use: XTN.2 through the
+    use table, a cellular phone (CP) with no use given is mobile."""
+    use_code, equipment = rep.component(2), rep.component(3)
+    email = equipment in ("Internet", "X.400") or use_code == "NET"
+    value = rep.component(4) if email else ""
+    if not value:
+        value = rep.component(12) or rep.component(1)
+    if not value and any(rep.component(i) for i in (5, 6, 7)):
+        value = " ".join(p for p in (f"+{rep.component(5)}" if rep.component(5) else "", rep.component(6),
+                                     rep.component(7)) if p)
+        if rep.component(8):
+            value += f" ext. {rep.component(8)}"
+    if not value and rep.component(4):
+        value, email = rep.component(4), True
+    if not value:
+        return None
+    out: dict[str, Any] = {"value": value}
+    if equipment:
+        out["system"] = translate(ctx.tables, dt["equipment"], equipment) or "other"
+    elif email or _EMAIL.match(value):
+        out["system"] = "email"
+    elif use_code == "BPN":
+        out["system"] = "pager"
+    else:
+        out["system"] = "phone"
+    use = translate(ctx.tables, dt["use"], use_code) if use_code else None
+    if use is None and equipment == "CP":
+        use = "mobile"
+    if use:
+        out["use"] = use
+    return out
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+
+
+def fn_decimal(rep: Repetition, ctx: Context, dt: dict[str, Any], kind: str | None) -> int | float | None:
+    """NM -> a JSON number (FHIR decimal/integer); not a number: HL7 error 102."""
+    text = rep.component(1).strip()
+    if not text:
+        return None
+    if not _NUMBER.match(text):
+        raise ctx.error("not a valid HL7 number (NM)")
+    number = float(text)
+    if dt.get("integer") or (number.is_integer() and "." not in text):
+        if not number.is_integer():
+            raise ctx.error("not a whole number")
+        return int(number)
+    return number
+
+
+def fn_boolean(rep: Repetition, ctx: Context, dt: dict[str, Any], kind: str | None) -> bool | None:
+    """ID with table 0136 (Yes/No indicator): Y -> true, N -> false, anything else: no value."""
+    return {"Y": True, "N": False}.get(rep.component(1).strip().upper())
+
+
+_TM = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(?:\.\d+)?([+-]\d{4})?$")
+
+
+def fn_time(rep: Repetition, ctx: Context, dt: dict[str, Any], kind: str | None) -> str | None:
+    """TM (HH[MM[SS]]) -> FHIR time (hh:mm:ss)."""
+    text = rep.component(1).strip()
+    if not text:
+        return None
+    m = _TM.match(text)
+    if not m or int(m.group(1)) > 23 or int(m.group(2) or 0) > 59 or int(m.group(3) or 0) > 59:
+        raise ctx.error("not a valid HL7 time (TM)")
+    return f"{m.group(1)}:{m.group(2) or '00'}:{m.group(3) or '00'}"
+
+
 FUNCTIONS: dict[str, Callable[..., Any]] = {
     "datetime": fn_datetime, "date": fn_date, "hd": fn_hd, "text": fn_text, "pl_display": fn_pl_display,
-    "cwe": post_cwe, "practitioner_reference": post_practitioner_reference,
+    "cwe": post_cwe, "practitioner_reference": post_practitioner_reference, "sad_line": fn_sad_line,
+    "xtn": fn_xtn, "decimal": fn_decimal, "boolean": fn_boolean, "time": fn_time,
 }
 
 
@@ -458,6 +576,8 @@ def apply_segment_map(map_name: str, resource: dict[str, Any], ctx: Context) -> 
         reps = seg.get(n)
         if c:
             reps = [Repetition((r.comp(c),)) for r in reps if r.component(c)]
+        if row.get("repeat") == "join" and reps:  # repetitions as the lines of one value (NTE-3)
+            reps = [Repetition((Component(("\n".join(r.component(1) for r in reps),)),))]
         if not reps and not row.get("always"):
             continue
         if row.get("fact"):
@@ -484,9 +604,12 @@ def apply_segment_map(map_name: str, resource: dict[str, Any], ctx: Context) -> 
             if row.get("prefix") and isinstance(value, str):
                 value = row["prefix"] + value
             if row.get("wrap"):
-                value = {row["wrap"]: value}
+                wrapped: dict[str, Any] = {}
+                set_path(wrapped, row["wrap"], value)
+                value = wrapped
             if row.get("assign") and isinstance(value, dict):
-                _merge(value, row["assign"])
+                for path, constant in row["assign"].items():
+                    set_path(value, path, copy.deepcopy(constant))
             set_path(resource, row["target"], value)
 
 
@@ -495,8 +618,20 @@ def build_resource(resource_type: str, maps: list[str], ctx: Context, message_sp
     resource: dict[str, Any] = {"resourceType": resource_type}
     ctx.contained = []
     for name in maps:
-        if ctx.tables.segments[name]["resource"] == resource_type:
+        spec = ctx.tables.segments[name]
+        if spec["resource"] != resource_type:
+            continue
+        seg_id = spec["segment"]
+        occurrences = ctx.repeats.get(seg_id)
+        if not occurrences:
             apply_segment_map(name, resource, ctx)
+            continue
+        first = ctx.segments.get(seg_id)
+        for seg in occurrences:
+            ctx.segments[seg_id] = seg
+            apply_segment_map(name, resource, ctx)
+        if first is not None:
+            ctx.segments[seg_id] = first
     conf = (message_spec.get("resources") or {}).get(resource_type) or {}
     for k, v in (conf.get("fixed") or {}).items():
         resource[k] = copy.deepcopy(v)

@@ -89,17 +89,38 @@ def _patient_and_encounter(msg: Message, spec: dict[str, Any], tables: Tables,
     return patient, encounter, pid
 
 
-def _groups(msg: Message, order_spec: dict[str, Any]) -> list[dict[str, Segment]]:
-    """Order groups: each `starts_with` segment and the listed segments after it (first of each)."""
+@dataclass
+class _Group:
+    segments: dict[str, Segment] = field(default_factory=dict)
+    repeats: dict[str, list[Segment]] = field(default_factory=dict)
+    in_observation: bool = False  # an OBX was seen: NTEs after it are the observation's
+
+
+def _groups(msg: Message, order_spec: dict[str, Any]) -> list[_Group]:
+    """Order groups: each `starts_with` segment and the listed segments after it (the first of
+    each, or every one for a `repeat` segment: NTE, DG1)."""
     start, members = order_spec["starts_with"], order_spec["segments"]
-    groups: list[dict[str, Segment]] = []
+    groups: list[_Group] = []
     for seg in msg:
         if seg.id == start:
-            groups.append({start: seg})
+            groups.append(_Group({start: seg}))
+        elif seg.id == "OBX" and groups:
+            groups[-1].in_observation = True
         elif seg.id in members and seg.id != start:
+            repeat = bool(members[seg.id].get("repeat"))
             if not groups:
+                if repeat:  # a note or diagnosis of the message or the patient, not of an order
+                    continue
                 raise MissingSegmentError(start, msg.message_type)  # an OBR/IPC before any ORC
-            groups[-1].setdefault(seg.id, seg)
+            group = groups[-1]
+            if seg.id == "OBR":
+                group.in_observation = False
+            if repeat:
+                if not (seg.id == "NTE" and group.in_observation):
+                    group.repeats.setdefault(seg.id, []).append(seg)
+                    group.segments.setdefault(seg.id, seg)
+                continue
+            group.segments.setdefault(seg.id, seg)
     return groups
 
 
@@ -125,8 +146,9 @@ def map_order(text: str, tables: Tables) -> OrderMessage:
         raise MissingSegmentError(order_spec["starts_with"], msg.message_type)
     orders = []
     for group in groups:
-        ctx = Context(tables, {"MSH": msg.msh, "PID": pid, **group}, default_ns)
-        maps = [m for seg_id in order_spec["segments"] if seg_id in group for m in order_spec["segments"][seg_id]["maps"]]
+        ctx = Context(tables, {"MSH": msg.msh, "PID": pid, **group.segments}, default_ns, repeats=group.repeats)
+        maps = [m for seg_id in order_spec["segments"] if seg_id in group.segments
+                for m in order_spec["segments"][seg_id]["maps"]]
         request = build_resource("ServiceRequest", maps, ctx, spec)
         study = build_resource("ImagingStudy", maps, ctx, spec)
         f = ctx.facts
