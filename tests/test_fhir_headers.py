@@ -166,3 +166,20 @@ def test_an_operation_answers_with_the_version_headers(client: FlaskClient, db_u
     assert signed.headers["ETag"] == f'W/"{body["meta"]["versionId"]}"'
     assert parsedate_to_datetime(signed.headers["Last-Modified"]) == \
         datetime.fromisoformat(body["meta"]["lastUpdated"]).replace(microsecond=0)
+
+
+def test_instance_history_pages_and_since(client: FlaskClient, check_r4: Validate) -> None:
+    body = post(client, "Patient", patient("M1")).get_json(force=True)
+    for gender in ("female", "other", "unknown"):
+        body["gender"] = gender
+        body = client.put(f"/fhir/Patient/{body['id']}", data=json.dumps(body), content_type=FHIR).get_json(force=True)
+    page = client.get(f"/fhir/Patient/{body['id']}/_history?_count=3").get_json(force=True)
+    assert check_r4(page) == [] and page["total"] == 4
+    assert [e["response"]["etag"] for e in page["entry"]] == ['W/"4"', 'W/"3"', 'W/"2"']
+    links = {link["relation"]: link["url"] for link in page["link"]}
+    rest = client.get("/fhir/" + links["next"].split("/fhir/", 1)[1]).get_json(force=True)
+    assert [e["response"]["etag"] for e in rest["entry"]] == ['W/"1"']
+    since = page["entry"][1]["response"]["lastModified"]
+    recent = client.get(f"/fhir/Patient/{body['id']}/_history", query_string={"_since": since}).get_json(force=True)
+    assert [e["response"]["etag"] for e in recent["entry"]] == ['W/"4"', 'W/"3"']
+    outcome(client.get(f"/fhir/Patient/{body['id']}/_history?colour=red"), 400, "invalid")

@@ -264,6 +264,7 @@ def _vread(conn: psycopg.Connection[Any], rtype: str, rid: str, vid: int) -> dic
 def history(rtype: str, rid: str) -> Response:
     _known(rtype, rid)
     _versioned(rtype)
+    count, offset, since = _history_args()
     with hub().pool.connection() as conn:
         try:
             versions = resources.versions(conn, rtype, rid)
@@ -271,7 +272,10 @@ def history(rtype: str, rid: str) -> Response:
             raise NotFoundError(str(exc)) from None
         access.audit_read(audit.interaction("history-instance"), "R", what=[f"{rtype}/{rid}"],
                           patients=[p for v in versions if not v.deleted for p in audit.patients_of(v.body)][:1])
-    return respond(history_bundle(versions, total=len(versions)))
+    if since is not None:
+        versions = [v for v in versions if datetime.fromisoformat(v.body["meta"]["lastUpdated"]) >= since]
+    links = _history_links(f"{rtype}/{rid}/_history", count, offset, len(versions) > offset + count)
+    return respond(history_bundle(versions[offset:offset + count], total=len(versions), links=links))
 
 
 def history_bundle(versions: list[resources.Version], total: int | None = None,
@@ -328,6 +332,17 @@ def history_system() -> Response:
 
 
 def _history_of(types: list[str], path: str, interaction: str) -> Response:
+    count, offset, since = _history_args()
+    with hub().pool.connection() as conn:
+        versions = resources.changes(conn, types, count + 1, offset, since)
+        access.audit_read(audit.interaction(interaction), "R", what=types if len(types) == 1 else [],
+                          patients=[p for v in versions[:count] if not v.deleted for p in audit.patients_of(v.body)],
+                          query=urlencode(list(request.args.items(multi=True))))
+    return respond(history_bundle(versions[:count], links=_history_links(path, count, offset, len(versions) > count)))
+
+
+def _history_args() -> tuple[int, int, datetime | None]:
+    """_count, _offset and _since of a history request (anything else is refused, as search does)."""
     unknown = [k for k in request.args if k not in HISTORY_PARAMS]
     if unknown:
         raise BadRequest(f"unknown parameter {unknown[0][:64]} (history takes _count, _since, _offset)")
@@ -341,11 +356,10 @@ def _history_of(types: list[str], path: str, interaction: str) -> Response:
             raise BadRequest("_since must be an instant such as 2026-12-01T00:00:00Z") from None
         if since.tzinfo is None:
             raise BadRequest("_since needs a time zone (Z or +hh:mm)")
-    with hub().pool.connection() as conn:
-        versions = resources.changes(conn, types, count + 1, offset, since)
-        access.audit_read(audit.interaction(interaction), "R", what=types if len(types) == 1 else [],
-                          patients=[p for v in versions[:count] if not v.deleted for p in audit.patients_of(v.body)],
-                          query=urlencode(list(request.args.items(multi=True))))
+    return count, offset, since
+
+
+def _history_links(path: str, count: int, offset: int, more: bool) -> list[dict[str, str]]:
     base = hub().settings.public_base()
     kept = [(k, v) for k, v in request.args.items(multi=True) if k not in ("_count", "_offset")]
 
@@ -353,11 +367,11 @@ def _history_of(types: list[str], path: str, interaction: str) -> Response:
         return {"relation": relation, "url": f"{base}/{path}?{urlencode([*kept, ('_count', str(count)), ('_offset', str(at))])}"}
 
     links = [link("self", offset)]
-    if len(versions) > count:
+    if more:
         links.append(link("next", offset + count))
     if offset > 0:
         links.append(link("previous", max(0, offset - count)))
-    return respond(history_bundle(versions[:count], links=links))
+    return links
 
 
 def _bounded(name: str, raw: str, most: int) -> int:
