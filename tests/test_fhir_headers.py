@@ -183,3 +183,21 @@ def test_instance_history_pages_and_since(client: FlaskClient, check_r4: Validat
     recent = client.get(f"/fhir/Patient/{body['id']}/_history", query_string={"_since": since}).get_json(force=True)
     assert [e["response"]["etag"] for e in recent["entry"]] == ['W/"4"', 'W/"3"']
     outcome(client.get(f"/fhir/Patient/{body['id']}/_history?colour=red"), 400, "invalid")
+
+
+def test_conditional_read(client: FlaskClient) -> None:
+    made = post(client, "Patient", patient("M1"))
+    pid, etag, modified = made.get_json(force=True)["id"], made.headers["ETag"], made.headers["Last-Modified"]
+    for path in (f"/fhir/Patient/{pid}", f"/fhir/Patient/{pid}/_history/1"):
+        same = client.get(path, headers={"If-None-Match": etag})
+        assert same.status_code == 304 and same.get_data() == b"" and same.headers["ETag"] == etag
+        assert client.get(path, headers={"If-None-Match": 'W/"9", "1"'}).status_code == 304
+        assert client.get(path, headers={"If-Modified-Since": modified}).status_code == 304
+        assert client.get(path, headers={"If-None-Match": 'W/"2"'}).status_code == 200
+        assert client.get(path, headers={"If-Modified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"}).status_code == 200
+        assert client.get(path, headers={"If-Modified-Since": "yesterday"}).status_code == 200
+    body = made.get_json(force=True)
+    body["gender"] = "female"
+    client.put(f"/fhir/Patient/{pid}", data=json.dumps(body), content_type=FHIR)
+    changed = client.get(f"/fhir/Patient/{pid}", headers={"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.get_json(force=True)["gender"] == "female"

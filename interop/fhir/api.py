@@ -14,7 +14,7 @@ the origins INTEROP_CORS_ORIGINS lists may call the API (CORS, preflight include
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from email.utils import format_datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -219,7 +219,28 @@ def read(rtype: str, rid: str) -> Response:
     with hub().pool.connection() as conn:  # a refusal (404, 410) is audited by interop.access.after
         body = _read(conn, rtype, rid)
         access.audit_read(audit.interaction("read"), "R", what=[_ref(body)], patients=audit.patients_of(body))
+    if _not_modified(body):
+        return Response(status=304, headers=_version_headers(body))
     return respond(_subset(body), 200, _version_headers(body))
+
+
+def _not_modified(body: dict[str, Any]) -> bool:
+    """A conditional read (R4 http.html#cread): the client's copy, named by If-None-Match (its ETag)
+    or If-Modified-Since (an HTTP date), is the current version."""
+    meta = body.get("meta", {})
+    tags = request.headers.get("If-None-Match")
+    if tags is not None:
+        version = str(meta.get("versionId"))
+        return tags.strip() == "*" or any(t.strip().removeprefix("W/").strip('"') == version for t in tags.split(","))
+    since = request.headers.get("If-Modified-Since")
+    if since is None or not meta.get("lastUpdated"):
+        return False
+    try:
+        client_has = parsedate_to_datetime(since)
+    except (TypeError, ValueError):
+        return False  # not a date: answered in full, as HTTP says
+    changed = datetime.fromisoformat(meta["lastUpdated"]).replace(microsecond=0)
+    return client_has.tzinfo is not None and changed <= client_has
 
 
 def _subset(body: dict[str, Any]) -> dict[str, Any]:
@@ -248,6 +269,8 @@ def vread(rtype: str, rid: str, vid: str) -> Response:
     with hub().pool.connection() as conn:
         body = _vread(conn, rtype, rid, int(vid))
         access.audit_read(audit.interaction("vread"), "R", what=[_ref(body)], patients=audit.patients_of(body))
+    if _not_modified(body):
+        return Response(status=304, headers=_version_headers(body))
     return respond(body, 200, _version_headers(body))
 
 
