@@ -12,10 +12,11 @@ from interop.hl7 import mllp, order
 from interop.ops.health import QueueCollector
 from interop.runtime import processes
 from interop.store import queue
-from interop.web.waiting import Entry, FindingRow
+from interop.web.waiting import Entry, FindingRow, Order
 
 FindingRow.text_en, FindingRow.text_vi  # worklist/_findings.html
 Entry.patient_identifier, Entry.waited_seconds, Entry.signed_by  # worklist/list.html, study.html
+Order.sex, Order.ordering, Order.indication  # worklist/list.html, study.html (radiologists only)
 g.audited  # flask.g, read back with g.get("audited") (interop.access)
 QueueCollector.collect  # prometheus_client calls it on every scrape
 Flask.session_interface  # set by interop.auth.routes for the OpenID Connect routes

@@ -3,6 +3,18 @@ from __future__ import annotations
 
 LABELS: dict[str, dict[str, str]] = {
     "vi": {
+        "any": "Tất cả", "priority": "Mức ưu tiên", "date_from": "Từ ngày", "date_to": "Đến ngày", "filter": "Lọc",
+        "clear": "Bỏ lọc", "order": "Chỉ định", "accession": "Số chỉ định", "years": "tuổi",
+        "indication": "Lý do chụp", "ordering": "Nơi chỉ định", "age": "Tuổi", "sex": "Giới",
+        "patient_name": "Họ tên", "priority_stat": "Cấp cứu (STAT)", "priority_asap": "Càng sớm càng tốt",
+        "priority_urgent": "Khẩn", "priority_routine": "Thường quy", "status_preliminary": "Chờ đọc",
+        "status_final": "Đã ký", "status_amended": "Đã sửa", "status_corrected": "Đã đính chính",
+        "status_cancelled": "Đã bác bỏ", "sex_male": "Nam", "sex_female": "Nữ", "sex_other": "Khác",
+        "sex_unknown": "Không rõ", "next": "Ca tiếp theo", "sign_next": "Ký và sang ca tiếp",
+        "shortcuts": "Phím tắt", "shortcut_help": "S: ký duyệt · Shift+S: ký và sang ca tiếp · N: ca tiếp theo · "
+        "B: quay lại danh sách · W: đặt lại cửa sổ ảnh (không dùng khi đang gõ chữ)",
+        "viewer": "Trình xem DICOM", "viewer_help": "Kéo chuột trái: cửa sổ/mức · phải: phóng to · giữa: di chuyển · "
+        "lăn chuột: lướt lát cắt", "reset": "Đặt lại",
         "title": "Danh sách ca chờ đọc", "subtitle": "Kết quả AI sơ bộ chờ bác sĩ chẩn đoán hình ảnh xem xét",
         "waiting": "ca đang chờ", "none": "Không có ca nào chờ đọc.", "critical": "NGUY KỊCH",
         "unacknowledged": "chưa xác nhận", "acknowledged": "đã xác nhận", "patient": "Bệnh nhân",
@@ -25,6 +37,18 @@ LABELS: dict[str, dict[str, str]] = {
         "minutes": "phút", "hours": "giờ", "days": "ngày", "language": "English", "other_lang": "en",
     },
     "en": {
+        "any": "Any", "priority": "Priority", "date_from": "From", "date_to": "To", "filter": "Filter",
+        "clear": "Clear filters", "order": "Order", "accession": "Accession", "years": "y",
+        "indication": "Indication", "ordering": "Ordering hospital", "age": "Age", "sex": "Sex",
+        "patient_name": "Name", "priority_stat": "STAT", "priority_asap": "ASAP", "priority_urgent": "Urgent",
+        "priority_routine": "Routine", "status_preliminary": "Waiting", "status_final": "Signed",
+        "status_amended": "Amended", "status_corrected": "Corrected", "status_cancelled": "Rejected",
+        "sex_male": "Male", "sex_female": "Female", "sex_other": "Other", "sex_unknown": "Unknown",
+        "next": "Next study", "sign_next": "Sign and next",
+        "shortcuts": "Keyboard shortcuts", "shortcut_help": "S: sign · Shift+S: sign and next · N: next study · "
+        "B: back to the list · W: reset the window (not while typing)",
+        "viewer": "DICOM viewer", "viewer_help": "Left drag: window/level · right drag: zoom · middle drag: pan · "
+        "wheel: scroll the slices", "reset": "Reset",
         "title": "Reading worklist", "subtitle": "Preliminary AI results waiting for a radiologist's review",
         "waiting": "studies waiting", "none": "Nothing is waiting for review.", "critical": "CRITICAL",
         "unacknowledged": "not acknowledged", "acknowledged": "acknowledged", "patient": "Patient",

@@ -7,7 +7,7 @@ critical when its conclusionCode or one of its Observations' interpretations say
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import psycopg
@@ -33,6 +33,23 @@ class FindingRow:
     threshold: float | None
 
 
+PRIORITIES = ("stat", "asap", "urgent", "routine")  # FHIR request-priority, most urgent first
+
+
+@dataclass(frozen=True)
+class Order:
+    """What a radiologist reads a study with: the patient (name, age, sex), the order's accession,
+    ordering hospital, clinical indication and priority. Shown to logged-in radiologists only."""
+
+    patient_name: str = ""
+    age: str = ""           # whole years at the study date ("" when no birth date)
+    sex: str = ""           # FHIR administrative gender
+    accession: str = ""
+    ordering: str = ""      # the requesting organisation or practitioner, as the order names it
+    indication: str = ""    # reasonCode texts and notes
+    priority: str = ""      # routine | urgent | asap | stat ("" when the order does not say)
+
+
 @dataclass
 class Entry:
     report: dict[str, Any]
@@ -49,6 +66,7 @@ class Entry:
     alert: dict[str, Any] | None = None
     site: str | None = None         # the facility code (a clinician sees their own site's only)
     not_analysable: str | None = None  # the quality gate's reasons when the AI refused the images
+    order: Order = field(default_factory=lambda: Order())  # who the patient is and why imaged (radiologists only)
 
     @property
     def signed_by(self) -> str | None:
@@ -147,6 +165,57 @@ def _facility(report: dict[str, Any], study: dict[str, Any] | None, sites: dict[
     return site.name if site else code
 
 
+def _human_name(patient: dict[str, Any] | None) -> str:
+    for name in (patient or {}).get("name") or []:
+        if name.get("text"):
+            return str(name["text"])
+        parts = [name.get("family", ""), *name.get("given", [])]  # family name first, as Vietnamese names are said
+        text = " ".join(str(p) for p in parts if p)
+        if text:
+            return text
+    return ""
+
+
+def age_at(birth: Any, on: str) -> str:
+    """Whole years between a FHIR birthDate (YYYY[-MM[-DD]]) and a date (YYYY-MM-DD); "" if unknown."""
+    try:
+        born = date.fromisoformat((str(birth) + "-01-01")[:10]) if birth else None
+        when = date.fromisoformat(on[:10]) if on else datetime.now(UTC).date()
+    except ValueError:
+        return ""
+    if born is None:
+        return ""
+    years = when.year - born.year - ((when.month, when.day) < (born.month, born.day))
+    return str(years) if years >= 0 else ""
+
+
+def _concept_text(concept: dict[str, Any]) -> str:
+    return str(concept.get("text") or next((c.get("display") or c.get("code") for c in concept.get("coding") or []
+                                            if c.get("display") or c.get("code")), "") or "")
+
+
+def _accession(study: dict[str, Any] | None, request: dict[str, Any] | None) -> str:
+    for resource in (study, request):
+        for ident in (resource or {}).get("identifier") or []:
+            if any(c.get("code") == "ACSN" for c in (ident.get("type") or {}).get("coding") or []) and ident.get("value"):
+                return str(ident["value"])
+    return ""
+
+
+def order_of(patient: dict[str, Any] | None, study: dict[str, Any] | None, request: dict[str, Any] | None,
+             study_date: str, facility: str) -> Order:
+    request = request or {}
+    reasons = [_concept_text(c) for c in request.get("reasonCode") or []]
+    notes = [str(n.get("text")) for n in request.get("note") or [] if n.get("text")]
+    requester = request.get("requester") or {}
+    priority = str(request.get("priority") or "")
+    return Order(patient_name=_human_name(patient), age=age_at((patient or {}).get("birthDate"), study_date),
+                 sex=str((patient or {}).get("gender") or ""), accession=_accession(study, request),
+                 ordering=str(requester.get("display") or "") or facility,
+                 indication="; ".join(dict.fromkeys(t for t in [*reasons, *notes] if t)),
+                 priority=priority if priority in PRIORITIES else "")
+
+
 def _refused(report: dict[str, Any]) -> str | None:
     """The reasons the quality gate gave, when it refused the report's images."""
     if not is_not_analysable(report):
@@ -163,6 +232,7 @@ def entries(conn: psycopg.Connection[Any], reports: list[dict[str, Any]], *, mod
         refs += [_ref_id(r) for r in report.get("result", [])]
         refs += [_ref_id(s) for s in report.get("imagingStudy", [])[:1]]
         refs.append(_ref_id(report.get("subject")))
+        refs += [_ref_id(b) for b in report.get("basedOn", [])[:1]]
     linked = {f"{b['resourceType']}/{b['id']}": b for b in resources.read_many(conn, [r for r in refs if r])}
     out = []
     for report in reports:
@@ -171,6 +241,8 @@ def entries(conn: psycopg.Connection[Any], reports: list[dict[str, Any]], *, mod
         model = _model_of(report, models)
         modality, body_part, study_date = _study_facts(study)
         patient, identifier = _patient(report, linked)
+        request = linked.get(_ref_id((report.get("basedOn") or [{}])[0]))
+        facility = _facility(report, study, sites)
         out.append(Entry(
             report=report, critical=is_critical(report, observations), issued=parse_instant(report.get("issued")),
             patient=patient, patient_identifier=identifier, modality=modality, body_part=body_part,
@@ -179,19 +251,50 @@ def entries(conn: psycopg.Connection[Any], reports: list[dict[str, Any]], *, mod
             model=(model.display.en if model else _ref_id(report.get("extension", [{}])[0].get("valueReference"))),
             findings=[finding_row(o, model) for o in observations if "valueQuantity" in o or "valueBoolean" in o],
             alert=alerts.get(str(report["id"])), site=_site_code(report, study),
-            not_analysable=_refused(report)))
+            not_analysable=_refused(report),
+            order=order_of(linked.get(patient), study, request, study_date, facility)))
     return out
 
 
+@dataclass(frozen=True)
+class Filters:
+    """The worklist's filters (query parameters): empty means any."""
+
+    site: str = ""
+    modality: str = ""
+    priority: str = ""
+    status: str = "preliminary"  # preliminary (waiting), final, amended, corrected, cancelled
+    date_from: str = ""          # the study date, YYYY-MM-DD, inclusive
+    date_to: str = ""
+
+    def keep(self, entry: Entry) -> bool:
+        return ((not self.site or (entry.site or "") == self.site.upper())
+                and (not self.modality or self.modality.upper() in [m.strip() for m in entry.modality.split(",")])
+                and (not self.priority or (entry.order.priority or "routine") == self.priority)
+                and (not self.date_from or entry.study_date[:10] >= self.date_from)
+                and (not self.date_to or (entry.study_date[:10] or "9999") <= self.date_to))
+
+    def args(self) -> dict[str, str]:
+        """The set filters, as query parameters for the page's links."""
+        default = Filters()
+        return {k: v for k, v in self.__dict__.items() if v and v != getattr(default, k)}
+
+
 def waiting(conn: psycopg.Connection[Any], *, models: dict[str, ModelDescription], sites: dict[str, Site],
-            alerts: dict[str, dict[str, Any]], limit: int = LIMIT) -> tuple[int, list[Entry]]:
-    """(how many wait, the first `limit` of them): critical first, then the oldest `issued` first."""
-    total, reports = worklist.waiting_reports(conn, limit)
+            alerts: dict[str, dict[str, Any]], limit: int = LIMIT,
+            filters: Filters | None = None) -> tuple[int, list[Entry]]:
+    """(how many match, the first `limit` of them): critical first, then the most urgent order,
+    then the oldest `issued` first. Status is chosen in SQL, the other filters on the rows."""
+    filters = filters or Filters()
+    total, reports = worklist.waiting_reports(conn, limit, status=filters.status)
     found = entries(conn, reports, models=models, sites=sites, alerts=alerts)
+    kept = [e for e in found if filters.keep(e)]
+    if len(kept) != len(found):
+        total = len(kept)
     never = datetime.max.replace(tzinfo=UTC)
     # Python re-sorts because an Observation marked AA also makes a report critical.
-    found.sort(key=lambda e: (not e.critical, e.issued or never))
-    return total, found
+    kept.sort(key=lambda e: (not e.critical, PRIORITIES.index(e.order.priority or "routine"), e.issued or never))
+    return total, kept
 
 
 def one(conn: psycopg.Connection[Any], report_id: str, *, models: dict[str, ModelDescription],

@@ -20,7 +20,8 @@ Every form carries the login's CSRF token; what each person opened and did is au
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+import re
+from datetime import UTC, date, datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
@@ -41,6 +42,8 @@ log = logging.getLogger("interop.web")
 bp = Blueprint("worklist", __name__, url_prefix="/worklist", template_folder="templates",
                static_folder="static", static_url_path="/static")
 ACTIONS = ("sign", "edit", "reject", "acknowledge")
+STATUSES = ("preliminary", "final", "amended", "corrected", "cancelled")
+_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def _hub() -> Any:
@@ -56,6 +59,34 @@ def _context(**extra: Any) -> dict[str, Any]:
     lang = _lang()
     return {"lang": lang, "labels": LABELS[lang], "now": datetime.now(UTC),
             "waited_text": waiting.waited_text, **extra}
+
+
+class BadFilter(Exception):
+    """A filter the page cannot apply (its text is safe to show)."""
+
+
+def _filters() -> waiting.Filters:
+    """The worklist's filters from the query (or, on a form post, the form); BadFilter names a wrong one."""
+    given = {k: (request.values.get(k) or "").strip() for k in ("site", "modality", "priority", "status",
+                                                                 "date_from", "date_to")}
+    if given["status"] and given["status"] not in STATUSES:
+        raise BadFilter(f"status: one of {', '.join(STATUSES)}")
+    if given["priority"] and given["priority"] not in waiting.PRIORITIES:
+        raise BadFilter(f"priority: one of {', '.join(waiting.PRIORITIES)}")
+    for key in ("site", "modality"):
+        if given[key] and not _CODE.match(given[key]):
+            raise BadFilter(f"{key}: a code (letters, digits, . _ -)")
+    for key in ("date_from", "date_to"):
+        if given[key]:
+            try:
+                date.fromisoformat(given[key])
+            except ValueError:
+                raise BadFilter(f"{key}: a date as YYYY-MM-DD") from None
+    return waiting.Filters(**{k: v for k, v in given.items() if v})
+
+
+def _bad_filter(exc: BadFilter) -> Response:
+    return Response(f"worklist filter refused: {exc}", status=400, content_type="text/plain; charset=utf-8")
 
 
 def _lookups() -> dict[str, Any]:
@@ -91,32 +122,53 @@ def _visible_id(conn: Any, report_id: str) -> bool:
         return False
 
 
-@bp.get("/")
-def worklist() -> Response:
-    with _hub().pool.connection() as conn:
-        total, found = waiting.waiting(conn, alerts=open_alerts(conn), **_lookups())
+def _listed(conn: Any, filters: waiting.Filters) -> tuple[int, list[waiting.Entry]]:
+    total, found = waiting.waiting(conn, alerts=open_alerts(conn), filters=filters, **_lookups())
     if _own_site() is not None:
         found = [e for e in found if _visible(e)]
         total = len(found)
+    return total, found
+
+
+@bp.get("/")
+def worklist() -> Response:
+    try:
+        filters = _filters()
+    except BadFilter as exc:
+        return _bad_filter(exc)
+    with _hub().pool.connection() as conn:
+        total, found = _listed(conn, filters)
     access.note(audit.interaction("search-type"), "E", what=["DiagnosticReport"], query="worklist",
                 patients=[e.patient for e in found if e.patient.startswith("Patient/")])
     done = request.args.get("done")
     return Response(render_template("worklist/list.html", **_context(
-        total=total, entries=found, done=done if done in ACTIONS else None)), content_type="text/html; charset=utf-8")
+        total=total, entries=found, done=done if done in ACTIONS else None, filters=filters,
+        sites=sorted(_hub().ctx.sites.current().items()), priorities=waiting.PRIORITIES, statuses=STATUSES)),
+        content_type="text/html; charset=utf-8")
 
 
 def _study_page(report_id: str, *, error: ReviewError | None = None, form: Any = None) -> Response:
+    try:
+        filters = _filters()
+    except BadFilter as exc:
+        return _bad_filter(exc)
+    following: str | None = None
     with _hub().pool.connection() as conn:
         try:
             entry = waiting.one(conn, report_id, alerts=open_alerts(conn), **_lookups())
         except resources.StoreError:
             entry = None
+        if entry is not None:  # the next study in the same filtered list (the "next" shortcut)
+            ids = [e.id for e in _listed(conn, filters)[1]]
+            later = ids[ids.index(report_id) + 1:] if report_id in ids else ids
+            following = next((i for i in later if i != report_id), None)
     if entry is None or not _visible(entry):  # another site's report is as absent as an unknown one
         return Response(render_template("worklist/missing.html", **_context(report_id=report_id)), status=404,
                         content_type="text/html; charset=utf-8")
     access.note(audit.interaction("read"), "R", what=[f"DiagnosticReport/{entry.id}/_history/{entry.version}"],
                 patients=[entry.patient] if entry.patient.startswith("Patient/") else [])
-    body = render_template("worklist/study.html", **_context(entry=entry, error=error, form=form))
+    body = render_template("worklist/study.html", **_context(entry=entry, error=error, form=form, filters=filters,
+                                                              following=following))
     return Response(body, status=error.status if error else 200, content_type="text/html; charset=utf-8")
 
 
@@ -190,7 +242,15 @@ def review(report_id: str) -> BaseResponse:
     log.info("worklist %s on DiagnosticReport/%s", action, report_id)
     if action == "acknowledge" and request.form.get("back") != "list":
         return redirect(url_for("worklist.study", report_id=report_id, lang=_lang()), code=303)
-    return redirect(url_for("worklist.worklist", lang=_lang(), done=action), code=303)
+    try:
+        chosen = _filters().args()
+    except BadFilter:
+        chosen = {}
+    kept: dict[str, Any] = {"lang": _lang(), "done": action, **chosen}
+    following = request.form.get("next_report", "")
+    if request.values.get("then") == "next" and _CODE.match(following):  # "sign and next": the next study
+        return redirect(url_for("worklist.study", report_id=following, **kept), code=303)
+    return redirect(url_for("worklist.worklist", **kept), code=303)
 
 
 @bp.get("/<report_id>/image.png")
