@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
+import textwrap
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -16,70 +18,135 @@ from .config import ENVIRONMENT, Settings
 CHECKOUT = Path(__file__).resolve().parent.parent  # the source checkout, when run from one
 
 
-def _settings_help() -> str:
-    lines = ["settings (environment variables):"]
+def _settings_help(width: int | None = None) -> str:
+    """Every setting with its meaning and default, from config.ENVIRONMENT: the list Settings.from_env
+    reads, so `interop --help` cannot name a variable the hub ignores or miss one it reads."""
+    width = width or max(60, min(120, shutil.get_terminal_size().columns))
+    indent = " " * 32
+    lines = ["settings (environment variables; each is optional, the default is used when unset):"]
     for name, _attr, default, text in ENVIRONMENT:
         shown = f" [default: {default}]" if default is not None else ""
-        lines.append(f"  {name:<28} {text}{shown}")
+        if len(name) >= 30:  # a long name on a line of its own
+            lines.append(f"  {name}")
+        lines.extend(textwrap.wrap(text + shown, width, initial_indent=f"  {name:<29} " if len(name) < 30 else indent,
+                                   subsequent_indent=indent, break_on_hyphens=False))
     return "\n".join(lines)
+
+
+# name -> (one-line summary for `interop --help`, description for `interop NAME --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("run the whole hub (API, workers, delivery, MLLP, DICOM) on one machine",
+              "Run the hub: the FHIR API and dashboards (gunicorn, INTEROP_HTTP_PORT), INTEROP_WORKERS analysis"
+              " workers, the delivery runner, the HL7 v2 MLLP listener (INTEROP_MLLP_PORT) and the DICOM Storage"
+              " SCP (INTEROP_DICOM_PORT). Without DATABASE_URL an embedded PostgreSQL runs under INTEROP_DATA_DIR;"
+              " without TRITON_URL the bundled tritonserver serves INTEROP_TRITON_REPO. Before anything starts it"
+              " checks the ports, the TLS files, DATABASE_URL and TRITON_URL, and exits 2 with one line naming"
+              " the setting that is wrong. SIGTERM/SIGINT stop everything; SIGHUP re-reads the sites file."),
+    "worker": ("run one analysis worker (needs DATABASE_URL and TRITON_URL)",
+               "Run one analysis worker: claim a study from the queue, fetch its images from the PACS"
+               " (DICOMweb), ask Triton (TRITON_URL), store the report and queue its deliveries. Runs until"
+               " SIGTERM; run as many as the machine allows. Needs DATABASE_URL."),
+    "deliver": ("run the delivery runner (needs DATABASE_URL)",
+                "Run the delivery runner: send results to every site's destinations (FHIR, HL7 v2 over"
+                " MLLP, DICOM SR), one lane per destination (INTEROP_DELIVERY_LANES at once), retrying with"
+                " back-off. Needs DATABASE_URL."),
+    "mllp": ("run the HL7 v2 MLLP listener (needs DATABASE_URL)",
+             "Run the HL7 v2 listener on INTEROP_MLLP_HOST:INTEROP_MLLP_PORT (TLS with INTEROP_TLS_CERT):"
+             " each message is stored, then acknowledged (AA, AE or AR with ERR). Exits 3 when the port is"
+             " taken. Needs DATABASE_URL."),
+    "dicom-scp": ("run the DICOM Storage SCP (needs DATABASE_URL)",
+                  "Run the DICOM Storage SCP (C-STORE, C-ECHO) that modalities and PACS push studies to, on"
+                  " INTEROP_DICOM_HOST:INTEROP_DICOM_PORT as AE title INTEROP_DICOM_AET. Exits 3 when the"
+                  " port is taken. Needs DATABASE_URL."),
+    "migrate": ("apply database migrations to DATABASE_URL",
+                "Apply the hub's database migrations to DATABASE_URL and print those applied (or"
+                " 'up to date'). `interop serve` does this itself at start."),
+    "build-models": ("build the reference model weights into INTEROP_TRITON_REPO",
+                     "Build the reference models' weights into INTEROP_TRITON_REPO (deterministic; skipped"
+                     " when current). Runs from the source checkout."),
+    "triton-repo": ("write the models for Triton's ONNX Runtime backend (GPU nodes)",
+                    "Write INTEROP_TRITON_REPO's models as a model repository for Triton's onnxruntime"
+                    " backend (NVIDIA's container), for CPU or GPU instances."),
+    "outbox": ("results going out: list dead letters, replay one, show the lanes",
+               "Operators' view of the deliveries. dead: deliveries that were rejected or gave up, one JSON"
+               " object a line; replay ID: queue that delivery again; lanes: each destination's state."
+               " Needs DATABASE_URL."),
+    "hl7": ("HL7 v2 messages received: list failed ones, release a control id",
+            "failed: HL7 v2 messages that could not be processed, and why (one JSON object a line);"
+            " release ID: let that message's control id be used again, so the sender can resend it."
+            " Needs DATABASE_URL."),
+    "demo": ("walk a real study through the hub, or seed the dashboard with synthetic data",
+             "Send a real DICOM study and an ImagingStudy through the hub and print the report (from the"
+             " source checkout). With --seed-analytics N: add N synthetic studies to the analytics schema"
+             " instead (DATABASE_URL, or the embedded PostgreSQL), in one transaction: a failed run leaves"
+             " the earlier data as it was, and real reports are never touched."),
+    "analytics": ("provincial analytics: rebuild the facts, refresh the views",
+                  "backfill: rebuild the de-identified analytics facts from the stored reports (idempotent),"
+                  " then refresh; refresh: refresh the dashboard's summary views (a worker also does it every"
+                  " INTEROP_ANALYTICS_REFRESH_MINUTES). Needs DATABASE_URL; patient keys use"
+                  " INTEROP_PSEUDONYM_KEY."),
+    "clients": ("SMART backend clients (HIS/EMR vendors, engines): add, list, disable",
+                "SMART backend-services clients that may call the FHIR API with signed assertions: add one"
+                " (its public keys and scopes), list them, disable one. Uses DATABASE_URL, else the"
+                " embedded PostgreSQL under INTEROP_DATA_DIR."),
+    "users": ("people with a local account: add, list, disable, enable, password",
+              "Local accounts of the people using the worklist and the dashboard (radiologists,"
+              " clinicians, analysts, admins): add, list, disable, enable, set a password (which unlocks)."
+              " Uses DATABASE_URL, else the embedded PostgreSQL under INTEROP_DATA_DIR."),
+}
+
+
+def _command(sub: Any, name: str) -> argparse.ArgumentParser:
+    summary, description = COMMANDS[name]
+    return sub.add_parser(name, help=summary, description=description)  # type: ignore[no-any-return]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="interop",
-        description="Imaging-AI interoperability hub: FHIR/HL7 in, Triton inference, FHIR/HL7 out.",
+        description=textwrap.fill("Imaging-AI interoperability hub: FHIR/HL7 in, Triton inference, FHIR/HL7 out."
+                                  " `interop COMMAND --help` describes each command.", 79),
         epilog=_settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("serve", help="run the hub: FHIR API, workers, delivery, MLLP listener, and embedded"
-                                 " PostgreSQL/Triton when not configured")
-    sub.add_parser("worker", help="run one analysis worker (needs DATABASE_URL and TRITON_URL)")
-    sub.add_parser("deliver", help="run the delivery runner: results to every site, one lane per destination"
-                                   " (needs DATABASE_URL)")
-    sub.add_parser("mllp", help="run the HL7 v2 MLLP listener (needs DATABASE_URL)")
-    sub.add_parser("dicom-scp", help="run the DICOM Storage SCP modalities and PACS push studies to (needs DATABASE_URL)")
-    sub.add_parser("migrate", help="apply database migrations to DATABASE_URL")
-    sub.add_parser("build-models", help="build the reference model weights into INTEROP_TRITON_REPO")
-    repo = sub.add_parser("triton-repo", help="write INTEROP_TRITON_REPO's models for Triton's ONNX Runtime backend"
-                                              " (NVIDIA's container, GPU nodes)")
+    for name in ("serve", "worker", "deliver", "mllp", "dicom-scp", "migrate", "build-models"):
+        _command(sub, name)
+    repo = _command(sub, "triton-repo")
     repo.add_argument("--out", type=Path, required=True, help="the new model repository (Triton's --model-repository)")
     repo.add_argument("--gpu", action="store_true", help="GPU instances (KIND_GPU); default CPU instances")
     repo.add_argument("--tensorrt", action="store_true", help="with --gpu: TensorRT execution provider, FP16")
     repo.add_argument("--instances", type=int, default=1, help="model instances per device [default: 1]")
-    out = sub.add_parser("outbox", help="results going out: list dead letters, replay one, show the lanes")
+    out = _command(sub, "outbox")
     out.add_argument("action", choices=["dead", "replay", "lanes"],
                      help="dead: list rejected/dead deliveries; replay ID; lanes: each destination's state")
     out.add_argument("id", nargs="?", type=int, help="the delivery to replay")
-    hl7 = sub.add_parser("hl7", help="HL7 v2 messages received: list failed ones, release a control id")
+    hl7 = _command(sub, "hl7")
     hl7.add_argument("action", choices=["failed", "release"],
                      help="failed: messages that could not be processed, and why; release ID: let that message's"
                           " control id be used again (the sender resends it)")
     hl7.add_argument("id", nargs="?", type=int, help="the message to release")
-    demo = sub.add_parser("demo", help="send a real DICOM study and an ImagingStudy through the hub, print the report"
-                                       " (from the source checkout)")
+    demo = _command(sub, "demo")
     demo.add_argument("--keep", action="store_true", help="leave the demo PACS data in INTEROP_DATA_DIR")
     demo.add_argument("--seed-analytics", type=int, metavar="N", default=None,
-                      help="instead of the walk-through: write N synthetic studies into the analytics schema of"
-                           " DATABASE_URL (or the embedded PostgreSQL), refresh its views and exit")
-    analytics = sub.add_parser("analytics", help="provincial analytics: rebuild the facts, refresh the views")
+                      help="instead of the walk-through: add N synthetic studies to the analytics schema,"
+                           " refresh its views and exit (running it again adds N more)")
+    analytics = _command(sub, "analytics")
     analytics.add_argument("action", choices=["backfill", "refresh"],
                            help="backfill: rebuild the facts from the stored reports (idempotent), then refresh;"
                                 " refresh: refresh the materialised views (run from a timer)")
     analytics.add_argument("--rekey", action="store_true",
                            help="backfill: recompute every patient key with the current pseudonym secret")
-    clients = sub.add_parser("clients", help="SMART backend clients (HIS/EMR vendors, engines, the warehouse):"
-                                             " add, list, disable")
-    clients.add_argument("action", choices=["add", "list", "disable"])
+    clients = _command(sub, "clients")
+    clients.add_argument("action", choices=["add", "list", "disable"], help="what to do")
     clients.add_argument("name", nargs="?", help="add: a name for the client; disable: its client_id")
     clients.add_argument("--jwks", metavar="FILE_OR_URL", help="add: the client's public keys (a JWKS file, or its https URL)")
     clients.add_argument("--scopes", help='add: what it may ask for, e.g. "system/DiagnosticReport.rs system/ImagingStudy.cru"')
     clients.add_argument("--site", help="add: the facility code (sites file) it acts for: studies it pushes by STOW-RS"
                                         " are that site's")
-    users = sub.add_parser("users", help="people with a local account (worklist, dashboard, operators): add, list,"
-                                         " disable, enable, password")
-    users.add_argument("action", choices=["add", "list", "disable", "enable", "password"])
+    users = _command(sub, "users")
+    users.add_argument("action", choices=["add", "list", "disable", "enable", "password"], help="what to do")
     users.add_argument("name", nargs="?", help="the account name")
     users.add_argument("--role", choices=["radiologist", "clinician", "analyst", "admin"], help="add: the person's role")
     users.add_argument("--site", help="add: a clinician's facility code (they read that site's reports only)")
@@ -88,12 +155,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that open DATABASE_URL (when it is set): it is checked first, so a wrong one is one line.
+USES_DATABASE = ("worker", "deliver", "mllp", "dicom-scp", "migrate", "outbox", "hl7", "analytics", "clients",
+                 "users", "demo")
+NEEDS_DATABASE = ("worker", "deliver", "mllp", "dicom-scp", "migrate", "outbox", "hl7", "analytics")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:  # a malformed setting: named by the message, no traceback
+        print(f"interop: {exc}", file=sys.stderr)
+        return 2
+    if args.command is None:
+        parser.print_help()
+        return 2
     # Each command imports what it runs, here: the MLLP listener need not load numpy and Triton's
     # client, nor `interop --help` the whole hub. (No cycle hides here: cli is the top layer.)
     if args.command == "serve":
@@ -104,9 +184,16 @@ def main(argv: list[str] | None = None) -> int:
         except StartError as exc:
             print(f"interop serve: {exc}", file=sys.stderr)
             return 2
-    if args.command in ("worker", "deliver", "mllp", "dicom-scp", "migrate", "outbox", "hl7", "analytics") \
-            and not settings.database_url:
+    if args.command in NEEDS_DATABASE and not settings.database_url:
         parser.error("DATABASE_URL is not set")
+    if args.command in USES_DATABASE and settings.database_url:
+        from .runtime.checks import CheckError, check_database
+
+        try:
+            check_database(settings.database_url)
+        except CheckError as exc:
+            print(f"interop {args.command}: {exc}", file=sys.stderr)
+            return 2
     if args.command == "worker":
         from .workers.analysis import main as worker_main
 

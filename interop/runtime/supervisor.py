@@ -31,6 +31,7 @@ from threading import Event
 from .. import tls
 from ..config import Settings
 from ..store import db
+from . import checks
 from .processes import die_with_parent, port_in_use
 
 log = logging.getLogger("interop.serve")
@@ -98,6 +99,20 @@ def check_ports(settings: Settings) -> None:
                              " stop it or choose another port")
 
 
+def check_addresses(settings: Settings) -> None:
+    """The database(s) and the Triton the environment names answer, before anything starts
+    (unset ones are started here instead, and need no check)."""
+    try:
+        for name, url in (("DATABASE_URL", settings.database_url),
+                          ("ANALYTICS_DATABASE_URL", settings.analytics_database_url)):
+            if url:
+                checks.check_database(url, name)
+        if settings.triton_url:
+            checks.check_triton(settings.triton_url)
+    except checks.CheckError as exc:
+        raise StartError(str(exc)) from None
+
+
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(args, env=env, preexec_fn=die_with_parent())
 
@@ -149,6 +164,7 @@ def serve(settings: Settings, ready: Event | None = None) -> int:
     try:
         check_tls(settings)
         check_ports(settings)
+        check_addresses(settings)
     except StartError as exc:
         log.error("%s", exc)
         return 2
