@@ -156,6 +156,14 @@ def test_conditional_entries_and_processing_order(client: FlaskClient, db_url: s
     assert got == ["200 OK", "200 OK", "201 Created", "201 Created", "201 Created", "200 OK"]
     search = body["entry"][0]["resource"]
     assert search["type"] == "searchset" and [e["resource"]["name"][0]["family"] for e in search["entry"]] == ["Le"]
+    # a GET entry's search is the API's own: _include and _revinclude too
+    pages = answered(post_bundle(client, bundle("batch", entry("GET", "ImagingStudy?_include=ImagingStudy:patient"),
+                                                entry("GET", "Patient?_revinclude=ImagingStudy:patient&identifier=M2"))),
+                     "batch", check_r4)
+    studies = [(e["resource"]["resourceType"], e["search"]["mode"]) for e in pages["entry"][0]["resource"]["entry"]]
+    assert studies.count(("ImagingStudy", "match")) == 2 and studies.count(("Patient", "include")) == 2
+    patients = [(e["resource"]["resourceType"], e["search"]["mode"]) for e in pages["entry"][1]["resource"]["entry"]]
+    assert patients == [("Patient", "match"), ("ImagingStudy", "include")]
     assert body["entry"][1]["response"]["location"] == f"Patient/{known['id']}/_history/1"
     created_id = body["entry"][2]["response"]["location"].split("/")[1]
     first = client.get(f"/fhir/{body['entry'][3]['response']['location'].rsplit('/_history', 1)[0]}").get_json(force=True)

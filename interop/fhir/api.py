@@ -429,9 +429,10 @@ def _entry_get(conn: psycopg.Connection[Any], entry: transaction.Entry) -> tuple
         body = _read(conn, entry.rtype, entry.rid)
     else:
         parsed, found, page = _search(conn, entry.rtype, entry.query)
+        included = _included(conn, entry.rtype, parsed, found)
         access.audit_read(audit.interaction("search-type"), "E", what=[entry.rtype], query=urlencode(entry.query),
-                          patients=[p for b in found for p in audit.patients_of(b)])
-        return 200, _bundle(entry.rtype, entry.query, parsed, page, [])
+                          patients=[p for b in found + included for p in audit.patients_of(b)])
+        return 200, _bundle(entry.rtype, entry.query, parsed, page, included)
     access.audit_read(audit.interaction(entry.interaction), "R", what=[_ref(body)], patients=audit.patients_of(body))
     return 200, body
 
@@ -461,18 +462,24 @@ def search_type(rtype: str) -> Response:
         return _audit_search(args)
     with hub().pool.connection() as conn:  # a refused search (400) is audited by interop.access.after
         parsed, found, page = _search(conn, rtype, args)
-        included: list[dict[str, Any]] = []
-        for _source, pname in parsed.includes:
-            param = hub().params[rtype][pname]
-            refs = [r["reference"] for body in found for path in param.paths for r in _refs(body, path)]
-            included.extend(resources.read_many(conn, refs))
-        for source, pname in parsed.revincludes:  # the resources that refer to this page's
-            included.extend(resources.read_referring(conn, source, pname, [f"{rtype}/{b['id']}" for b in found]))
-        caller = access.principal()
-        included = [b for b in included if caller is not None and caller.grant.allows(b["resourceType"], "r")]  # in scope
+        included = _included(conn, rtype, parsed, found)
         access.audit_read(audit.interaction("search-type"), "E", what=[rtype], query=urlencode(args),
                           patients=[p for b in found + included for p in audit.patients_of(b)])
     return respond(_bundle(rtype, args, parsed, page, included))
+
+
+def _included(conn: psycopg.Connection[Any], rtype: str, parsed: search.Search,
+              found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What _include and _revinclude add to a page (a search, or a Bundle's GET entry), within the token's scopes."""
+    included: list[dict[str, Any]] = []
+    for _source, pname in parsed.includes:
+        param = hub().params[rtype][pname]
+        refs = [r["reference"] for body in found for path in param.paths for r in _refs(body, path)]
+        included.extend(resources.read_many(conn, refs))
+    for source, pname in parsed.revincludes:  # the resources that refer to this page's
+        included.extend(resources.read_referring(conn, source, pname, [f"{rtype}/{b['id']}" for b in found]))
+    caller = access.principal()
+    return [b for b in included if caller is not None and caller.grant.allows(b["resourceType"], "r")]  # in scope
 
 
 def _refs(body: dict[str, Any], path: tuple[str, ...]) -> list[dict[str, Any]]:
