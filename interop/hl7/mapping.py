@@ -95,7 +95,7 @@ def _check(t: Tables) -> None:
         for i, row in enumerate(dt.get("components", []), start=1):
             row_refs(f"datatypes/{name} row {i}", row)
     for name, msg in t.messages.items():
-        maps = [m for part in ("patient", "encounter") for m in (msg.get(part) or {}).get("maps", [])]
+        maps = [m for part in ("patient", "encounter", "merge") for m in (msg.get(part) or {}).get("maps", [])]
         maps += [m for spec in ((msg.get("order") or {}).get("segments") or {}).values() for m in spec["maps"]]
         for m in maps:
             if m not in t.segments:

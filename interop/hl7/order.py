@@ -1,10 +1,12 @@
-"""Radiology orders (ORM^O01, OMI^O23) and patient updates (ADT^A08/A31) to FHIR R4, pure.
+"""Radiology orders (ORM^O01, OMI^O23, OMG^O19), patient updates (ADT^A01/A04/A08/A31) and
+patient merges (ADT^A40) to FHIR R4, pure.
 
 The message maps in `mappings/hl7v2/messages/` say which segment builds which resource; the
 engine (`mapping.py`) applies the segment, datatype and code-system maps. What this module adds
 is the message's shape: one Patient (PID), at most one Encounter (PV1), and one order per ORC
 with the segments that follow it up to the next ORC (TQ1, OBR, IPC, ZDS; NTE/OBX are not
-mapped). References between the resources (`subject`, `encounter`, `basedOn`) are left as
+mapped). An A40 gives, for each PID/MRG pair, the surviving Patient and the prior patient's
+identifiers (MRG-1). References between the resources (`subject`, `encounter`, `basedOn`) are left as
 `None`: the caller knows the stored ids.
 """
 from __future__ import annotations
@@ -16,8 +18,9 @@ from .errors import ErrorCode
 from .mapping import V2_0203, Context, Tables, build_resource
 from .message import Message, MessageError, MissingSegmentError, Segment, parse
 
-ORDER_TYPES = ("ORM^O01", "OMI^O23")
+ORDER_TYPES = ("ORM^O01", "OMI^O23", "OMG^O19")
 PATIENT_TYPES = ("ADT^A08", "ADT^A31", "ADT^A01", "ADT^A04")
+MERGE_TYPES = ("ADT^A40",)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,16 @@ class PatientUpdate:
     version: str
     patient: dict[str, Any]
     encounter: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class PatientMerge:
+    message_type: str
+    control_id: str
+    sending_facility: str
+    version: str
+    # (the surviving Patient from PID, the prior patient's identifiers from MRG-1), one per pair
+    merges: list[tuple[dict[str, Any], list[dict[str, Any]]]]
 
 
 def _spec(msg: Message, tables: Tables, accepted: tuple[str, ...]) -> dict[str, Any]:
@@ -172,3 +185,31 @@ def map_patient_update(text: str, tables: Tables) -> PatientUpdate:
     spec = _spec(msg, tables, PATIENT_TYPES)
     patient, encounter, _pid = _patient_and_encounter(msg, spec, tables, msg.sending_facility)
     return PatientUpdate(msg.message_type, msg.control_id, msg.sending_facility, msg.version, patient, encounter)
+
+
+def map_patient_merge(text: str, tables: Tables) -> PatientMerge:
+    """An ADT^A40 (merge patient, patient identifier list): each PID (the patient that stays) with
+    the MRG after it (the identifiers of the one merged into it). Raises MessageError (no MRG, an
+    MRG before its PID, an MRG-1 with no identifier)."""
+    msg = parse(text)
+    spec = _spec(msg, tables, MERGE_TYPES)
+    ns = msg.sending_facility
+    merges = []
+    pid: Segment | None = None
+    for seg in msg:
+        if seg.id == spec["patient"]["segment"]:
+            pid = seg
+        elif seg.id == spec["merge"]["segment"]:
+            if pid is None:
+                raise MissingSegmentError(spec["patient"]["segment"], msg.message_type)
+            scope = {"MSH": msg.msh, "PID": pid, seg.id: seg}
+            survivor = build_resource("Patient", spec["patient"]["maps"], Context(tables, scope, ns), spec)
+            prior = build_resource("Patient", spec["merge"]["maps"], Context(tables, scope, ns), spec)
+            if not prior.get("identifier"):
+                raise MessageError("MRG-1 names no prior patient identifier", seg.id, 1, seg.sequence,
+                                   ErrorCode.REQUIRED_FIELD_MISSING)
+            merges.append((survivor, list(prior["identifier"])))
+            pid = None
+    if not merges:
+        raise MissingSegmentError(spec["merge"]["segment"], msg.message_type)
+    return PatientMerge(msg.message_type, msg.control_id, msg.sending_facility, msg.version, merges)

@@ -1,8 +1,8 @@
 """The life of an HL7 order, off the ACK path: map a stored message to FHIR and act on it.
 
 `process-hl7` jobs: full parse and mapping of an acknowledged message (PID/PV1/ORC/OBR/IPC to
-Patient, Encounter, ServiceRequest), then the order control: NW creates, XO updates, CA/DC
-cancel (a queued search or analysis is withdrawn), and an exam that is done (ORC-5 or OBR-25
+Patient, Encounter, ServiceRequest; ADT updates and merges: `patients`), then the order control:
+NW creates, XO updates, CA/DC cancel (a queued search or analysis is withdrawn), and an exam that is done (ORC-5 or OBR-25
 per the site's rule) queues a `find-study` job. The outcome is never silent: the message is
 `processed` or `failed` (with the reason, on `/hl7/messages?status=failed` and /metrics), and a
 sender that asked for application acknowledgements (MSH-16) gets AA or AE.
@@ -23,14 +23,14 @@ from ..dicom.errors import DicomError
 from ..dicom.study import imaging_study
 from ..domain.vocabulary import FIND_STUDY_TASK, V2_0203, site_tag, study_uid, without_meta
 from ..hl7 import charset
-from ..hl7.errors import ErrorCode, Hl7Error
+from ..hl7.errors import Hl7Error
 from ..hl7.message import MessageError
-from ..hl7.order import Order, map_order, map_patient_update
+from ..hl7.order import MERGE_TYPES, PATIENT_TYPES, Order, map_order, map_patient_merge, map_patient_update
 from ..sites import Site
 from ..store import hl7_messages, queue, resources
 from ..store.resources import ANY_SYSTEM, Criterion, Query
 from ..tls import ClientTls
-from . import inbound, intake, tasks
+from . import inbound, intake, patients, tasks
 from .context import Context
 from .delivery.app_ack import queue_app_ack
 from .errors import Permanent, Transient
@@ -38,7 +38,6 @@ from .tasks import utc_now
 
 PROCESS_HL7 = hl7_messages.PROCESS_KIND
 FIND_STUDY = "find-study"
-ADT_TYPES = ("ADT^A08", "ADT^A31", "ADT^A01", "ADT^A04")
 CANCEL = ("CA", "DC", "OC", "OD")
 
 
@@ -58,8 +57,10 @@ def process_message(conn: psycopg.Connection[Any], ctx: Context, job: queue.Job,
     try:
         text, _codec = charset.decode(bytes(row["raw"]))
         with conn.transaction():
-            if row["message_type"] in ADT_TYPES:
-                _patient(conn, ctx, map_patient_update(text, ctx.hl7_tables).patient)
+            if row["message_type"] in PATIENT_TYPES:
+                patients.update(conn, ctx, map_patient_update(text, ctx.hl7_tables))
+            elif row["message_type"] in MERGE_TYPES:
+                patients.merge(conn, ctx, map_patient_merge(text, ctx.hl7_tables))
             else:
                 _order_message(conn, ctx, text, ctx.sites.find(row["sending_facility"]))
             code = "AA" if queue_app_ack(conn, ctx, row, "AA") is not None else None
@@ -94,47 +95,12 @@ def message_failed(conn: psycopg.Connection[Any], ctx: Context, job: queue.Job, 
     hl7_messages.mark_failed(conn, row["id"], reason, code)
 
 
-def _search(conn: psycopg.Connection[Any], ctx: Context, rtype: str, param: str,
-            identifiers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    values: list[tuple[Any, str]] = [(i.get("system") or ANY_SYSTEM, str(i["value"]))
-                                     for i in identifiers if i.get("value")]
-    if not values:
-        return []
-    query = Query(criteria=[Criterion(ctx.params[rtype][param], values)], count=2)
-    return resources.search(conn, rtype, query)[1]
-
-
-def _upsert(conn: psycopg.Connection[Any], ctx: Context, new: dict[str, Any],
-            merge_lists: tuple[str, ...] = ("identifier",)) -> dict[str, Any]:
-    """Create, or update the resource that shares an identifier (identifiers are merged)."""
-    rtype = new["resourceType"]
-    found = _search(conn, ctx, rtype, "identifier", new.get("identifier", []))
-    if not found:
-        return resources.create(conn, new, ctx.params[rtype])
-    current = without_meta(found[0])
-    # "unknown" is what a message says when it says nothing (XO with no ORC-5): keep what we know
-    merged = {**current, **{k: v for k, v in new.items()
-                            if v not in (None, [], {}) and not (k == "status" and v == "unknown")}}
-    for key in merge_lists:
-        seen = {(i.get("system"), i.get("value")) for i in new.get(key, [])}
-        merged[key] = new.get(key, []) + [i for i in found[0].get(key, []) if (i.get("system"), i.get("value")) not in seen]
-    merged["id"] = found[0]["id"]
-    return resources.update(conn, merged, ctx.params[rtype])[0]
-
-
-def _patient(conn: psycopg.Connection[Any], ctx: Context, patient: dict[str, Any]) -> dict[str, Any]:
-    if not patient.get("identifier"):
-        raise MessageError("the message names no patient identifier (PID-3)", "PID", 3,
-                           error_code=ErrorCode.REQUIRED_FIELD_MISSING)
-    return _upsert(conn, ctx, patient)
-
-
 def _order_message(conn: psycopg.Connection[Any], ctx: Context, text: str, site: Site | None) -> None:
     message = map_order(text, ctx.hl7_tables)
-    patient = _patient(conn, ctx, message.patient)
+    patient = patients.upsert_patient(conn, ctx, message.patient)
     encounter = None
     if message.encounter and message.encounter.get("identifier"):
-        encounter = _upsert(conn, ctx, {**message.encounter, "subject": {"reference": f"Patient/{patient['id']}"}})
+        encounter = patients.upsert(conn, ctx, {**message.encounter, "subject": {"reference": f"Patient/{patient['id']}"}})
     for order in message.orders:
         _order(conn, ctx, order, patient, encounter, site, message.sending_facility)
 
@@ -150,7 +116,7 @@ def _order(conn: psycopg.Connection[Any], ctx: Context, order: Order, patient: d
     else:
         request.pop("encounter", None)
     request = {k: v for k, v in request.items() if v is not None}
-    existing = _search(conn, ctx, "ServiceRequest", "identifier",
+    existing = patients.find_by_identifier(conn, ctx, "ServiceRequest",
                        [i for i in request.get("identifier", []) if _id_type(i) in ("PLAC", "FILL")])
     if order.order_control in CANCEL:
         if existing:
@@ -160,7 +126,7 @@ def _order(conn: psycopg.Connection[Any], ctx: Context, order: Order, patient: d
         return
     if not existing and order.order_control not in ("NW", "XO", "SC", "SN", "NA"):
         return
-    stored = _upsert(conn, ctx, request)
+    stored = patients.upsert(conn, ctx, request)
     inbound.order_arrived(conn, order.study_instance_uid, order.accession)  # a pushed study may wait for it
     done = (order.order_status in (site.exam_done_order_status if site else {"CM"})
             or (site is not None and order.result_status in site.exam_done_result_status))
