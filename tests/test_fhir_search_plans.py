@@ -16,20 +16,24 @@ from tests.test_fhir_search_scale import FAMILIES, MAPPINGS, SEEDED, _nodes, _pl
 
 def _seed_dates(conn: psycopg.Connection[Any]) -> None:
     """Patient g born on day g % 20000 after 1940-01-01 (a day range), study g started at its own
-    second of 2026 (a second's range), as the store indexes them (low in value, high in system)."""
+    minute of March and April 2026 (a second's range), as the store indexes them: low in value and
+    high in system, and as param:end high in value and low in system."""
     fmt = """'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'"""
     conn.execute(f"""
         INSERT INTO search_index (type, id, param, system, value, last_updated)
-        SELECT 'Patient', 'p' || g, 'birthdate',
-               to_char(date '1940-01-01' + (g %% 20000) + 1, {fmt}), to_char(date '1940-01-01' + (g %% 20000), {fmt}),
-               timestamptz '2026-01-01' + g * interval '1 second'
-          FROM generate_series(1, %(n)s) g
-        UNION ALL
-        SELECT 'ImagingStudy', 's' || g, 'started',
-               to_char(timestamp '2026-03-01' + g * interval '1 minute' + interval '1 second', {fmt}),
-               to_char(timestamp '2026-03-01' + g * interval '1 minute', {fmt}),
-               timestamptz '2026-01-01' + g * interval '1 second'
-          FROM generate_series(1, %(n)s) g""", {"n": SEEDED})
+        SELECT type, id, param || e.suffix, CASE WHEN e.suffix = '' THEN high ELSE low END,
+               CASE WHEN e.suffix = '' THEN low ELSE high END, last_updated FROM (
+            SELECT 'Patient' AS type, 'p' || g AS id, 'birthdate' AS param,
+                   to_char(date '1940-01-01' + (g %% 20000), {fmt}) AS low,
+                   to_char(date '1940-01-01' + (g %% 20000) + 1, {fmt}) AS high,
+                   timestamptz '2026-01-01' + g * interval '1 second' AS last_updated
+              FROM generate_series(1, %(n)s) g
+            UNION ALL
+            SELECT 'ImagingStudy', 's' || g, 'started', to_char(timestamp '2026-03-01' + g * interval '1 minute', {fmt}),
+                   to_char(timestamp '2026-03-01' + g * interval '1 minute' + interval '1 second', {fmt}),
+                   timestamptz '2026-01-01' + g * interval '1 second'
+              FROM generate_series(1, %(n)s) g) d
+        CROSS JOIN (VALUES (''), (':end')) e(suffix)""", {"n": SEEDED})
     conn.execute("VACUUM ANALYZE search_index")
 
 
@@ -70,6 +74,17 @@ def test_new_criteria_use_the_indexes_on_a_realistic_table(db_url: str) -> None:
         # p20000), each patient and its index row read once, not the 40,000 matches
         common = _rows_read(_plan(conn, "Patient", _query("Patient", ("birthdate", "ge1960"))))
         assert common <= 2 * 7316, common
+        # a rare lower bound (the last 960 studies started on or after 11 April, at the end of the
+        # last_updated order): found by the end rows' index range, not by walking 59,000 studies first
+        conditions = []
+        recent = _plan(conn, "ImagingStudy", _query("ImagingStudy", ("started", "ge2026-04-11")))
+        _nodes(recent, conditions)
+        assert any("value ~>~" in c for c in conditions), conditions
+        assert _rows_read(recent) < 2000, _rows_read(recent)
+        page = resources.search(conn, "ImagingStudy", _query("ImagingStudy", ("started", "ge2026-04-11"),
+                                                             ("_total", "accurate")))
+        first = (datetime(2026, 4, 11) - datetime(2026, 3, 1)).days * 24 * 60
+        assert page.total == SEEDED - first + 1 and [b["id"] for b in page.found] == [f"s{g}" for g in range(first, first + 10)]
         # and the answers are right at this size
         page = resources.search(conn, "Patient", _query("Patient", ("birthdate", "1950-05-01"), ("_total", "accurate")))
         born = (datetime(1950, 5, 1) - datetime(1940, 1, 1)).days

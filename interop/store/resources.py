@@ -190,7 +190,7 @@ def _indexable(rtype: str, rows: list[tuple[str, str | None, str]],
     tokens and references refused past TOKEN_INDEX_CHARS."""
     out = []
     for name, system, value in rows:
-        if params[name].type == "string":
+        if name in params and params[name].type == "string":  # (a date's end row is named 'param:end')
             value = value[:STRING_INDEX_CHARS]
         elif len(value) > TOKEN_INDEX_CHARS or len(system or "") > TOKEN_INDEX_CHARS:
             raise NotIndexable(f"{rtype}: a value of search parameter {name} is longer than {TOKEN_INDEX_CHARS}"
@@ -428,19 +428,22 @@ def _criterion_sql(crit: Criterion, alias: str = "r",
     return exists, args
 
 
-# A date row holds its range [low, high) as text whose byte order is time order: low in `value`,
-# high in `system`. Each prefix as HAPI FHIR compares the ranges (R4 search.html#prefix); ap's
-# range is the value's, widened by the search module.
+# A date is indexed twice, as text whose byte order is time order: a row named as the parameter
+# with its range's low end in `value` (high in `system`), and a row 'param:end' with the high end in
+# `value` (low in `system`), so that a bound on either end is an index range. Each prefix as HAPI
+# FHIR compares the ranges (R4 search.html#prefix): (which row, test, its arguments). ap's range is
+# the value's, widened by the search module.
+DATE_END = ":end"
 _DATE_SQL = {
-    "eq": ("(s.value ~>=~ %s AND s.value ~<~ %s AND s.system ~<=~ %s)", ("low", "high", "high")),  # low < high
-    "ne": ("(s.value ~<~ %s OR s.system ~>~ %s)", ("low", "high")),
-    "gt": ("s.system ~>~ %s", ("high",)),
-    "lt": ("s.value ~<~ %s", ("low",)),
-    "ge": ("s.system ~>~ %s", ("low",)),
-    "le": ("s.value ~<~ %s", ("high",)),
-    "sa": ("s.value ~>=~ %s", ("high",)),
-    "eb": ("s.system ~<=~ %s", ("low",)),
-    "ap": ("(s.value ~<~ %s AND s.system ~>~ %s)", ("high", "low")),
+    "eq": ("", "(s.value ~>=~ %s AND s.value ~<~ %s AND s.system ~<=~ %s)", ("low", "high", "high")),  # low < high
+    "ne": ("", "(s.value ~<~ %s OR s.system ~>~ %s)", ("low", "high")),
+    "gt": (DATE_END, "s.value ~>~ %s", ("high",)),
+    "lt": ("", "s.value ~<~ %s", ("low",)),
+    "ge": (DATE_END, "s.value ~>~ %s", ("low",)),
+    "le": ("", "s.value ~<~ %s", ("high",)),
+    "sa": ("", "s.value ~>=~ %s", ("high",)),
+    "eb": (DATE_END, "s.value ~<=~ %s", ("low",)),
+    "ap": ("", "(s.value ~<~ %s AND s.system ~>~ %s)", ("high", "low")),
 }
 # A number row holds a plain decimal in `value` (cast only on this parameter's rows: other rows are
 # text) and a quantity's unit as system|code in `system`.
@@ -458,15 +461,10 @@ _NUMBER_SQL = {
 }
 
 
-def _comparison_sql(crit: Criterion) -> tuple[list[str], list[Any]]:
+def _number_sql(crit: Criterion) -> tuple[list[str], list[Any]]:
     ors: list[str] = []
     args: list[Any] = []
     for c in crit.comparisons:
-        if crit.param.type == "date":
-            text, fields = _DATE_SQL[c.prefix]
-            ors.append(text)
-            args += [getattr(c, f) for f in fields]
-            continue
         text, fields = _NUMBER_SQL[c.prefix]
         test = text.replace("{n}", _NUMBER)
         for f in fields:
@@ -502,9 +500,20 @@ def _linked_sql(crit: Criterion, alias: str) -> tuple[sql.Composed, list[Any]]:
                               " AND c.id = substr(s.value, %s) AND NOT c.deleted AND {inner}){per_row})").format(
             inner=inner_sql, per_row=per_row), [crit.param.name, _like(target) + "/%", target, len(target) + 2,
                                                 *inner_args]
-    ors, args = _comparison_sql(crit)
-    return head + sql.SQL("({values}){per_row})").format(
-        values=sql.SQL(" OR ").join(map(sql.SQL, ors or ["false"])), per_row=per_row), [crit.param.name, *args]
+    if crit.param.type != "date":
+        ors, args = _number_sql(crit)
+        return head + sql.SQL("({values}){per_row})").format(
+            values=sql.SQL(" OR ").join(map(sql.SQL, ors or ["false"])), per_row=per_row), [crit.param.name, *args]
+    tests: list[sql.Composable] = []  # one EXISTS per kind of row the comparisons test, ORed
+    date_args: list[Any] = []
+    for row in ("", DATE_END):
+        chosen = [(text, fields, c) for c in crit.comparisons for kind, text, fields in [_DATE_SQL[c.prefix]]
+                  if kind == row]
+        if chosen:
+            tests.append(head + sql.SQL("({values}){per_row})").format(
+                values=sql.SQL(" OR ").join([sql.SQL(text) for text, _, _ in chosen]), per_row=per_row))
+            date_args += [crit.param.name + row, *(getattr(c, f) for _, fields, c in chosen for f in fields)]
+    return sql.SQL("({})").format(sql.SQL(" OR ").join(tests or [sql.SQL("false")])), date_args
 
 
 _EXACT = sql.SQL("jsonb_path_exists(r.body, %s::jsonpath, %s)")  # the text as written, in the body
@@ -686,18 +695,96 @@ SELECT r.body FROM (
     return statement, [*branch_args, query.count + 1, query.offset, rtype]
 
 
+Range = tuple[str, str, list[str]]  # (index row name, test on the row `d`, its arguments)
+
+
+def _date_range_keys(crit: Criterion) -> Range | None:
+    """A date criterion of one comparison bounds a range of its index rows (of the row by its low
+    end or by its high end, `_DATE_SQL`): the rows a page could be read from."""
+    if crit.param.type != "date" or len(crit.comparisons) != 1 or crit.comparisons[0].prefix == "ne":
+        return None
+    c = crit.comparisons[0]
+    row, test, fields = _DATE_SQL[c.prefix]
+    return crit.param.name + row, test.replace("s.", "d."), [getattr(c, f) for f in fields]
+
+
+def _counts(conn: psycopg.Connection[Any], rtype: str, criteria: list[Criterion], candidates: dict[int, Keys],
+            ranges: dict[int, Range]) -> dict[int, int]:
+    """Index rows of each candidate and each date range, counted up to COUNT_UP_TO (as `_driver`)."""
+    counts: list[sql.Composable] = []
+    args: list[Any] = []
+    order = [*candidates, *ranges]
+    for n in candidates:
+        counts.append(sql.SQL("(SELECT count(*) FROM (SELECT 1 FROM search_index s WHERE s.type = %s AND s.param = %s"
+                              " AND s.value = ANY(%s) LIMIT %s) x)"))
+        args += [rtype, criteria[n].param.name, [k[0] for k in candidates[n]], COUNT_UP_TO]
+    for n in ranges:
+        name, test, test_args = ranges[n]
+        counts.append(sql.SQL("(SELECT count(*) FROM (SELECT 1 FROM search_index d WHERE d.type = %s AND d.param = %s"
+                              " AND {} LIMIT %s) x)").format(sql.SQL(test)))
+        args += [rtype, name, *test_args, COUNT_UP_TO]
+    row = conn.execute(sql.SQL("SELECT ARRAY[{}] AS counts").format(sql.SQL(", ").join(counts)), args,
+                       prepare=False).fetchone()
+    assert row is not None
+    return dict(zip(order, row["counts"], strict=True))
+
+
+def _range_statement(rtype: str, query: Query, driver: int, keys: Range,
+                     expanded: dict[int, list[str] | None]) -> tuple[sql.Composed, list[Any]]:
+    """A page read from the index rows of a rare date range (fewer than COUNT_UP_TO): those rows,
+    each checked against the other conditions, sorted by (last_updated, id); only the page's
+    resources are read. A common range is not read this way: resources are walked in order."""
+    direction = sql.SQL("DESC" if query.descending else "ASC")
+    name, test, test_args = keys
+    where: list[sql.Composable] = []
+    args: list[Any] = []
+    for op, when in query.last_updated:
+        where.append(sql.SQL(" AND d.last_updated {} %s").format(_OPS[op]))
+        args.append(when)
+    if query.ids:
+        where.append(sql.SQL(" AND d.id = ANY(%s)"))
+        args.append(query.ids)
+    exact = any(c.param.type == "string" and c.modifier == "exact" for c in query.criteria)
+    for n, other in enumerate(query.criteria):
+        if n != driver:
+            exists, crit_args = _criterion_sql(other, "d", expanded.get(n))
+            where.append(sql.SQL(" AND ") + exists)
+            args.extend(crit_args)
+    statement = sql.SQL("""
+SELECT r.body FROM (
+    SELECT DISTINCT d.last_updated, d.id FROM search_index d{join}
+     WHERE d.type = %s AND d.param = %s AND {test}{where}
+     ORDER BY d.last_updated {dir}, d.id {dir} LIMIT %s OFFSET %s) p
+  JOIN resource r ON r.type = %s AND r.id = p.id
+ WHERE NOT r.deleted
+ ORDER BY p.last_updated {dir}, p.id {dir}""").format(
+        join=sql.SQL(" JOIN resource r ON r.type = d.type AND r.id = d.id" if exact else ""), test=sql.SQL(test),
+        where=sql.Composed(where), dir=direction)
+    return statement, [rtype, name, *test_args, *args, query.count + 1, query.offset, rtype]
+
+
 def page_statement(conn: psycopg.Connection[Any], rtype: str, query: Query) -> tuple[sql.Composed, list[Any]]:
     """The statement that reads one page, and one row more to tell whether more follow.
 
     When a criterion's values are index equalities (`_driver`) the page is walked from the index
-    (`_walk_statement`): its cost is the page's, not the number of matches. Otherwise (no
+    (`_walk_statement`): its cost is the page's, not the number of matches. A date range with fewer
+    index rows than that (or than COUNT_UP_TO, alone) is read instead (`_range_statement`). Otherwise (no
     criteria, or only :not, :contains, a prefix of many stored values, a reference by id alone)
     resources are read in last_updated order, each tested through the index."""
     expanded = _expand(conn, rtype, query.criteria)
     candidates = _candidates(query.criteria, expanded)
     if any(not keys for keys in candidates.values()):  # a prefix no stored value starts with
         return sql.Composed([sql.SQL("SELECT NULL::jsonb AS body WHERE false")]), []
-    if candidates:
+    ranges = {n: r for n, crit in enumerate(query.criteria) if (r := _date_range_keys(crit)) is not None}
+    if ranges:  # a date criterion may be the rarest: counted with the others (one round trip)
+        counts = _counts(conn, rtype, query.criteria, candidates, ranges)
+        rarest = min(counts, key=lambda n: counts[n])
+        if rarest in ranges and counts[rarest] < COUNT_UP_TO:
+            return _range_statement(rtype, query, rarest, ranges[rarest], expanded)
+        if candidates:
+            driver = min(candidates, key=lambda n: counts[n])
+            return _walk_statement(rtype, query, driver, candidates[driver], expanded)
+    elif candidates:
         driver = _driver(conn, rtype, query.criteria, candidates)
         return _walk_statement(rtype, query, driver, candidates[driver], expanded)
     clause, args = _where(rtype, query)

@@ -124,10 +124,10 @@ def index_rows(
     rows: list[tuple[str, str | None, str]] = []
     for param in params.values():
         for value in (v for path in param.paths for v in walk(resource, path)):
-            if param.type == "date":
+            if param.type == "date":  # the range by its low end, and by its high end (interop.store.resources)
                 found = date_range_of(value)
                 if found is not None:
-                    rows.append((param.name, found[1], found[0]))
+                    rows += [(param.name, found[1], found[0]), (param.name + ":end", found[0], found[1])]
             elif param.type in ("number", "quantity"):
                 rows.extend((param.name, unit, number) for unit, number in _numbers(value))
             elif param.type == "token":
@@ -144,7 +144,8 @@ def index_rows(
 
 # -- dates: every value is a range [low, high), both as fixed-width UTC text --------------------------
 # Byte order of this text is time order, so the search index (value text_pattern_ops) orders and
-# ranges dates as it does strings. A date row holds its low end in `value`, its high end in `system`.
+# ranges dates as it does strings. A date has two rows: its low end in `value` (high in `system`),
+# and, as 'param:end', its high end in `value` (low in `system`).
 DATE_MIN = "0001-01-01T00:00:00.000000Z"
 DATE_MAX = "9999-12-31T23:59:59.999999Z"
 _DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?"

@@ -1,8 +1,8 @@
 -- Issue 15: date, number and quantity search parameters (mappings/search_parameters.yaml). The store
 -- indexes them at write time; this gives resources stored before it their rows, computed exactly as
 -- interop.store.search_params computes them (tests/test_fhir_search_migration.py compares the two):
--- a date is the range its precision gives, [low, high) as fixed-width UTC text, low in `value` and
--- high in `system`; a Period from its start's low to its end's high (an open end unbounded); a
+-- a date is the range its precision gives, [low, high) as fixed-width UTC text, in two rows: low in
+-- `value` and high in `system`, and as 'param:end' high in `value` and low in `system`; a Period from its start's low to its end's high (an open end unbounded); a
 -- Quantity its value as a plain decimal and its unit as system|code. A date with no time zone is UTC.
 SET LOCAL TimeZone = 'UTC';
 
@@ -81,14 +81,16 @@ INSERT INTO fhir_param_0016 VALUES
     ('Communication', 'received', 'date', 'lax $.received');
 
 -- rows a hub already on the new code may have written while this waited: replaced, not doubled
-DELETE FROM search_index s USING fhir_param_0016 p WHERE s.type = p.type AND s.param = p.param;
+DELETE FROM search_index s USING fhir_param_0016 p
+ WHERE s.type = p.type AND (s.param = p.param OR s.param = p.param || ':end');
 
 INSERT INTO search_index (type, id, param, system, value, last_updated)
-SELECT DISTINCT r.type, r.id, p.param, d[2], d[1], r.last_updated
+SELECT DISTINCT r.type, r.id, e.param, e.system, e.value, r.last_updated
   FROM fhir_param_0016 p
   JOIN resource r ON r.type = p.type AND NOT r.deleted
   CROSS JOIN LATERAL jsonb_path_query(r.body, p.path) v
   CROSS JOIN LATERAL (SELECT pg_temp.fhir_range(v)) x(d)
+  CROSS JOIN LATERAL (VALUES (p.param, d[2], d[1]), (p.param || ':end', d[1], d[2])) e(param, system, value)
  WHERE p.kind = 'date' AND d IS NOT NULL;
 
 INSERT INTO search_index (type, id, param, system, value, last_updated)
