@@ -83,8 +83,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analytics": ("provincial analytics: rebuild the facts, refresh the views",
                   "backfill: rebuild the de-identified analytics facts from the stored reports (idempotent),"
                   " then refresh; refresh: refresh the dashboard's summary views (a worker also does it every"
-                  " INTEROP_ANALYTICS_REFRESH_MINUTES). Needs DATABASE_URL; patient keys use"
-                  " INTEROP_PSEUDONYM_KEY."),
+                  " INTEROP_ANALYTICS_REFRESH_MINUTES); clear-synthetic: remove the demo's synthetic studies"
+                  " before real use. Needs DATABASE_URL; patient keys use INTEROP_PSEUDONYM_KEY."),
     "clients": ("SMART backend clients (HIS/EMR vendors, engines): add, list, disable",
                 "SMART backend-services clients that may call the FHIR API with signed assertions: add one"
                 " (its public keys and scopes), list them, disable one. Uses DATABASE_URL, else the"
@@ -133,9 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="instead of the walk-through: add N synthetic studies to the analytics schema,"
                            " refresh its views and exit (running it again adds N more)")
     analytics = _command(sub, "analytics")
-    analytics.add_argument("action", choices=["backfill", "refresh"],
+    analytics.add_argument("action", choices=["backfill", "refresh", "clear-synthetic"],
                            help="backfill: rebuild the facts from the stored reports (idempotent), then refresh;"
-                                " refresh: refresh the materialised views (run from a timer)")
+                                " refresh: refresh the materialised views (run from a timer); clear-synthetic:"
+                                " delete the synthetic studies `interop demo --seed-analytics` added (real"
+                                " facts are not touched), then refresh")
     analytics.add_argument("--rekey", action="store_true",
                            help="backfill: recompute every patient key with the current pseudonym secret")
     clients = _command(sub, "clients")
@@ -300,6 +302,10 @@ def _analytics(settings: Settings, action: str, rekey: bool) -> int:
         if action == "backfill":
             count = facts.backfill(conn, Context.from_settings(settings), rekey=rekey)
             print(f"analytics facts rebuilt for {count} reports" + (" (patient keys recomputed)" if rekey else ""))
+        if action == "clear-synthetic":
+            from .store import analytics as store
+
+            print(f"{store.clear_synthetic(conn)} synthetic studies removed; real facts kept")
         for name, seconds in facts.refresh(conn).items():
             print(f"refreshed {name} in {seconds:.1f}s")
     return 0
@@ -398,7 +404,19 @@ def _demo(parser: argparse.ArgumentParser, settings: Settings, keep: bool, seed:
     sys.path.insert(0, str(CHECKOUT))
     from scripts import demo
 
-    return int(demo.seed_analytics(settings, seed) if seed is not None else demo.run_demo(settings, keep=keep))
+    if seed is None:
+        return int(demo.run_demo(settings, keep=keep))
+    if seed < 1:
+        parser.error("--seed-analytics needs a number of studies above 0")
+    import psycopg
+
+    try:
+        return int(demo.seed_analytics(settings, seed))
+    except psycopg.Error as exc:  # the transaction is rolled back: nothing written, earlier data kept
+        reason = exc.diag.message_primary or type(exc).__name__
+        print(f"interop demo --seed-analytics: failed, nothing was written and the synthetic studies already there"
+              f" are kept ({reason})", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

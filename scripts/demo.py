@@ -298,11 +298,13 @@ def seed_analytics(settings: Settings, n: int) -> int:
     try:
         db.migrate(url)
         with db.connect(url, autocommit=True) as conn:
-            seed.clear(conn)
-            written = seed.seed(conn, n, sites_file=settings.sites_file, mappings_dir=settings.mappings_dir)
+            # One transaction: a run that fails writes nothing and leaves earlier studies as they were.
+            written = seed.add(conn, n, sites_file=settings.sites_file, mappings_dir=settings.mappings_dir)
             analytics.refresh(conn)
-        print(f"{written} synthetic studies in the analytics schema; dashboard at "
-              f"http://{settings.http_host}:{settings.http_port}/analytics/")
+            total = analytics.synthetic_count(conn)
+        print(f"{written} synthetic studies added to the analytics schema ({total} in all; remove them with"
+              f" `interop analytics clear-synthetic`); dashboard at"
+              f" http://{settings.http_host}:{settings.http_port}/analytics/")
     finally:
         if server is not None:
             server.stop()

@@ -11,7 +11,8 @@ from interop.dicom import dicomweb, sr, views, volume
 from interop.hl7 import mllp, order
 from interop.ops.health import QueueCollector
 from interop.runtime import processes
-from interop.store import queue
+from interop.services.analytics import forecast
+from interop.store import analytics, queue
 from interop.web.waiting import Entry, FindingRow, Order
 
 FindingRow.text_en, FindingRow.text_vi  # worklist/_findings.html
@@ -44,3 +45,7 @@ from flask import Request as _Request  # noqa: E402
 _Request.max_content_length
 processes.wait_listening  # bench/mllp_throughput.py, bench/dicom_store.py
 tempfile.tempdir  # read by the tempfile module (pynetdicom's received files; interop.workers.dicom_scp)
+
+# used by the checkout's scripts (the seeding of synthetic analytics data), and dataclasses.asdict
+analytics.SYNTHETIC_COLUMNS, analytics.synthetic_start, analytics.synthetic_count
+forecast.Forecast.history

@@ -41,7 +41,9 @@ def _insert(table: sql.Identifier, columns: tuple[str, ...]) -> sql.Composed:
 
 
 _KEYS = ("patient_key", "key_id")  # kept on an existing row unless re-keyed (or not set yet)
-_UPSERT = sql.SQL("{insert} ON CONFLICT (report_id) DO UPDATE SET {copied}, {keys}, updated_at = now()").format(
+# A real report's facts are never marked synthetic, even where an id happens to look synthetic.
+_UPSERT = sql.SQL("{insert} ON CONFLICT (report_id) DO UPDATE SET {copied}, {keys}, synthetic = false,"
+                  " updated_at = now()").format(
     insert=_insert(sql.Identifier("analytics", "study_fact"), COLUMNS),
     copied=sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
                               for c in COLUMNS[1:] if c not in _KEYS),
@@ -76,8 +78,35 @@ def ai_report_ids(conn: psycopg.Connection[Any], device_extension: str) -> list[
 def forget_deleted_reports(conn: psycopg.Connection[Any]) -> None:
     """Facts whose report is gone (deleted) are removed too (synthetic demo facts are kept)."""
     conn.execute("DELETE FROM analytics.study_fact s WHERE NOT EXISTS (SELECT 1 FROM resource r WHERE"
-                 " r.type = 'DiagnosticReport' AND r.id = s.report_id AND NOT r.deleted)"
-                 " AND s.report_id NOT LIKE 'synthetic-%%'")
+                 " r.type = 'DiagnosticReport' AND r.id = s.report_id AND NOT r.deleted) AND NOT s.synthetic")
+
+
+# -- synthetic data (the demo's and the benchmark's): marked by `synthetic`, migration 0019 -----------
+SYNTHETIC_COLUMNS = (*COLUMNS, "synthetic")  # what the synthetic writer COPYs (synthetic = true)
+_SYNTHETIC_LOCK = 0x73796E74  # one synthetic writer at a time
+
+
+def synthetic_start(conn: psycopg.Connection[Any]) -> int:
+    """Inside the caller's transaction: wait for any other synthetic writer (a lock held until the
+    transaction ends), then the first free index of the report ids `synthetic-N` (real facts with
+    such an id included), so that what is written now adds to what is there."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SYNTHETIC_LOCK,))
+    value = scalar(conn, "SELECT coalesce(max(substring(report_id FROM '^synthetic-([0-9]{1,15})$')::bigint) + 1, 0)"
+                         " FROM analytics.study_fact WHERE report_id LIKE 'synthetic-%'")
+    return int(str(value))
+
+
+def synthetic_count(conn: psycopg.Connection[Any]) -> int:
+    """How many synthetic studies the facts hold."""
+    return int(str(scalar(conn, "SELECT count(*) FROM analytics.study_fact WHERE synthetic")))
+
+
+def clear_synthetic(conn: psycopg.Connection[Any]) -> int:
+    """Delete every synthetic study (and, by cascade, its findings); real facts are not touched.
+    Returns how many."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SYNTHETIC_LOCK,))
+        return conn.execute("DELETE FROM analytics.study_fact WHERE synthetic").rowcount
 
 
 def delivered(conn: psycopg.Connection[Any], series: str, site: str, reviewed_version: int | None) -> dict[str, Any]:

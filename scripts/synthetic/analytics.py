@@ -4,8 +4,10 @@ pattern, radiologist verdicts, critical findings, and a second model version who
 drops for two findings (so the AI-versus-radiologist view has something to show).
 
 Written straight into the fact tables with COPY (no FHIR resources): about 1 million studies
-and their findings in a couple of minutes. Synthetic rows have report ids `synthetic-N`, which
-`interop analytics backfill` leaves alone; `clear()` removes them.
+and their findings in a couple of minutes. Synthetic rows have report ids `synthetic-N` and are
+marked `synthetic` (migration 0019), which `interop analytics backfill` leaves alone and
+`interop analytics clear-synthetic` removes; real facts are never touched. `add()` writes in the
+caller's transaction after the ones already there, so a failed run writes nothing and keeps them.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 import psycopg
 
 from interop.sites import load as load_sites
-from interop.store.analytics import COLUMNS, FINDING_COLUMNS
+from interop.store.analytics import FINDING_COLUMNS, SYNTHETIC_COLUMNS, clear_synthetic, synthetic_start
 
 CHUNK = 100_000
 LOCAL = timezone(timedelta(hours=7))
@@ -64,8 +66,17 @@ def _copy(conn: psycopg.Connection[Any], table: str, columns: tuple[str, ...], f
             copy.write(data[start:start + (8 << 20)])
 
 
-def clear(conn: psycopg.Connection[Any]) -> None:
-    conn.execute("DELETE FROM analytics.study_fact WHERE report_id LIKE 'synthetic-%'")
+def clear(conn: psycopg.Connection[Any]) -> int:
+    """Remove the synthetic studies (only those: real facts are not touched); how many."""
+    return clear_synthetic(conn)
+
+
+def add(conn: psycopg.Connection[Any], n: int, *, sites_file: Path, mappings_dir: Path, **kwargs: Any) -> int:
+    """`n` more synthetic studies after those already there, in one transaction: all of them or,
+    when anything fails, none (and the earlier ones as they were). Two writers take turns."""
+    with conn.transaction():
+        return seed(conn, n, sites_file=sites_file, mappings_dir=mappings_dir, start_index=synthetic_start(conn),
+                    **kwargs)
 
 
 def seed(conn: psycopg.Connection[Any], n: int, *, sites_file: Path, mappings_dir: Path, weeks: int = 104,
@@ -150,9 +161,9 @@ def seed(conn: psycopg.Connection[Any], n: int, *, sites_file: Path, mappings_di
             "ordered_at": ts(ordered), "images_at": ts(images), "ai_result_at": ts(ai_at),
             "ai_delivered_at": ts(ai_at + 30), "reviewed_at": ts(reviewed), "delivered_at": ts(delivered),
             "acknowledged_at": ts(ack), "reviewer_group": "hub",
-            "transfer_recommended": critical, "transfer_done": transfer_done,
-        }, columns=list(COLUMNS))
-        _copy(conn, "analytics.study_fact", COLUMNS, study)
+            "transfer_recommended": critical, "transfer_done": transfer_done, "synthetic": True,
+        }, columns=list(SYNTHETIC_COLUMNS))
+        _copy(conn, "analytics.study_fact", SYNTHETIC_COLUMNS, study)
         parts = []
         for j, label in enumerate(labels):
             truth, call = findings[label.key], ai[label.key]
