@@ -35,6 +35,10 @@ class Hl7Destination:
     connect_timeout_seconds: float = 10.0
     ack_timeout_seconds: float = 30.0
     tls: bool = False  # MLLP over TLS: the peer's certificate and host name verified (INTEROP_TLS_CA_FILE)
+    version: str = "2.5.1"  # the HL7 version of the ORU^R01 results sent there (MSH-12): 2.3.1, 2.5.1 or 2.6
+
+
+HL7_VERSIONS = ("2.3.1", "2.5.1", "2.6")  # the versions the hub writes ORU^R01 in (interop.hl7.oru)
 
 
 @dataclass(frozen=True)
@@ -221,11 +225,15 @@ def _site(code: str, raw: dict[str, Any]) -> Site:
     hl7 = None
     if raw.get("hl7"):
         h = raw["hl7"]
+        version = str(h.get("version", "2.5.1")) if isinstance(h, dict) else ""
+        if isinstance(h, dict) and version not in HL7_VERSIONS:
+            raise SitesError(f"site {code}: hl7.version must be one of {', '.join(HL7_VERSIONS)} (a quoted string,"
+                             f" \"2.3.1\"), not {version[:20]!r}")
         try:
             hl7 = Hl7Destination(str(h["host"]), int(h["port"]), str(h.get("receiving_application", "HIS")),
                                  str(h.get("receiving_facility", code)),
                                  float(h.get("connect_timeout_seconds", 10)), float(h.get("ack_timeout_seconds", 30)),
-                                 _tls_flag(code, "hl7", h))
+                                 _tls_flag(code, "hl7", h), version)
         except SitesError:
             raise
         except (KeyError, TypeError, ValueError) as exc:

@@ -1,4 +1,5 @@
-"""ORU^R01 (HL7 v2.5.1) from the hub's FHIR DiagnosticReport, Observations and Device.
+"""ORU^R01 (HL7 v2.5.1, or v2.3.1 / v2.6 as a site asks) from the hub's FHIR DiagnosticReport,
+Observations and Device.
 
 Pure: every input comes in as an argument (the control id and the time too), so the same
 inputs always give the same text. Plain string building (0.35 ms a message here; 9.5 ms with hl7apy); the
@@ -6,7 +7,7 @@ tests parse the output with hl7apy and python-hl7 and check every field.
 
 Structure (ORU_R01, one order observation):
 
-    MSH  v2.5.1, ORU^R01^ORU_R01, MSH-18 UNICODE UTF-8, original acknowledgement mode
+    MSH  MSH-12 the site's version, ORU^R01^ORU_R01, MSH-18 UNICODE UTF-8, original acknowledgement mode
     PID  Patient identifiers / name / birth date / sex; without a Patient, the subject reference
     ORC  RE, placer and filler order numbers echoed from the order
     OBR  placer/filler numbers, OBR-4 the report's LOINC code, OBR-7 effective, OBR-18
@@ -30,6 +31,13 @@ OBX-11 follows Observation.status, except that once the report itself is final, 
 amended, a finding still marked preliminary is sent with the report's status: HL7 v2 (ch. 7)
 expects OBX-11 consistent with OBR-25 (a final OBR with preliminary OBXs is refused by some
 engines), and the radiologist's sign-off covers the findings the report lists.
+
+Versions (the site's `hl7.version` in the sites file): 2.5.1 (the default), 2.6 (the same
+segments; every field used exists with the same meaning), and 2.3.1, whose OBX ends at OBX-17:
+there is no OBX-18 (equipment instance identifier, added in v2.5), so the model's identity goes
+in OBX-17's alternate identifier (CE.4-6) beside the method "AI". MSH-18 stays UNICODE UTF-8
+in every version: the bytes are UTF-8 (Vietnamese names), and a 2.3.1 label that means
+something else would mislead the receiver.
 """
 from __future__ import annotations
 
@@ -56,6 +64,10 @@ from ..domain.vocabulary import (
 from .errors import escape as _escape
 
 VERSION = "2.5.1"
+VERSIONS = ("2.3.1", "2.5.1", "2.6")
+# the last field of each segment the hub writes, where a version ends a segment earlier than the
+# fields build_oru fills (HL7 v2.3.1 ch. 7: OBX has 17 fields)
+LAST_FIELD = {"2.3.1": {"OBX": 17}}
 MESSAGE_TYPE = "ORU^R01^ORU_R01"
 CHARSET = "UNICODE UTF-8"
 SENDING_APPLICATION = "INTEROP_AI"
@@ -344,21 +356,31 @@ def build_oru(
     now: datetime,
     patient: dict[str, Any] | None = None,
     sending_application: str = SENDING_APPLICATION,
+    version: str = VERSION,
 ) -> str:
-    """One ORU^R01 as ER7 text, segments separated by CR (no trailing CR; MLLP frames it)."""
+    """One ORU^R01 as ER7 text in HL7 `version` (VERSIONS), segments separated by CR (no trailing
+    CR; MLLP frames it)."""
     if not control_id or len(control_id) > 20:
         raise OruError("MSH-10 control id must be 1 to 20 characters")
+    if version not in VERSIONS:
+        raise OruError(f"HL7 version {version!r} is not one the hub writes ({', '.join(VERSIONS)})")
+    last = LAST_FIELD.get(version, {})
     order = order or OrderContext()
     obr25 = _status(REPORT_STATUS, report.get("status"), "DiagnosticReport")
     accession = escape(order.accession_number) if order.accession_number else ""
     placer = order.placer_order_number or ""
     filler = order.filler_order_number or accession
     model_ei, model_name, model_version = _model(device)
+    method = _components(*OBSERVATION_METHOD)
+    if last.get("OBX", 18) < 18:  # no OBX-18: the model as OBX-17's alternate identifier
+        method = "^".join([method, model_ei.split("^")[0], escape(f"{model_name} {model_version}".strip()),
+                           LOCAL_SYSTEM])
+        model_ei = ""
 
     segments = [
         "|".join(["MSH", "^~\\&", escape(sending_application), escape(sending_facility),
                   escape(receiving_application), escape(receiving_facility), dtm(now), "",
-                  MESSAGE_TYPE, escape(control_id), "P", VERSION, "", "", "", "", "", CHARSET]),
+                  MESSAGE_TYPE, escape(control_id), "P", version, "", "", "", "", "", CHARSET]),
         _pid(patient, report.get("subject"), sending_facility),
         _segment("ORC", {1: "RE", 2: placer, 3: filler, 9: dtm(report.get("issued"))}),
         _segment("OBR", {
@@ -394,16 +416,18 @@ def build_oru(
             1: str(set_id), 2: "NM", 3: _finding_code(observation),
             5: _number(quantity["value"]), 6: unit, 8: _abnormal_flag(observation), 11: status,
             14: dtm(observation.get("effectiveDateTime") or report.get("effectiveDateTime")),
-            17: _components(*OBSERVATION_METHOD), 18: model_ei,
+            17: method, 18: model_ei,
         }))
     if report.get("conclusion"):
         set_id += 1
         obx.append(_segment("OBX", {
             1: str(set_id), 2: "FT", 3: _components(*IMPRESSION_CODE), 5: escape_ft(report["conclusion"]),
-            11: obr25, 14: dtm(report.get("effectiveDateTime")), 17: _components(*OBSERVATION_METHOD),
-            18: model_ei,
+            11: obr25, 14: dtm(report.get("effectiveDateTime")), 17: method, 18: model_ei,
         }))
     segments += obx
+    for segment in segments:  # a field the version does not have would be misread by its parsers
+        if segment[:3] in last and segment.count("|") > last[segment[:3]]:
+            raise OruError(f"{segment[:3]} has more fields than HL7 v{version} defines")
     return "\r".join(segments)
 
 

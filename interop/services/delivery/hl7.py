@@ -63,7 +63,7 @@ def render(conn: psycopg.Connection[Any], report_id: str, version: int, site: Si
             report, observations, device, oru.order_context(service_request, study=study),
             sending_facility=sending_facility, receiving_application=site.hl7.receiving_application,
             receiving_facility=site.hl7.receiving_facility or site.code, control_id=control_id, now=now,
-            patient=patient,
+            patient=patient, version=site.hl7.version,
         )
     except oru.OruError as exc:
         raise Unbuildable(str(exc)) from exc
