@@ -9,13 +9,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from flask.testing import FlaskClient
 
 from interop.hl7.errors import ErrorCode
 from interop.hl7.mapping import MappingTableError, set_path
 from interop.hl7.message import MessageError
 from interop.hl7.order import OrderMessage
 from tests.fixtures.fhir_check import FhirCheck, started
-from tests.test_hl7_mapping import V2_0203, filled, map_order, order_samples, sample_text
+from tests.fixtures.mllp import RunningListener, send
+from tests.test_hl7_adt import process_all, search
+from tests.test_hl7_mapping import SAMPLES, V2_0203, filled, map_order, order_samples, sample_text
 
 V26 = "hub_ORM_O01_v26_written_from_the_standard.hl7"
 V28 = "hub_OMI_O23_v28_written_from_the_standard.hl7"
@@ -202,3 +205,32 @@ def test_identifiers_typed_as_the_ig_says() -> None:
     types = {c["code"] for i in m.orders[0].service_request["identifier"] for c in i["type"]["coding"]
              if c["system"] == V2_0203}
     assert types == {"PLAC", "FILL", "ACSN"}
+
+
+# -- end to end ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [p.name for p in order_samples(prefix="")])
+def test_order_samples_over_mllp_are_stored_with_every_field(name: str, mllp_listener: RunningListener,
+                                                             db_url: str, client: FlaskClient,
+                                                             checker: FhirCheck) -> None:
+    """python-hl7's client -> the listener -> the hub's process-hl7 handler -> the FHIR API, for the
+    dcm4che/IHE samples and the v2.6/v2.8 messages written here."""
+    raw = (SAMPLES / name).read_bytes()
+    answer = send(mllp_listener.port, raw)[0]
+    assert ("MSA|CA|" if name.startswith("hub_") else "MSA|AA|") in answer  # hub_*: MSH-15 AL, commit ACK
+    assert process_all(db_url) == []
+    expected = map_order(sample_text(name))
+    mrn = expected.patient["identifier"][0]
+    (patient,) = search(client, f"Patient?identifier={mrn['system']}|{mrn['value']}")
+    for key in ("telecom", "address", "maritalStatus", "name", "identifier", "extension"):
+        assert patient.get(key) == expected.patient.get(key), key
+    assert all(t.get("system") for t in patient.get("telecom", []))  # R4 cnt-1
+    placer = expected.orders[0].placer
+    assert placer is not None
+    (order,) = search(client, f"ServiceRequest?identifier={placer['system']}|{placer['value']}")
+    assert order["subject"] == {"reference": f"Patient/{patient['id']}"}
+    for key in ("note", "reasonCode", "priority", "occurrenceTiming", "code", "requester", "contained"):
+        assert order.get(key) == expected.orders[0].service_request.get(key), key
+    if name.startswith("hub_"):
+        assert any(n["text"].startswith("URGENT") for n in order["note"]) and order["reasonCode"]
+    for resource in (patient, order):
+        assert checker.problems(resource) == [], resource["resourceType"]
