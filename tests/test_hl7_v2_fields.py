@@ -95,6 +95,8 @@ def test_v26_order_keeps_reason_notes_priority_and_timing(checker: FhirCheck) ->
     assert sr["note"] == [
         {"text": "URGENT: nghi tràn khí màng phổi, đọc ngay / suspected pneumothorax, read at once"},
         {"text": "Bệnh nhân mang thai 10 tuần\nPatient 10 weeks pregnant"}]
+    assert ext(sr, "servicerequest-order-callback-phone-number")["valueContactPoint"] == {
+        "value": "251 3822111", "system": "phone", "use": "work"}  # ORC-14
     enc = m.encounter
     assert enc is not None and enc["serviceType"] == {"coding": [{"code": "RAD"}]}  # PV1-10
     roles = [pt["type"][0]["coding"][0]["code"] for pt in enc["participant"]]
