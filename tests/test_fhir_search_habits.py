@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import fhirpy
@@ -126,6 +127,12 @@ def test_date_search_with_prefixes_and_partial_dates(client: FlaskClient, world:
     assert matched(client, "DiagnosticReport?issued=ge2026-12-01&status=final") == pick(reports, 2, 3)  # index walk
     assert matched(client, "Provenance?recorded=2026-12-15") == pick(world["Provenance"], 3)
     assert matched(client, "Observation?date=ge2026-12-15") == pick(world["Observation"], 3)
+    # _lastUpdated takes partial dates too (all were stored today)
+    today = datetime.now(UTC)
+    assert len(matched(client, f"Patient?_lastUpdated={today:%Y}")) == 3
+    assert matched(client, f"Patient?_lastUpdated=gt{today:%Y}") == []
+    assert len(matched(client, f"Patient?_lastUpdated=ge{today:%Y-%m}")) == 3
+    assert client.get("/fhir/Patient?_lastUpdated=2026-02-30").status_code == 400
 
 
 @pytest.mark.parametrize("query", ["issued=2026-13", "issued=gt", "issued=yesterday", "issued:exact=2026",
@@ -261,8 +268,6 @@ def test_fhirpy_habits(fhir: fhirpy.SyncFHIRClient, world: dict[str, list[str]])
 
 def test_prefixes_read_as_ranges() -> None:
     """The ranges the search module gives each prefixed value (R4 search.html#prefix), at a fixed now."""
-    from datetime import UTC, datetime
-
     from interop.domain import search
     from interop.store.search_params import SearchParam
 

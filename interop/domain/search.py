@@ -63,6 +63,15 @@ def parse_instant(value: str) -> datetime:
     return when
 
 
+def _last_updated_range(prefix: str, text: str) -> list[tuple[str, datetime]]:
+    try:
+        low, high = (datetime.strptime(b, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC) for b in date_range(text))
+    except (ValueError, OverflowError):
+        raise SearchError("_lastUpdated: not a FHIR date or instant") from None
+    return {"eq": [("ge", low), ("lt", high)], "gt": [("ge", high)], "ge": [("ge", low)], "lt": [("lt", low)],
+            "le": [("lt", high)]}[prefix]
+
+
 def _int(name: str, raw: str, low: int, high: int) -> int:
     try:
         value = int(raw)
@@ -171,8 +180,10 @@ def _criterion(rtype: str, key: str, raw: str, params: dict[str, SearchParam], t
 
 
 def _inner(rtype: str, key: str, raw: str, table: Table | None, now: datetime, depth: int) -> Criterion:
-    if table is None or depth > 0:
-        raise SearchError("chained search and _has go one level deep, on the FHIR search API")
+    if table is None:
+        raise SearchError("chained search and _has are for searches, not these criteria")
+    if depth > 0:
+        raise SearchError("chained search and _has go one level deep")
     found = _criterion(rtype, key, raw, table.get(rtype, {}), table, now, depth + 1)
     if found is None:
         known = ", ".join(sorted(table.get(rtype, {})))
@@ -244,7 +255,10 @@ def parse(
         elif name == "_lastUpdated":
             prefix = raw[:2] if raw[:2] in ("gt", "lt", "ge", "le", "eq") else "eq"
             value = raw[2:] if raw[:2] == prefix else raw
-            search.query.last_updated.append((prefix, parse_instant(value)))
+            if "T" in value:  # an instant: compared as written (a client paging by the last one it saw)
+                search.query.last_updated.append((prefix, parse_instant(value)))
+            else:  # 2026, 2026-12, 2026-12-01: the range it stands for, as any date parameter
+                search.query.last_updated.extend(_last_updated_range(prefix, value))
         elif name == "_count":
             search.query.count = _int("_count", raw, 0, MAX_COUNT)
         elif name == "_offset":
