@@ -10,7 +10,9 @@ For each official example of a type the CapabilityStatement lists:
 * search: every search parameter /fhir/metadata declares for the type, with each value that
   HL7's definition of that parameter (the official R4 SearchParameter's FHIRPath, evaluated by
   Medplum) extracts from the stored resource, must find it. The cases come from the server's own
-  statement, so a parameter it starts to declare is tested from then on.
+  statement, so a parameter it starts to declare is tested from then on;
+* _include and _revinclude: every one the statement declares, between examples that name each
+  other by id (stored again at their own ids), brings the other resource.
 
 Every answer (the resource, the search Bundles, the history, the statement) is checked with
 HL7's R4 JSON schema, the npm `fhir` validator (FHIR.js) and Medplum's StructureDefinition
@@ -282,3 +284,93 @@ def test_known_search_defect(path: Path, param: str, served: HubProcess, stateme
     assert cases, f"{path.name} has no value for {param} any more"
     missed = [why for v in cases if (why := finds(served, check, answer["resourceType"], answer["id"], param, v))]
     assert not missed, missed
+
+
+# -- _include and _revinclude, between examples that name each other by id ----------------------------
+@pytest.fixture(scope="module")
+def linked(served: HubProcess, statement: dict[str, dict[str, Any]], stored: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The examples stored again at their own ids, so that their references to each other resolve
+    (DiagnosticReport-102's result Observation/bmd, DiagnosticReport-ultrasound's subject
+    Patient/example...): "Type/id" -> the stored resource. Clients' types are put at the id
+    (update as create); the hub's own types stored as its writers store them, at that id.
+    ImagingStudies stay out: a second copy of a DICOM study is the same study to the hub."""
+    from interop.store import resources
+    from interop.store.search_params import load
+
+    params = load(ROOT / "mappings")
+    out: dict[str, dict[str, Any]] = {}
+    with psycopg.connect(served.env["DATABASE_URL"], autocommit=True) as conn:
+        for path in EXAMPLES:
+            body = example(path)
+            rtype = body["resourceType"]
+            if path.name in REFUSED or rtype == "ImagingStudy":
+                continue
+            if "update" in {i["code"] for i in statement[rtype]["interaction"]}:
+                put = served.session.put(f"{served.fhir}/{rtype}/{body['id']}", json=body, headers=FHIR_JSON, timeout=10)
+                assert put.status_code in (200, 201), f"{path.name}: {put.status_code} {put.text[:300]}"
+                out[f"{rtype}/{body['id']}"] = put.json()
+            else:
+                with conn.transaction():
+                    out[f"{rtype}/{body['id']}"] = resources.create(conn, body, params[rtype], rid=body["id"])
+    return out
+
+
+_LINKS: dict[tuple[str, str], list[tuple[str, str]]] = {}
+
+
+def links(check: FhirCheck, linked: dict[str, dict[str, Any]], rtype: str, param: str) -> list[tuple[str, str]]:
+    """(source "Type/id", target "Type/id") for each reference `rtype`.`param` (R4's definition) of a
+    linked example that names another linked example."""
+    if (rtype, param) in _LINKS:
+        return _LINKS[(rtype, param)]
+    out = []
+    for ref, body in linked.items():
+        if body["resourceType"] != rtype:
+            continue
+        ptype, typed = check.search_values(body, param)
+        if ptype == "reference":
+            out += [(ref, target) for target in search_values(ptype, typed) if target in linked and target != ref]
+    _LINKS[(rtype, param)] = out
+    return out
+
+
+def included(served: HubProcess, check: FhirCheck, rtype: str, rid: str, how: str, spec: str) -> dict[str, str]:
+    answer = get(served, rtype, _id=rid, **{how: spec})
+    assert answer.status_code == 200, f"{rtype}?_id={rid}&{how}={spec}: {answer.status_code} {answer.text[:300]}"
+    valid(check, answer.json(), f"{rtype}?_id={rid}&{how}={spec}")
+    return {f"{e['resource']['resourceType']}/{e['resource']['id']}": e["search"]["mode"] for e in answer.json()["entry"]}
+
+
+def test_include_brings_every_declared_reference(served: HubProcess, statement: dict[str, dict[str, Any]],
+                                                 linked: dict[str, dict[str, Any]], check: FhirCheck) -> None:
+    tried, missed = 0, []
+    for declared in statement.values():
+        for spec in declared.get("searchInclude", []):
+            source_type, param = spec.split(":")[:2]
+            for source, target in links(check, linked, source_type, param):
+                tried += 1
+                got = included(served, check, source_type, source.split("/")[1], "_include", spec)
+                if got.get(source) != "match" or got.get(target) != "include":
+                    missed.append(f"{source_type}?_id={source.split('/')[1]}&_include={spec}: {target} not included ({got})")
+    assert tried >= 5, f"only {tried} _include cases among the examples"
+    assert not missed, "\n".join(missed)
+
+
+def test_revinclude_brings_every_declared_referrer(served: HubProcess, statement: dict[str, dict[str, Any]],
+                                                   linked: dict[str, dict[str, Any]], check: FhirCheck) -> None:
+    specs = list(dict.fromkeys(spec for declared in statement.values() for spec in declared.get("searchRevInclude", [])))
+    if not specs:
+        pytest.skip("the CapabilityStatement declares no _revinclude")
+    tried, missed = 0, []
+    for spec in specs:
+        source_type, param = spec.split(":")[:2]
+        for source, target in links(check, linked, source_type, param):
+            target_type, target_id = target.split("/")
+            if spec not in statement[target_type].get("searchRevInclude", []):
+                continue
+            tried += 1
+            got = included(served, check, target_type, target_id, "_revinclude", spec)
+            if got.get(target) != "match" or got.get(source) != "include":
+                missed.append(f"{target_type}?_id={target_id}&_revinclude={spec}: {source} not included ({got})")
+    assert tried >= 3, f"only {tried} _revinclude cases among the examples"
+    assert not missed, "\n".join(missed)
