@@ -135,7 +135,8 @@ def test_a40_merge_moves_orders_studies_and_reports_to_the_surviving_patient(
     assert msa(send(mllp_listener.port, orm("M-3", placer="PL-M3", filler="FL-M3", accession="ACC-M3",
                                             patient_id="TMP900"))[0]) == "AA"
     assert process_all(db_url) == []
-    assert client.get(f"/fhir/Patient/{prior['id']}").get_json()["link"] == retired["link"]
+    again = client.get(f"/fhir/Patient/{prior['id']}").get_json()
+    assert again["link"] == retired["link"] and again["meta"]["versionId"] == retired["meta"]["versionId"]
     found = {o["identifier"][0]["value"] for o in search(client, f"ServiceRequest?subject=Patient/{survivor['id']}")}
     assert found == {"PL-M1", "PL-M2", "PL-M3"}
 

@@ -117,13 +117,14 @@ def merge(conn: psycopg.Connection[Any], ctx: Context, message: PatientMerge) ->
         priors = [p for p in find_by_identifier(conn, ctx, "Patient", prior_identifiers, count=10)
                   if p["id"] != survivor["id"]]
         for prior in priors:
-            retired = {**_with_link(prior, survivor["id"], "replaced-by"), "active": False}
-            retired["link"] = [link for link in retired["link"]
-                               if link["type"] != "replaced-by" or link["other"]["reference"] == f"Patient/{survivor['id']}"]
-            resources.update(conn, retired, ctx.params["Patient"])
-            survivor = resources.update(conn, {**_with_link(survivor, prior["id"], "replaces"), "active": True},
-                                        ctx.params["Patient"])[0]
-            _repoint(conn, ctx, prior["id"], survivor["id"])
+            if not (prior.get("active") is False and _replaced_by(prior) == survivor["id"]):  # not merged yet
+                retired = {**_with_link(prior, survivor["id"], "replaced-by"), "active": False}
+                retired["link"] = [link for link in retired["link"] if link["type"] != "replaced-by"
+                                   or link["other"]["reference"] == f"Patient/{survivor['id']}"]
+                resources.update(conn, retired, ctx.params["Patient"])
+                survivor = resources.update(conn, {**_with_link(survivor, prior["id"], "replaces"), "active": True},
+                                            ctx.params["Patient"])[0]
+            _repoint(conn, ctx, prior["id"], survivor["id"])  # also what arrived for the prior since
             done.append((prior["id"], survivor["id"]))
     return done
 
