@@ -256,9 +256,11 @@ def test_worklist_in_headless_chromium(hub: Any, db_url: str, orthanc: Any, page
 
     page.click(f'tr[data-report="{urgent["id"]}"] a.button', navigates=True)
     assert page.url().startswith(f"{hub.base}/worklist/{urgent['id']}")
-    width = page.wait_for("(() => { const i = document.getElementById('study-image');"
-                          " return i.complete && i.naturalWidth; })()", timeout=60)
-    assert width == 512
+    # a radiologist reads in the DICOM viewer (tests/test_worklist_viewer.py); its first image is drawn
+    state = page.wait_for("['ready', 'failed'].includes(document.getElementById('dicom-viewer').dataset.state)"
+                          " && document.getElementById('dicom-viewer').dataset.state", timeout=90)
+    assert state == "ready", page.errors()
+    assert page.evaluate("document.querySelectorAll('#viewer-vp0 canvas').length") >= 1
 
     page.click("#acknowledge", navigates=True)
     assert page.evaluate("document.getElementById('ack-form')") is None  # acknowledged

@@ -75,6 +75,10 @@ RULES: dict[str, Rule] = {
     "worklist.study": Rule(roles=("radiologist", "clinician"), page=True),
     "worklist.review": Rule(roles=("radiologist", "clinician")),
     "worklist.rendered": Rule(roles=("radiologist", "clinician")),
+    # the study page's DICOM viewer: the report's own study, read-only, radiologists only
+    "worklist.viewer_layout": Rule(roles=("radiologist",)),
+    "worklist.wado_study": Rule(roles=("radiologist",)),
+    "worklist.wado_instance": Rule(roles=("radiologist",)),
     "worklist.static": Rule(roles=PERSON),
     "analytics.dashboard": Rule(roles=("analyst", "admin"), page=True),
     "analytics.static": Rule(roles=("analyst", "admin")),

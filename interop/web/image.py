@@ -5,10 +5,16 @@ The hub renders rather than asking the PACS for WADO-RS `/rendered`, which many 
 window differently: the radiologist sees the pixels the way the model's preprocessing read them.
 For CT/MR the middle instance of the first series is shown. Rendered images are kept per process
 (a small LRU) so the worklist's thumbnails and the study page do not fetch the same study twice.
+
+The study page's DICOM viewer (Cornerstone3D) reads the instances themselves through the hub:
+`layout` says what to show (series in order, the four mammography views), `instance` is a
+read-only WADO-RS retrieval of one instance of the report's own study, passed through from the PACS
+(the browser never talks to the PACS, and asks for nothing the report does not point at).
 """
 from __future__ import annotations
 
 import io
+import time
 from functools import lru_cache
 from typing import Any
 
@@ -19,6 +25,7 @@ from PIL import Image
 from ..dicom.dicomweb import DicomWebClient, InstanceRef
 from ..dicom.errors import DicomError, NotAnImage, StudyNotFound
 from ..dicom.pixels import to_display_array
+from ..dicom.views import view_of_ref
 from ..domain.vocabulary import study_uid
 from ..services import intake
 from ..services.errors import IntakeError
@@ -27,6 +34,8 @@ from ..tls import ClientTls
 
 MAX_PX = 1024
 THUMB_PX = 256
+MAMMOGRAPHY_VIEWS = ("RCC", "LCC", "RMLO", "LMLO")  # side by side as radiologists hang them
+_SEARCH_SECONDS = 60.0  # how long a study's instance list is reused by the viewer's requests
 
 
 class ImageUnavailable(Exception):
@@ -92,4 +101,69 @@ def png(base_url: str, study_uid: str, *, timeout_s: float, tls: ClientTls, max_
     image.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     image.save(out, format="PNG")
+    return out.getvalue()
+
+
+_searched: dict[tuple[str, str], tuple[float, list[InstanceRef]]] = {}
+
+
+def instances(base_url: str, study_uid: str, *, timeout_s: float, tls: ClientTls) -> list[InstanceRef]:
+    """The study's instances (QIDO-RS), reused for a minute: the viewer asks for each of them."""
+    key = (base_url, study_uid)
+    found = _searched.get(key)
+    if found is not None and time.monotonic() - found[0] < _SEARCH_SECONDS:
+        return found[1]
+    try:
+        with DicomWebClient(base_url, timeout_s, tls=tls) as pacs:
+            refs = pacs.search_instances(study_uid)
+    except DicomError as exc:
+        raise ImageUnavailable(exc.reason, 404 if isinstance(exc, StudyNotFound) else 502) from None
+    if len(_searched) > 64:
+        _searched.clear()
+    _searched[key] = (time.monotonic(), refs)
+    return refs
+
+
+def layout(refs: list[InstanceRef]) -> dict[str, Any]:
+    """What the viewer shows: image series by series number, instances by instance number; a
+    mammography exam as its four views (the latest exposure of each)."""
+    far = 1 << 30
+    images = [r for r in refs if r.probably_image]
+    if not images:
+        raise ImageUnavailable("the study holds no image instance", 404)
+    series: dict[str, list[InstanceRef]] = {}
+    for ref in sorted(images, key=lambda r: (r.series_number if r.series_number is not None else far,
+                                              r.series_uid, r.instance_number if r.instance_number is not None
+                                              else far, r.instance_uid)):
+        series.setdefault(ref.series_uid, []).append(ref)
+    out: dict[str, Any] = {"study": images[0].study_uid, "series": [{
+        "uid": uid, "modality": members[0].modality or "", "description": members[0].series_description or "",
+        "instances": [{"series": r.series_uid, "uid": r.instance_uid} for r in members]}
+        for uid, members in series.items()]}
+    views: dict[str, InstanceRef] = {}
+    for ref in images:
+        slot = view_of_ref(ref) if (ref.modality or "").upper() == "MG" else None
+        if slot is not None and str(slot) in MAMMOGRAPHY_VIEWS:
+            current = views.get(str(slot))
+            if current is None or (ref.instance_number or 0) > (current.instance_number or 0):
+                views[str(slot)] = ref
+    if views:
+        out["views"] = {name: {"series": ref.series_uid, "uid": ref.instance_uid} for name, ref in views.items()}
+    return out
+
+
+def instance(base_url: str, study_uid: str, series_uid: str, instance_uid: str, *, timeout_s: float,
+             tls: ClientTls) -> bytes:
+    """One instance of the study as a DICOM Part 10 file, if the study holds it."""
+    ref = next((r for r in instances(base_url, study_uid, timeout_s=timeout_s, tls=tls)
+                if r.series_uid == series_uid and r.instance_uid == instance_uid), None)
+    if ref is None:
+        raise ImageUnavailable("the study holds no such instance", 404)
+    try:
+        with DicomWebClient(base_url, timeout_s, tls=tls) as pacs:
+            ds = pacs.retrieve_instance(ref)
+    except DicomError as exc:
+        raise ImageUnavailable(exc.reason, 404 if isinstance(exc, (StudyNotFound, NotAnImage)) else 502) from None
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
     return out.getvalue()

@@ -14,7 +14,7 @@ LABELS: dict[str, dict[str, str]] = {
         "shortcuts": "Phím tắt", "shortcut_help": "S: ký duyệt · Shift+S: ký và sang ca tiếp · N: ca tiếp theo · "
         "B: quay lại danh sách · W: đặt lại cửa sổ ảnh (không dùng khi đang gõ chữ)",
         "viewer": "Trình xem DICOM", "viewer_help": "Kéo chuột trái: cửa sổ/mức · phải: phóng to · giữa: di chuyển · "
-        "lăn chuột: lướt lát cắt", "reset": "Đặt lại",
+        "lăn chuột: lướt lát cắt", "reset": "Đặt lại", "viewer_loading": "Đang tải ảnh DICOM…", "series": "Loạt ảnh",
         "title": "Danh sách ca chờ đọc", "subtitle": "Kết quả AI sơ bộ chờ bác sĩ chẩn đoán hình ảnh xem xét",
         "waiting": "ca đang chờ", "none": "Không có ca nào chờ đọc.", "critical": "NGUY KỊCH",
         "unacknowledged": "chưa xác nhận", "acknowledged": "đã xác nhận", "patient": "Bệnh nhân",
@@ -48,7 +48,7 @@ LABELS: dict[str, dict[str, str]] = {
         "shortcuts": "Keyboard shortcuts", "shortcut_help": "S: sign · Shift+S: sign and next · N: next study · "
         "B: back to the list · W: reset the window (not while typing)",
         "viewer": "DICOM viewer", "viewer_help": "Left drag: window/level · right drag: zoom · middle drag: pan · "
-        "wheel: scroll the slices", "reset": "Reset",
+        "wheel: scroll the slices", "reset": "Reset", "viewer_loading": "Loading the DICOM images…", "series": "Series",
         "title": "Reading worklist", "subtitle": "Preliminary AI results waiting for a radiologist's review",
         "waiting": "studies waiting", "none": "Nothing is waiting for review.", "critical": "CRITICAL",
         "unacknowledged": "not acknowledged", "acknowledged": "acknowledged", "patient": "Patient",

@@ -9,6 +9,9 @@
   `$review` and `$acknowledge-critical` operations, then back to the list (or the page again with
   the refusal and its HTTP status).
 * `GET /worklist/<report>/image.png[?size=thumb]` — the image, rendered by the hub from the PACS.
+* `GET /worklist/<report>/viewer.json` and `GET /worklist/<report>/dicom-web/studies/<study>/series/
+  <series>/instances/<instance>` — for radiologists: the study page's DICOM viewer (Cornerstone3D,
+  static/vendor) reads the report's own study through this read-only WADO-RS proxy.
 
 Labels in Vietnamese (default) and English (`?lang=en`). Refusal messages are the review
 module's own (never an exception's text from elsewhere).
@@ -19,8 +22,10 @@ Every form carries the login's CSRF token; what each person opened and did is au
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
+import uuid
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -97,7 +102,11 @@ def _lookups() -> dict[str, Any]:
 @bp.after_request
 def _headers(response: Response) -> Response:
     # Everything the pages use is the hub's own: no inline script, no third party, not framed.
-    response.headers.setdefault("Content-Security-Policy", "default-src 'self'; form-action 'self'; frame-ancestors 'none'")
+    # The DICOM viewer (Cornerstone3D): its image decoders are WebAssembly ('wasm-unsafe-eval', no JS
+    # eval), it makes its helper workers and tool cursors from blob: URLs it creates itself.
+    response.headers.setdefault("Content-Security-Policy", "default-src 'self'; script-src 'self' 'wasm-unsafe-eval';"
+                                " worker-src 'self' blob:; img-src 'self' blob: data:;"
+                                " form-action 'self'; frame-ancestors 'none'")
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     if response.mimetype == "text/html":
         response.headers.setdefault("Cache-Control", "no-store")  # the list changes with every review
@@ -268,3 +277,65 @@ def rendered(report_id: str) -> Response:
         return Response(exc.reason, status=exc.status, content_type="text/plain; charset=utf-8",
                         headers={"Cache-Control": "no-store"})
     return Response(body, content_type="image/png", headers={"Cache-Control": "private, max-age=600"})
+
+
+def _radiologist_source(conn: Any, report_id: str) -> tuple[str, str]:
+    """(DICOMweb base, Study Instance UID) of a report's study, for a logged-in radiologist only."""
+    person = access.principal()
+    if person is None or person.role != "radiologist":
+        raise image.ImageUnavailable("the DICOM viewer is for radiologists", 403)
+    return image.source(conn, report_id, _hub().settings.dicomweb_url)
+
+
+def _unavailable(report_id: str, exc: image.ImageUnavailable) -> Response:
+    log.info("worklist viewer data of DiagnosticReport/%s unavailable (%s)", report_id, exc.status)
+    return Response(exc.reason, status=exc.status, content_type="text/plain; charset=utf-8",
+                    headers={"Cache-Control": "no-store"})
+
+
+@bp.get("/<report_id>/viewer.json")
+def viewer_layout(report_id: str) -> Response:
+    """What the study page's viewer shows: the series and their instances, the mammography views."""
+    settings = _hub().settings
+    try:
+        with _hub().pool.connection() as conn:
+            base, uid = _radiologist_source(conn, report_id)
+        found = image.layout(image.instances(base, uid, timeout_s=settings.dicomweb_timeout,
+                                             tls=ClientTls.from_settings(settings)))
+    except image.ImageUnavailable as exc:
+        return _unavailable(report_id, exc)
+    found["wado"] = url_for("worklist.wado_study", report_id=report_id, study=found["study"])
+    return Response(json.dumps(found), content_type="application/json", headers={"Cache-Control": "private, no-store"})
+
+
+@bp.get("/<report_id>/dicom-web/studies/<study>")
+def wado_study(report_id: str, study: str) -> Response:
+    """The base of the read-only WADO-RS proxy; only its instance resources are served."""
+    return Response("ask for an instance: studies/{study}/series/{series}/instances/{instance}", status=404,
+                    content_type="text/plain; charset=utf-8")
+
+
+@bp.get("/<report_id>/dicom-web/studies/<study>/series/<series>/instances/<sop>")
+def wado_instance(report_id: str, study: str, series: str, sop: str) -> Response:
+    """WADO-RS retrieve instance, read-only, for a radiologist, of the report's own study only:
+    multipart/related; type="application/dicom" when asked for, else the bare Part 10 file (what
+    the viewer's loader reads)."""
+    settings = _hub().settings
+    try:
+        with _hub().pool.connection() as conn:
+            base, uid = _radiologist_source(conn, report_id)
+        if study != uid:
+            raise image.ImageUnavailable("not the report's study", 404)
+        body = image.instance(base, uid, series, sop, timeout_s=settings.dicomweb_timeout,
+                              tls=ClientTls.from_settings(settings))
+    except image.ImageUnavailable as exc:
+        return _unavailable(report_id, exc)
+    access.note(audit.interaction("read"), "R", what=[f"DiagnosticReport/{report_id}"], query="dicom-web instance")
+    headers = {"Cache-Control": "private, max-age=600"}
+    if "multipart/related" in request.headers.get("Accept", ""):
+        boundary = f"hub-{uuid.uuid4().hex}"
+        part = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode() + body + \
+            f"\r\n--{boundary}--\r\n".encode()
+        return Response(part, headers=headers,
+                        content_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
+    return Response(body, content_type="application/dicom", headers=headers)
