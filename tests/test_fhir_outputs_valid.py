@@ -7,7 +7,8 @@ over `$review` adding a critical finding (a new report version and its Provenanc
 Communications to the site's contact and to its referral hospital, the transfer ServiceRequest and
 the acknowledgement Task), the acknowledgement and the transfer decision; what two Subscriptions (classic rest-hook with a
 payload, R4 Backport topic-based) were sent; a HIS's FHIR Patient and ImagingStudy whose PACS never
-answers (a failed Task with its reason); a person's login and a failed one; refused requests.
+answers (a failed Task with its reason); a study a modality pushes to the hub's DICOM Storage SCP
+(the ImagingStudy the hub builds from its headers, and its analysis); a person's login and a failed one; refused requests.
 
 Then every version of every resource in the resource table (SQL), every AuditEvent of the trail
 (FHIR search, paged) and every answer the API gave (searchsets, histories, OperationOutcomes,
@@ -29,23 +30,29 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
+from pynetdicom import AE
 
 from inference_client.models import load_models
+from scripts.synthetic.dicom import make_chest_xray
 from tests.fixtures.auth import csrf_of, person_session
 from tests.fixtures.fhir_check import FhirCheck, started
 from tests.fixtures.hub import HubProcess, start_hub, stop_hub
 from tests.fixtures.mllp import SEP, orm, send
 from tests.fixtures.postgres import with_database
-from tests.helpers import ROOT, chest_study_in_pacs, study_resource, wait_for
+from tests.helpers import ROOT, chest_study_in_pacs, free_port, study_resource, wait_for
 
 REVIEWER = "BS. Trần Văn Bình"
 MODEL = load_models(ROOT / "mappings")["chest-xray"]
 CRITICAL = next(label for label in MODEL.labels if label.critical)
-SITES = {"sites": {
-    "BVDKDN": {"name": "Benh vien Da khoa Dong Nai", "district": "Bien Hoa", "province": "Dong Nai",
-               "pacs_wait_minutes": 1, "critical_contacts": ["BS. Lê An", "BS. Phạm Hà"], "referral": "BVND115"},
-    "BVND115": {"name": "Benh vien Nhan dan 115", "district": "Quan 10", "province": "Ho Chi Minh"},
-}}
+
+
+def sites(pacs: str) -> dict[str, Any]:
+    return {"sites": {
+        "BVDKDN": {"name": "Benh vien Da khoa Dong Nai", "district": "Bien Hoa", "province": "Dong Nai",
+                   "pacs_wait_minutes": 1, "critical_contacts": ["BS. Lê An", "BS. Phạm Hà"], "referral": "BVND115",
+                   "dicom_aets": ["BVDKDN_DX"], "dicomweb": pacs},
+        "BVND115": {"name": "Benh vien Nhan dan 115", "district": "Quan 10", "province": "Ho Chi Minh"},
+    }}
 
 BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
 
@@ -165,6 +172,25 @@ def full_run(hub: HubProcess, orthanc: Any, hook: Hook) -> Run:
                        filler="FL151", patient_id="BN15101", study_uid=ds.StudyInstanceUID))
     assert all("MSA|AA" in a for a in answers), answers
 
+    # Meanwhile a HIS's FHIR client: a Patient and an ImagingStudy whose PACS never answers (the analysis
+    # Task fails with its reason).
+    patient = run.post("Patient", {"resourceType": "Patient", "identifier": [{"system": "urn:test:mrn", "value": "F151"}],
+                                   "name": [{"family": "Lê", "given": ["Thị", "Hoa"]}], "gender": "female",
+                                   "birthDate": "1961-03-08"}, expect=201)
+    dead = study_resource([make_chest_xray(seed=152, size=64)], patient["id"], "http://127.0.0.1:9/dicom-web")
+    study = run.post("ImagingStudy", dead, expect=201)
+    # A modality pushes a study to the hub's Storage SCP: the ImagingStudy the hub builds from
+    # the DICOM headers, and its analysis.
+    pushed = make_chest_xray(seed=153, size=256, patient_id="BN15103", accession="ACC15103")
+    ae = AE(ae_title="BVDKDN_DX")
+    ae.add_requested_context(str(pushed.SOPClassUID))
+    assoc = ae.associate("127.0.0.1", int(hub.env["INTEROP_DICOM_PORT"]), ae_title="AIHUB")
+    assert assoc.is_established
+    try:
+        assert int(assoc.send_c_store(pushed).Status) == 0
+    finally:
+        assoc.release()
+
     found = wait_for(lambda: run.get("ServiceRequest", identifier="ACC15101").get("entry"), 30, what="the order")
     order_ref = f"ServiceRequest/{found[0]['resource']['id']}"
     report = wait_for(lambda: run.get("DiagnosticReport", **{"based-on": order_ref}).get("entry"), 90,
@@ -190,17 +216,13 @@ def full_run(hub: HubProcess, orthanc: Any, hook: Hook) -> Run:
     run.get("Encounter", patient=report["subject"]["reference"])
     run.get("metadata")
 
-    # A HIS's FHIR client: a Patient and an ImagingStudy whose PACS never answers (the analysis
-    # Task fails with its reason), and a person's login to the worklist, then a wrong password.
-    from scripts.synthetic.dicom import make_chest_xray
-
-    patient = run.post("Patient", {"resourceType": "Patient", "identifier": [{"system": "urn:test:mrn", "value": "F151"}],
-                                   "name": [{"family": "Lê", "given": ["Thị", "Hoa"]}], "gender": "female",
-                                   "birthDate": "1961-03-08"}, expect=201)
-    dead = study_resource([make_chest_xray(seed=152, size=64)], patient["id"], "http://127.0.0.1:9/dicom-web")
-    study = run.post("ImagingStudy", dead, expect=201)
     wait_for(lambda: [e for e in run.get("Task", focus=f"ImagingStudy/{study['id']}").get("entry", [])
                       if e["resource"]["status"] == "failed"], 60, what="the failed analysis Task")
+    wait_for(lambda: run.get("DiagnosticReport", identifier=f"{pushed.StudyInstanceUID}/chest-xray").get("entry"), 90,
+             what="the report of the pushed study")
+    run.get("ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{pushed.StudyInstanceUID}")
+
+    # A person's login to the worklist, then a wrong password.
     browser, _ = person_session(hub.base, hub.env["DATABASE_URL"], "bs-hoa")
     assert browser.get(f"{hub.base}/worklist/", timeout=10).status_code == 200
     stranger = hub.session.__class__()
@@ -222,7 +244,7 @@ def full_run(hub: HubProcess, orthanc: Any, hook: Hook) -> Run:
     # What the Subscriptions were sent: the handshake, then each report version (AI, edited).
     wait_for(lambda: sum(where.startswith("PUT /hook/classic") for where, _ in hook.bodies) >= 2
              and sum(where.startswith("POST /hook/topic") for where, _ in hook.bodies) >= 3, 60,
-             what=f"the Subscriptions' notifications (so far {[w for w, _ in hook.bodies]})")
+             what="the Subscriptions' notifications")
     for where, body in hook.bodies:
         sent = run.answer(f"sent to the Subscription endpoint: {where}", json.loads(body))
         for entry in sent.get("entry", []) if sent["resourceType"] == "Bundle" else []:
@@ -259,10 +281,11 @@ def run(pg_server_url: str, pg_template: str, triton_url: str, orthanc: Any,
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
     workdir: Path = tmp_path_factory.mktemp("outputs")
-    (workdir / "sites.yaml").write_text(yaml.safe_dump(SITES, allow_unicode=True), encoding="utf-8")
+    (workdir / "sites.yaml").write_text(yaml.safe_dump(sites(orthanc.dicomweb_url), allow_unicode=True), encoding="utf-8")
     hub = start_hub({"DATABASE_URL": with_database(pg_server_url, name), "TRITON_URL": triton_url,
                      "DICOMWEB_URL": orthanc.dicomweb_url, "INTEROP_SITES": str(workdir / "sites.yaml"),
                      "INTEROP_RETRY_BASE_SECONDS": "1", "INTEROP_JOB_MAX_ATTEMPTS": "2",
+                     "INTEROP_DICOM_PORT": str(free_port()), "INTEROP_DICOM_STABLE_SECONDS": "1",
                      "INTEROP_WORKERS": "1"}, workdir)
     hook = Hook()
     try:
