@@ -135,6 +135,22 @@ def test_date_search_with_prefixes_and_partial_dates(client: FlaskClient, world:
     assert client.get("/fhir/Patient?_lastUpdated=2026-02-30").status_code == 400
 
 
+def ordered(client: FlaskClient, query: str) -> list[str]:
+    return [e["resource"]["id"] for e in bundle(client, query)["entry"]]
+
+
+def test_sort_by_a_date_parameter(client: FlaskClient, world: dict[str, list[str]]) -> None:
+    reports, people = world["DiagnosticReport"], world["Patient"]
+    assert ordered(client, "DiagnosticReport?_sort=-issued") == [reports[n] for n in (3, 2, 1, 0)]
+    assert ordered(client, "DiagnosticReport?_sort=issued&status=final") == [reports[n] for n in (0, 2, 3)]
+    assert ordered(client, "Patient?_sort=birthdate") == [people[n] for n in (1, 0, 2)]
+    paged = bundle(client, "DiagnosticReport?_sort=-date&_count=2")  # report 2 (a month) starts before report 1
+    assert [e["resource"]["id"] for e in paged["entry"]] == [reports[3], reports[1]]
+    following = next(link["url"] for link in paged["link"] if link["relation"] == "next")
+    assert ordered(client, following.split("/fhir/", 1)[1]) == [reports[2], reports[0]]
+    assert client.get("/fhir/DiagnosticReport?_sort=status").status_code == 400
+
+
 @pytest.mark.parametrize("query", ["issued=2026-13", "issued=gt", "issued=yesterday", "issued:exact=2026",
                                    "issued=2026-12-01T10:00:00Z|x", "date=ge2026-12-01T25:00:00Z"])
 def test_bad_dates_are_400(client: FlaskClient, query: str) -> None:
@@ -262,6 +278,8 @@ def test_fhirpy_habits(fhir: fhirpy.SyncFHIRClient, world: dict[str, list[str]])
     assert sorted(e["resource"]["resourceType"] for e in with_reports["entry"]) == \
         ["DiagnosticReport", "DiagnosticReport", "Patient"]
     assert patients.search(**{"_has:DiagnosticReport:subject:status": "preliminary"}).count() == 1
+    newest = fhir.resources("DiagnosticReport").sort("-issued").limit(1).fetch()
+    assert [r.id for r in newest] == [world["DiagnosticReport"][3]]
     slim = patients.search(identifier="A2").elements("birthDate").first()
     assert slim is not None and slim["birthDate"] == "1975-12-31" and "name" not in slim
 

@@ -264,9 +264,12 @@ def parse(
         elif name == "_offset":
             search.query.offset = _int("_offset", raw, 0, 10_000_000)
         elif name == "_sort":
-            if raw not in ("_lastUpdated", "-_lastUpdated"):
-                raise SearchError("_sort: only _lastUpdated and -_lastUpdated are supported")
+            key = raw.removeprefix("-")
+            if key != "_lastUpdated" and (key not in params or params[key].type != "date"):
+                keys = ", ".join(["_lastUpdated", *(p for p in params if params[p].type == "date")])
+                raise SearchError(f"_sort: one of {keys} (- for descending)")
             search.query.descending = raw.startswith("-")
+            search.query.sort_by = None if key == "_lastUpdated" else key
         elif name == "_total":
             if raw not in TOTALS:
                 raise SearchError("_total: one of none, estimate, accurate")

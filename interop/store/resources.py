@@ -85,6 +85,7 @@ class Query:
     offset: int = 0
     descending: bool = False
     total: str | None = None  # None: only when the first page holds every match | none | estimate | accurate
+    sort_by: str | None = None  # a date parameter to order by (its low end) instead of _lastUpdated
 
 
 def new_id() -> str:
@@ -763,6 +764,18 @@ SELECT r.body FROM (
     return statement, [rtype, name, *test_args, *args, query.count + 1, query.offset, rtype]
 
 
+def _sorted_statement(rtype: str, query: Query) -> tuple[sql.Composed, list[Any]]:
+    """A page ordered by a date parameter (`_sort=-issued`), by the low end of its earliest value as
+    HAPI FHIR orders, resources without one last: every match is read and sorted, so its cost is the
+    number of matches (narrow the search; the _lastUpdated order is the one walked from the index)."""
+    clause, args = _where(rtype, query)
+    direction = sql.SQL("DESC" if query.descending else "ASC")
+    statement = sql.SQL("SELECT r.body FROM resource r LEFT JOIN LATERAL (SELECT min(s.value) AS k FROM search_index s"
+                        " WHERE s.type = r.type AND s.id = r.id AND s.param = %s) o ON true WHERE {}"
+                        " ORDER BY o.k {dir} NULLS LAST, r.last_updated {dir}, r.id {dir} LIMIT %s OFFSET %s")
+    return statement.format(clause, dir=direction), [query.sort_by, *args, query.count + 1, query.offset]
+
+
 def page_statement(conn: psycopg.Connection[Any], rtype: str, query: Query) -> tuple[sql.Composed, list[Any]]:
     """The statement that reads one page, and one row more to tell whether more follow.
 
@@ -775,6 +788,8 @@ def page_statement(conn: psycopg.Connection[Any], rtype: str, query: Query) -> t
     candidates = _candidates(query.criteria, expanded)
     if any(not keys for keys in candidates.values()):  # a prefix no stored value starts with
         return sql.Composed([sql.SQL("SELECT NULL::jsonb AS body WHERE false")]), []
+    if query.sort_by is not None:
+        return _sorted_statement(rtype, query)
     ranges = {n: r for n, crit in enumerate(query.criteria) if (r := _date_range_keys(crit)) is not None}
     if ranges:  # a date criterion may be the rarest: counted with the others (one round trip)
         counts = _counts(conn, rtype, query.criteria, candidates, ranges)
