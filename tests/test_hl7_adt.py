@@ -124,12 +124,19 @@ def test_a40_merge_moves_orders_studies_and_reports_to_the_surviving_patient(
     stays = client.get(f"/fhir/Patient/{survivor['id']}").get_json()
     assert stays["active"] is True
     assert stays["link"] == [{"other": {"reference": f"Patient/{prior['id']}"}, "type": "replaces"}]
+    assert [(i["value"], i.get("use")) for i in stays["identifier"]] == [("BN9000", None), ("TMP900", "old")]
     # everything of the prior record is found from the surviving one
     found = {o["identifier"][0]["value"] for o in search(client, f"ServiceRequest?subject=Patient/{survivor['id']}")}
     assert found == {"PL-M1", "PL-M2"}
     assert [s["id"] for s in search(client, f"ImagingStudy?patient=Patient/{survivor['id']}")] == [study["id"]]
     assert [r["id"] for r in search(client, f"DiagnosticReport?patient=Patient/{survivor['id']}")] == [report["id"]]
     assert search(client, f"ServiceRequest?subject=Patient/{prior['id']}") == []
+    # a merge of a patient the hub never saw keeps the old number on the survivor
+    assert msa(send(mllp_listener.port, adt("A40", "MRG-9", f"PID|1||BN9000^^^{FACILITY}^MR||NGUYỄN^VĂN AN",
+                                            extra=(f"MRG|UNSEEN1^^^{FACILITY}^MR",), structure="ADT_A39"))[0]) == "AA"
+    assert process_all(db_url) == []
+    assert patient_by(client, "UNSEEN1")["id"] == survivor["id"]
+    retired = client.get(f"/fhir/Patient/{prior['id']}").get_json()
     # the same A40 again changes nothing more; an order still naming the old number reaches the survivor
     assert msa(send(mllp_listener.port, merge.replace(b"MRG-1", b"MRG-2"))[0]) == "AA"
     assert msa(send(mllp_listener.port, orm("M-3", placer="PL-M3", filler="FL-M3", accession="ACC-M3",
@@ -139,6 +146,9 @@ def test_a40_merge_moves_orders_studies_and_reports_to_the_surviving_patient(
     assert again["link"] == retired["link"] and again["meta"]["versionId"] == retired["meta"]["versionId"]
     found = {o["identifier"][0]["value"] for o in search(client, f"ServiceRequest?subject=Patient/{survivor['id']}")}
     assert found == {"PL-M1", "PL-M2", "PL-M3"}
+    stays = client.get(f"/fhir/Patient/{survivor['id']}").get_json()
+    assert [(i["value"], i.get("use")) for i in stays["identifier"]] == [
+        ("BN9000", None), ("TMP900", "old"), ("UNSEEN1", "old")]  # the late order did not make TMP900 current
 
 
 def test_an_omg_o19_order_is_accepted_and_mapped(mllp_listener: RunningListener, db_url: str,

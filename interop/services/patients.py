@@ -3,10 +3,10 @@
 An order or an ADT^A01/A04/A08/A31 updates the Patient that shares an identifier with its PID
 (its demographics replaced by what the message says, identifiers kept together). An ADT^A40
 (merge) marks the prior patient (MRG-1) inactive with a `replaced-by` link to the PID's patient,
-which gets a `replaces` link, and points every order, study, report, finding, task and message of
-the prior patient at the one that stays, so a search by the surviving patient finds them all (as
-FHIR R5's Patient $merge does). A later message naming the prior patient's identifier reaches the
-surviving patient through the link.
+which gets a `replaces` link and the prior identifiers (use `old`), and points every order,
+study, report, finding, task and message of the prior patient at the one that stays, so a search
+by the surviving patient finds them all (as FHIR R5's Patient $merge does). A later message
+naming the prior patient's identifier reaches the surviving patient.
 """
 from __future__ import annotations
 
@@ -89,6 +89,10 @@ def upsert_patient(conn: psycopg.Connection[Any], ctx: Context, patient: dict[st
     if not found:
         return resources.create(conn, patient, ctx.params["Patient"])
     stored = next((p for p in found if _replaced_by(p) is None), None) or _current(conn, found[0])
+    retired = {(i.get("system"), i.get("value")) for i in stored.get("identifier") or [] if i.get("use") == "old"}
+    if retired:  # a late message with a merged-away number: the number stays `old`, not first
+        patient = {**patient, "identifier": [i for i in patient["identifier"]
+                                             if (i.get("system"), i.get("value")) not in retired]}
     return resources.update(conn, merged_into(stored, patient), ctx.params["Patient"])[0]
 
 
@@ -114,6 +118,13 @@ def merge(conn: psycopg.Connection[Any], ctx: Context, message: PatientMerge) ->
     done = []
     for survivor_in, prior_identifiers in message.merges:
         survivor = upsert_patient(conn, ctx, survivor_in)
+        # the prior identifiers stay findable on the survivor, as `old` (HAPI's $merge does the same):
+        # a late message naming them reaches it even when the hub never saw the prior patient
+        held = {(i.get("system"), i.get("value")) for i in survivor.get("identifier") or []}
+        old = [{**i, "use": "old"} for i in prior_identifiers if (i.get("system"), i.get("value")) not in held]
+        if old:
+            survivor = resources.update(conn, {**without_meta(survivor), "identifier": [
+                *survivor.get("identifier", []), *old]}, ctx.params["Patient"])[0]
         priors = [p for p in find_by_identifier(conn, ctx, "Patient", prior_identifiers, count=10)
                   if p["id"] != survivor["id"]]
         for prior in priors:
