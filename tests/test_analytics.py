@@ -565,3 +565,22 @@ def test_dashboard_in_headless_chromium(live_hub: str, seeded: str, page: Any) -
     assert after["agreement"] < points["agreement"]
     vi = render(page, f"{live_hub}/analytics/?{period}")
     assert "Phân tích hình ảnh y tế toàn tỉnh" in vi
+
+
+def test_district_rates_have_a_stated_denominator(db_url: str, known: dict[str, str]) -> None:
+    """Positive findings per 1,000 AI-read studies (all findings of a study count), or with a finding
+    chosen that finding per 1,000 studies the AI read for it; critical studies per 1,000 AI-read
+    studies. A: Bien Hoa, atelectasis; C: Bien Hoa, nothing; B: Nhon Trach, critical pneumothorax
+    and pneumonia added, atelectasis overruled."""
+    with connect(db_url) as conn:
+        rows = {r["district"]: r for r in queries.district_table(conn, today_filters())}
+        assert {d: (r["studies"], r["positive_findings"], r["positives_per_1000_studies"], r["critical"],
+                    r["critical_per_1000_studies"]) for d, r in rows.items()} == {
+            "Bien Hoa": (2, 1, 500.0, 0, 0.0), "Nhon Trach": (1, 2, 2000.0, 1, 1000.0)}
+        one = {r["district"]: r for r in queries.district_table(conn, today_filters(finding=CODE["Atelectasis"]))}
+        assert {d: (r["positive_findings"], r["positives_per_1000_studies"]) for d, r in one.items()} == {
+            "Bien Hoa": (1, 500.0), "Nhon Trach": (0, 0.0)}
+        fn, counts, stats = queries.VIEWS["districts"]
+        text = export.to_csv(fn(conn, today_filters()), counts, stats)
+    assert text.splitlines()[0].endswith("positives_per_1000_studies,critical_per_1000_studies")
+    assert "suppressed" in text  # under 5 studies: no rate leaves the hub

@@ -291,21 +291,35 @@ def findings_weekly(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str,
     return district_rows + province_rows
 
 
+def _per_1000(count: int, base: int) -> float | None:
+    return round(1000.0 * count / base, 1) if base else None
+
+
 def district_table(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]:
-    """Per district over the period: studies, critical studies, and positives per finding."""
-    where, args = _where(f, "study_day", STUDY_FACT, weekly=False)
-    studies = {(r["province"], r["district"]): r for r in _rows(conn, sql.SQL("""
-        SELECT province, district, sum(studies)::bigint AS studies, sum(critical)::bigint AS critical
-        FROM analytics.mv_study_daily WHERE {where} GROUP BY province, district""").format(where=where), args)}
+    """Per district over the period: AI-read studies, critical studies, positive findings, and two
+    rates with a stated denominator: positive findings per 1,000 AI-read studies (with a finding
+    chosen: that finding per 1,000 studies the AI read for it) and critical studies per 1,000
+    AI-read studies. Positives are counted per week (the rollup's grain), so their rate divides by
+    the studies of the same weeks."""
+    def studies_by(time_col: str, weekly: bool) -> dict[tuple[str, str], dict[str, Any]]:
+        where, args = _where(f, time_col, STUDY_FACT, weekly=weekly)
+        return {(r["province"], r["district"]): r for r in _rows(conn, sql.SQL("""
+            SELECT province, district, sum(studies)::bigint AS studies, sum(critical)::bigint AS critical
+            FROM analytics.mv_study_daily WHERE {where} GROUP BY province, district""").format(where=where), args)}
+
+    studies, of_weeks = studies_by("study_day", False), studies_by("study_week", True)
     where, args = _where(f, "study_week", FINDING_MV, weekly=True)
     out = []
     for r in _rows(conn, sql.SQL("""
         SELECT province, district, sum(positive)::bigint AS positives, sum(assessed)::bigint AS assessed
         FROM analytics.mv_finding_weekly WHERE {where} GROUP BY province, district""").format(where=where), args):
-        base = studies.get((r["province"], r["district"]), {"studies": 0, "critical": 0})
+        key = (r["province"], r["district"])
+        base = studies.get(key, {"studies": 0, "critical": 0})
+        read = int(r["assessed"]) if f.finding else int(of_weeks.get(key, {"studies": 0})["studies"])
         out.append({"province": r["province"], "district": r["district"], "studies": int(base["studies"]),
                     "critical": int(base["critical"]), "positive_findings": int(r["positives"]),
-                    "positive_per_1000_reads": round(1000.0 * r["positives"] / r["assessed"], 1) if r["assessed"] else None})
+                    "positives_per_1000_studies": _per_1000(int(r["positives"]), read),
+                    "critical_per_1000_studies": _per_1000(int(base["critical"]), int(base["studies"]))})
     return sorted(out, key=lambda r: (r["province"], r["district"]))
 
 
@@ -430,7 +444,8 @@ def options(conn: psycopg.Connection[Any]) -> dict[str, Any]:
 # name -> (function, count columns that are numbers of studies, statistics over those studies)
 VIEWS: dict[str, tuple[Callable[[psycopg.Connection[Any], Filters], list[dict[str, Any]]], tuple[str, ...], tuple[str, ...]]] = {
     "findings_weekly": (findings_weekly, ("studies", "positives"), ("rate_per_1000",)),
-    "districts": (district_table, ("studies", "critical", "positive_findings"), ("positive_per_1000_reads",)),
+    "districts": (district_table, ("studies", "critical", "positive_findings"),
+                  ("positives_per_1000_studies", "critical_per_1000_studies")),
     "turnaround": (turnaround, ("studies",), _TURNAROUND_COLUMNS),
     "workload": (workload, ("studies",), ()),
     "backlog": (backlog, ("waiting", "over_24h", "critical"), ("oldest_hours", "median_wait_hours")),

@@ -22,18 +22,20 @@
   }
   function draw(id, config, points) {
     if (charts[id]) charts[id].destroy();
-    config.options = Object.assign({ animation: false, responsive: true, maintainAspectRatio: true }, config.options || {});
+    // The chart fills its box (.chart sets the height), whatever the card's width.
+    config.options = Object.assign({ animation: false, responsive: true, maintainAspectRatio: false }, config.options || {});
     charts[id] = new Chart($(id), config);
     $(id).dataset.points = String(points);
   }
   function table(id, columns, rows) {
     const el = $(id);
     el.innerHTML = "";
-    const head = el.insertRow();
-    for (const [, title] of columns) { const th = document.createElement("th"); th.textContent = title; head.appendChild(th); }
-    if (!rows.length) { el.insertRow().insertCell().textContent = L.no_data; }
+    const head = el.createTHead().insertRow();
+    for (const [, title] of columns) { const th = document.createElement("th"); th.scope = "col"; th.textContent = title; head.appendChild(th); }
+    const body = el.createTBody();
+    if (!rows.length) { const td = body.insertRow().insertCell(); td.colSpan = columns.length; td.textContent = L.no_data; }
     for (const row of rows) {
-      const tr = el.insertRow();
+      const tr = body.insertRow();
       for (const [key] of columns) { tr.insertCell().textContent = row[key] === null || row[key] === undefined ? "–" : row[key]; }
     }
     el.dataset.rows = String(rows.length);
@@ -74,17 +76,23 @@
     });
     draw("chart-trend", { type: "line", data: { labels, datasets },
       options: { plugins: { legend: { labels: { filter: (item) => !item.text.endsWith(" ") } } } } }, points);
-    const methods = fc.forecasts.map((f) => {
+    // One line per series, folded away under the one-sentence summary.
+    const list = $("forecast-method");
+    list.innerHTML = "";
+    for (const f of fc.forecasts) {
       const bt = f.backtest ? `${L.backtest}: MAE ${f.backtest.mae}` + (f.backtest.mape !== null ? `, MAPE ${f.backtest.mape}%` : "") + ` (${f.backtest.weeks} ${L.weeks_held_back})` : "";
-      return `${f.label} · ${f.district}: ${L.method}: ${f.method}. ${bt}`;
-    });
-    $("forecast-method").textContent = methods.join(" | ");
+      list.appendChild(document.createElement("li")).textContent = `${f.label} · ${f.district}: ${f.method}. ${bt}`;
+    }
     $("forecast-method").dataset.series = String(fc.forecasts.length);
   }
   async function districts() {
     const d = await get("api/districts");
+    // With a finding chosen the rate is of that finding, over the studies the AI read for it.
+    const finding = $("f-finding");
+    const rate = finding.value ? finding.options[finding.selectedIndex].textContent + " " + L.finding_per_1000 : L.positives_per_1000;
     table("table-districts", [["district", L.district], ["studies", L.studies], ["critical", L.critical],
-      ["positive_findings", L.positives], ["positive_per_1000_reads", L.per_1000]], d.rows);
+      ["positive_findings", L.positives], ["positives_per_1000_studies", rate],
+      ["critical_per_1000_studies", L.critical_per_1000]], d.rows);
   }
   async function turnaround() {
     const d = await get("api/turnaround");
