@@ -190,3 +190,24 @@ def test_a_merge_naming_no_prior_identifier_fails_with_the_place(mllp_listener: 
         row = conn.execute("SELECT status, error FROM hl7_message WHERE control_id = 'BAD-5'").fetchone()
     assert row is not None and row["status"] == "failed" and "MRG-1" in row["error"]
     assert search(client, f"Patient?identifier=urn:interop-hub:pid:{FACILITY}|BN1") == []  # nothing half done
+
+
+# -- the A40 mapping (pure) -------------------------------------------------------------------------
+def test_a40_pairs_each_pid_with_the_mrg_after_it() -> None:
+    from interop.hl7.message import MessageError
+    from interop.hl7.order import map_patient_merge
+    from tests.test_hl7_mapping import TABLES
+
+    two = adt("A40", "P-1", f"PID|1||BN1^^^{FACILITY}^MR||A^B", version="2.8", structure="ADT_A39",
+              extra=(f"MRG|OLD1^^^{FACILITY}^MR~OLD1B^^^BHXH^HC", f"PID|2||BN2^^^{FACILITY}^MR||C^D", "PD1|||x",
+                     f"MRG|||^^^^^^^^|OLD2^^^{FACILITY}^MR")).decode("utf-8")
+    merged = map_patient_merge(two, TABLES)
+    assert merged.version == "2.8"
+    assert [(p["identifier"][0]["value"], [i["value"] for i in prior]) for p, prior in merged.merges] == [
+        ("BN1", ["OLD1", "OLD1B"]), ("BN2", ["OLD2"])]  # MRG-1 repeats; MRG-4 (v2.3) when MRG-1 is empty
+    assert merged.merges[0][1][1]["system"] == "urn:interop-hub:pid:BHXH"
+    for bad, where in ((adt("A40", "P-2", f"MRG|OLD1^^^{FACILITY}", structure="ADT_A39"), "PID"),
+                       (adt("A40", "P-3", f"PID|1||BN1^^^{FACILITY}^MR", structure="ADT_A39"), "MRG")):
+        with pytest.raises(MessageError) as info:
+            map_patient_merge(bad.decode("utf-8"), TABLES)
+        assert info.value.segment == where
