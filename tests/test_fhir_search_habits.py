@@ -196,12 +196,16 @@ def test_chained_search_and_has(client: FlaskClient, world: dict[str, list[str]]
         assert answer.status_code == 400, query
 
 
-def test_chain_over_many_referenced_resources_is_tested_row_by_row(
+def test_chain_and_has_over_many_resources_are_tested_row_by_row(
         client: FlaskClient, world: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(resources, "CHAIN_MOST", 1)  # two patients match: the chain is not resolved first
     reports = world["DiagnosticReport"]
     assert matched(client, "DiagnosticReport?patient.birthdate=1980") == pick(reports, 0, 1, 3)
     assert bundle(client, "DiagnosticReport?patient.birthdate=1980&_total=accurate")["total"] == 3
+    people = world["Patient"]  # and _has with more than one referring resource
+    assert matched(client, "Patient?_has:DiagnosticReport:subject:status=final") == pick(people, 0, 1, 2)
+    assert matched(client, "Patient?_has:DiagnosticReport:subject:status=final&birthdate=1980") == pick(people, 0, 2)
+    assert matched(client, "Patient?_has:DiagnosticReport:subject:status=preliminary") == pick(people, 0)
 
 
 def test_revinclude(app: Flask, client: FlaskClient, world: dict[str, list[str]], db_url: str,

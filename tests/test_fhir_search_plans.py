@@ -110,6 +110,15 @@ def test_chains_are_walked_from_the_referenced_resources(db_url: str) -> None:
         has = _query("Patient", ("_has:ImagingStudy:patient:modality", "CT"), ("family", "ly"))
         nodes = _nodes(_plan(conn, "Patient", has))
         assert not any(kind == "Seq Scan" for kind, _ in nodes), nodes
+        # a rare _has is resolved first: the one study started at 10:00 on 2 March (s2040) names p2040
+        _seed_dates(conn)
+        rare = _query("Patient", ("_has:ImagingStudy:patient:started", "2026-03-02T10:00Z"))
+        resolved = resources.resolve_chains(conn, rare, "Patient")
+        assert resolved.criteria == [] and resolved.ids == ["p2040"]
+        assert _rows_read(_plan(conn, "Patient", resolved)) < 10
+        assert [b["id"] for b in resources.search(conn, "Patient", rare).found] == ["p2040"]
+        none = _query("Patient", ("_has:ImagingStudy:patient:started", "2027"), ("_id", "p2040"))
+        assert resources.search(conn, "Patient", none).found == []
         # patient k has studies s_k, s_k+20000, s_k+40000 (k < 20000), of modality CT when k % 4 == 1
         expected = [f"p{k}" for k in range(1, 20000) if k % 4 == 1 and k % 5 >= 2 and FAMILIES[(k * 7919) % 16] == "ly"]
         assert [b["id"] for b in resources.search(conn, "Patient", has).found] == expected[:10]

@@ -817,7 +817,7 @@ def search(conn: psycopg.Connection[Any], rtype: str, query: Query) -> Page:
     page. Without it the total is still given when the first page holds every match. Statements
     are planned with their values (never as prepared generic plans), so the planner sees how
     common each value is."""
-    query = resolve_chains(conn, query)
+    query = resolve_chains(conn, query, rtype)
     statement, args = page_statement(conn, rtype, query)
     rows = conn.execute(statement, args, prepare=False).fetchall()
     found, more = [r["body"] for r in rows[:query.count]], len(rows) > query.count
@@ -832,24 +832,46 @@ def search(conn: psycopg.Connection[Any], rtype: str, query: Query) -> Page:
 CHAIN_MOST = 1000  # a chain's referenced resources looked up first, up to this many
 
 
-def resolve_chains(conn: psycopg.Connection[Any], query: Query) -> Query:
+NO_ID = "!"  # not a FHIR id: an id filter that nothing passes
+
+
+def _first_ids(conn: psycopg.Connection[Any], rtype: str, inner: Criterion) -> list[str] | None:
+    """The ids of the `rtype` resources that meet `inner`, when CHAIN_MOST or fewer (a page search)."""
+    statement, args = page_statement(conn, rtype, Query(criteria=[inner], count=CHAIN_MOST))
+    rows = conn.execute(sql.SQL("SELECT p.body->>'id' AS id FROM ({}) p").format(statement), args,
+                        prepare=False).fetchall()
+    return [r["id"] for r in rows] if len(rows) <= CHAIN_MOST else None
+
+
+def resolve_chains(conn: psycopg.Connection[Any], query: Query, rtype: str | None = None) -> Query:
     """Each chain (`subject:Patient.identifier=`) replaced by the references it stands for, when the
     referenced resources that meet it are found first and few (up to CHAIN_MOST; one search of the
-    referenced type each): the criterion is then an index equality a page can be walked by.
-    Otherwise the chain stays, tested row by row (`_linked_sql`)."""
-    if not any(c.chain is not None for c in query.criteria):
+    referenced type each): the criterion is then an index equality a page can be walked by. Each
+    _has (of a search of `rtype`) likewise by the ids its few referring resources refer to. Otherwise
+    the criterion stays, tested row by row (`_linked_sql`)."""
+    if not any(c.chain is not None or (c.has is not None and rtype is not None) for c in query.criteria):
         return query
     criteria = []
+    ids = list(query.ids)
     for crit in query.criteria:
         if crit.chain is not None:
             target, inner = crit.chain
-            statement, args = page_statement(conn, target, Query(criteria=[inner], count=CHAIN_MOST))
-            rows = conn.execute(sql.SQL("SELECT p.body->>'id' AS id FROM ({}) p").format(statement), args,
-                                prepare=False).fetchall()
-            if len(rows) <= CHAIN_MOST:
-                crit = Criterion(crit.param, [(ANY_SYSTEM, f"{target}/{r['id']}") for r in rows])
+            found = _first_ids(conn, target, inner)
+            if found is not None:
+                crit = Criterion(crit.param, [(ANY_SYSTEM, f"{target}/{i}") for i in found])
+        elif crit.has is not None and rtype is not None:
+            source, inner = crit.has
+            found = _first_ids(conn, source, inner)
+            if found is not None:
+                rows = conn.execute("SELECT DISTINCT substr(value, %s) AS id FROM search_index WHERE type = %s"
+                                    " AND param = %s AND id = ANY(%s) AND value LIKE %s",
+                                    (len(rtype) + 2, source, crit.param.name, found, _like(rtype) + "/%")).fetchall()
+                referred = [r["id"] for r in rows]
+                ids = [i for i in ids if i in referred] if ids else referred
+                ids = ids or [NO_ID]
+                continue
         criteria.append(crit)
-    return replace(query, criteria=criteria)
+    return replace(query, criteria=criteria, ids=ids)
 
 
 def _count(conn: psycopg.Connection[Any], rtype: str, query: Query) -> int:
