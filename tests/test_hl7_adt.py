@@ -93,6 +93,14 @@ def test_a01_a04_register_and_a08_a31_update_the_demographics(mllp_listener: Run
     assert updated["maritalStatus"]["coding"][1]["code"] == "M"
     assert {i["value"] for i in updated["identifier"]} == {"BN7001", "HS7001"}
 
+    # "" deletes what the hub holds (PID-13 phone, PID-16 marital status); an empty field changes nothing
+    cleared = f'PID|1||BN7001^^^{FACILITY}^MR||TRẦN^VĂN NAM^^^^^L||19700101|M|||||""|||""'
+    assert msa(send(mllp_listener.port, adt("A08", "ADT-5", cleared))[0]) == "AA"
+    assert process_all(db_url) == []
+    after = patient_by(client, "BN7001")
+    assert "telecom" not in after and "maritalStatus" not in after
+    assert after["address"] == updated["address"] and after["communication"] == updated["communication"]
+
 
 def test_a40_merge_moves_orders_studies_and_reports_to_the_surviving_patient(
         mllp_listener: RunningListener, db_url: str, client: FlaskClient) -> None:

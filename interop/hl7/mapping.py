@@ -563,6 +563,22 @@ def apply_datatype(name: str, rep: Repetition, ctx: Context, kind: str | None = 
     return result or None
 
 
+def _explicit_null(seg: Segment, n: int) -> bool:
+    """The field is `""`: HL7's "delete the value the receiver holds" (v2.5 ch. 2.5.3)."""
+    reps = seg.fields[n - 1] if 0 < n <= len(seg.fields) else ()
+    return len(reps) == 1 and len(reps[0]) == 1 and reps[0][0].subs == ('""',)
+
+
+def _cleared(ctx: Context, target: str) -> None:
+    """Record the top-level element a `""` field empties (fact `cleared`), for an update to remove.
+    Extensions and primitive extensions (`_x`) hold other fields' values too: never cleared whole."""
+    key = _TOKEN.match(_SPLIT.split(target)[0])
+    if key and not key.group(3) and key.group(1) != "extension" and not key.group(1).startswith("_"):
+        cleared = ctx.facts.setdefault("cleared", [])
+        if key.group(1) not in cleared:
+            cleared.append(key.group(1))
+
+
 def apply_segment_map(map_name: str, resource: dict[str, Any], ctx: Context) -> None:
     """Apply one segment map's rows (segments/<map_name>.yaml) to `resource`, recording facts."""
     spec = ctx.tables.segments[map_name]
@@ -573,6 +589,9 @@ def apply_segment_map(map_name: str, resource: dict[str, Any], ctx: Context) -> 
         if seg is None or not _holds(row.get("condition"), ctx.resolve):
             continue
         n, c = int(m.group(2)), int(m.group(3) or 0)
+        if not c and row.get("target") and _explicit_null(seg, n):
+            _cleared(ctx, row["target"])
+            continue
         reps = seg.get(n)
         if c:
             reps = [Repetition((r.comp(c),)) for r in reps if r.component(c)]

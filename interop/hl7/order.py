@@ -67,6 +67,8 @@ class PatientUpdate:
     version: str
     patient: dict[str, Any]
     encounter: dict[str, Any] | None
+    # Patient elements a field sent as "" empties (HL7: delete what the receiver holds), e.g. telecom
+    cleared: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,14 +88,17 @@ def _spec(msg: Message, tables: Tables, accepted: tuple[str, ...]) -> dict[str, 
     return spec
 
 
-def _patient_and_encounter(msg: Message, spec: dict[str, Any], tables: Tables,
-                           default_ns: str) -> tuple[dict[str, Any], dict[str, Any] | None, Segment]:
+def _patient_and_encounter(msg: Message, spec: dict[str, Any], tables: Tables, default_ns: str,
+                           cleared: list[str] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None, Segment]:
     pat = spec["patient"]
     pid = msg.first(pat["segment"])
     if pid is None:
         raise MissingSegmentError(pat["segment"], msg.message_type)
     scope = {"MSH": msg.msh, "PID": pid}
-    patient = build_resource("Patient", pat["maps"], Context(tables, scope, default_ns), spec)
+    ctx = Context(tables, scope, default_ns)
+    patient = build_resource("Patient", pat["maps"], ctx, spec)
+    if cleared is not None:
+        cleared.extend(k for k in ctx.facts.get("cleared", []) if k not in patient)
     encounter = None
     enc = spec.get("encounter")
     pv1 = msg.first(enc["segment"]) if enc else None
@@ -183,8 +188,10 @@ def map_patient_update(text: str, tables: Tables) -> PatientUpdate:
     """An ADT^A08/A31 (also A01/A04) as the Patient (and Encounter) it updates."""
     msg = parse(text)
     spec = _spec(msg, tables, PATIENT_TYPES)
-    patient, encounter, _pid = _patient_and_encounter(msg, spec, tables, msg.sending_facility)
-    return PatientUpdate(msg.message_type, msg.control_id, msg.sending_facility, msg.version, patient, encounter)
+    cleared: list[str] = []
+    patient, encounter, _pid = _patient_and_encounter(msg, spec, tables, msg.sending_facility, cleared)
+    return PatientUpdate(msg.message_type, msg.control_id, msg.sending_facility, msg.version, patient, encounter,
+                         tuple(cleared))
 
 
 def map_patient_merge(text: str, tables: Tables) -> PatientMerge:

@@ -1,7 +1,8 @@
 """The hub's Patient records follow the HIS's: found by identifier, updated by ADT, merged by A40.
 
 An order or an ADT^A01/A04/A08/A31 updates the Patient that shares an identifier with its PID
-(its demographics replaced by what the message says, identifiers kept together). An ADT^A40
+(its demographics replaced by what the message says, identifiers kept together; an ADT field
+sent as "" removes what the hub holds). An ADT^A40
 (merge) marks the prior patient (MRG-1) inactive with a `replaced-by` link to the PID's patient,
 which gets a `replaces` link and the prior identifiers (use `old`), and points every order,
 study, report, finding, task and message of the prior patient at the one that stays, so a search
@@ -79,9 +80,10 @@ def _current(conn: psycopg.Connection[Any], patient: dict[str, Any]) -> dict[str
     return patient
 
 
-def upsert_patient(conn: psycopg.Connection[Any], ctx: Context, patient: dict[str, Any]) -> dict[str, Any]:
+def upsert_patient(conn: psycopg.Connection[Any], ctx: Context, patient: dict[str, Any],
+                   cleared: tuple[str, ...] = ()) -> dict[str, Any]:
     """The stored Patient for a PID: created, or the one sharing an identifier updated (the
-    surviving one when that one was merged away)."""
+    surviving one when that one was merged away); `cleared` elements removed (fields sent as "")."""
     if not patient.get("identifier"):
         raise MessageError("the message names no patient identifier (PID-3)", "PID", 3,
                            error_code=ErrorCode.REQUIRED_FIELD_MISSING)
@@ -93,13 +95,16 @@ def upsert_patient(conn: psycopg.Connection[Any], ctx: Context, patient: dict[st
     if retired:  # a late message with a merged-away number: the number stays `old`, not first
         patient = {**patient, "identifier": [i for i in patient["identifier"]
                                              if (i.get("system"), i.get("value")) not in retired]}
-    return resources.update(conn, merged_into(stored, patient), ctx.params["Patient"])[0]
+    merged = merged_into(stored, patient)
+    for key in cleared:
+        merged.pop(key, None)
+    return resources.update(conn, merged, ctx.params["Patient"])[0]
 
 
 def update(conn: psycopg.Connection[Any], ctx: Context, message: PatientUpdate) -> dict[str, Any]:
     """ADT^A01/A04/A08/A31: the Patient's demographics as the HIS has them now, and the visit
     (PV1) when it has a visit number."""
-    patient = upsert_patient(conn, ctx, message.patient)
+    patient = upsert_patient(conn, ctx, message.patient, message.cleared)
     if message.encounter and message.encounter.get("identifier"):
         encounter = {k: v for k, v in message.encounter.items() if v is not None}
         upsert(conn, ctx, {**encounter, "subject": {"reference": f"Patient/{patient['id']}"}})
