@@ -182,6 +182,9 @@ def test_chained_search_and_has(client: FlaskClient, world: dict[str, list[str]]
     assert matched(client, "DiagnosticReport?patient.family=le&status=final") == pick(reports, 3)
     assert matched(client, "DiagnosticReport?patient.birthdate=1980&issued=ge2026-12-01") == pick(reports, 1, 3)
     assert matched(client, "DiagnosticReport?patient.identifier=nobody") == []
+    # the reference's type as a modifier: subject:Patient=id
+    assert matched(client, f"DiagnosticReport?subject:Patient={people[1]}") == pick(reports, 2)
+    assert client.get(f"/fhir/DiagnosticReport?subject:Endpoint={people[1]}").status_code == 400
     assert matched(client, "Observation?subject:Patient.gender=female&value-quantity=lt0.2") == pick(world["Observation"], 0)
     assert matched(client, "Patient?_has:DiagnosticReport:subject:status=preliminary", fhir_validate) == pick(people, 0)
     assert matched(client, "Patient?_has:DiagnosticReport:subject:status=final") == pick(people, 0, 1, 2)

@@ -168,6 +168,11 @@ def _criterion(rtype: str, key: str, raw: str, params: dict[str, SearchParam], t
     if name not in params:
         return None
     param = params[name]
+    if param.type == "reference" and modifier[:1].isupper() and modifier.isalnum():  # subject:Patient=123
+        if not param.refers_to(modifier):
+            raise SearchError(f"{key[:40]}: {rtype}.{name} does not refer to {modifier[:40]}")
+        typed = [f"{modifier}/{v}" if "/" not in v else v for v in raw.split(",")]
+        return Criterion(param, _values(param, ",".join(typed)))
     if modifier and modifier not in MODIFIERS:
         raise SearchError(f"{key[:40]}: modifier :{modifier[:20]} is not supported")
     if modifier in ("exact", "contains") and param.type != "string":
