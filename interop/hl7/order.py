@@ -4,10 +4,10 @@ patient merges (ADT^A40) to FHIR R4, pure.
 The message maps in `mappings/hl7v2/messages/` say which segment builds which resource; the
 engine (`mapping.py`) applies the segment, datatype and code-system maps. What this module adds
 is the message's shape: one Patient (PID), at most one Encounter (PV1), and one order per ORC
-with the segments that follow it up to the next ORC (TQ1, OBR, IPC, ZDS; NTE/OBX are not
-mapped). An A40 gives, for each PID/MRG pair, the surviving Patient and the prior patient's
-identifiers (MRG-1). References between the resources (`subject`, `encounter`, `basedOn`) are left as
-`None`: the caller knows the stored ids.
+with the segments that follow it up to the next ORC (TQ1, OBR, IPC, ZDS, and every NTE and DG1;
+OBX, and the NTEs that follow an OBX, are not mapped). An A40 gives, for each PID/MRG pair, the
+surviving Patient and the prior patient's identifiers (MRG-1). References between the resources
+(`subject`, `encounter`, `basedOn`) are left as `None`: the caller knows the stored ids.
 """
 from __future__ import annotations
 
