@@ -174,6 +174,16 @@ def test_quantity_search(client: FlaskClient, world: dict[str, list[str]]) -> No
     assert client.get("/fhir/Observation?value-quantity=1|x").status_code == 400
 
 
+def test_missing(client: FlaskClient, world: dict[str, list[str]]) -> None:
+    reports = world["DiagnosticReport"]
+    assert matched(client, "Observation?value-quantity:missing=false") == sorted(world["Observation"])
+    assert matched(client, "Observation?value-quantity:missing=true") == []
+    assert matched(client, "DiagnosticReport?performer:missing=true&status=final") == pick(reports, 0, 2, 3)
+    assert matched(client, "DiagnosticReport?issued:missing=true") == []
+    assert matched(client, "Patient?birthdate:missing=false&family=le") == pick(world["Patient"], 2)
+    assert client.get("/fhir/Patient?birthdate:missing=maybe").status_code == 400
+
+
 def test_chained_search_and_has(client: FlaskClient, world: dict[str, list[str]], fhir_validate: Validate) -> None:
     reports, people = world["DiagnosticReport"], world["Patient"]
     assert matched(client, f"DiagnosticReport?subject:Patient.identifier={MRN}|A1", fhir_validate) == pick(reports, 0, 1)

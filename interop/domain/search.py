@@ -173,6 +173,10 @@ def _criterion(rtype: str, key: str, raw: str, params: dict[str, SearchParam], t
             raise SearchError(f"{key[:40]}: {rtype}.{name} does not refer to {modifier[:40]}")
         typed = [f"{modifier}/{v}" if "/" not in v else v for v in raw.split(",")]
         return Criterion(param, _values(param, ",".join(typed)))
+    if modifier == "missing":  # :missing=true: no value at all; false: some value
+        if raw not in ("true", "false"):
+            raise SearchError(f"{key[:40]}: :missing is true or false")
+        return Criterion(param, [(ANY_SYSTEM, raw)], "missing")
     if modifier and modifier not in MODIFIERS:
         raise SearchError(f"{key[:40]}: modifier :{modifier[:20]} is not supported")
     if modifier in ("exact", "contains") and param.type != "string":

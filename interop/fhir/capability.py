@@ -193,7 +193,8 @@ SEARCH_DOCUMENTATION = (
     "Search as HAPI FHIR answers it: date, number and quantity values take R4's prefixes (eq ne gt lt ge le sa"
     " eb ap) and a date is the range its precision gives (2026, 2026-12, 2026-12-01, an instant); a reference"
     " parameter chains one level (subject:Patient.identifier=, patient.family=); _has:Type:reference:parameter="
-    " for the reverse; _include, _revinclude, _summary (true, text, data, count, false), _elements, _total"
+    " for the reverse; :missing=true|false on any parameter; _include, _revinclude, _summary (true, text, data,"
+    " count, false), _elements, _total"
     " (none, estimate, accurate), _count, _offset, _sort=_lastUpdated or a date parameter (-issued). An unknown"
     " parameter is refused (400) unless Prefer: handling=lenient.")
 COMMON_PARAMS = [

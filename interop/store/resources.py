@@ -382,6 +382,11 @@ def _criterion_sql(crit: Criterion, alias: str = "r",
     (`_expand`), tested for equality. The index row's last_updated is its resource's, so an
     equality is one probe of (type, param, value, last_updated, id). In a walk (`d`) the test is
     kept a per-row subplan (OFFSET 0): the walk stops at the page's end only if it is not joined."""
+    if crit.modifier == "missing":  # whether the resource has any index row of the parameter
+        return sql.SQL("{negated}EXISTS (SELECT 1 FROM search_index s WHERE s.type = {a}.type AND s.id = {a}.id"
+                       " AND s.last_updated = {a}.last_updated AND s.param = %s{per_row})").format(
+            negated=sql.SQL("NOT " if crit.values[0][1] == "true" else ""), a=sql.Identifier(alias),
+            per_row=sql.SQL(" OFFSET 0" if alias == "d" else "")), [crit.param.name]
     if crit.comparisons or crit.chain is not None or crit.has is not None:
         return _linked_sql(crit, alias)
     ors: list[str] = []
@@ -610,7 +615,8 @@ def _candidates(criteria: list[Criterion], expanded: dict[int, list[str] | None]
     an index equality (a token or reference, an :exact string, a prefix with few stored values)."""
     out: dict[int, Keys] = {}
     for n, crit in enumerate(criteria):
-        if crit.modifier in ("not", "contains") or crit.comparisons or crit.chain is not None or crit.has is not None:
+        if crit.modifier in ("not", "contains", "missing") or crit.comparisons or crit.chain is not None \
+                or crit.has is not None:
             continue
         if _prefix_search(crit):
             values = expanded.get(n)
