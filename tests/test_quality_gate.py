@@ -185,3 +185,30 @@ def test_worklist_shows_not_analysable(login: Any, db_url: str) -> None:
     assert "NOT ANALYSABLE" in row and "noise image" in row and "No finding above threshold" not in row
     page = radiologist.get(f"/worklist/{stored['id']}?lang=en").get_data(as_text=True)
     assert "NOT ANALYSABLE" in page and "noise image" in page
+
+
+def test_not_analysable_sr_says_so(tmp_path: Any) -> None:
+    """The AI result in the PACS (DICOM SR) says "not analysable": an SR with no finding would read
+    as a negative result in a PACS viewer."""
+    import highdicom as hd
+
+    from interop.dicom import sr as srmod
+
+    model = load_models(ROOT / "mappings")["chest-xray"]
+    image = make_chest_xray(seed=9, size=64, patient_id="QG-SR")
+    study = {"resourceType": "ImagingStudy", "id": "s1", "subject": {"reference": "Patient/p1"}}
+    built = builder.not_analysable(study=study, study_uid=str(image.StudyInstanceUID), model=model, version="1",
+                                   reasons=["noise image"], report_id="r-sr", issued="2026-12-01T00:00:00+00:00",
+                                   sources=[str(image.SOPInstanceUID)])
+    source = srmod.Source(study_uid=str(image.StudyInstanceUID), series_uid=str(image.SeriesInstanceUID),
+                          sop_class_uid=str(image.SOPClassUID), sop_instance_uid=str(image.SOPInstanceUID))
+    made = srmod.build_sr(report=built["report"], observations=[], device=built["device"],
+                          header=srmod.header_from(image), sources=[source], version=1)
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(srmod.to_bytes(made))
+    from tests.test_dicom_sr import dciodvfy
+
+    assert dciodvfy(path)[0] == []  # dicom3tools' IOD checker finds no error
+    (group,) = hd.sr.srread(path).content.get_image_measurement_groups()
+    (evaluation,) = group.get_qualitative_evaluations()
+    assert (evaluation.value.value, evaluation.value.scheme_designator) == ("NOTANALYSABLE", "99IHUB")

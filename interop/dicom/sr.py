@@ -48,6 +48,8 @@ PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
 ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
 AI_RESULT = hd.sr.CodedConcept("AIRESULT", LOCAL_SCHEME, "AI result")
 REJECTED = hd.sr.CodedConcept("REJECTED", LOCAL_SCHEME, "Rejected by the radiologist")
+NOT_ANALYSABLE = hd.sr.CodedConcept("NOTANALYSABLE", LOCAL_SCHEME, "Images not analysable by the AI model")
+NOT_ANALYSABLE_CODE = ("urn:interop-hub:ai-result", "not-analysable")  # the report's conclusionCode (domain/quality.py)
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 SIGNED = ("final", "amended", "corrected", "cancelled")
@@ -225,6 +227,21 @@ def _rejected(report_id: str, images: list[hd.sr.SourceImageForMeasurementGroup]
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(AI_RESULT, REJECTED)], source_images=images or None)
 
 
+def _not_analysable(report: dict[str, Any]) -> bool:
+    return any((c.get("system"), c.get("code")) == NOT_ANALYSABLE_CODE
+               for cc in report.get("conclusionCode") or [] for c in cc.get("coding") or [])
+
+
+def _refused(report_id: str, images: list[hd.sr.SourceImageForMeasurementGroup]
+             ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The quality gate refused the images: the AI read nothing (an empty SR would read as "no finding")."""
+    tracking = hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=["interop-hub not analysable", report_id]),
+                                        identifier="AI result: images not analysable")
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking, finding_type=AI_RESULT,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(AI_RESULT, NOT_ANALYSABLE)], source_images=images or None)
+
+
 def predecessors(report_id: str, version: int, study_uid: str) -> list[Dataset]:
     """The SRs of the report's earlier versions (their UIDs are derived, so they need not be fetched):
     the Predecessor Documents Sequence, so that a viewer shows the latest and knows what it replaces."""
@@ -275,6 +292,8 @@ def build_sr(*, report: dict[str, Any], observations: Sequence[dict[str, Any]], 
     report_id = str(report["id"])
     groups = [_rejected(report_id, images)] if status == "cancelled" else \
         [_group(obs, i, report_id, algo, images) for i, obs in enumerate(observations, start=1)]
+    if status != "cancelled" and _not_analysable(report):
+        groups.insert(0, _refused(report_id, images))
     procedure = concept(report.get("code"), "Imaging procedure") if (report.get("code") or {}).get("coding") \
         else codes.SCT.ImagingProcedure
     content = hd.sr.MeasurementReport(observation_context=context, procedure_reported=procedure,
