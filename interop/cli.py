@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 USES_DATABASE = ("worker", "deliver", "mllp", "dicom-scp", "migrate", "outbox", "hl7", "analytics", "clients",
                  "users", "demo")
 NEEDS_DATABASE = ("worker", "deliver", "mllp", "dicom-scp", "migrate", "outbox", "hl7", "analytics")
+# Long-running services retry a database that does not answer (a switchover, a start before the
+# database's): for them only a URL that can never work stops the start.
+SERVICES = ("worker", "deliver", "mllp", "dicom-scp")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,10 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in NEEDS_DATABASE and not settings.database_url:
         parser.error("DATABASE_URL is not set")
     if args.command in USES_DATABASE and settings.database_url:
-        from .runtime.checks import CheckError, check_database
+        from .runtime.checks import CheckError, Unreachable, check_database
 
         try:
             check_database(settings.database_url)
+        except Unreachable as exc:
+            if args.command not in SERVICES:
+                print(f"interop {args.command}: {exc}", file=sys.stderr)
+                return 2
+            print(f"interop {args.command}: {exc}; starting anyway, it is retried", file=sys.stderr)
         except CheckError as exc:
             print(f"interop {args.command}: {exc}", file=sys.stderr)
             return 2

@@ -105,7 +105,8 @@ def _one_line(done: subprocess.CompletedProcess[str]) -> str:
 ])
 def test_a_bad_database_url_is_one_line(url: str, expected: str) -> None:
     port = free_port()
-    for command in ("migrate", "worker", "users"):
+    unreachable = "cannot be reached" in expected  # a service starts anyway (tests/test_mllp.py), a command stops
+    for command in ("migrate", "users") if unreachable else ("migrate", "worker", "users"):
         line = _one_line(interop(command, *(["list"] if command == "users" else []),
                                  env={"DATABASE_URL": url.format(port=port)}))
         assert line.startswith(f"interop {command}: ") and expected.format(port=port) in line, line

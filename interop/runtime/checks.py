@@ -22,6 +22,11 @@ class CheckError(RuntimeError):
     """A setting names something that cannot be used; the message says which and why (one line)."""
 
 
+class Unreachable(CheckError):
+    """The address is well formed but nothing answers there now: a database restarting or
+    switching over looks the same, so a long-running service may start anyway and retry."""
+
+
 def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
 
@@ -82,7 +87,7 @@ def check_database(url: str, name: str = "DATABASE_URL") -> None:
             raise CheckError(f"{name}: the host {params.get('host')!r} cannot be resolved (no such host name)") from None
         reason = "connection refused" if "refused" in low else "timed out" if "timeout" in low or "timed out" in low \
             else text.removeprefix("connection failed: ")
-        raise CheckError(f"{name}: the database host {where} cannot be reached ({reason})") from None
+        raise Unreachable(f"{name}: the database host {where} cannot be reached ({reason})") from None
 
 
 def triton_address(url: str, name: str = "TRITON_URL") -> tuple[str, str, int]:
