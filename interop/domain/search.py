@@ -230,7 +230,10 @@ def _has(rtype: str, key: str, raw: str, table: Table | None, now: datetime, dep
     ref = table[source][ref_name]
     if not ref.refers_to(rtype):
         raise SearchError(f"_has:{source[:40]}:{ref_name[:40]} does not refer to {rtype}")
-    return Criterion(ref, [], None, has=(source, _inner(source, inner_key, raw, table, now, depth)))
+    inner = _inner(source, inner_key, raw, table, now, depth)
+    if inner.modifier == "exact":
+        raise SearchError("_has: :exact is not supported inside _has (search the referring type with it)")
+    return Criterion(ref, [], None, has=(source, inner))
 
 
 def _reverse(rtype: str, raw: str, table: Table | None) -> tuple[str, str]:

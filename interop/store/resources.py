@@ -429,7 +429,8 @@ def _criterion_sql(crit: Criterion, alias: str = "r",
         per_row=sql.SQL(" OFFSET 0" if alias == "d" else ""),  # tested row by row as the walk goes (not joined)
         values=sql.SQL(" OR ").join(map(sql.SQL, ors or ["false"])))  # no value (a chain that found none): nothing
     if exact:
-        exists = sql.SQL("({} AND {})").format(exists, _EXACT)
+        body = sql.SQL("jsonb_path_exists(c.body, %s::jsonpath, %s)") if alias == "c" else _EXACT  # a chain's resource
+        exists = sql.SQL("({} AND {})").format(exists, body)
         args.extend(_exact_args(crit.param, exact))
     return exists, args
 
