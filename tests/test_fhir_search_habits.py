@@ -214,6 +214,7 @@ def test_chain_and_has_over_many_resources_are_tested_row_by_row(
     monkeypatch.setattr(resources, "CHAIN_MOST", 1)  # two patients match: the chain is not resolved first
     reports = world["DiagnosticReport"]
     assert matched(client, "DiagnosticReport?patient.birthdate=1980") == pick(reports, 0, 1, 3)
+    monkeypatch.setattr(resources, "CHAIN_MOST", 0)  # even one match is tested row by row
     assert matched(client, "DiagnosticReport?patient.family:exact=Lê") == pick(reports, 3)  # the text as written
     assert matched(client, "DiagnosticReport?patient.family:exact=le") == []
     assert bundle(client, "DiagnosticReport?patient.birthdate=1980&_total=accurate")["total"] == 3
