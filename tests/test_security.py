@@ -340,7 +340,8 @@ PUBLIC = {"/fhir/metadata", "/.well-known/smart-configuration", "/healthz", "/re
 def _routes(app: Flask) -> Iterator[tuple[str, str, str]]:
     values = {"rtype": "Patient", "rid": "p1", "vid": "1", "report_id": "r1", "item_id": "1", "message_id": "1",
               "name": "workload", "filename": "x.css", "study_uid": "1.2.3", "decision": "release",
-              "export_id": "0" * 32, "n": "1"}
+              "export_id": "0" * 32, "n": "1",
+              "study": "1.2.3", "series": "1.2.3.4", "sop": "1.2.3.5"}  # the worklist's WADO-RS proxy
     for rule in app.url_map.iter_rules():
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             path = rule.rule
