@@ -107,9 +107,9 @@ def test_not_analysable_report_and_oru() -> None:
 
 
 def _analyse(hub: Any, orthanc: Any, client: SyncFHIRClient, ds: Any, patient: str,
-             procedure: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             procedure: bool = False, also: list[Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     orthanc.upload(dataset_bytes(ds))
-    resource = study_resource([ds], patient, orthanc.dicomweb_url)
+    resource = study_resource([ds, *(also or [])], patient, orthanc.dicomweb_url)
     if procedure:  # routed by the order's procedure (chest), whatever the header says
         resource["procedureCode"] = [{"coding": [{"system": "http://loinc.org", "code": "36554-4"}]}]
     study = client.resource("ImagingStudy", **resource)
@@ -149,6 +149,17 @@ def test_unreadable_studies_are_not_analysable(hub: Any, orthanc: Any, fhir_vali
         assert "No finding above threshold" not in report["conclusion"]
         assert observations == [] and not report.get("result"), kind
         assert fhir_validate(report) == []
+
+    # one readable image and one noise image in the same study: read from the first, the report names the other
+    good = make_chest_xray(seed=45, size=512)
+    bad = with_pixels(make_chest_xray(seed=46, size=512, study_uid=str(good.StudyInstanceUID),
+                                      series_uid=str(good.SeriesInstanceUID)), "noise")
+    orthanc.upload(dataset_bytes(bad))
+    mixed, observations = _analyse(hub, orthanc, client, good, patient.id, also=[bad])
+    assert not builder.is_not_analysable(mixed) and len(observations) == len(model.labels)
+    assert "1 image(s) not read by the AI: noise image" in mixed["conclusion"]
+    read = [e["valueIdentifier"]["value"] for e in mixed["extension"] if "valueIdentifier" in e]
+    assert read == [f"urn:oid:{good.SOPInstanceUID}"]  # the images the model read, not the refused one
 
     abdomen = make_chest_xray(seed=40, size=512)
     abdomen.BodyPartExamined = "ABDOMEN"
