@@ -225,7 +225,7 @@ def test_chain_and_has_over_many_resources_are_tested_row_by_row(
 
 
 def test_revinclude(app: Flask, client: FlaskClient, world: dict[str, list[str]], db_url: str,
-                    fhir_validate: Validate) -> None:
+                    fhir_validate: Validate, monkeypatch: pytest.MonkeyPatch) -> None:
     found = bundle(client, f"Patient?identifier={MRN}|A1&_revinclude=DiagnosticReport:subject", fhir_validate)
     modes = sorted((e["search"]["mode"], e["resource"]["resourceType"], e["resource"]["id"]) for e in found["entry"])
     assert modes == sorted([("match", "Patient", world["Patient"][0]),
@@ -238,6 +238,11 @@ def test_revinclude(app: Flask, client: FlaskClient, world: dict[str, list[str]]
     for bad in ("Patient?_revinclude=DiagnosticReport:status", "Patient?_revinclude=Nothing:subject",
                 "Patient?_revinclude=Provenance:agent:x", "Observation?_revinclude=DiagnosticReport:patient"):
         assert client.get(f"/fhir/{bad}").status_code == 400, bad
+    # past REVINCLUDE_MOST the answer says it is cut, with an outcome entry
+    monkeypatch.setattr(resources, "REVINCLUDE_MOST", 1)
+    cut = bundle(client, f"Patient?identifier={MRN}|A1&_revinclude=DiagnosticReport:subject", fhir_validate)
+    assert [e["resource"]["resourceType"] for e in cut["entry"]] == ["Patient", "DiagnosticReport", "OperationOutcome"]
+    assert "first 1 resources only" in cut["entry"][-1]["resource"]["issue"][0]["diagnostics"]
     # results within the token's scopes: a client that may read patients only gets no reports
     narrow = with_token(app.test_client(), bearer(app.test_client(), db_url, scopes="system/Patient.rs"))
     found = bundle(narrow, "Patient?_revinclude=DiagnosticReport:subject")

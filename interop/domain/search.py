@@ -46,6 +46,7 @@ class Search:
     ignored: list[str] = field(default_factory=list)
     summary: str | None = None  # _summary: true | text | data | count (false: None)
     elements: list[str] | None = None  # _elements
+    notes: list[str] = field(default_factory=list)  # warnings for the searchset (an outcome entry)
 
 
 def parse_instant(value: str) -> datetime:

@@ -477,7 +477,12 @@ def _included(conn: psycopg.Connection[Any], rtype: str, parsed: search.Search,
         refs = [r["reference"] for body in found for path in param.paths for r in _refs(body, path)]
         included.extend(resources.read_many(conn, refs))
     for source, pname in parsed.revincludes:  # the resources that refer to this page's
-        included.extend(resources.read_referring(conn, source, pname, [f"{rtype}/{b['id']}" for b in found]))
+        referring = resources.read_referring(conn, source, pname, [f"{rtype}/{b['id']}" for b in found])
+        caller = access.principal()
+        if len(referring) >= resources.REVINCLUDE_MOST and caller is not None and caller.grant.allows(source, "r"):
+            parsed.notes.append(f"_revinclude={source}:{pname} gave its first {resources.REVINCLUDE_MOST}"
+                                " resources only; ask for fewer matches per page (_count)")
+        included.extend(referring)
     caller = access.principal()
     return [b for b in included if caller is not None and caller.grant.allows(b["resourceType"], "r")]  # in scope
 
@@ -531,6 +536,9 @@ def _bundle(
         bundle["entry"].append({"resource": outcome([issue(
             "not-supported", f"ignored unknown parameters: {', '.join(parsed.ignored)}", "warning")]),
             "search": {"mode": "outcome"}})
+    if parsed.notes:
+        bundle["entry"].append({"resource": outcome([issue("too-costly", note, "warning") for note in parsed.notes]),
+                                "search": {"mode": "outcome"}})
     return bundle
 
 
