@@ -422,3 +422,61 @@ def test_every_declared_search_parameter_is_r4s(statement: dict[str, dict[str, A
 def test_known_parameter_defect(rtype: str, name: str, statement: dict[str, dict[str, Any]], check: FhirCheck) -> None:
     declared = [d for d in statement[rtype].get("searchParam", []) if d["name"] == name]
     assert all(parameter_problem(check, rtype, d) is None for d in declared)  # fixed, or no longer declared
+
+
+
+# Misses of the AuditEvent search, by class, in code this test's author does not own (strict xfails).
+KNOWN_AUDIT_SEARCH_DEFECTS = {
+    "entity-patient": "R4's `entity` is AuditEvent.entity.what, the patient entity included; the hub keeps the"
+    " patients in a column of their own that `entity` does not search (interop/store/audit.py), so"
+    " AuditEvent?entity=Patient/x misses the events that touched that patient",
+}
+
+
+def audit_defect_class(param: str, value: str) -> str | None:
+    return "entity-patient" if param == "entity" and value.startswith("Patient/") else None
+
+
+@pytest.fixture(scope="module")
+def audit_misses(served: HubProcess, statement: dict[str, dict[str, Any]], stored: dict[str, Any],
+                 check: FhirCheck) -> list[tuple[str | None, str]]:
+    """The trail of this module's own requests (creates, reads, searches): each of the latest
+    AuditEvents, searched by `_id` and each declared parameter with a value R4's definition finds
+    in it, must be in the answer; (defect class, what was missed) for each that is not."""
+    patient = stored["Patient-example.json"]
+    assert get(served, f"Patient/{patient['id']}").status_code == 200
+    assert get(served, "Patient", family="Chalmers").status_code == 200
+    assert served.session.post(f"{served.fhir}/Patient", json=example(DATA / "fhir-r4" / "Patient-dicom.json"),
+                               headers=FHIR_JSON, timeout=10).status_code == 201
+    latest = get(served, "AuditEvent", _sort="-date", _count="40")
+    assert latest.status_code == 200, latest.text
+    valid(check, latest.json(), "AuditEvent?_sort=-date")
+    events = [e["resource"] for e in latest.json()["entry"]]
+    # reads are written in batches by each API process: the latest may not be there yet
+    assert {e["subtype"][0]["code"] for e in events} >= {"create", "search-type"}, [e["subtype"] for e in events]
+    tried, missed = set(), []
+    for event in events:
+        for declared in statement["AuditEvent"]["searchParam"]:
+            if ("AuditEvent", declared["name"]) in KNOWN_PARAMETER_DEFECTS or declared["name"] == "_id":
+                continue
+            ptype, typed = check.search_values(event, declared["name"])
+            for value in search_values(ptype or "", typed):
+                tried.add(declared["name"])
+                answer = get(served, "AuditEvent", _id=event["id"], **{declared["name"]: value})
+                ids = [e["resource"]["id"] for e in answer.json().get("entry", [])] if answer.status_code == 200 else []
+                if ids != [event["id"]]:
+                    missed.append((audit_defect_class(declared["name"], value),
+                                   f"AuditEvent?_id={event['id']}&{declared['name']}={value}: {answer.status_code} {ids}"))
+    assert {"date", "subtype", "action", "outcome", "entity"} <= tried, tried
+    return missed
+
+
+def test_audit_events_are_found_by_every_declared_parameter(audit_misses: list[tuple[str | None, str]]) -> None:
+    unexpected = [what for known, what in audit_misses if known is None]
+    assert not unexpected, "\n".join(unexpected[:40])
+
+
+@pytest.mark.parametrize("known", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=why))
+                                   for k, why in KNOWN_AUDIT_SEARCH_DEFECTS.items()])
+def test_known_audit_search_defect(known: str, audit_misses: list[tuple[str | None, str]]) -> None:
+    assert not [what for k, what in audit_misses if k == known]

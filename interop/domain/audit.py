@@ -7,6 +7,7 @@ token, a password or a cookie: callers give names, addresses and references only
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -96,6 +97,19 @@ def _patient(ref: str) -> dict[str, Any]:
             "role": {"system": OBJECT_ROLE, "code": "1", "display": "Patient"}}
 
 
+# What a FHIR Reference.reference may be: Type/id (a version too), or an absolute URI.
+LITERAL_REFERENCE = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?|[a-z][a-z0-9+.\-]*:\S+")
+
+
+def _entity(ref: str) -> dict[str, Any]:
+    """What the event touched: a resource by its reference; anything else (a resource type
+    searched, a refused request's path, an export's files) by its name, since it is no reference."""
+    kind = {"type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"}}
+    if not LITERAL_REFERENCE.fullmatch(ref):
+        return {**kind, "name": ref}
+    return {"what": {"reference": ref}, **kind, "role": {"system": OBJECT_ROLE, "code": "4", "display": "Domain Resource"}}
+
+
 def resource(event: Event, recorded: datetime | None = None) -> dict[str, Any]:
     """The AuditEvent resource for `event`."""
     who = event.who
@@ -108,9 +122,7 @@ def resource(event: Event, recorded: datetime | None = None) -> dict[str, Any]:
         agents.append({"type": {"coding": [{"system": DCM, "code": "110153", "display": "Source Role ID"}]},
                        "who": {"display": "anonymous"}, "name": "anonymous", "requestor": True,
                        **({"network": {"address": who.address[:64], "type": "2"}} if who.address else {})})
-    entities: list[dict[str, Any]] = [
-        {"what": {"reference": clean(ref)}, "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
-         "role": {"system": OBJECT_ROLE, "code": "4", "display": "Domain Resource"}} for ref in dict.fromkeys(event.what)]
+    entities: list[dict[str, Any]] = [_entity(clean(ref)) for ref in dict.fromkeys(event.what)]
     entities += [_patient(clean(ref)) for ref in dict.fromkeys(event.patients)]
     if event.query is not None:
         entities.append({"type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
