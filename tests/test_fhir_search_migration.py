@@ -34,14 +34,15 @@ OLD = [  # resources as they were stored before 0016: body only, no date or quan
     {"resourceType": "Communication", "status": "completed", "sent": "2026-12-01T10:00:00-03:00"},
     {"resourceType": "Provenance", "target": [{"reference": "Patient/x"}], "recorded": "2026-12-01T10:00:00.5+00:00",
      "agent": [{"who": {"display": "x"}}]},
-    {"resourceType": "ImagingStudy", "status": "available", "subject": {"reference": "Patient/x"}, "started": "2026"},
+    {"resourceType": "ImagingStudy", "status": "available", "subject": {"reference": "Patient/x"}, "started": "2026",
+     "basedOn": [{"reference": "ServiceRequest/o1"}]},
 ]
 
 
 def _rows(conn: Any) -> set[tuple[str, str, str, str | None, str]]:
     table = search_params.load(MAPPINGS)
     new = [(t, p.name + end) for t, ps in table.items() for p in ps.values() if p.type in NEW_TYPES
-           for end in ("", ":end")]
+           for end in ("", ":end")] + [("ImagingStudy", "basedon")]
     rows = conn.execute("SELECT s.type, s.id, s.param, s.system, s.value FROM search_index s"
                         " JOIN unnest(%s::text[], %s::text[]) AS p(type, param) ON s.type = p.type AND s.param = p.param",
                         ([t for t, _ in new], [n for _, n in new])).fetchall()
@@ -58,6 +59,11 @@ def test_migration_0016_indexes_stored_resources_as_the_store_does(db_url: str) 
                          (body["resourceType"], f"old{n}", json.dumps(stored)))
             params = {k: p for k, p in table[body["resourceType"]].items() if p.type in NEW_TYPES}
             expected |= {(body["resourceType"], f"old{n}", p, s, v) for p, s, v in resources.index_entries(stored, params)}
+            if body["resourceType"] == "ImagingStudy":  # its based-on row, as the store wrote it before
+                conn.execute("INSERT INTO search_index (type, id, param, system, value, last_updated) SELECT type, id,"
+                             " 'based-on', NULL, 'ServiceRequest/o1', last_updated FROM resource WHERE id = %s",
+                             (f"old{n}",))
+                expected.add(("ImagingStudy", f"old{n}", "basedon", None, "ServiceRequest/o1"))
         conn.commit()
         assert _rows(conn) == set()
         with conn.transaction():
@@ -69,4 +75,4 @@ def test_migration_0016_indexes_stored_resources_as_the_store_does(db_url: str) 
     assert {(*r[:4], float(r[4])) for r in got if r[2] in ("length", "value-quantity")} == \
         {(*r[:4], float(r[4])) for r in expected if r[2] in ("length", "value-quantity")}
     assert ("Patient", "old3", "birthdate") not in {r[:3] for r in got}
-    assert len(got) == 18 * 2 + 3  # every date (two rows: low and end) and quantity but the one that is not a date
+    assert len(got) == 18 * 2 + 3 + 1  # every date (two rows: low and end), quantity and basedon; not the non-date

@@ -4,6 +4,7 @@
 -- a date is the range its precision gives, [low, high) as fixed-width UTC text, in two rows: low in
 -- `value` and high in `system`, and as 'param:end' high in `value` and low in `system`; a Period from its start's low to its end's high (an open end unbounded); a
 -- Quantity its value as a plain decimal and its unit as system|code. A date with no time zone is UTC.
+-- And ImagingStudy's basedon (R4's name) gets the rows of based-on.
 SET LOCAL TimeZone = 'UTC';
 
 CREATE FUNCTION pg_temp.fhir_date_range(t text) RETURNS text[] LANGUAGE plpgsql IMMUTABLE AS $$
@@ -102,5 +103,10 @@ SELECT DISTINCT r.type, r.id, p.param,
   JOIN resource r ON r.type = p.type AND NOT r.deleted
   CROSS JOIN LATERAL jsonb_path_query(r.body, p.path) v
  WHERE p.kind = 'quantity' AND jsonb_typeof(v) = 'object' AND jsonb_typeof(v -> 'value') = 'number';
+
+-- ImagingStudy?basedon, R4's name for based-on: the same rows under that name
+DELETE FROM search_index WHERE type = 'ImagingStudy' AND param = 'basedon';
+INSERT INTO search_index (type, id, param, system, value, last_updated)
+SELECT type, id, 'basedon', system, value, last_updated FROM search_index WHERE type = 'ImagingStudy' AND param = 'based-on';
 
 ANALYZE search_index;
