@@ -3,7 +3,8 @@ from the database's clock and written as Python's isoformat() writes it, and an 
 only after the resource, its history, its index rows and its audit record are committed together."""
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Any
 
 import psycopg
@@ -41,7 +42,9 @@ def test_create_answers_with_what_was_committed(client: FlaskClient, db_url: str
     body = made.get_json()
     rid, meta = body["id"], body["meta"]
     assert meta["versionId"] == "1"
-    assert made.headers["ETag"] == 'W/"1"' and made.headers["Last-Modified"] == meta["lastUpdated"]
+    assert made.headers["ETag"] == 'W/"1"'
+    assert made.headers["Last-Modified"] == format_datetime(  # the HTTP date of that instant (whole seconds)
+        datetime.fromisoformat(meta["lastUpdated"]).astimezone(UTC), usegmt=True)
     assert made.headers["Location"].endswith(f"/Patient/{rid}/_history/1")
     with connect(db_url) as conn:  # another session: all of it is committed
         current = conn.execute("SELECT last_updated, body FROM resource WHERE type = 'Patient' AND id = %s",
