@@ -115,3 +115,26 @@ def test_the_statement_follows_the_routes(app: Flask) -> None:
     unknown = [(m, r) for m, r in routes if r.startswith("/fhir") and "$" not in r and (m, r) not in capability.ROUTED
                and r != "/fhir/metadata"]
     assert unknown == [], f"routes the statement does not know how to declare: {unknown}"
+
+
+def test_the_statement_names_the_guides_it_serves_and_a_conditional_read(client: FlaskClient,
+                                                                          fhir_validate: Validate) -> None:
+    """Bulk Data and the Subscriptions backport are declared as their IGs ask, from the routed
+    operations; a conditional read declared is a conditional read answered (304)."""
+    body = _statement(client, fhir_validate)
+    assert set(body["instantiates"]) == set(capability.INSTANTIATES.values())
+    subscription = next(r for r in body["rest"][0]["resource"] if r["type"] == "Subscription")
+    assert subscription["extension"] == [{"url": capability.TOPIC_CANONICAL,
+                                          "valueCanonical": "urn:interop-hub:SubscriptionTopic:diagnostic-report"}]
+    patient = next(r for r in body["rest"][0]["resource"] if r["type"] == "Patient")
+    assert patient["conditionalRead"] == "full-support"
+    made = client.post("/fhir/Patient", data=json.dumps({"resourceType": "Patient", "gender": "female"}),
+                       content_type=FHIR)
+    assert made.status_code == 201
+    rid = made.headers["Location"].split("/Patient/")[1].split("/")[0]
+    again = client.get(f"/fhir/Patient/{rid}", headers={"If-None-Match": made.headers["ETag"]})
+    assert again.status_code == 304
+    with client.application.app_context():
+        bare = capability.statement("http://h/fhir", "http://h/auth/token", client.application.extensions["interop"].params,
+                                    "2026", [r for r in capability.routed() if "$" not in r[1]])
+    assert "instantiates" not in bare

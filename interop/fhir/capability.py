@@ -16,6 +16,7 @@ from typing import Any
 from flask import current_app
 
 from .. import __version__
+from ..domain import subscriptions
 from ..store.search_params import SearchParam
 
 READ = ["read", "vread", "history-instance", "history-type", "search-type"]
@@ -68,6 +69,13 @@ OPERATIONS = {
     "status": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status",
 }
 HUB_OPERATION = "urn:interop-hub:OperationDefinition:"
+# the implementation guides a routed operation makes the hub a server of
+INSTANTIATES = {
+    "export": "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data",
+    "status": "http://hl7.org/fhir/uv/subscriptions-backport/CapabilityStatement/backport-subscription-server-r4",
+}
+TOPIC_CANONICAL = ("http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
+                   "capabilitystatement-subscriptiontopic-canonical")
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 
@@ -146,6 +154,7 @@ def statement(base: str, token_url: str, params: dict[str, dict[str, SearchParam
             "readHistory": "history-instance" in interactions,
             "updateCreate": writes,
             "conditionalCreate": "create" in interactions,
+            "conditionalRead": "full-support" if "read" in interactions else "not-supported",
             "conditionalUpdate": writes and "conditional-update" in found,
             "conditionalDelete": "single" if "delete" in interactions and "conditional-delete" in found
             else "not-supported",
@@ -164,6 +173,8 @@ def statement(base: str, token_url: str, params: dict[str, dict[str, SearchParam
         operations = _operations(routes, rtype)
         if operations:
             entry["operation"] = operations
+        if rtype == "Subscription" and "create" in interactions:  # the backport's topic, named as its IG asks
+            entry["extension"] = [{"url": TOPIC_CANONICAL, "valueCanonical": subscriptions.TOPIC}]
         resources.append(entry)
     rest: dict[str, Any] = {
         "mode": "server",
@@ -176,8 +187,11 @@ def statement(base: str, token_url: str, params: dict[str, dict[str, SearchParam
     operations = _operations(routes, None)
     if operations:
         rest["operation"] = operations
+    named = {o["name"] for o in operations} | {o["name"] for r in resources for o in r.get("operation", [])}
+    instantiates = [url for name, url in INSTANTIATES.items() if name in named]
     return {
         "resourceType": "CapabilityStatement",
+        **({"instantiates": instantiates} if instantiates else {}),
         "status": "active",
         "date": software_date,
         "kind": "instance",
