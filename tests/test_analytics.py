@@ -62,8 +62,9 @@ def _patient(conn: Any, n: int, *, address: bool) -> dict[str, Any]:
 
 
 def ai_report(db_url: str, ctx: Context, n: int, *, site: str, positives: dict[str, float], address: bool = True,
-              ordered_minutes_ago: int = 60) -> str:
-    """A stored AI report as the worker writes it, with its patient, order and study."""
+              ordered_minutes_ago: int = 60, refused: tuple[str, ...] = ()) -> str:
+    """A stored AI report as the worker writes it, with its patient, order and study; with `refused`
+    (the quality gate's reasons), the "not analysable" report of a study whose images it refused."""
     probs = [0.02] * len(MODEL.labels)
     for key, p in positives.items():
         probs[INDEX[key]] = p
@@ -86,10 +87,15 @@ def ai_report(db_url: str, ctx: Context, n: int, *, site: str, positives: dict[s
                         "instance": [{"uid": f"1.2.3.{n}.1", "sopClass": {"system": "urn:ietf:rfc:3986",
                                                                           "code": "urn:oid:1.2.840.10008.5.1.4.1.1.1"}}]}]},
             PARAMS["ImagingStudy"])
-        built = report.build(study=study, study_uid=f"1.2.3.{n}", model=MODEL, version="0.1.0-reference",
-                             probabilities=probs, report_id=resources.new_id(),
-                             observation_ids=[resources.new_id() for _ in MODEL.labels],
-                             issued=datetime.now(UTC).isoformat())
+        if refused:
+            built = report.not_analysable(study=study, study_uid=f"1.2.3.{n}", model=MODEL, version="0.1.0-reference",
+                                          reasons=refused, report_id=resources.new_id(),
+                                          issued=datetime.now(UTC).isoformat())
+        else:
+            built = report.build(study=study, study_uid=f"1.2.3.{n}", model=MODEL, version="0.1.0-reference",
+                                 probabilities=probs, report_id=resources.new_id(),
+                                 observation_ids=[resources.new_id() for _ in MODEL.labels],
+                                 issued=datetime.now(UTC).isoformat())
         try:
             resources.read(conn, "Device", built["device"]["id"])
         except resources.NotFound:

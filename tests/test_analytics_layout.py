@@ -102,10 +102,11 @@ def test_district_rates_say_what_they_are_per(live_hub: str, seeded: str, page: 
     login(page, live_hub, "analyst-rates")
     heads = "JSON.stringify([...document.querySelectorAll('#table-districts th')].map((th) => th.textContent))"
     render(page, f"{live_hub}/analytics/?lang=en&{PERIOD}")
-    assert json.loads(page.evaluate(heads))[4:] == ["Positive findings per 1,000 AI-read studies",
+    assert json.loads(page.evaluate(heads))[1:] == ["AI-read studies", "Not analysable", "Critical", "Positive findings",
+                                                    "Positive findings per 1,000 AI-read studies",
                                                     "Critical studies per 1,000 AI-read studies"]
     render(page, f"{live_hub}/analytics/?lang=en&{PERIOD}&finding={CODE['Pneumonia']}")
-    rate = json.loads(page.evaluate(heads))[4]
+    rate = json.loads(page.evaluate(heads))[5]
     assert rate.endswith(" per 1,000 studies the AI read for it") and rate != " per 1,000 studies the AI read for it"
     render(page, f"{live_hub}/analytics/?{PERIOD}")
-    assert json.loads(page.evaluate(heads))[4] == "Phát hiện dương tính trên 1.000 ca AI đã đọc"
+    assert json.loads(page.evaluate(heads))[5] == "Phát hiện dương tính trên 1.000 ca AI đã đọc"

@@ -26,7 +26,7 @@ COLUMNS = ("report_id", "patient_key", "key_id", "age_band", "sex", "district", 
            "facility_district", "modality", "body_part", "procedure_code", "model_name", "model_version",
            "report_status", "critical", "positives", "ordered_at", "images_at", "ai_result_at", "ai_delivered_at",
            "reviewed_at", "delivered_at", "acknowledged_at", "reviewer_group", "transfer_recommended",
-           "transfer_done")
+           "transfer_done", "analysable")
 FINDING_COLUMNS = ("report_id", "observation_id", "code_system", "code", "label", "probability", "ai_positive",
                    "verdict", "radiologist_positive", "final_positive", "critical")
 
@@ -82,7 +82,9 @@ def forget_deleted_reports(conn: psycopg.Connection[Any]) -> None:
 
 
 # -- synthetic data (the demo's and the benchmark's): marked by `synthetic`, migration 0019 -----------
-SYNTHETIC_COLUMNS = (*COLUMNS, "synthetic")  # what the synthetic writer COPYs (synthetic = true)
+# What the synthetic writer COPYs (synthetic = true); `analysable` keeps its default (true): the
+# synthetic studies are all read by the AI.
+SYNTHETIC_COLUMNS = (*(c for c in COLUMNS if c != "analysable"), "synthetic")
 _SYNTHETIC_LOCK = 0x73796E74  # one synthetic writer at a time
 
 
@@ -296,31 +298,38 @@ def _per_1000(count: int, base: int) -> float | None:
 
 
 def district_table(conn: psycopg.Connection[Any], f: Filters) -> list[dict[str, Any]]:
-    """Per district over the period: AI-read studies, critical studies, positive findings, and two
-    rates with a stated denominator: positive findings per 1,000 AI-read studies (with a finding
-    chosen: that finding per 1,000 studies the AI read for it) and critical studies per 1,000
-    AI-read studies. Positives are counted per week (the rollup's grain), so their rate divides by
-    the studies of the same weeks."""
+    """Per district over the period: AI-read studies, not-analysable studies, critical studies,
+    positive findings, and two rates with a stated denominator: positive findings per 1,000 AI-read
+    studies (with a finding chosen: that finding per 1,000 studies the AI read for it) and critical
+    studies per 1,000 AI-read studies. Positives are counted per week (the rollup's grain), so their
+    rate divides by the studies of the same weeks.
+
+    A not-analysable study (the quality gate refused its images, migration 0021) is in neither a
+    numerator nor a denominator: it is counted in `not_analysable` only (and in the workload)."""
     def studies_by(time_col: str, weekly: bool) -> dict[tuple[str, str], dict[str, Any]]:
         where, args = _where(f, time_col, STUDY_FACT, weekly=weekly)
         return {(r["province"], r["district"]): r for r in _rows(conn, sql.SQL("""
-            SELECT province, district, sum(studies)::bigint AS studies, sum(critical)::bigint AS critical
+            SELECT province, district, sum(ai_read)::bigint AS studies, sum(ai_read_critical)::bigint AS critical,
+                   sum(not_analysable)::bigint AS not_analysable
             FROM analytics.mv_study_daily WHERE {where} GROUP BY province, district""").format(where=where), args)}
 
     studies, of_weeks = studies_by("study_day", False), studies_by("study_week", True)
     where, args = _where(f, "study_week", FINDING_MV, weekly=True)
-    out = []
-    for r in _rows(conn, sql.SQL("""
+    found = {(r["province"], r["district"]): r for r in _rows(conn, sql.SQL("""
         SELECT province, district, sum(positive)::bigint AS positives, sum(assessed)::bigint AS assessed
-        FROM analytics.mv_finding_weekly WHERE {where} GROUP BY province, district""").format(where=where), args):
-        key = (r["province"], r["district"])
-        base = studies.get(key, {"studies": 0, "critical": 0})
-        read = int(r["assessed"]) if f.finding else int(of_weeks.get(key, {"studies": 0})["studies"])
-        out.append({"province": r["province"], "district": r["district"], "studies": int(base["studies"]),
+        FROM analytics.mv_finding_weekly WHERE {where} GROUP BY province, district""").format(where=where), args)}
+    # A district whose studies of the period were all not analysable has no finding: still listed.
+    none = {"studies": 0, "critical": 0, "not_analysable": 0, "positives": 0, "assessed": 0}
+    out = []
+    for key in sorted(found.keys() | {k for k, r in studies.items() if r["studies"] or r["not_analysable"]}):
+        base, r = studies.get(key, none), found.get(key, none)
+        read = int(r["assessed"]) if f.finding else int(of_weeks.get(key, none)["studies"])
+        out.append({"province": key[0], "district": key[1], "studies": int(base["studies"]),
+                    "not_analysable": int(base["not_analysable"]),
                     "critical": int(base["critical"]), "positive_findings": int(r["positives"]),
                     "positives_per_1000_studies": _per_1000(int(r["positives"]), read),
                     "critical_per_1000_studies": _per_1000(int(base["critical"]), int(base["studies"]))})
-    return sorted(out, key=lambda r: (r["province"], r["district"]))
+    return out
 
 
 def _pct(q: float, a: str, b: str, name: str) -> sql.Composed:
@@ -444,7 +453,7 @@ def options(conn: psycopg.Connection[Any]) -> dict[str, Any]:
 # name -> (function, count columns that are numbers of studies, statistics over those studies)
 VIEWS: dict[str, tuple[Callable[[psycopg.Connection[Any], Filters], list[dict[str, Any]]], tuple[str, ...], tuple[str, ...]]] = {
     "findings_weekly": (findings_weekly, ("studies", "positives"), ("rate_per_1000",)),
-    "districts": (district_table, ("studies", "critical", "positive_findings"),
+    "districts": (district_table, ("studies", "not_analysable", "critical", "positive_findings"),
                   ("positives_per_1000_studies", "critical_per_1000_studies")),
     "turnaround": (turnaround, ("studies",), _TURNAROUND_COLUMNS),
     "workload": (workload, ("studies",), ()),

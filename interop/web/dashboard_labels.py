@@ -9,7 +9,7 @@ LABELS: dict[str, dict[str, str]] = {
         "facility": "Cơ sở", "modality": "Phương thức", "finding": "Phát hiện", "all": "Tất cả",
         "apply": "Áp dụng", "trend": "Phát hiện dương tính theo tuần và dự báo",
         "forecast": "Dự báo", "interval": "Khoảng dự báo 95%", "observed": "Thực tế",
-        "province_total": "Toàn tỉnh", "districts": "Theo quận/huyện", "studies": "Số ca",
+        "province_total": "Toàn tỉnh", "districts": "Theo quận/huyện", "studies": "Ca AI đã đọc",
         "critical": "Nguy kịch", "positives": "Phát hiện dương tính",
         "turnaround": "Thời gian xử lý (phút, trung vị p50 / p90)", "order_to_ai": "Chỉ định → AI",
         "ai_to_reviewed": "AI → bác sĩ đọc", "reviewed_to_delivered": "Đọc → gửi kết quả",
@@ -30,11 +30,13 @@ LABELS: dict[str, dict[str, str]] = {
         "method_summary": "Cách dự báo và sai số kiểm tra lùi của từng chuỗi",
         "forecast_sentence": "Mỗi quận/huyện và phát hiện được dự báo riêng bằng mô hình làm trơn hàm mũ (ETS) trên số ca"
                              " mỗi tuần (chuỗi ngắn: trung bình các tuần gần nhất), rồi cộng lại thành toàn tỉnh.",
-        "districts_explain": "Theo quận/huyện trong khoảng thời gian: số ca AI đã đọc, số ca nguy kịch, số phát hiện"
-                             " dương tính, và tỷ lệ trên 1.000 ca AI đã đọc.",
+        "not_analysable": "Không phân tích được",
+        "districts_explain": "Theo quận/huyện trong khoảng thời gian: số ca AI đã đọc, số ca AI không phân tích được"
+                             " (ảnh không đạt chất lượng: không tính vào tỷ lệ nào, vẫn tính vào khối lượng), số ca"
+                             " nguy kịch, số phát hiện dương tính, và tỷ lệ trên 1.000 ca AI đã đọc.",
         "turnaround_explain": "Số phút mỗi tuần (trung vị p50 nét liền, p90 nét đứt) từ chỉ định đến kết quả AI, từ AI"
                               " đến khi bác sĩ đọc, và từ khi đọc đến khi gửi kết quả.",
-        "workload_explain": "Số ca AI đã đọc mỗi ngày, xếp chồng theo cơ sở.",
+        "workload_explain": "Số ca mỗi ngày (kể cả ca AI không phân tích được), xếp chồng theo cơ sở.",
         "agreement_explain": "Độ nhạy (0–1: tỷ lệ phát hiện được bác sĩ xác nhận mà AI cũng phát hiện) theo phát hiện và"
                              " phiên bản mô hình; bảng thêm tỷ lệ đồng thuận và giá trị dự báo dương (0–1) trên các ca"
                              " đã đọc.",
@@ -49,7 +51,7 @@ LABELS: dict[str, dict[str, str]] = {
         "facility": "Facility", "modality": "Modality", "finding": "Finding", "all": "All",
         "apply": "Apply", "trend": "Positive findings per week, with forecast",
         "forecast": "Forecast", "interval": "95% prediction interval", "observed": "Observed",
-        "province_total": "Province", "districts": "By district", "studies": "Studies",
+        "province_total": "Province", "districts": "By district", "studies": "AI-read studies",
         "critical": "Critical", "positives": "Positive findings",
         "turnaround": "Turnaround (minutes, p50 / p90)", "order_to_ai": "Order → AI",
         "ai_to_reviewed": "AI → reviewed", "reviewed_to_delivered": "Reviewed → delivered",
@@ -72,11 +74,13 @@ LABELS: dict[str, dict[str, str]] = {
         "forecast_sentence": "Each district and finding is forecast on its own with exponential smoothing (ETS) on"
                              " weekly counts (a short series: the mean of its last weeks), and the districts are"
                              " added up for the province.",
-        "districts_explain": "Per district over the period: studies the AI read, critical studies, positive findings"
-                             " (counts), and rates per 1,000 AI-read studies.",
+        "not_analysable": "Not analysable",
+        "districts_explain": "Per district over the period: studies the AI read, studies it could not analyse (images"
+                             " that failed the quality check: left out of every rate, counted in the workload),"
+                             " critical studies, positive findings (counts), and rates per 1,000 AI-read studies.",
         "turnaround_explain": "Minutes per week (median p50 solid, p90 dashed) from order to AI result, from AI result to"
                               " the radiologist's review, and from review to delivery.",
-        "workload_explain": "Studies the AI read per day, stacked by facility.",
+        "workload_explain": "Studies per day (those the AI could not analyse included), stacked by facility.",
         "agreement_explain": "Sensitivity (0–1: the share of radiologist-confirmed findings the AI also called) per"
                              " finding and model version; the table adds agreement and PPV (0–1) over reviewed studies.",
         "backlog_explain": "Studies waiting for a radiologist's review now, and the oldest wait in hours, per"

@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 
+from ...domain.report import is_not_analysable
 from ...domain.vocabulary import AI_DEVICE_EXTENSION, PATIENT_REF_SYSTEM, site_of
 from ...sites import Site
 from ...store import analytics as store
@@ -216,8 +217,23 @@ def build(conn: psycopg.Connection[Any], report: dict[str, Any], sites: dict[str
         "reviewer_group": str(site.extra.get("review_group")) if site and site.extra.get("review_group") else "hub",
         "transfer_recommended": bool(alert and alert["referral_id"]),
         "transfer_done": bool(alert and alert["transfer_decision"] == "transfer"),
+        "analysable": _analysable(conn, report),
     }
     return fact, findings
+
+
+def _analysable(conn: psycopg.Connection[Any], report: dict[str, Any]) -> bool:
+    """Whether the AI read the study: its first version (the AI's own) is not "not analysable".
+
+    A review replaces the conclusionCode, and a radiologist's reading does not make the images
+    readable by the AI: the study stays out of the rates per AI-read study and of agreement."""
+    if report.get("meta", {}).get("versionId") in (None, "1"):
+        return not is_not_analysable(report)
+    try:
+        first = resources.vread(conn, "DiagnosticReport", report["id"], 1)
+    except (resources.NotFound, resources.Gone):
+        return not is_not_analysable(report)
+    return not is_not_analysable(first)
 
 
 def record(conn: psycopg.Connection[Any], ctx: Context, report_id: str, *, event: str, rekey: bool = False) -> None:

@@ -90,7 +90,9 @@
     // With a finding chosen the rate is of that finding, over the studies the AI read for it.
     const finding = $("f-finding");
     const rate = finding.value ? finding.options[finding.selectedIndex].textContent + " " + L.finding_per_1000 : L.positives_per_1000;
-    table("table-districts", [["district", L.district], ["studies", L.studies], ["critical", L.critical],
+    // Not-analysable studies (the AI refused the images) are counted apart, outside every rate.
+    table("table-districts", [["district", L.district], ["studies", L.studies], ["not_analysable", L.not_analysable],
+      ["critical", L.critical],
       ["positive_findings", L.positives], ["positives_per_1000_studies", rate],
       ["critical_per_1000_studies", L.critical_per_1000]], d.rows);
   }
