@@ -383,12 +383,11 @@ def test_revinclude_brings_every_declared_referrer(served: HubProcess, statement
 # Parameters the hub declares that R4 does not define for the type, and why (its own extensions).
 HUB_PARAMETERS = {
     ("Observation", "interpretation"): "AI findings by interpretation (POS, AA for critical): a worklist and HIS need",
+    ("ImagingStudy", "based-on"): "kept for the hub's callers beside R4's own name, basedon",
 }
 # (type, parameter) -> how the declaration departs from R4, in code this test's author does not own
 # (strict xfails in test_known_parameter_defect: the fix shows).
 KNOWN_PARAMETER_DEFECTS = {
-    ("ImagingStudy", "based-on"): "R4 names ImagingStudy's basedOn parameter `basedon` (no hyphen); clients"
-    " that follow R4 (HAPI, fhirpy users) get 400 unknown parameter (mappings/search_parameters.yaml)",
     ("Subscription", "url"): "R4's Subscription `url` is a uri parameter (exact match); the hub declares and"
     " indexes it as a string one (prefix, case-insensitive) (mappings/search_parameters.yaml)",
     ("AuditEvent", "agent"): "R4's AuditEvent `agent` is a reference parameter (agent.who); the statement declares"
