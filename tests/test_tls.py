@@ -492,8 +492,8 @@ def start_serve(env_extra: dict[str, str], workdir: Path) -> HubProcess:
     return HubProcess(proc, f"https://127.0.0.1:{port}", log, env)
 
 
-def test_interop_serve_speaks_https_and_mllp_over_tls(db_url: str, pki: Pki, tmp_path: Path) -> None:
-    hub = start_serve({"DATABASE_URL": db_url, "TRITON_URL": "127.0.0.1:9", "INTEROP_TLS_CERT": str(pki.server.cert),
+def test_interop_serve_speaks_https_and_mllp_over_tls(db_url: str, triton_url: str, pki: Pki, tmp_path: Path) -> None:
+    hub = start_serve({"DATABASE_URL": db_url, "TRITON_URL": triton_url, "INTEROP_TLS_CERT": str(pki.server.cert),
                        "INTEROP_TLS_KEY": str(pki.server.key)}, tmp_path / "hub")
 
     def alive() -> requests.Response | None:
@@ -525,8 +525,9 @@ def _mllp_answer(port: int, pki: Pki) -> list[bytes] | None:
         return None
 
 
-def test_interop_serve_refuses_to_start_with_a_certificate_but_no_key(db_url: str, pki: Pki, tmp_path: Path) -> None:
-    hub = start_serve({"DATABASE_URL": db_url, "TRITON_URL": "127.0.0.1:9", "INTEROP_TLS_CERT": str(pki.server.cert)},
+def test_interop_serve_refuses_to_start_with_a_certificate_but_no_key(db_url: str, triton_url: str, pki: Pki,
+                                                                      tmp_path: Path) -> None:
+    hub = start_serve({"DATABASE_URL": db_url, "TRITON_URL": triton_url, "INTEROP_TLS_CERT": str(pki.server.cert)},
                       tmp_path / "hub")
     try:
         assert hub.proc.wait(60) == 2

@@ -196,28 +196,9 @@ def build(
         observations.append(_category_observation(observation_ids[-1] if len(observation_ids) > len(model.labels)
                                                   else f"{report_id}-category", model, version, category,
                                                   study, study_ref, dev_ref, study_uid, effective, issued))
-    report: dict[str, Any] = {
-        "resourceType": "DiagnosticReport",
-        "id": report_id,
-        "extension": [{"url": AI_DEVICE_EXTENSION, "valueReference": dev_ref},
-                      *({"url": SOURCE_IMAGE_EXTENSION,
-                         "valueIdentifier": {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{uid}"}}
-                        for uid in dict.fromkeys(sources))],
-        "identifier": [{"system": REPORT_SYSTEM, "value": f"{study_uid}/{model.name}"}],
-        "status": "preliminary",
-        "category": [{"coding": [{"system": DIAGNOSTIC_SERVICE,
-                                  "code": "RAD", "display": "Radiology"}]}],
-        "code": _report_code(model),
-        "effectiveDateTime": effective,
-        "issued": issued,
-        "imagingStudy": [study_ref],
-        "result": [{"reference": f"Observation/{o['id']}", "display": o["code"]["text"]} for o in observations],
-        "conclusion": conclusion(model, version, found, category),
-    }
-    if "subject" in study:
-        report["subject"] = study["subject"]
-    if study.get("basedOn"):
-        report["basedOn"] = study["basedOn"]
+    report = _preliminary_report(report_id, model, study, study_uid, dev_ref, sources, effective, issued,
+                                 conclusion(model, version, found, category))
+    report["result"] = [{"reference": f"Observation/{o['id']}", "display": o["code"]["text"]} for o in observations]
     if any(f is not None and f.critical for f in found):
         report["conclusionCode"] = [{"coding": [{"system": INTERPRETATION, "code": "AA",
                                                  "display": "Critical abnormal"}],
@@ -244,6 +225,18 @@ def not_analysable(*, study: dict[str, Any], study_uid: str, model: ModelDescrip
     read nothing), the reasons in the conclusion and a conclusionCode saying "not analysable"."""
     dev = device(model, version)
     dev_ref = {"reference": f"Device/{dev['id']}", "display": f"{model.name} {version}"}
+    report = _preliminary_report(report_id, model, study, study_uid, dev_ref, sources, study.get("started", issued),
+                                 issued, not_analysable_conclusion(model, version, reasons))
+    report["conclusionCode"] = [{"coding": [dict(NOT_ANALYSABLE)],
+                                 "text": "Not analysable: " + "; ".join(dict.fromkeys(reasons))}]
+    return {"device": dev, "observations": [], "report": report}
+
+
+def _preliminary_report(report_id: str, model: ModelDescription, study: dict[str, Any], study_uid: str,
+                        dev_ref: dict[str, str], sources: Sequence[str], effective: str, issued: str,
+                        text: str) -> dict[str, Any]:
+    """What every AI report holds, read or not: its model (Device), the images it was given, its
+    identity (one per study and model), preliminary status, the study, patient and order."""
     report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "id": report_id,
@@ -255,18 +248,16 @@ def not_analysable(*, study: dict[str, Any], study_uid: str, model: ModelDescrip
         "status": "preliminary",
         "category": [{"coding": [{"system": DIAGNOSTIC_SERVICE, "code": "RAD", "display": "Radiology"}]}],
         "code": _report_code(model),
-        "effectiveDateTime": study.get("started", issued),
+        "effectiveDateTime": effective,
         "issued": issued,
         "imagingStudy": [{"reference": f"ImagingStudy/{study['id']}"}],
-        "conclusion": not_analysable_conclusion(model, version, reasons),
-        "conclusionCode": [{"coding": [dict(NOT_ANALYSABLE)],
-                            "text": "Not analysable: " + "; ".join(dict.fromkeys(reasons))}],
+        "conclusion": text,
     }
     if "subject" in study:
         report["subject"] = study["subject"]
     if study.get("basedOn"):
         report["basedOn"] = study["basedOn"]
-    return {"device": dev, "observations": [], "report": report}
+    return report
 
 
 def is_not_analysable(report: dict[str, Any]) -> bool:
