@@ -130,3 +130,19 @@ def test_migration_marks_stored_reports_and_keeps_grants(db_url: str, ctx: Conte
             assert privileges == {"weekly": True, "daily": True, "agreement": False}
             assert conn.execute("SELECT sum(ai_read) AS r, sum(not_analysable) AS n FROM analytics.mv_study_daily"
                                 ).fetchone() == {"r": 3, "n": 2}
+
+
+def test_a_critical_finding_a_radiologist_adds_to_a_not_analysable_study_is_critical(db_url: str,
+                                                                                     ctx: Context) -> None:  # noqa: F811
+    """The AI read nothing, the radiologist sees a pneumothorax: the signed report is critical (AA)
+    and the critical alert is raised, as for any report a radiologist makes critical."""
+    from interop.store import resources, reviews
+
+    refused = ai_report(db_url, ctx, 9, site="BVDKDN", positives={}, refused=REASONS)
+    review(db_url, ctx, refused, "edit", added=[{"system": "http://snomed.info/sct", "code": CODE["Pneumothorax"],
+                                                 "text": "Tràn khí màng phổi"}])
+    with connect(db_url) as conn:
+        signed = resources.read(conn, "DiagnosticReport", refused)
+        codes = [c.get("code") for cc in signed.get("conclusionCode", []) for c in cc.get("coding", [])]
+        assert codes == ["AA"], signed.get("conclusionCode")
+        assert reviews.alert(conn, refused) is not None

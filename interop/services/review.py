@@ -173,8 +173,8 @@ def apply_review(
         updated = without_meta(report)
         updated.update(status=status, result=new_results, resultsInterpreter=[_reviewer_ref(reviewer)],
                        conclusion=_conclusion(report, action, conclusion, reviewer), issued=now)
-        if still_critical and action != "reject":
-            updated.setdefault("conclusionCode", CRITICAL_CONCLUSION)
+        if still_critical and action != "reject":  # replaces whatever the AI concluded ("not analysable" too)
+            updated["conclusionCode"] = CRITICAL_CONCLUSION
         else:
             updated.pop("conclusionCode", None)
         stored, _ = resources.update(conn, updated, params["DiagnosticReport"], if_match=version)
