@@ -293,3 +293,23 @@ def test_an_analytics_export_since_an_instant_holds_what_changed_after_it(
     expected = hub.ctx.pseudonymizer.patient_key(bulk.REPORT_KEY_SYSTEM, "r2")
     assert [r["id"] for r in exported["DiagnosticReport"]] == [expected]
     assert len(exported["Patient"]) == 1 and len(exported["Observation"]) == len(exported["DiagnosticReport"][0]["result"])
+
+
+def test_a_not_analysable_study_is_exported_as_such_not_as_one_with_no_finding() -> None:
+    """The CDC's export says which studies the AI could not read (they are out of the rates), by the
+    same code as the hub's reports; a study the AI read with nothing found has no conclusion code."""
+    from interop.domain.quality import NOT_ANALYSABLE
+    from interop.services.analytics.pseudonym import Pseudonymizer
+
+    keys = Pseudonymizer(b"x" * 32)
+    fact = {"report_id": "r1", "patient_key": None, "report_status": "preliminary", "modality": "DX",
+            "body_part": "CHEST", "model_name": "chest-xray", "model_version": "1", "facility": "BVDKDN",
+            "study_day": None, "findings": []}
+
+    def report(**extra: Any) -> dict[str, Any]:
+        return next(r for r in bulk.deidentified({**fact, **extra}, keys, set())
+                    if r["resourceType"] == "DiagnosticReport")
+
+    refused = report(analysable=False)
+    assert refused["conclusionCode"][0]["coding"] == [NOT_ANALYSABLE]
+    assert "conclusionCode" not in report(analysable=True)

@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 import psycopg
 
+from ..domain.quality import NOT_ANALYSABLE
 from ..domain.scopes import Grant
 from ..domain.vocabulary import SITE_TAG
 from ..store import bulk as store
@@ -320,6 +321,8 @@ def deidentified(fact: dict[str, Any], keys: Pseudonymizer, seen: set[str]) -> l
     if day:
         report["effectiveDateTime"] = day
     positives = [o["code"] for o in observations if o.get("valueBoolean")]
+    if fact.get("analysable") is False:  # the AI read nothing: not a study with no finding (kept out of rates)
+        positives.insert(0, {"coding": [dict(NOT_ANALYSABLE)], "text": "Not analysable by the AI"})
     if positives:
         report["conclusionCode"] = positives
     if not report["result"]:

@@ -130,7 +130,7 @@ def facts_page(conn: psycopg.Connection[Any], *, until: datetime, since: datetim
     findings (`findings`: a list of dicts)."""
     rows = conn.execute(
         "SELECT s.report_id, s.patient_key, s.age_band, s.sex, s.district, s.commune, s.province, s.facility,"
-        " s.modality, s.body_part, s.model_name, s.model_version, s.report_status, s.study_day,"
+        " s.modality, s.body_part, s.model_name, s.model_version, s.report_status, s.study_day, s.analysable,"
         " coalesce((SELECT jsonb_agg(jsonb_build_object('observation_id', f.observation_id,"
         " 'code_system', f.code_system, 'code', f.code, 'label', f.label, 'probability', f.probability,"
         " 'final_positive', f.final_positive, 'critical', f.critical) ORDER BY f.observation_id)"
