@@ -18,8 +18,8 @@ For each official example of a type the CapabilityStatement lists:
 
 Every answer (the resource, the search Bundles, the history, the statement) is checked with
 HL7's R4 JSON schema, the npm `fhir` validator (FHIR.js), Medplum's StructureDefinition validator
-and R4's data type invariants (tests/fixtures/fhir_check.py). Departures in code this test's author
-does not own are strict xfails with the reason, so that each fix shows.
+and R4's data type invariants (tests/fixtures/fhir_check.py). No departure is known: each case
+must pass.
 """
 from __future__ import annotations
 
@@ -48,14 +48,6 @@ EXAMPLE_URLS = "http://fhir3.healthintersections.com.au/open,https://pacs.hospit
 # Subscription-example watches Observations; the hub's Subscriptions watch DiagnosticReports
 # (interop.domain.subscriptions).
 REFUSED = {"Subscription-example.json": (422, "only DiagnosticReport can be subscribed to")}
-
-# (example, parameter) -> why the hub does not find it yet: a defect in code this test does not
-# own, kept as a strict xfail (test_known_search_defect) so that its fix shows.
-KNOWN_SEARCH_DEFECTS: dict[tuple[str, str], str] = {
-    ("ImagingStudy-example.json", "modality"): "R4's ImagingStudy `modality` is ImagingStudy.series.modality; the hub"
-    " indexes the study-level ImagingStudy.modality only (mappings/search_parameters.yaml), so a study whose"
-    " modalities are given per series is not found",
-}
 
 
 def example(path: Path) -> dict[str, Any]:
@@ -272,21 +264,9 @@ def test_search_by_every_declared_parameter_finds_the_example(
     answer = stored[path.name]
     cases = search_cases(path, served, statement, stored, check)
     assert any(p == "_id" for p, _ in cases), cases  # every type declares _id
-    missed = [why for n, (param, value) in enumerate(cases) if (path.name, param) not in KNOWN_SEARCH_DEFECTS
-              and (why := finds(served, check, answer["resourceType"], answer["id"], param, value, validate=n == 0))]
+    missed = [why for n, (param, value) in enumerate(cases)
+              if (why := finds(served, check, answer["resourceType"], answer["id"], param, value, validate=n == 0))]
     assert not missed, f"{path.name} ({answer['resourceType']}/{answer['id']}):\n" + "\n".join(missed)
-
-
-@pytest.mark.parametrize("path, param", [
-    pytest.param(DATA / "fhir-r4" / name, param, marks=pytest.mark.xfail(strict=True, reason=why), id=f"{name}-{param}")
-    for (name, param), why in KNOWN_SEARCH_DEFECTS.items()])
-def test_known_search_defect(path: Path, param: str, served: HubProcess, statement: dict[str, dict[str, Any]],
-                             stored: dict[str, Any], check: FhirCheck) -> None:
-    answer = stored[path.name]
-    cases = [v for p, v in search_cases(path, served, statement, stored, check) if p == param]
-    assert cases, f"{path.name} has no value for {param} any more"
-    missed = [why for v in cases if (why := finds(served, check, answer["resourceType"], answer["id"], param, v))]
-    assert not missed, missed
 
 
 # -- _include and _revinclude, between examples that name each other by id ----------------------------
@@ -385,18 +365,6 @@ HUB_PARAMETERS = {
     ("Observation", "interpretation"): "AI findings by interpretation (POS, AA for critical): a worklist and HIS need",
     ("ImagingStudy", "based-on"): "kept for the hub's callers beside R4's own name, basedon",
 }
-# (type, parameter) -> how the declaration departs from R4, in code this test's author does not own
-# (strict xfails in test_known_parameter_defect: the fix shows).
-KNOWN_PARAMETER_DEFECTS = {
-    ("Subscription", "url"): "R4's Subscription `url` is a uri parameter (exact match); the hub declares and"
-    " indexes it as a string one (prefix, case-insensitive) (mappings/search_parameters.yaml)",
-    ("AuditEvent", "agent"): "R4's AuditEvent `agent` is a reference parameter (agent.who); the statement declares"
-    " a token (interop/fhir/capability.py AUDIT_PARAMS)",
-    ("AuditEvent", "agent-name"): "R4's AuditEvent `agent-name` is a string parameter; the statement declares a"
-    " token (interop/fhir/capability.py AUDIT_PARAMS)",
-    ("AuditEvent", "address"): "R4's AuditEvent `address` is a string parameter; the statement declares a token"
-    " (interop/fhir/capability.py AUDIT_PARAMS)",
-}
 
 
 def parameter_problem(check: FhirCheck, rtype: str, declared: dict[str, Any]) -> str | None:
@@ -413,38 +381,16 @@ def parameter_problem(check: FhirCheck, rtype: str, declared: dict[str, Any]) ->
 
 def test_every_declared_search_parameter_is_r4s(statement: dict[str, dict[str, Any]], check: FhirCheck) -> None:
     problems = [problem for rtype, resource in statement.items() for declared in resource.get("searchParam", [])
-                if (rtype, declared["name"]) not in KNOWN_PARAMETER_DEFECTS
-                and (problem := parameter_problem(check, rtype, declared))]
+                if (problem := parameter_problem(check, rtype, declared))]
     assert not problems, "\n".join(problems)
-
-
-@pytest.mark.parametrize("rtype, name", [
-    pytest.param(rtype, name, marks=pytest.mark.xfail(strict=True, reason=why), id=f"{rtype}-{name}")
-    for (rtype, name), why in KNOWN_PARAMETER_DEFECTS.items()])
-def test_known_parameter_defect(rtype: str, name: str, statement: dict[str, dict[str, Any]], check: FhirCheck) -> None:
-    declared = [d for d in statement[rtype].get("searchParam", []) if d["name"] == name]
-    assert all(parameter_problem(check, rtype, d) is None for d in declared)  # fixed, or no longer declared
-
-
-
-# Misses of the AuditEvent search, by class, in code this test's author does not own (strict xfails).
-KNOWN_AUDIT_SEARCH_DEFECTS = {
-    "entity-patient": "R4's `entity` is AuditEvent.entity.what, the patient entity included; the hub keeps the"
-    " patients in a column of their own that `entity` does not search (interop/store/audit.py), so"
-    " AuditEvent?entity=Patient/x misses the events that touched that patient",
-}
-
-
-def audit_defect_class(param: str, value: str) -> str | None:
-    return "entity-patient" if param == "entity" and value.startswith("Patient/") else None
 
 
 @pytest.fixture(scope="module")
 def audit_misses(served: HubProcess, statement: dict[str, dict[str, Any]], stored: dict[str, Any],
-                 check: FhirCheck) -> list[tuple[str | None, str]]:
+                 check: FhirCheck) -> list[str]:
     """The trail of this module's own requests (creates, reads, searches): each of the latest
     AuditEvents, searched by `_id` and each declared parameter with a value R4's definition finds
-    in it, must be in the answer; (defect class, what was missed) for each that is not."""
+    in it, must be in the answer; what was missed, for each that is not."""
     patient = stored["Patient-example.json"]
     assert get(served, f"Patient/{patient['id']}").status_code == 200
     assert get(served, "Patient", family="Chalmers").status_code == 200
@@ -459,7 +405,7 @@ def audit_misses(served: HubProcess, statement: dict[str, dict[str, Any]], store
     tried, missed = set(), []
     for event in events:
         for declared in statement["AuditEvent"]["searchParam"]:
-            if ("AuditEvent", declared["name"]) in KNOWN_PARAMETER_DEFECTS or declared["name"] == "_id":
+            if declared["name"] == "_id":
                 continue
             ptype, typed = check.search_values(event, declared["name"])
             for value in search_values(ptype or "", typed):
@@ -467,18 +413,11 @@ def audit_misses(served: HubProcess, statement: dict[str, dict[str, Any]], store
                 answer = get(served, "AuditEvent", _id=event["id"], **{declared["name"]: value})
                 ids = [e["resource"]["id"] for e in answer.json().get("entry", [])] if answer.status_code == 200 else []
                 if ids != [event["id"]]:
-                    missed.append((audit_defect_class(declared["name"], value),
-                                   f"AuditEvent?_id={event['id']}&{declared['name']}={value}: {answer.status_code} {ids}"))
-    assert {"date", "subtype", "action", "outcome", "entity"} <= tried, tried
+                    missed.append(f"AuditEvent?_id={event['id']}&{declared['name']}={value}: {answer.status_code} {ids}")
+    assert {"date", "subtype", "action", "outcome", "entity", "agent-name", "address"} <= tried, tried
     return missed
 
 
-def test_audit_events_are_found_by_every_declared_parameter(audit_misses: list[tuple[str | None, str]]) -> None:
-    unexpected = [what for known, what in audit_misses if known is None]
-    assert not unexpected, "\n".join(unexpected[:40])
+def test_audit_events_are_found_by_every_declared_parameter(audit_misses: list[str]) -> None:
+    assert not audit_misses, "\n".join(audit_misses[:40])
 
-
-@pytest.mark.parametrize("known", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=why))
-                                   for k, why in KNOWN_AUDIT_SEARCH_DEFECTS.items()])
-def test_known_audit_search_defect(known: str, audit_misses: list[tuple[str | None, str]]) -> None:
-    assert not [what for k, what in audit_misses if k == known]

@@ -76,3 +76,59 @@ def test_migration_0016_indexes_stored_resources_as_the_store_does(db_url: str) 
         {(*r[:4], float(r[4])) for r in expected if r[2] in ("length", "value-quantity")}
     assert ("Patient", "old3", "birthdate") not in {r[:3] for r in got}
     assert len(got) == 18 * 2 + 3 + 1  # every date (two rows: low and end), quantity and basedon; not the non-date
+
+
+MIGRATION_0022 = Path(db.__file__).parent / "migrations" / "0022_series_modality_uri_and_audit_entity.sql"
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+OLD_0022 = [  # stored before 0022: modality rows of the study-level list only, url rows lower-cased
+    {"resourceType": "ImagingStudy", "status": "available", "subject": {"reference": "Patient/x"},
+     "modality": [{"system": DCM, "code": "CR"}],
+     "series": [{"uid": "1.2.3", "modality": {"system": DCM, "code": "CR"}},  # the study's own: one row
+                {"uid": "1.2.4", "modality": {"system": DCM, "code": "DX"}},
+                {"uid": "1.2.5", "modality": {"code": "SR"}}]},  # no system
+    {"resourceType": "ImagingStudy", "status": "available", "subject": {"reference": "Patient/x"},  # series only
+     "series": [{"uid": "1.2.6", "modality": {"system": DCM, "code": "MR"}}]},
+    {"resourceType": "ImagingStudy", "status": "registered", "subject": {"reference": "Patient/x"},
+     "modality": [{"system": DCM, "code": "CT"}, {"system": DCM, "code": "PT"}]},  # no series
+    {"resourceType": "ImagingStudy", "status": "registered", "subject": {"reference": "Patient/x"}},  # neither
+    {"resourceType": "Subscription", "status": "active", "reason": "x", "criteria": "DiagnosticReport?status=final",
+     "channel": {"type": "rest-hook", "endpoint": "https://HIS.example.org/Fhir/Hook?Token=ÀB"}},
+]
+
+
+def _rows_0022(conn: Any) -> set[tuple[str, str, str, str | None, str]]:
+    rows = conn.execute("SELECT type, id, param, system, value FROM search_index WHERE (type, param) IN"
+                        " (('ImagingStudy', 'modality'), ('Subscription', 'url')) AND id LIKE 'old%%'").fetchall()
+    return {(r["type"], r["id"], r["param"], r["system"], r["value"]) for r in rows}
+
+
+def test_migration_0022_indexes_series_modalities_and_urls_as_the_store_does(db_url: str) -> None:
+    table = search_params.load(MAPPINGS)
+    assert table["ImagingStudy"]["modality"].paths == (("modality",), ("series", "modality"))
+    assert table["Subscription"]["url"].type == "uri"
+    expected: set[tuple[str, str, str, str | None, str]] = set()
+    with db.connect(db_url) as conn:
+        for n, body in enumerate(OLD_0022):
+            rtype, rid = body["resourceType"], f"old{n}"
+            stored = {**body, "id": rid, "meta": {"versionId": "1", "lastUpdated": "2026-12-01T00:00:00Z"}}
+            conn.execute("INSERT INTO resource (type, id, version, last_updated, body) VALUES (%s, %s, 1, now(), %s)",
+                         (rtype, rid, json.dumps(stored)))
+            name = "modality" if rtype == "ImagingStudy" else "url"
+            expected |= {(rtype, rid, p, s, v) for p, s, v in resources.index_entries(stored, {name: table[rtype][name]})}
+            old = ([(c.get("system"), c["code"]) for c in body.get("modality", [])] if rtype == "ImagingStudy"
+                   else [(None, search_params.normalise(body["channel"]["endpoint"]))])
+            for system, value in old:  # the rows the store wrote before
+                conn.execute("INSERT INTO search_index (type, id, param, system, value, last_updated)"
+                             " SELECT type, id, %s, %s, %s, last_updated FROM resource WHERE id = %s",
+                             (name, system, value, rid))
+        conn.commit()
+        assert ("ImagingStudy", "old1", "modality", DCM, "MR") not in _rows_0022(conn)  # the defect 0022 mends
+        with conn.transaction():
+            conn.execute(MIGRATION_0022.read_text(encoding="utf-8"))
+        got = _rows_0022(conn)
+    assert got == expected
+    assert {r for r in got if r[1] == "old0"} == {("ImagingStudy", "old0", "modality", DCM, "CR"),
+                                                   ("ImagingStudy", "old0", "modality", DCM, "DX"),
+                                                   ("ImagingStudy", "old0", "modality", None, "SR")}
+    assert ("Subscription", "old4", "url", None, "https://HIS.example.org/Fhir/Hook?Token=ÀB") in got
+    assert not [r for r in got if r[1] == "old3"]

@@ -204,13 +204,16 @@ class AuditQuery:
     """A search of the audit trail, from FHIR search parameters (`parse_query`)."""
 
     ids: list[int] = field(default_factory=list)
-    agents: list[str] = field(default_factory=list)
+    agents: list[str] = field(default_factory=list)  # altid: a client's or person's name
+    # agent (R4: a reference, AuditEvent.agent.who): (client | person | any | none, name)
+    agent_refs: list[tuple[str, str]] = field(default_factory=list)
+    agent_names: list[tuple[str, str]] = field(default_factory=list)  # (modifier, text): R4 string search
     patients: list[str] = field(default_factory=list)
     entities: list[str] = field(default_factory=list)
     subtypes: list[str] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)
     outcomes: list[str] = field(default_factory=list)
-    addresses: list[str] = field(default_factory=list)
+    addresses: list[tuple[str, str]] = field(default_factory=list)  # (modifier, text): R4 string search
     recorded: list[tuple[str, datetime]] = field(default_factory=list)
     count: int = 50
     offset: int = 0
@@ -218,9 +221,14 @@ class AuditQuery:
 
 
 # FHIR R4 AuditEvent search parameter -> AuditQuery field
-QUERY_PARAMS = {"altid": "agents", "agent": "agents", "agent-name": "agents", "patient": "patients",
+QUERY_PARAMS = {"altid": "agents", "agent": "agent_refs", "agent-name": "agent_names", "patient": "patients",
                 "entity": "entities", "subtype": "subtypes", "action": "actions", "outcome": "outcomes",
                 "address": "addresses"}
+STRING_PARAMS = ("agent-name", "address")  # R4 string parameters: :exact and :contains as for every string
+# An agent's who is an identifier (CLIENT_ID or PERSON_ID, the name); as a reference the hub reads
+# Device/name as the machine client of that name and Practitioner/name as the person.
+AGENT_TYPES = {"Device": "client", "Practitioner": "person"}
+AGENT_SYSTEMS = {CLIENT_ID: "client", PERSON_ID: "person"}
 PREFIXES = ("eq", "gt", "lt", "ge", "le")
 MAX_COUNT = 1000
 
@@ -256,12 +264,46 @@ def parse_query(args: list[tuple[str, str]], lenient: bool = False) -> AuditQuer
             if raw not in ("date", "-date", "_lastUpdated", "-_lastUpdated"):
                 raise QueryError("_sort: date or -date")
             q.newest_first = raw.startswith("-")
-        elif name in QUERY_PARAMS:
-            values = [v.split("|")[-1] if name == "subtype" else v for v in raw.split(",") if v]
-            if name in ("patient", "entity"):
-                values = [reference_of(v) for v in values]
-            getattr(q, QUERY_PARAMS[name]).extend(values)
+        elif name.partition(":")[0] in QUERY_PARAMS:
+            _parameter(q, name, [v for v in raw.split(",") if v])
         elif name not in ("_format", "_pretty") and not lenient:
             raise QueryError(f"unknown AuditEvent search parameter {name[:64]!r}; known: date, _id, _count, _offset,"
                              f" _sort, {', '.join(QUERY_PARAMS)}")
     return q
+
+
+def _agent_of(value: str, modifier: str) -> tuple[str, str]:
+    """(which agent, name) of an `agent` value: Type/id (or a URL ending so), an id alone (either
+    kind), or with :identifier system|name; an agent the hub never records matches none."""
+    if modifier == "identifier":
+        system, bar, code = value.rpartition("|")
+        return ("any" if not bar or not system else AGENT_SYSTEMS.get(system, "none")), code
+    if modifier:  # agent:Device=name
+        value = f"{modifier}/{value}"
+    ref = reference_of(value)
+    rtype, slash, rid = ref.rpartition("/")
+    return (AGENT_TYPES.get(rtype, "none"), rid) if slash else ("any", ref)
+
+
+def _parameter(q: AuditQuery, key: str, values: list[str]) -> None:
+    """Adds one search parameter's values (ORed) to the query."""
+    name, _, modifier = key.partition(":")
+    if name in STRING_PARAMS:
+        if modifier not in ("", "exact", "contains"):
+            raise QueryError(f"{name}: a string parameter takes :exact or :contains, not :{modifier[:20]}")
+        getattr(q, QUERY_PARAMS[name]).extend((modifier, v) for v in values)
+        return
+    if name == "agent":
+        if modifier and modifier != "identifier" and not (modifier.isalpha() and modifier[:1].isupper()):
+            raise QueryError(f"agent: modifier :{modifier[:20]} is not supported (:identifier or a type)")
+        q.agent_refs.extend(_agent_of(v, modifier) for v in values)
+        return
+    if modifier:
+        raise QueryError(f"{name}: modifier :{modifier[:20]} is not supported")
+    if name == "subtype":
+        values = [v.split("|")[-1] for v in values]
+    elif name in ("patient", "entity"):
+        values = [reference_of(v) for v in values]
+        if name == "patient":
+            values = [v if "/" in v else f"Patient/{v}" for v in values]
+    getattr(q, QUERY_PARAMS[name]).extend(values)

@@ -89,10 +89,12 @@ def routed(rules: Iterable[Any] | None = None) -> list[tuple[str, str]]:
     return out
 
 # the audit trail's own search (interop.domain.audit.parse_query)
-AUDIT_PARAMS = [{"name": "date", "type": "date"}, *({"name": n, "type": "reference" if n in ("patient", "entity") else
-                                                     "token"} for n in ("altid", "agent", "agent-name", "patient",
-                                                                        "entity", "subtype", "action", "outcome",
-                                                                        "address"))]
+AUDIT_PARAMS = [{"name": "date", "type": "date"},
+                *({"name": n, "type": t} for n, t in (("altid", "token"), ("agent", "reference"),
+                                                      ("agent-name", "string"), ("patient", "reference"),
+                                                      ("entity", "reference"), ("subtype", "token"),
+                                                      ("action", "token"), ("outcome", "token"),
+                                                      ("address", "string")))]
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 
 

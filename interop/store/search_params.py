@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-TYPES = ("token", "reference", "string", "date", "number", "quantity")
+TYPES = ("token", "reference", "string", "uri", "date", "number", "quantity")
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,9 @@ def index_rows(
                 rows.extend((param.name, unit, number) for unit, number in _numbers(value))
             elif param.type == "token":
                 rows.extend((param.name, system, code) for system, code in _tokens(value))
+            elif param.type == "uri":  # matched exactly as written (R4 search.html#uri): not normalised
+                if isinstance(value, str):
+                    rows.append((param.name, None, value))
             elif param.type == "reference":
                 if isinstance(value, dict) and isinstance(value.get("reference"), str):
                     ref = normalise_reference(value["reference"])
