@@ -17,7 +17,7 @@ Validate = Callable[[dict[str, Any]], list[str]]
 FHIR = "application/fhir+json"
 ID = "no-such-id"
 VALUES = {"date": "ge2020-01-01", "number": "gt1", "quantity": "lt1", "string": "x", "token": "x",
-          "reference": "Patient/x"}
+          "reference": "Patient/x", "uri": "https://his.example.org/hook"}
 
 
 def _statement(client: FlaskClient, validate: Validate) -> dict[str, Any]:
