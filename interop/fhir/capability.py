@@ -89,12 +89,19 @@ def routed(rules: Iterable[Any] | None = None) -> list[tuple[str, str]]:
     return out
 
 # the audit trail's own search (interop.domain.audit.parse_query)
-AUDIT_PARAMS = [{"name": "date", "type": "date"},
-                *({"name": n, "type": t} for n, t in (("altid", "token"), ("agent", "reference"),
-                                                      ("agent-name", "string"), ("patient", "reference"),
-                                                      ("entity", "reference"), ("subtype", "token"),
-                                                      ("action", "token"), ("outcome", "token"),
-                                                      ("address", "string")))]
+AUDIT_AGENT = ("agent.who, an identifier (urn:interop-hub:client or urn:interop-hub:person, the name): Device/name is"
+               " the machine client of that name, Practitioner/name the person, a name alone either;"
+               " agent:identifier=system|name as R4 writes it")
+AUDIT_STRING = "starts with the value, ignoring case and accents; :exact for the text as written, :contains anywhere"
+AUDIT_PARAMS: list[dict[str, str]] = [
+    {"name": "date", "type": "date"}, {"name": "altid", "type": "token"},
+    {"name": "agent", "type": "reference", "documentation": AUDIT_AGENT},
+    {"name": "agent-name", "type": "string", "documentation": AUDIT_STRING},
+    {"name": "patient", "type": "reference"},
+    {"name": "entity", "type": "reference", "documentation": "entity.what: every version of Type/id, and the patients"
+     " an event concerned"},
+    {"name": "subtype", "type": "token"}, {"name": "action", "type": "token"}, {"name": "outcome", "type": "token"},
+    {"name": "address", "type": "string", "documentation": AUDIT_STRING}]
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 
 
