@@ -655,6 +655,27 @@ def _driver(conn: psycopg.Connection[Any], rtype: str, criteria: list[Criterion]
     return min(zip(row["counts"], candidates), key=lambda c: c[0])[1]
 
 
+def _other_conditions(query: Query, driver: int, expanded: dict[int, list[str] | None]
+                      ) -> tuple[list[sql.Composable], list[Any], bool]:
+    """What an index row `d` of the driving criterion must also meet (_lastUpdated, _id, every
+    other criterion) as " AND …" clauses and their arguments, and whether a string :exact criterion
+    needs the resource's body joined."""
+    where: list[sql.Composable] = []
+    args: list[Any] = []
+    for op, when in query.last_updated:
+        where.append(sql.SQL(" AND d.last_updated {} %s").format(_OPS[op]))
+        args.append(when)
+    if query.ids:
+        where.append(sql.SQL(" AND d.id = ANY(%s)"))
+        args.append(query.ids)
+    for n, other in enumerate(query.criteria):
+        if n != driver:
+            exists, crit_args = _criterion_sql(other, "d", expanded.get(n))
+            where.append(sql.SQL(" AND ") + exists)
+            args.extend(crit_args)
+    return where, args, any(c.param.type == "string" and c.modifier == "exact" for c in query.criteria)
+
+
 def _walk_statement(rtype: str, query: Query, driver: int, keys: Keys,
                     expanded: dict[int, list[str] | None]) -> tuple[sql.Composed, list[Any]]:
     """For each index key of the driving criterion, its rows in (last_updated, id) order, each
@@ -664,23 +685,10 @@ def _walk_statement(rtype: str, query: Query, driver: int, keys: Keys,
     planner sees how common it is (and may rather start from a rarer condition and sort)."""
     direction = sql.SQL("DESC" if query.descending else "ASC")
     crit = query.criteria[driver]
-    where: list[sql.Composable] = []
-    args: list[Any] = []
-    for op, when in query.last_updated:
-        where.append(sql.SQL(" AND d.last_updated {} %s").format(_OPS[op]))
-        args.append(when)
-    if query.ids:
-        where.append(sql.SQL(" AND d.id = ANY(%s)"))
-        args.append(query.ids)
-    exact = any(c.param.type == "string" and c.modifier == "exact" for c in query.criteria)
-    for n, other in enumerate(query.criteria):
-        if n != driver:
-            exists, crit_args = _criterion_sql(other, "d", expanded.get(n))
-            where.append(sql.SQL(" AND ") + exists)
-            args.extend(crit_args)
-        elif crit.modifier == "exact":
-            where.append(sql.SQL(" AND ") + _EXACT)
-            args.extend(_exact_args(crit.param, [v for _, v in crit.values]))
+    where, args, exact = _other_conditions(query, driver, expanded)
+    if crit.modifier == "exact":
+        where.append(sql.SQL(" AND ") + _EXACT)
+        args.extend(_exact_args(crit.param, [v for _, v in crit.values]))
     end = query.offset + query.count + 1
     branch = sql.SQL("(SELECT d.last_updated, d.id FROM search_index d{join}"
                      " WHERE d.type = %s AND d.param = %s AND d.value = %s{system}{where}"
@@ -744,20 +752,7 @@ def _range_statement(rtype: str, query: Query, driver: int, keys: Range,
     resources are read. A common range is not read this way: resources are walked in order."""
     direction = sql.SQL("DESC" if query.descending else "ASC")
     name, test, test_args = keys
-    where: list[sql.Composable] = []
-    args: list[Any] = []
-    for op, when in query.last_updated:
-        where.append(sql.SQL(" AND d.last_updated {} %s").format(_OPS[op]))
-        args.append(when)
-    if query.ids:
-        where.append(sql.SQL(" AND d.id = ANY(%s)"))
-        args.append(query.ids)
-    exact = any(c.param.type == "string" and c.modifier == "exact" for c in query.criteria)
-    for n, other in enumerate(query.criteria):
-        if n != driver:
-            exists, crit_args = _criterion_sql(other, "d", expanded.get(n))
-            where.append(sql.SQL(" AND ") + exists)
-            args.extend(crit_args)
+    where, args, exact = _other_conditions(query, driver, expanded)
     statement = sql.SQL("""
 SELECT r.body FROM (
     SELECT DISTINCT d.last_updated, d.id FROM search_index d{join}
