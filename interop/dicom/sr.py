@@ -217,14 +217,20 @@ def _group(obs: dict[str, Any], index: int, report_id: str, algo: hd.sr.Algorith
         measurements=measurements or None, qualitative_evaluations=evaluations, source_images=images or None)
 
 
+def _verdict(report_id: str, images: list[hd.sr.SourceImageForMeasurementGroup], value: hd.sr.CodedConcept,
+             entropy: str, identifier: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A group with no finding, only a verdict on the AI result itself; its tracking UID derives
+    from `entropy` and the report, so each rebuild of the SR gives the same one."""
+    tracking = hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[entropy, report_id]), identifier=identifier)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking, finding_type=AI_RESULT,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(AI_RESULT, value)], source_images=images or None)
+
+
 def _rejected(report_id: str, images: list[hd.sr.SourceImageForMeasurementGroup]
               ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """A rejected AI result: no finding, only the radiologist's verdict."""
-    tracking = hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=["interop-hub rejected", report_id]),
-                                        identifier="AI result rejected")
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking, finding_type=AI_RESULT,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(AI_RESULT, REJECTED)], source_images=images or None)
+    return _verdict(report_id, images, REJECTED, "interop-hub rejected", "AI result rejected")
 
 
 def _not_analysable(report: dict[str, Any]) -> bool:
@@ -235,11 +241,7 @@ def _not_analysable(report: dict[str, Any]) -> bool:
 def _refused(report_id: str, images: list[hd.sr.SourceImageForMeasurementGroup]
              ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The quality gate refused the images: the AI read nothing (an empty SR would read as "no finding")."""
-    tracking = hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=["interop-hub not analysable", report_id]),
-                                        identifier="AI result: images not analysable")
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking, finding_type=AI_RESULT,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(AI_RESULT, NOT_ANALYSABLE)], source_images=images or None)
+    return _verdict(report_id, images, NOT_ANALYSABLE, "interop-hub not analysable", "AI result: images not analysable")
 
 
 def predecessors(report_id: str, version: int, study_uid: str) -> list[Dataset]:
