@@ -13,4 +13,6 @@ pytest_plugins = (
     "tests.fixtures.tls",
     "tests.fixtures.stored_report",
     "tests.fixtures.oidc",
+    "tests.fixtures.fhir_check",
+    "tests.fixtures.receiver",
 )

@@ -67,6 +67,38 @@ def time_passes(conn: Any) -> None:
     conn.execute("UPDATE lane SET open_until = now() WHERE open_until > now()")
 
 
+def drain(sender: Any, conn: Any, rounds: int = 20) -> int:
+    """Run the delivery runner `sender` until nothing more is due, letting back-offs pass between
+    tries (at most `rounds` deliveries): how many it sent."""
+    sent = 0
+    for _ in range(rounds):
+        if not sender.run_once():
+            time_passes(conn)
+            if not sender.run_once():
+                return sent
+        sent += 1
+    return sent
+
+
+def new_report(conn: Any, sender: Any, rid: str, status: str = "preliminary") -> list[int]:
+    """The test AI report stored as `rid` (its own identifier, with its observations) at `status`,
+    and queued as the hub queues a new report version with no site: for the Subscriptions it
+    matches. The queued delivery ids."""
+    from interop.services import delivery
+    from interop.store import resources
+    from tests.test_oru import PARAMS, built_report
+
+    built = built_report(critical=False, report_id=rid)
+    built["report"]["status"] = status
+    built["report"]["identifier"][0]["value"] += f"-{rid}"
+    with conn.transaction():
+        for body in built["observations"]:
+            resources.create(conn, body, PARAMS["Observation"], rid=body["id"])
+        report = resources.create(conn, built["report"], PARAMS["DiagnosticReport"], rid=rid)
+        queued: list[int] = delivery.queue_report(conn, sender.ctx, report, None)
+        return queued
+
+
 def context(**env: str) -> Any:
     """The services' context for settings made of `env` (with this process's environment, for
     the secrets a sites file names)."""

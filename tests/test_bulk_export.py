@@ -24,7 +24,7 @@ from interop.services import bulk
 from interop.services.analytics import facts
 from interop.services.context import Context
 from interop.store import bulk as exports
-from interop.store import db, queue, resources
+from interop.store import queue, resources
 from interop.workers.analysis import Runner
 from scripts.smart import ClientKey, Smart, session
 from tests.fixtures.auth import register
@@ -70,12 +70,6 @@ def hub(db_url: str) -> Iterator[Hub]:
     running = Hub(db_url)
     yield running
     running.close()
-
-
-@pytest.fixture
-def conn(db_url: str) -> Iterator[psycopg.Connection[Any]]:
-    with db.connect(db_url, autocommit=True) as connection:
-        yield connection
 
 
 def store_report(conn: psycopg.Connection[Any], ctx: Context, rid: str, site: str, status: str = "final") -> dict[str, Any]:

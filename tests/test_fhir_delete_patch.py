@@ -4,30 +4,20 @@ Answers are checked against the official R4 JSON schema."""
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import fhirpy
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from werkzeug.serving import make_server
 
 from interop.store.db import connect
 from tests.fixtures.auth import bearer, with_token
-from tests.fixtures.fhir_check import started
 from tests.test_fhir_api import FHIR, jobs, outcome, post, study
 from tests.test_fhir_transaction import NHI, patient
 
 Validate = Callable[[dict[str, Any]], list[str]]
-
-
-@pytest.fixture(scope="module")
-def check_r4(fhir_validate: Validate) -> Iterator[Validate]:
-    """The R4 JSON schema, the npm fhir validator, Medplum's, R4's type invariants (tests/fixtures/fhir_check.py)."""
-    with started(fhir_validate) as checker:
-        yield checker.problems
 JSON_PATCH = "application/json-patch+json"
 
 
@@ -196,31 +186,22 @@ def test_each_interaction_needs_its_scope(app: Flask, client: FlaskClient, db_ur
 
 
 # -- with fhirpy, over HTTP ---------------------------------------------------------------------------
-@pytest.fixture
-def fhir(app: Flask, db_url: str) -> Iterator[fhirpy.SyncFHIRClient]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield fhirpy.SyncFHIRClient(f"http://127.0.0.1:{server.server_port}/fhir",
-                                authorization=f"Bearer {bearer(app.test_client(), db_url)}")
-    server.shutdown()
-
-
-def test_fhirpy_habits(fhir: fhirpy.SyncFHIRClient) -> None:
-    person = fhir.resource("Patient", **patient("M8", "Bui"))
+def test_fhirpy_habits(fhirpy_client: fhirpy.SyncFHIRClient) -> None:
+    person = fhirpy_client.resource("Patient", **patient("M8", "Bui"))
     person.save()
     person.patch(gender="female", active=True)  # fhirpy sends a JSON Merge Patch
     person.refresh()
     assert person["gender"] == "female" and person["active"] is True and person["meta"]["versionId"] == "2"
     # conditional update through a search set, as fhirpy does it
-    updated, was_created = fhir.resources("Patient").search(identifier=f"{NHI}|M8").update(
-        fhir.resource("Patient", **patient("M8", "Bui Thi")))
+    updated, was_created = fhirpy_client.resources("Patient").search(identifier=f"{NHI}|M8").update(
+        fhirpy_client.resource("Patient", **patient("M8", "Bui Thi")))
     assert was_created is False and updated.id == person.id
-    assert fhir.resources("Patient").search(identifier=f"{NHI}|M9").update(fhir.resource("Patient", **patient("M9")))[1]
+    assert fhirpy_client.resources("Patient").search(identifier=f"{NHI}|M9").update(
+        fhirpy_client.resource("Patient", **patient("M9")))[1]
     person.delete()
     with pytest.raises(fhirpy.base.exceptions.ResourceNotFound):
-        fhir.reference("Patient", person.id).to_resource()
-    assert fhir.resources("Patient").search(identifier=f"{NHI}|M8").fetch() == []
+        fhirpy_client.reference("Patient", person.id).to_resource()
+    assert fhirpy_client.resources("Patient").search(identifier=f"{NHI}|M8").fetch() == []
 
 
 def test_every_element_of_a_patch_replaced_by_a_wrong_type_is_a_4xx_never_a_500(client: FlaskClient) -> None:

@@ -10,18 +10,14 @@ to small `http.server` receivers on loopback.
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import fhirpy
 import psycopg
 import pytest
-from flask import Flask
 from flask.testing import FlaskClient
-from werkzeug.serving import make_server
 
 from interop.domain import bundle as fhir_push
 from interop.domain import subscriptions
@@ -32,9 +28,9 @@ from interop.sites import SitesError
 from interop.sites import load as load_sites
 from interop.store import db, resources
 from interop.workers.delivery import Deliverer
-from tests.fixtures.auth import bearer
 from tests.fixtures.fhir_server import Emr
-from tests.helpers import context, delivery_row, time_passes
+from tests.fixtures.receiver import Receiver
+from tests.helpers import context, delivery_row, drain, new_report, time_passes
 from tests.test_oru import PARAMS, PATIENT, SERVICE_REQUEST, STUDY, built_report
 
 REPORT_SYSTEM = "urn:interop-hub:report"
@@ -78,17 +74,6 @@ def row(conn: psycopg.Connection[Any], item_id: int) -> dict[str, Any]:
 def emr_reports(emr: Emr) -> list[dict[str, Any]]:
     value = built_report()["report"]["identifier"][0]["value"]
     return emr.search("DiagnosticReport", identifier=f"{REPORT_SYSTEM}|{value}")
-
-
-def drain(sender: Deliverer, conn: psycopg.Connection[Any], rounds: int = 20) -> int:
-    sent = 0
-    for _ in range(rounds):
-        if not sender.run_once():
-            time_passes(conn)
-            if not sender.run_once():
-                return sent
-        sent += 1
-    return sent
 
 
 # -- the Bundle (pure) ------------------------------------------------------------------------
@@ -390,65 +375,6 @@ def test_critical_notice_reaches_the_ordering_site_and_the_higher_level_hospital
         peer.shutdown()
 
 
-class Receiver:
-    """A rest-hook endpoint: records each notification and answers `status`."""
-
-    def __init__(self, status: int = 200):
-        self.status = status
-        self.received: list[dict[str, Any]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                receiver.received.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                self.send_response(receiver.status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            do_PUT = do_POST  # R4: a notification with a payload is a PUT of the report at [endpoint]/DiagnosticReport/[id]
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receivers() -> Iterator[Callable[[int], Receiver]]:
-    made: list[Receiver] = []
-
-    def make(status: int = 200) -> Receiver:
-        made.append(Receiver(status))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
-
-
-@pytest.fixture
-def hub_http(app: Flask) -> Iterator[str]:
-    """The hub's API over real HTTP (werkzeug in a thread), for an independent client (`fhir_client`)."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/fhir"
-    server.shutdown()
-
-
-def fhir_client(app: Flask, db_url: str, base: str) -> fhirpy.SyncFHIRClient:
-    """fhirpy as a vendor uses it: with a SMART backend token from the hub."""
-    return fhirpy.SyncFHIRClient(base, authorization=f"Bearer {bearer(app.test_client(), db_url)}")
-
-
 def subscribe(hub: fhirpy.SyncFHIRClient, receiver: Receiver, criteria: str, **channel: Any) -> Any:
     sub = hub.resource("Subscription", status="requested", reason="AI results for the EMR", criteria=criteria,
                        channel={"type": "rest-hook", "endpoint": receiver.url, **channel})
@@ -456,34 +382,22 @@ def subscribe(hub: fhirpy.SyncFHIRClient, receiver: Receiver, criteria: str, **c
     return sub
 
 
-def new_report(conn: psycopg.Connection[Any], sender: Deliverer, rid: str, status: str = "preliminary") -> list[int]:
-    built = built_report(critical=False, report_id=rid)
-    built["report"]["status"] = status
-    built["report"]["identifier"][0]["value"] += f"-{rid}"
-    with conn.transaction():
-        for body in built["observations"]:
-            resources.create(conn, body, PARAMS["Observation"], rid=body["id"])
-        report = resources.create(conn, built["report"], PARAMS["DiagnosticReport"], rid=rid)
-        return on_report_changed(conn, report, sender.ctx, None)
-
-
 def test_subscription_is_notified_of_matching_reports_only(
-        stored: psycopg.Connection[Any], hub_http: str, receivers: Callable[[int], Receiver], db_url: str,
-        tmp_path: Path, app: Flask) -> None:
-    hub = fhir_client(app, db_url, hub_http)
+        stored: psycopg.Connection[Any], fhirpy_client: fhirpy.SyncFHIRClient, receivers: Callable[[int], Receiver],
+        db_url: str, tmp_path: Path) -> None:
     wanted, other = receivers(200), receivers(200)
-    sub = subscribe(hub, wanted, "DiagnosticReport?status=preliminary,final", payload="application/fhir+json",
+    sub = subscribe(fhirpy_client, wanted, "DiagnosticReport?status=preliminary,final", payload="application/fhir+json",
                     header=["Authorization: Bearer hook-secret"])
     assert sub["status"] == "active" and sub.id
-    subscribe(hub, other, "DiagnosticReport?status=final&code=http://loinc.org|36554-4")
-    assert len(hub.resources("Subscription").search(status="active").fetch()) == 2
+    subscribe(fhirpy_client, other, "DiagnosticReport?status=final&code=http://loinc.org|36554-4")
+    assert len(fhirpy_client.resources("Subscription").search(status="active").fetch()) == 2
     with pytest.raises(fhirpy.base.exceptions.OperationOutcome) as refused:
-        hub.resource("Subscription", status="requested", reason="x", criteria="DiagnosticReport?status=final",
-                     channel={"type": "websocket"}).save()
+        fhirpy_client.resource("Subscription", status="requested", reason="x", criteria="DiagnosticReport?status=final",
+                               channel={"type": "websocket"}).save()
     assert "rest-hook" in str(refused.value)
     with pytest.raises(fhirpy.base.exceptions.OperationOutcome):
-        hub.resource("Subscription", status="requested", reason="x", criteria="DiagnosticReport?colour=blue",
-                     channel={"type": "rest-hook", "endpoint": wanted.url}).save()
+        fhirpy_client.resource("Subscription", status="requested", reason="x", criteria="DiagnosticReport?colour=blue",
+                               channel={"type": "rest-hook", "endpoint": wanted.url}).save()
 
     sender = make_sender(db_url, write_sites(tmp_path, ""), channel="rest-hook")
     try:
@@ -503,11 +417,10 @@ def test_subscription_is_notified_of_matching_reports_only(
 
 
 def test_a_failing_endpoint_puts_the_subscription_into_error(
-        stored: psycopg.Connection[Any], hub_http: str, receivers: Callable[[int], Receiver], db_url: str,
-        tmp_path: Path, app: Flask) -> None:
-    hub = fhir_client(app, db_url, hub_http)
+        stored: psycopg.Connection[Any], fhirpy_client: fhirpy.SyncFHIRClient, receivers: Callable[[int], Receiver],
+        db_url: str, tmp_path: Path) -> None:
     failing = receivers(500)
-    sub = subscribe(hub, failing, "DiagnosticReport?status=preliminary")
+    sub = subscribe(fhirpy_client, failing, "DiagnosticReport?status=preliminary")
     sender = make_sender(db_url, write_sites(tmp_path, ""), channel="rest-hook")
     try:
         [item_id] = new_report(stored, sender, "r9")

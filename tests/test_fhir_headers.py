@@ -16,19 +16,11 @@ from flask.testing import FlaskClient
 from interop.app import create_app
 from interop.config import Settings
 from tests.fixtures.auth import bearer, with_token
-from tests.fixtures.fhir_check import started
 from tests.fixtures.hub import TEST_URL_ALLOW
 from tests.test_fhir_api import FHIR, outcome, post
 from tests.test_fhir_transaction import patient
 
 Validate = Callable[[dict[str, Any]], list[str]]
-
-
-@pytest.fixture(scope="module")
-def check_r4(fhir_validate: Validate) -> Iterator[Validate]:
-    """The R4 JSON schema, the npm fhir validator, Medplum's, R4's type invariants (tests/fixtures/fhir_check.py)."""
-    with started(fhir_validate) as checker:
-        yield checker.problems
 VIEWER = "https://viewer.example.org"
 
 

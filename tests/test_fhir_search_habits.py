@@ -6,8 +6,7 @@ with fhirpy over HTTP as its users call it."""
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,7 +14,6 @@ import fhirpy
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from werkzeug.serving import make_server
 
 from interop.store import resources
 from interop.store.db import connect
@@ -281,29 +279,19 @@ def test_summary_and_elements(client: FlaskClient, world: dict[str, list[str]], 
 
 
 # -- with fhirpy, over HTTP ---------------------------------------------------------------------------
-@pytest.fixture
-def fhir(app: Flask, db_url: str) -> Iterator[fhirpy.SyncFHIRClient]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield fhirpy.SyncFHIRClient(f"http://127.0.0.1:{server.server_port}/fhir",
-                                authorization=f"Bearer {bearer(app.test_client(), db_url)}")
-    server.shutdown()
-
-
-def test_fhirpy_habits(fhir: fhirpy.SyncFHIRClient, world: dict[str, list[str]]) -> None:
-    patients = fhir.resources("Patient")
+def test_fhirpy_habits(fhirpy_client: fhirpy.SyncFHIRClient, world: dict[str, list[str]]) -> None:
+    patients = fhirpy_client.resources("Patient")
     assert sorted(p.id for p in patients.search(birthdate__ge="1980").fetch()) == pick(world["Patient"], 0, 2)
     assert patients.search(birthdate__lt="1980").count() == 1
-    assert fhir.resources("DiagnosticReport").search(issued__ge="2026-12-01").count() == 3
-    reports = fhir.resources("DiagnosticReport").search(subject__Patient__identifier=f"{MRN}|A1").fetch()
+    assert fhirpy_client.resources("DiagnosticReport").search(issued__ge="2026-12-01").count() == 3
+    reports = fhirpy_client.resources("DiagnosticReport").search(subject__Patient__identifier=f"{MRN}|A1").fetch()
     assert sorted(r.id for r in reports) == pick(world["DiagnosticReport"], 0, 1)
-    assert fhir.resources("DiagnosticReport").search(patient__family="tran").count() == 1
+    assert fhirpy_client.resources("DiagnosticReport").search(patient__family="tran").count() == 1
     with_reports = patients.search(identifier="A1").revinclude("DiagnosticReport", "subject").fetch_raw()
     assert sorted(e["resource"]["resourceType"] for e in with_reports["entry"]) == \
         ["DiagnosticReport", "DiagnosticReport", "Patient"]
     assert patients.search(**{"_has:DiagnosticReport:subject:status": "preliminary"}).count() == 1
-    newest = fhir.resources("DiagnosticReport").sort("-issued").limit(1).fetch()
+    newest = fhirpy_client.resources("DiagnosticReport").sort("-issued").limit(1).fetch()
     assert [r.id for r in newest] == [world["DiagnosticReport"][3]]
     slim = patients.search(identifier="A2").elements("birthDate").first()
     assert slim is not None and slim["birthDate"] == "1975-12-31" and "name" not in slim

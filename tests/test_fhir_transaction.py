@@ -15,23 +15,13 @@ import fhirpy
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from werkzeug.serving import make_server
 
 from interop.store.db import connect
 from tests.fixtures.auth import bearer, with_token
-from tests.fixtures.fhir_check import started
 from tests.test_fhir_api import FHIR, jobs, outcome, study
 
 Validate = Callable[[dict[str, Any]], list[str]]
 NHI = "urn:oid:1.2.840.99999.1"  # the test HIS's patient identifier system
-
-
-@pytest.fixture(scope="module")
-def check_r4(fhir_validate: Validate) -> Iterator[Validate]:
-    """Every independent R4 check the tests have: the JSON schema, the npm fhir validator,
-    Medplum's validator and R4's data type invariants (tests/fixtures/fhir_check.py)."""
-    with started(fhir_validate) as checker:
-        yield checker.problems
 
 
 def urn() -> str:
@@ -262,27 +252,17 @@ def test_each_entry_needs_its_scope(app: Flask, db_url: str, check_r4: Validate)
 
 
 # -- as a vendor's integration does it, with fhirpy over HTTP --------------------------------------
-@pytest.fixture
-def hub_http(app: Flask) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/fhir"
-    server.shutdown()
-
-
-def test_fhirpy_posts_a_transaction(app: Flask, db_url: str, hub_http: str, check_r4: Validate) -> None:
-    fhir = fhirpy.SyncFHIRClient(hub_http, authorization=f"Bearer {bearer(app.test_client(), db_url)}")
+def test_fhirpy_posts_a_transaction(fhirpy_client: fhirpy.SyncFHIRClient, check_r4: Validate) -> None:
     p_url = urn()
     sent = bundle("transaction", entry("POST", "Patient", patient("M7"), p_url),
                   entry("POST", "ImagingStudy", study(subject=p_url, endpoint=None, status="registered")))
-    body = fhir.execute("/", method="post", data=sent)
+    body = fhirpy_client.execute("/", method="post", data=sent)
     assert check_r4(body) == [] and body["type"] == "transaction-response"
     pid = body["entry"][0]["response"]["location"].split("/")[1]
-    studies = fhir.resources("ImagingStudy").search(subject=f"Patient/{pid}").fetch()
+    studies = fhirpy_client.resources("ImagingStudy").search(subject=f"Patient/{pid}").fetch()
     assert len(studies) == 1 and studies[0]["subject"]["reference"] == f"Patient/{pid}"
     with pytest.raises(fhirpy.base.exceptions.OperationOutcome):
-        fhir.execute("/", method="post", data=bundle("document"))
+        fhirpy_client.execute("/", method="post", data=bundle("document"))
 
 
 def _paths(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:

@@ -6,9 +6,7 @@ runner to `http.server` receivers on loopback that record every request exactly 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -16,77 +14,18 @@ import fhirpy
 import psycopg
 import pytest
 import requests
-from flask import Flask
-from werkzeug.serving import make_server
 
 from interop.domain import subscriptions
 from interop.services import delivery
 from interop.store import queue, resources
 from interop.store.db import scalar
 from interop.workers.delivery import Deliverer
-from tests.fixtures.auth import bearer
-from tests.helpers import context, time_passes
-from tests.test_oru import PARAMS, built_report
+from tests.fixtures.receiver import Receiver
+from tests.helpers import context, drain, new_report, time_passes
+from tests.test_oru import PARAMS
 
 FAILURES_BEFORE_ERROR = context().policies.kind(delivery.REST_HOOK).max_attempts
 FULL = subscriptions.PAYLOAD_CONTENT
-
-
-class Receiver:
-    """A notification endpoint: records each request as received and answers `status`."""
-
-    def __init__(self, status: int = 200):
-        self.status = status
-        self.received: list[dict[str, Any]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _record(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                receiver.received.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
-                                          "body": body})
-                self.send_response(receiver.status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            do_POST = do_PUT = _record
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def bundles(self) -> list[dict[str, Any]]:
-        return [json.loads(r["body"]) for r in self.received]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receivers() -> Iterator[Callable[[int], Receiver]]:
-    made: list[Receiver] = []
-
-    def make(status: int = 200) -> Receiver:
-        made.append(Receiver(status))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
-
-
-@pytest.fixture
-def api(app: Flask, db_url: str) -> Iterator[fhirpy.SyncFHIRClient]:
-    """fhirpy, as a vendor uses it, against the hub's API over real HTTP with a SMART backend token."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    token = bearer(app.test_client(), db_url)
-    yield fhirpy.SyncFHIRClient(f"http://127.0.0.1:{server.server_port}/fhir", authorization=f"Bearer {token}")
-    server.shutdown()
 
 
 @pytest.fixture
@@ -99,42 +38,12 @@ def sender(db_url: str, tmp_path: Path) -> Iterator[Deliverer]:
     runner.close()
 
 
-@pytest.fixture
-def conn(db_url: str) -> Iterator[psycopg.Connection[Any]]:
-    from interop.store import db
-
-    with db.connect(db_url, autocommit=True) as connection:
-        yield connection
-
-
-def drain(sender: Deliverer, conn: psycopg.Connection[Any]) -> int:
-    sent = 0
-    for _ in range(30):
-        if not sender.run_once():
-            time_passes(conn)
-            if not sender.run_once():
-                return sent
-        sent += 1
-    return sent
-
-
 def run_ready(sender: Deliverer) -> int:
     """Deliver what is due now (a heartbeat due later stays queued)."""
     sent = 0
     while sender.run_once():
         sent += 1
     return sent
-
-
-def new_report(conn: psycopg.Connection[Any], sender: Deliverer, rid: str, status: str = "preliminary") -> list[int]:
-    built = built_report(critical=False, report_id=rid)
-    built["report"]["status"] = status
-    built["report"]["identifier"][0]["value"] += f"-{rid}"
-    with conn.transaction():
-        for body in built["observations"]:
-            resources.create(conn, body, PARAMS["Observation"], rid=body["id"])
-        report = resources.create(conn, built["report"], PARAMS["DiagnosticReport"], rid=rid)
-        return delivery.queue_report(conn, sender.ctx, report, None)
 
 
 def topic_subscription(endpoint: str, content: str, *, filters: tuple[str, ...] = (), heartbeat: int | None = None,
@@ -151,8 +60,8 @@ def topic_subscription(endpoint: str, content: str, *, filters: tuple[str, ...] 
             "channel": channel, **extra}
 
 
-def create(api: fhirpy.SyncFHIRClient, body: dict[str, Any]) -> Any:
-    resource = api.resource("Subscription", **{k: v for k, v in body.items() if v is not None and k != "resourceType"})
+def create(client: fhirpy.SyncFHIRClient, body: dict[str, Any]) -> Any:
+    resource = client.resource("Subscription", **{k: v for k, v in body.items() if v is not None and k != "resourceType"})
     resource.save()
     return resource
 
@@ -165,14 +74,14 @@ def params(bundle: dict[str, Any]) -> dict[str, Any]:
 
 # -- classic R4 rest-hook ----------------------------------------------------------------------------
 def test_classic_rest_hook_puts_the_report_at_the_endpoint_or_posts_nothing(
-        api: fhirpy.SyncFHIRClient, receivers: Callable[[int], Receiver], sender: Deliverer,
+        fhirpy_client: fhirpy.SyncFHIRClient, receivers: Callable[[int], Receiver], sender: Deliverer,
         conn: psycopg.Connection[Any], fhir_validate: Callable[[dict[str, Any]], list[str]]) -> None:
     with_payload, without = receivers(200), receivers(200)
-    sub = create(api, {"status": "requested", "reason": "x", "criteria": "DiagnosticReport?status=preliminary",
+    sub = create(fhirpy_client, {"status": "requested", "reason": "x", "criteria": "DiagnosticReport?status=preliminary",
                        "channel": {"type": "rest-hook", "endpoint": with_payload.url, "payload": "application/fhir+json",
                                    "header": ["Authorization: Bearer hook-secret", "X-Site: BVDKDN"]}})
     assert sub["status"] == "active"  # R4 rest-hook: no handshake
-    create(api, {"status": "requested", "reason": "x", "criteria": "DiagnosticReport?status=preliminary",
+    create(fhirpy_client, {"status": "requested", "reason": "x", "criteria": "DiagnosticReport?status=preliminary",
                  "channel": {"type": "rest-hook", "endpoint": without.url}})
     assert len(new_report(conn, sender, "r7")) == 2
     assert drain(sender, conn) == 2
@@ -186,8 +95,8 @@ def test_classic_rest_hook_puts_the_report_at_the_endpoint_or_posts_nothing(
     [post] = without.received
     assert post["method"] == "POST" and post["path"] == "/hook" and post["body"] == b""
     assert "Content-Type" not in post["headers"]
-    answer = requests.get(f"{api.url}/Subscription/{sub.id}/$status", headers={"Authorization": api.authorization},
-                          timeout=10)
+    answer = requests.get(f"{fhirpy_client.url}/Subscription/{sub.id}/$status",
+                          headers={"Authorization": fhirpy_client.authorization}, timeout=10)
     assert answer.status_code == 200 and fhir_validate(answer.json()) == []
     status = {p["name"]: p for p in answer.json()["entry"][0]["resource"]["parameter"]}
     assert status["status"]["valueCode"] == "active" and "topic" not in status  # a classic one has no topic
@@ -195,13 +104,13 @@ def test_classic_rest_hook_puts_the_report_at_the_endpoint_or_posts_nothing(
 
 # -- the R4 Subscriptions Backport (topic-based) ------------------------------------------------------
 def test_topic_subscription_handshake_events_status_and_heartbeat(
-        api: fhirpy.SyncFHIRClient, receivers: Callable[[int], Receiver], sender: Deliverer,
+        fhirpy_client: fhirpy.SyncFHIRClient, receivers: Callable[[int], Receiver], sender: Deliverer,
         conn: psycopg.Connection[Any], fhir_validate: Callable[[dict[str, Any]], list[str]]) -> None:
     full, ids = receivers(200), receivers(200)
-    sub = create(api, topic_subscription(full.url, "full-resource", filters=("DiagnosticReport?status=final",),
+    sub = create(fhirpy_client, topic_subscription(full.url, "full-resource", filters=("DiagnosticReport?status=final",),
                                          heartbeat=60))
     assert sub["status"] == "requested"  # until the handshake is accepted
-    other = create(api, topic_subscription(ids.url, "id-only"))
+    other = create(fhirpy_client, topic_subscription(ids.url, "id-only"))
     assert run_ready(sender) == 2  # the two handshakes
     [handshake] = full.bundles()
     assert fhir_validate(handshake) == [] and handshake["type"] == "history"
@@ -234,8 +143,8 @@ def test_topic_subscription_handshake_events_status_and_heartbeat(
     assert [p["notification-event"]["part"][0]["valueString"] for p in map(params, id_only)] == ["1", "2"]
     assert all(fhir_validate(b) == [] for b in id_only)
 
-    answer = requests.get(f"{api.url}/Subscription/{other.id}/$status", headers={"Authorization": api.authorization},
-                          timeout=10)
+    answer = requests.get(f"{fhirpy_client.url}/Subscription/{other.id}/$status",
+                          headers={"Authorization": fhirpy_client.authorization}, timeout=10)
     assert answer.status_code == 200
     searchset = answer.json()
     assert searchset["type"] == "searchset" and fhir_validate(searchset) == []
@@ -256,10 +165,10 @@ def test_topic_subscription_handshake_events_status_and_heartbeat(
 
 
 def test_a_refused_handshake_puts_the_topic_subscription_into_error(
-        api: fhirpy.SyncFHIRClient, receivers: Callable[[int], Receiver], sender: Deliverer,
+        fhirpy_client: fhirpy.SyncFHIRClient, receivers: Callable[[int], Receiver], sender: Deliverer,
         conn: psycopg.Connection[Any]) -> None:
     failing = receivers(503)
-    sub = create(api, topic_subscription(failing.url, "empty"))
+    sub = create(fhirpy_client, topic_subscription(failing.url, "empty"))
     for _ in range(FAILURES_BEFORE_ERROR):
         assert sender.run_once() is True
         time_passes(conn)
@@ -278,7 +187,7 @@ def test_a_refused_handshake_puts_the_topic_subscription_into_error(
 
 
 def test_topic_subscriptions_the_hub_cannot_serve_are_refused(
-        api: fhirpy.SyncFHIRClient, receivers: Callable[[int], Receiver], conn: psycopg.Connection[Any]) -> None:
+        fhirpy_client: fhirpy.SyncFHIRClient, receivers: Callable[[int], Receiver], conn: psycopg.Connection[Any]) -> None:
     endpoint = receivers(200).url
     refused = [
         topic_subscription(endpoint, "full-resource", criteria="http://example.org/SubscriptionTopic/admission"),
@@ -289,17 +198,17 @@ def test_topic_subscriptions_the_hub_cannot_serve_are_refused(
     ]
     for body in refused:
         with pytest.raises(fhirpy.base.exceptions.OperationOutcome) as outcome:
-            create(api, body)
+            create(fhirpy_client, body)
         assert outcome.value.resource["issue"][0]["code"] == "business-rule"
     assert scalar(conn, "SELECT count(*) FROM resource WHERE type = 'Subscription'") == 0
     assert queue.depth(conn) == {}
 
 
 def test_a_payload_subscription_on_an_emr_fhir_base_updates_the_report_there(
-        api: fhirpy.SyncFHIRClient, fhir_emr: Any, sender: Deliverer, conn: psycopg.Connection[Any]) -> None:
+        fhirpy_client: fhirpy.SyncFHIRClient, fhir_emr: Any, sender: Deliverer, conn: psycopg.Connection[Any]) -> None:
     """R4's payload semantics with a real FHIR server as the endpoint (Medplum): the notification
     is an update of the report at the EMR, which then holds each new version."""
-    create(api, {"status": "requested", "reason": "x", "criteria": "DiagnosticReport?status=preliminary,final",
+    create(fhirpy_client, {"status": "requested", "reason": "x", "criteria": "DiagnosticReport?status=preliminary,final",
                  "channel": {"type": "rest-hook", "endpoint": fhir_emr.base, "payload": "application/fhir+json",
                              "header": [f"Authorization: Bearer {fhir_emr.token}"]}})
     assert len(new_report(conn, sender, "r7")) == 1
