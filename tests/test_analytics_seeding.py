@@ -110,3 +110,30 @@ def test_migration_0019_marks_what_earlier_seeding_wrote(db_url: str) -> None:
         marked = {r["report_id"]: r["synthetic"] for r in conn.execute(
             "SELECT report_id, synthetic FROM analytics.study_fact")}
     assert marked == {"synthetic-1": True, "synthetic-2": False, "abc": False}
+
+
+def test_two_refreshes_at_once_replace_the_kept_forecasts_one_after_the_other(db_url: str) -> None:
+    """Two workers with a due refresh each: the second waits for the first instead of breaking the
+    kept forecasts' key (seen as a UniqueViolation and a retried job when the demo restarted)."""
+    import threading
+
+    failures: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            with connect(db_url, autocommit=True) as conn:
+                queries.keep_forecasts(conn, {"k": {"by": "second"}})
+        except BaseException as exc:  # reported by the assertion below
+            failures.append(exc)
+
+    with connect(db_url) as first:  # a transaction left open: the first refresh still writing
+        first.execute("SELECT 1")  # begun here, so keep_forecasts' block is a savepoint in it, not committed
+        queries.keep_forecasts(first, {"k": {"by": "first"}})
+        other = threading.Thread(target=second)
+        other.start()
+        other.join(1.0)  # the second is held until the first commits
+        first.commit()
+    other.join(30)
+    assert failures == []
+    with connect(db_url) as conn:
+        assert queries.kept_forecasts(conn, ["k"]) == {"k": {"by": "second"}}

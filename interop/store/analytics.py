@@ -180,9 +180,15 @@ def last_day(conn: psycopg.Connection[Any]) -> date | None:
     return value if isinstance(value, date) else None
 
 
+_FORECAST_LOCK = 0x66637374  # one replacement of the kept forecasts at a time, across processes
+
+
 def keep_forecasts(conn: psycopg.Connection[Any], bodies: Mapping[str, Any]) -> None:
-    """Replace the kept forecasts with `bodies` (digest of the inputs -> the forecast as JSON)."""
+    """Replace the kept forecasts with `bodies` (digest of the inputs -> the forecast as JSON).
+    Two refreshes at once (two workers, each with a due refresh job) replace them one after the
+    other: without the lock both deleted what they saw and the second's copy broke the key."""
     with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_FORECAST_LOCK,))
         conn.execute("DELETE FROM analytics.forecast_cache")
         with conn.cursor() as cur, cur.copy("COPY analytics.forecast_cache (key, body) FROM STDIN") as copy:
             for key, body in bodies.items():
