@@ -35,7 +35,7 @@ import requests
 
 from tests.fixtures.fhir_check import FhirCheck, started
 from tests.fixtures.hub import TEST_URL_ALLOW, HubProcess, start_hub, stop_hub
-from tests.fixtures.postgres import with_database
+from tests.fixtures.postgres import database_of_module
 from tests.helpers import DATA, ROOT
 
 EXAMPLES = sorted((DATA / "fhir-r4").glob("*.json"))
@@ -69,20 +69,15 @@ def check(fhir_validate: Any) -> Iterator[FhirCheck]:
 def served(pg_server_url: str, pg_template: str, triton_url: str, orthanc: Any,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
     """One `interop serve` for the module, on its own database (each example gets its own ids)."""
-    name = f"interop_conformance_{os.getpid()}"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
-    hub = start_hub({"DATABASE_URL": with_database(pg_server_url, name), "TRITON_URL": triton_url,
-                     "DICOMWEB_URL": orthanc.dicomweb_url, "INTEROP_WORKERS": "0",
-                     "INTEROP_URL_ALLOW": f"{TEST_URL_ALLOW},{EXAMPLE_URLS}"},
-                    tmp_path_factory.mktemp("conformance"))
-    try:
-        yield hub
-    finally:
-        stop_hub(hub)
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with database_of_module(pg_server_url, pg_template, f"interop_conformance_{os.getpid()}") as url:
+        hub = start_hub({"DATABASE_URL": url, "TRITON_URL": triton_url,
+                         "DICOMWEB_URL": orthanc.dicomweb_url, "INTEROP_WORKERS": "0",
+                         "INTEROP_URL_ALLOW": f"{TEST_URL_ALLOW},{EXAMPLE_URLS}"},
+                        tmp_path_factory.mktemp("conformance"))
+        try:
+            yield hub
+        finally:
+            stop_hub(hub)
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from collections import defaultdict
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,8 @@ from tests.fixtures.auth import csrf_of, person_session
 from tests.fixtures.fhir_check import FhirCheck, started
 from tests.fixtures.hub import HubProcess, start_hub, stop_hub
 from tests.fixtures.mllp import SEP, orm, send
-from tests.fixtures.postgres import with_database
+from tests.fixtures.postgres import database_of_module
+from tests.fixtures.receiver import Receiver
 from tests.helpers import ROOT, chest_study_in_pacs, free_port, study_resource, wait_for
 
 REVIEWER = "BS. Trần Văn Bình"
@@ -79,35 +78,6 @@ def order(control_id: str, **kwargs: Any) -> bytes:
     return SEP.join(segments).encode("utf-8")
 
 
-class Hook:
-    """A Subscription endpoint on loopback: keeps every body the hub sends."""
-
-    def __init__(self) -> None:
-        self.bodies: list[tuple[str, bytes]] = []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _record(self) -> None:
-                hook.bodies.append((f"{self.command} {self.path}",
-                                    self.rfile.read(int(self.headers.get("Content-Length") or 0))))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            do_POST = do_PUT = _record
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 class Run:
     """What one end-to-end run left: the stored resources and the API's answers, by type."""
 
@@ -140,7 +110,7 @@ def operation(**values: Any) -> dict[str, Any]:
     return {"resourceType": "Parameters", "parameter": params}
 
 
-def subscribe(run: Run, hook: Hook) -> None:
+def subscribe(run: Run, hook: Receiver) -> None:
     """A classic rest-hook Subscription with a payload (the report PUT at the endpoint) and a
     topic-based one of the R4 Backport (full-resource notification Bundles), both to `hook`."""
     run.post("Subscription", {"resourceType": "Subscription", "status": "requested", "reason": "AI results for the EMR",
@@ -159,7 +129,7 @@ def subscribe(run: Run, hook: Hook) -> None:
              what="the Subscriptions to be active")
 
 
-def full_run(hub: HubProcess, orthanc: Any, hook: Hook) -> Run:
+def full_run(hub: HubProcess, orthanc: Any, hook: Receiver) -> Run:
     run = Run(hub)
     subscribe(run, hook)
     ds = chest_study_in_pacs(orthanc, seed=151, size=256, accession="ACC15101", patient_id="BN15101")
@@ -239,10 +209,13 @@ def full_run(hub: HubProcess, orthanc: Any, hook: Hook) -> Run:
     run.post(f"DiagnosticReport/{report['id']}/$review", operation(action="sign", reviewer=""), expect=422)
 
     # What the Subscriptions were sent: the handshake, then each report version (AI, edited).
-    wait_for(lambda: sum(where.startswith("PUT /hook/classic") for where, _ in hook.bodies) >= 2
-             and sum(where.startswith("POST /hook/topic") for where, _ in hook.bodies) >= 3, 60,
+    def sent() -> list[tuple[str, bytes]]:
+        return [(f"{r['method']} {r['path']}", r["body"]) for r in hook.received]
+
+    wait_for(lambda: sum(where.startswith("PUT /hook/classic") for where, _ in sent()) >= 2
+             and sum(where.startswith("POST /hook/topic") for where, _ in sent()) >= 3, 60,
              what="the Subscriptions' notifications")
-    for where, body in hook.bodies:
+    for where, body in sent():
         sent = run.answer(f"sent to the Subscription endpoint: {where}", json.loads(body))
         for entry in sent.get("entry", []) if sent["resourceType"] == "Bundle" else []:
             if entry.get("resource", {}).get("resourceType") == "Parameters":  # the notification's status
@@ -273,27 +246,22 @@ def stored(run: Run) -> None:
 @pytest.fixture(scope="module")
 def run(pg_server_url: str, pg_template: str, triton_url: str, orthanc: Any,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    name = f"interop_outputs_{os.getpid()}"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
     workdir: Path = tmp_path_factory.mktemp("outputs")
     (workdir / "sites.yaml").write_text(yaml.safe_dump(sites(orthanc.dicomweb_url), allow_unicode=True), encoding="utf-8")
-    hub = start_hub({"DATABASE_URL": with_database(pg_server_url, name), "TRITON_URL": triton_url,
-                     "DICOMWEB_URL": orthanc.dicomweb_url, "INTEROP_SITES": str(workdir / "sites.yaml"),
-                     "INTEROP_RETRY_BASE_SECONDS": "1", "INTEROP_JOB_MAX_ATTEMPTS": "2",
-                     "INTEROP_DICOM_PORT": str(free_port()), "INTEROP_DICOM_STABLE_SECONDS": "1",
-                     "INTEROP_WORKERS": "1"}, workdir)
-    hook = Hook()
-    try:
-        done = full_run(hub, orthanc, hook)
-        stored(done)
-        yield done
-    finally:
-        stop_hub(hub)
-        hook.close()
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with database_of_module(pg_server_url, pg_template, f"interop_outputs_{os.getpid()}") as url:
+        hub = start_hub({"DATABASE_URL": url, "TRITON_URL": triton_url,
+                         "DICOMWEB_URL": orthanc.dicomweb_url, "INTEROP_SITES": str(workdir / "sites.yaml"),
+                         "INTEROP_RETRY_BASE_SECONDS": "1", "INTEROP_JOB_MAX_ATTEMPTS": "2",
+                         "INTEROP_DICOM_PORT": str(free_port()), "INTEROP_DICOM_STABLE_SECONDS": "1",
+                         "INTEROP_WORKERS": "1"}, workdir)
+        hook = Receiver()
+        try:
+            done = full_run(hub, orthanc, hook)
+            stored(done)
+            yield done
+        finally:
+            stop_hub(hub)
+            hook.close()
 
 
 @pytest.fixture(scope="module")
