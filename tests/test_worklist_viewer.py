@@ -92,6 +92,19 @@ def key(page: Any, name: str, code: int) -> None:
         page.send("Input.dispatchKeyEvent", {"type": kind, "key": name, "code": name, "windowsVirtualKeyCode": code})
 
 
+def study_page(page: Any, hub: Any, db_url: str, orthanc: Any, datasets: list[Any], model: str, mrn: str) -> None:
+    """The datasets stored with an AI report on them (`stored_report`), and the report's study page
+    opened by a logged-in radiologist."""
+    rep = stored_report(db_url, orthanc, datasets, model, mrn)
+    log_in(page, hub, db_url)
+    page.goto(f"{hub.base}/worklist/{rep['id']}?lang=en")
+
+
+def painted(page: Any) -> None:
+    """Wait two animation frames: what the last input changed is on screen."""
+    page.evaluate("new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+
+
 def ready(page: Any) -> None:
     page.wait_for("document.getElementById('dicom-viewer').dataset.state !== 'loading'"
                   " && document.getElementById('dicom-viewer').dataset.state !== 'idle'", timeout=90)
@@ -100,9 +113,7 @@ def ready(page: Any) -> None:
 
 
 def test_viewer_draws_and_windows_a_radiograph(hub: Any, db_url: str, orthanc: Any, page: Any, tmp_path: Path) -> None:
-    rep = stored_report(db_url, orthanc, [make_chest_xray(seed=31, size=512)], "chest-xray", "V-1")
-    log_in(page, hub, db_url)
-    page.goto(f"{hub.base}/worklist/{rep['id']}?lang=en")
+    study_page(page, hub, db_url, orthanc, [make_chest_xray(seed=31, size=512)], "chest-xray", "V-1")
     assert page.evaluate("!!window.hubCornerstone")  # the hub's own bundle, no CDN
     ready(page)
     assert page.evaluate("document.querySelectorAll('.viewer-element canvas').length") >= 1
@@ -110,7 +121,7 @@ def test_viewer_draws_and_windows_a_radiograph(hub: Any, db_url: str, orthanc: A
     assert before.std() > 20 and before.max() - before.min() > 100, "the viewer drew a blank canvas"
 
     drag(page, "#viewer-vp0", 150, 90)  # window/level: the left button
-    page.evaluate("new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+    painted(page)
     after = shot(page, "#viewer-vp0", tmp_path / "viewer-after.png")
     assert before.shape == after.shape
     assert float(np.abs(after - before).mean()) > 5, "window/level changed nothing on screen"
@@ -121,12 +132,12 @@ def test_viewer_draws_and_windows_a_radiograph(hub: Any, db_url: str, orthanc: A
     assert abs((voi[1] - voi[0]) - width) > 1, (voi, width)  # no longer the header's window
 
     key(page, "w", 87)  # W: reset to the header's window
-    page.evaluate("new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+    painted(page)
     reset = shot(page, "#viewer-vp0", tmp_path / "viewer-reset.png")
     assert float(np.abs(reset - before).mean()) < float(np.abs(after - before).mean())
 
     drag(page, "#viewer-vp0", 0, -120, button="right")  # zoom
-    page.evaluate("new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+    painted(page)
     zoomed = shot(page, "#viewer-vp0", tmp_path / "viewer-zoom.png")
     assert float(np.abs(zoomed - reset).mean()) > 2, "zoom changed nothing on screen"
     assert page.errors() == [] or all("401" in e for e in page.errors()), page.errors()
@@ -134,9 +145,7 @@ def test_viewer_draws_and_windows_a_radiograph(hub: Any, db_url: str, orthanc: A
 
 def test_viewer_scrolls_a_ct_series(hub: Any, db_url: str, orthanc: Any, page: Any, tmp_path: Path) -> None:
     series = make_ct_head_series(seed=7, slices=12, size=128)
-    rep = stored_report(db_url, orthanc, series, "brain-ct", "V-2")
-    log_in(page, hub, db_url)
-    page.goto(f"{hub.base}/worklist/{rep['id']}?lang=en")
+    study_page(page, hub, db_url, orthanc, series, "brain-ct", "V-2")
     ready(page)
     index = "window.hubCornerstone.core.getRenderingEngine('hub-engine').getViewport('vp0').getCurrentImageIdIndex()"
     assert page.evaluate("window.hubCornerstone.core.getRenderingEngine('hub-engine').getViewport('vp0')"
@@ -148,7 +157,7 @@ def test_viewer_scrolls_a_ct_series(hub: Any, db_url: str, orthanc: Any, page: A
     for _ in range(4):
         key(page, "ArrowDown", 40)
     page.wait_for(f"{index} === {start + 4} && document.getElementById('viewer-vp0').dataset.slice === '{start + 4}'")
-    page.evaluate("new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+    painted(page)
     assert page.evaluate("document.querySelector('.viewer-slice').textContent") == f"{start + 5} / 12"
     later = shot(page, "#viewer-vp0", tmp_path / "ct-b.png")
     assert float(np.abs(later - first).mean()) > 1, "another slice, the same pixels"
@@ -156,9 +165,7 @@ def test_viewer_scrolls_a_ct_series(hub: Any, db_url: str, orthanc: Any, page: A
 
 def test_viewer_hangs_four_mammography_views(hub: Any, db_url: str, orthanc: Any, page: Any, tmp_path: Path) -> None:
     exam = make_mammography_exam(seed=3, rows=416, cols=320)
-    rep = stored_report(db_url, orthanc, exam, "mammography", "V-3")
-    log_in(page, hub, db_url)
-    page.goto(f"{hub.base}/worklist/{rep['id']}?lang=en")
+    study_page(page, hub, db_url, orthanc, exam, "mammography", "V-3")
     ready(page)
     labels = page.evaluate("[...document.querySelectorAll('.viewer-label')].map(e => e.textContent)")
     assert labels == ["RCC", "LCC", "RMLO", "LMLO"]
