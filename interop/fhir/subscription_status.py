@@ -5,27 +5,16 @@ Reading a Subscription's status is reading the Subscription: `system/Subscriptio
 """
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response
 
 from .. import access
 from ..domain import audit, subscriptions
 from ..store import notifications, resources
-from .errors import FhirError, GoneError, NotFoundError
+from .api import FHIR_JSON, hub
+from .errors import Forbidden, GoneError, NotFoundError
 
 bp = Blueprint("subscription_status", __name__, url_prefix="/fhir")
-
-FHIR_JSON = "application/fhir+json; charset=utf-8"
-
-
-class Forbidden(FhirError):
-    status, code = 403, "forbidden"
-
-
-def _hub() -> Any:
-    return current_app.extensions["interop"]
 
 
 @bp.get("/Subscription/<rid>/$status")
@@ -33,8 +22,7 @@ def status(rid: str) -> Response:
     caller = access.principal()
     if caller is None or not caller.grant.allows("Subscription", "r"):
         raise Forbidden("the token's scopes do not allow read on Subscription")
-    hub = _hub()
-    with hub.pool.connection() as conn:
+    with hub().pool.connection() as conn:
         try:
             sub = resources.read(conn, "Subscription", rid)
         except resources.Gone:
@@ -43,5 +31,5 @@ def status(rid: str) -> Response:
             raise NotFoundError(f"Subscription/{rid[:64]} is not known") from None
         events = notifications.events(conn, rid)
         access.audit_read(audit.operation("subscription-status"), "R", what=[f"Subscription/{rid}"], patients=[])
-    body = subscriptions.status_bundle(sub, hub.settings.public_base(), events, error=sub.get("error"))
+    body = subscriptions.status_bundle(sub, hub().settings.public_base(), events, error=sub.get("error"))
     return Response(orjson.dumps(body), status=200, content_type=FHIR_JSON)
