@@ -35,6 +35,8 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from ..domain.report import is_not_analysable
+
 HUB_MANUFACTURER = "Interop Hub"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 DICOM_UID_SYSTEM = "urn:dicom:uid"
@@ -49,7 +51,6 @@ ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
 AI_RESULT = hd.sr.CodedConcept("AIRESULT", LOCAL_SCHEME, "AI result")
 REJECTED = hd.sr.CodedConcept("REJECTED", LOCAL_SCHEME, "Rejected by the radiologist")
 NOT_ANALYSABLE = hd.sr.CodedConcept("NOTANALYSABLE", LOCAL_SCHEME, "Images not analysable by the AI model")
-NOT_ANALYSABLE_CODE = ("urn:interop-hub:ai-result", "not-analysable")  # the report's conclusionCode (domain/quality.py)
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 SIGNED = ("final", "amended", "corrected", "cancelled")
@@ -233,11 +234,6 @@ def _rejected(report_id: str, images: list[hd.sr.SourceImageForMeasurementGroup]
     return _verdict(report_id, images, REJECTED, "interop-hub rejected", "AI result rejected")
 
 
-def _not_analysable(report: dict[str, Any]) -> bool:
-    return any((c.get("system"), c.get("code")) == NOT_ANALYSABLE_CODE
-               for cc in report.get("conclusionCode") or [] for c in cc.get("coding") or [])
-
-
 def _refused(report_id: str, images: list[hd.sr.SourceImageForMeasurementGroup]
              ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The quality gate refused the images: the AI read nothing (an empty SR would read as "no finding")."""
@@ -294,7 +290,7 @@ def build_sr(*, report: dict[str, Any], observations: Sequence[dict[str, Any]], 
     report_id = str(report["id"])
     groups = [_rejected(report_id, images)] if status == "cancelled" else \
         [_group(obs, i, report_id, algo, images) for i, obs in enumerate(observations, start=1)]
-    if status != "cancelled" and _not_analysable(report):
+    if status != "cancelled" and is_not_analysable(report):
         groups.insert(0, _refused(report_id, images))
     procedure = concept(report.get("code"), "Imaging procedure") if (report.get("code") or {}).get("coding") \
         else codes.SCT.ImagingProcedure
