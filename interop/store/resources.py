@@ -643,16 +643,8 @@ def _driver(conn: psycopg.Connection[Any], rtype: str, criteria: list[Criterion]
     almost no resource to meet two of them."""
     if len(candidates) == 1:
         return next(iter(candidates))
-    counts: list[sql.Composable] = []
-    args: list[Any] = []
-    for n, keys in candidates.items():
-        counts.append(sql.SQL("(SELECT count(*) FROM (SELECT 1 FROM search_index s WHERE s.type = %s AND s.param = %s"
-                              " AND s.value = ANY(%s) LIMIT %s) x)"))
-        args += [rtype, criteria[n].param.name, [k[0] for k in keys], COUNT_UP_TO]
-    row = conn.execute(sql.SQL("SELECT ARRAY[{}] AS counts").format(sql.SQL(", ").join(counts)), args,
-                       prepare=False).fetchone()
-    assert row is not None
-    return min(zip(row["counts"], candidates), key=lambda c: c[0])[1]
+    counts = _counts(conn, rtype, criteria, candidates, {})
+    return min(candidates, key=lambda n: counts[n])
 
 
 def _other_conditions(query: Query, driver: int, expanded: dict[int, list[str] | None]
@@ -726,7 +718,7 @@ def _date_range_keys(crit: Criterion) -> Range | None:
 
 def _counts(conn: psycopg.Connection[Any], rtype: str, criteria: list[Criterion], candidates: dict[int, Keys],
             ranges: dict[int, Range]) -> dict[int, int]:
-    """Index rows of each candidate and each date range, counted up to COUNT_UP_TO (as `_driver`)."""
+    """Index rows of each candidate and each date range, counted up to COUNT_UP_TO (one round trip)."""
     counts: list[sql.Composable] = []
     args: list[Any] = []
     order = [*candidates, *ranges]
