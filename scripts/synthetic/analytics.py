@@ -22,7 +22,7 @@ import numpy as np
 import psycopg
 
 from interop.sites import load as load_sites
-from interop.store.analytics import FINDING_COLUMNS, SYNTHETIC_COLUMNS, clear_synthetic, synthetic_start
+from interop.store.analytics import FINDING_COLUMNS, SYNTHETIC_COLUMNS, synthetic_start
 
 CHUNK = 100_000
 LOCAL = timezone(timedelta(hours=7))
@@ -64,11 +64,6 @@ def _copy(conn: psycopg.Connection[Any], table: str, columns: tuple[str, ...], f
     with conn.cursor() as cur, cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
         for start in range(0, len(data), 8 << 20):
             copy.write(data[start:start + (8 << 20)])
-
-
-def clear(conn: psycopg.Connection[Any]) -> int:
-    """Remove the synthetic studies (only those: real facts are not touched); how many."""
-    return clear_synthetic(conn)
 
 
 def add(conn: psycopg.Connection[Any], n: int, *, sites_file: Path, mappings_dir: Path, **kwargs: Any) -> int:
