@@ -13,6 +13,7 @@ import psycopg
 from psycopg import sql
 
 from .db import scalar
+from .resources import like
 from .search_params import normalise
 
 COLUMNS = ("type", "subtype_system", "subtype", "action", "outcome", "client", "person", "role", "address",
@@ -77,15 +78,11 @@ def _fold_table() -> tuple[str, str]:
 _FOLD_FROM, _FOLD_TO = _fold_table()
 
 
-def _like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_")
-
-
 def _string_sql(column: sql.Composable, values: list[tuple[str, str]]) -> tuple[sql.Composable, list[Any]]:
     """R4 string search (search.html#string) of a text column: by default the text starts with the
     value, both normalised by case and accent as the FHIR store's strings are; :contains anywhere
     in it; :exact the text as written."""
-    patterns = [("%" if modifier == "contains" else "") + _like(normalise(text)) + "%"
+    patterns = [("%" if modifier == "contains" else "") + like(normalise(text)) + "%"
                 for modifier, text in values if modifier != "exact"]
     exact = [text for modifier, text in values if modifier == "exact"]
     return (sql.SQL("({c} = ANY(%s::text[]) OR translate(lower({c}), %s, %s) LIKE ANY(%s::text[]))").format(c=column),

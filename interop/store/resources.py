@@ -360,7 +360,8 @@ def referrers(conn: psycopg.Connection[Any], reference: str, params: dict[str, d
     return [f"{r['type']}/{r['id']}" for r in rows]
 
 
-def _like(text: str) -> str:
+def like(text: str) -> str:
+    """`text` with LIKE's wildcards and escape character escaped, to match as written."""
     return text.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_")
 
 
@@ -404,13 +405,13 @@ def _criterion_sql(crit: Criterion, alias: str = "r",
                 exact.append(value)
             elif crit.modifier == "contains":
                 ors.append("s.value LIKE %s")
-                args.append("%" + _like(text) + "%")
+                args.append("%" + like(text) + "%")
             else:
                 ors.append("s.value LIKE %s")
-                args.append(_like(text) + "%")
+                args.append(like(text) + "%")
         elif crit.param.type == "reference" and "/" not in value:
             ors.append("s.value LIKE %s")
-            args.append("%/" + _like(value))
+            args.append("%/" + like(value))
         elif system is ANY_SYSTEM:
             ors.append("s.value = %s")
             args.append(value)
@@ -478,7 +479,7 @@ def _number_sql(crit: Criterion) -> tuple[list[str], list[Any]]:
             args += [crit.param.name, getattr(c, f)]
         if c.unit is not None and c.unit.startswith("*|"):
             test = f"({test} AND s.system LIKE %s)"
-            args.append("%|" + _like(c.unit[2:]))
+            args.append("%|" + like(c.unit[2:]))
         elif c.unit is not None:
             test = f"({test} AND s.system = %s)"
             args.append(c.unit)
@@ -505,7 +506,7 @@ def _linked_sql(crit: Criterion, alias: str) -> tuple[sql.Composed, list[Any]]:
         inner_sql, inner_args = _criterion_sql(inner, "c")
         return head + sql.SQL("s.value LIKE %s AND EXISTS (SELECT 1 FROM resource c WHERE c.type = %s"
                               " AND c.id = substr(s.value, %s) AND NOT c.deleted AND {inner}){per_row})").format(
-            inner=inner_sql, per_row=per_row), [crit.param.name, _like(target) + "/%", target, len(target) + 2,
+            inner=inner_sql, per_row=per_row), [crit.param.name, like(target) + "/%", target, len(target) + 2,
                                                 *inner_args]
     if crit.param.type != "date":
         ors, args = _number_sql(crit)
@@ -859,7 +860,7 @@ def resolve_chains(conn: psycopg.Connection[Any], query: Query, rtype: str | Non
             if found is not None:
                 rows = conn.execute("SELECT DISTINCT substr(value, %s) AS id FROM search_index WHERE type = %s"
                                     " AND param = %s AND id = ANY(%s) AND value LIKE %s",
-                                    (len(rtype) + 2, source, crit.param.name, found, _like(rtype) + "/%")).fetchall()
+                                    (len(rtype) + 2, source, crit.param.name, found, like(rtype) + "/%")).fetchall()
                 referred = [r["id"] for r in rows]
                 ids = [i for i in ids if i in referred] if ids else referred
                 ids = ids or [NO_ID]
