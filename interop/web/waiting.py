@@ -247,7 +247,7 @@ def entries(conn: psycopg.Connection[Any], reports: list[dict[str, Any]], *, mod
             report=report, critical=is_critical(report, observations), issued=parse_instant(report.get("issued")),
             patient=patient, patient_identifier=identifier, modality=modality, body_part=body_part,
             study_date=study_date or str(report.get("effectiveDateTime", ""))[:10],
-            facility=_facility(report, study, sites),
+            facility=facility,
             model=(model.display.en if model else _ref_id(report.get("extension", [{}])[0].get("valueReference"))),
             findings=[finding_row(o, model) for o in observations if "valueQuantity" in o or "valueBoolean" in o],
             alert=alerts.get(str(report["id"])), site=_site_code(report, study),
