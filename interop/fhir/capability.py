@@ -177,8 +177,9 @@ def statement(base: str, token_url: str, params: dict[str, dict[str, SearchParam
         includes = [f"{rtype}:{p.name}" for p in params.get(rtype, {}).values() if p.type == "reference"]
         if includes:
             entry["searchInclude"] = includes
-        if rtype != "AuditEvent" and _reverse_includes(rtype, params):
-            entry["searchRevInclude"] = _reverse_includes(rtype, params)
+        reverse = _reverse_includes(rtype, params) if rtype != "AuditEvent" else []
+        if reverse:
+            entry["searchRevInclude"] = reverse
         operations = _operations(routes, rtype)
         if operations:
             entry["operation"] = operations
