@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
 from ..store.resources import ANY_SYSTEM, Comparison, Criterion, Query
-from ..store.search_params import SearchParam, date_range, normalise_reference, number_text, stamp
+from ..store.search_params import SearchParam, date_range, moment, normalise_reference, number_text, stamp
 
 MAX_COUNT = 200
 DEFAULT_COUNT = 20
@@ -66,7 +66,7 @@ def parse_instant(value: str) -> datetime:
 
 def _last_updated_range(prefix: str, text: str) -> list[tuple[str, datetime]]:
     try:
-        low, high = (datetime.strptime(b, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC) for b in date_range(text))
+        low, high = (moment(b) for b in date_range(text))
     except (ValueError, OverflowError):
         raise SearchError("_lastUpdated: not a FHIR date or instant") from None
     return {"eq": [("ge", low), ("lt", high)], "gt": [("ge", high)], "ge": [("ge", low)], "lt": [("lt", low)],
@@ -97,11 +97,11 @@ def _date(param: SearchParam, part: str, now: datetime) -> Comparison:
         raise SearchError(f"{param.name}: {text[:40]!r} is not a FHIR date (2026, 2026-12, 2026-12-01,"
                           " 2026-12-01T10:00:00Z)") from None
     if prefix == "ap":  # R4: within 10 % of the gap between the value and now (at least a day)
-        start = datetime.strptime(low, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        start = moment(low)
         gap = max(abs(now - start) / 10, timedelta(days=1))
         try:
             low = stamp(start - gap)
-            high = stamp(datetime.strptime(high, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC) + gap)
+            high = stamp(moment(high) + gap)
         except (ValueError, OverflowError):
             pass  # at the ends of the calendar: the value's own range
     return Comparison(prefix, low, high)

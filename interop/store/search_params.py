@@ -161,6 +161,11 @@ def stamp(when: datetime) -> str:
     return f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:{u.second:02d}.{u.microsecond:06d}Z"
 
 
+def moment(stamped: str) -> datetime:
+    """The moment that `stamp` wrote as `stamped`."""
+    return datetime.strptime(stamped, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
 def date_range(text: str) -> tuple[str, str]:
     """A FHIR date, dateTime or instant as the range it stands for (R4 search.html#date): '2026' is
     the whole year, '2026-12' the month, '2026-12-01' the day, a time the second (or minute, or the
