@@ -121,13 +121,18 @@ class Channel(Protocol):
 
 
 # -- queueing (in the caller's transaction) -----------------------------------------------------------
+def _dedupe_key(lane_name: str, resource: dict[str, Any]) -> str:
+    """A resource version's delivery in a lane: queued once."""
+    return f"deliver:{lane_name}:{resource['resourceType']}/{resource['id']}/{version_of(resource)}"
+
+
 def _enqueue(conn: psycopg.Connection[Any], ctx: Context, kind: str, lane_name: str, resource: dict[str, Any],
              prio: int, **extra: Any) -> int | None:
     rtype, rid, version = resource["resourceType"], resource["id"], version_of(resource)
     series = f"{rtype}/{rid}"
     policy = ctx.policies.kind(kind)
     return queue.enqueue(conn, kind, {"resource_type": rtype, "resource_id": rid, "version": version, **extra},
-                         dedupe_key=f"deliver:{lane_name}:{series}/{version}", max_attempts=policy.max_attempts,
+                         dedupe_key=_dedupe_key(lane_name, resource), max_attempts=policy.max_attempts,
                          priority=min(prio, policy.priority), lane=lane_name, series=series, seq=version)
 
 
@@ -163,7 +168,7 @@ def _notify(conn: psycopg.Connection[Any], ctx: Context, sub: dict[str, Any], re
     lane_name = f"Subscription/{sub['id']}"
     if not subscriptions.is_topic_based(sub):
         return _enqueue(conn, ctx, REST_HOOK, lane_name, report, prio)
-    if queue.exists(conn, f"deliver:{lane_name}:{report['resourceType']}/{report['id']}/{version_of(report)}"):
+    if queue.exists(conn, _dedupe_key(lane_name, report)):
         return None
     return _enqueue(conn, ctx, REST_HOOK, lane_name, report, prio, type="event-notification",
                     event=notifications.next_event(conn, sub["id"]))
