@@ -103,9 +103,13 @@ def query_of(subscription: dict[str, Any], params: dict[str, dict[str, SearchPar
 
 def content(subscription: dict[str, Any]) -> str:
     """A topic-based Subscription's payload content: empty | id-only | full-resource."""
-    channel = subscription.get("channel") or {}
-    found = _extension(channel.get("_payload"), PAYLOAD_CONTENT) + _extension(channel.get("payload"), PAYLOAD_CONTENT)
+    found = _payload_content(subscription.get("channel") or {})
     return str(found[0].get("valueCode")) if found else "empty"
+
+
+def _payload_content(channel: dict[str, Any]) -> list[dict[str, Any]]:
+    """The payload-content extensions (on `_payload`, as R4 JSON puts them, or on `payload`)."""
+    return _extension(channel.get("_payload"), PAYLOAD_CONTENT) + _extension(channel.get("payload"), PAYLOAD_CONTENT)
 
 
 def heartbeat_seconds(subscription: dict[str, Any]) -> int | None:
@@ -137,7 +141,7 @@ def _check_topic(resource: dict[str, Any], params: dict[str, dict[str, SearchPar
         raise SubscriptionError("a topic-based Subscription needs channel.payload (application/fhir+json)")
     if "json" not in str(channel["payload"]):
         raise SubscriptionError("channel.payload must be application/fhir+json (notifications are JSON Bundles)")
-    found = _extension(channel.get("_payload"), PAYLOAD_CONTENT) + _extension(channel.get("payload"), PAYLOAD_CONTENT)
+    found = _payload_content(channel)
     if found and found[0].get("valueCode") not in CONTENTS:
         raise SubscriptionError(f"backport-payload-content must be one of {', '.join(CONTENTS)}")
     period = _extension(channel, HEARTBEAT_PERIOD)
