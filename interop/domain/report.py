@@ -13,7 +13,7 @@ from typing import Any
 
 from inference_client.models import ModelDescription
 
-from .quality import NOT_ANALYSABLE
+from .quality import NOT_ANALYSABLE, summary
 from .vocabulary import (
     AI_DEVICE_EXTENSION,
     DIAGNOSTIC_SERVICE,
@@ -212,7 +212,7 @@ def not_analysable_conclusion(model: ModelDescription, version: str, reasons: Se
         f"{DISCLAIMER['en']} {DISCLAIMER['vi']}",
         f"Model: {model.name} {version}." + (f" {NOT_VALIDATED['en']}" if model.reference_model else ""),
         "NOT ANALYSABLE: the AI did not read these images. / KHÔNG PHÂN TÍCH ĐƯỢC: AI không đọc các ảnh này.",
-        "Reason: " + "; ".join(dict.fromkeys(reasons)) + ".",
+        "Reason: " + summary(reasons) + ".",
         "The images need a radiologist's reading (or a repeat acquisition). / Cần bác sĩ đọc ảnh hoặc chụp lại.",
     ])
 
@@ -228,7 +228,7 @@ def not_analysable(*, study: dict[str, Any], study_uid: str, model: ModelDescrip
     report = _preliminary_report(report_id, model, study, study_uid, dev_ref, sources, study.get("started", issued),
                                  issued, not_analysable_conclusion(model, version, reasons))
     report["conclusionCode"] = [{"coding": [dict(NOT_ANALYSABLE)],
-                                 "text": "Not analysable: " + "; ".join(dict.fromkeys(reasons))}]
+                                 "text": "Not analysable: " + summary(reasons)}]
     return {"device": dev, "observations": [], "report": report}
 
 
