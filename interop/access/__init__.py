@@ -60,6 +60,10 @@ class Rule:
 PERSON = ("radiologist", "clinician", "analyst", "admin")
 RULES: dict[str, Rule] = {
     "fhir.metadata": Rule(public=True),
+    # System-level interactions: the view checks each entry of a Bundle (transaction, batch) or
+    # each resource type (history) against the token's scopes.
+    "fhir.transaction_or_batch": Rule(client_scopes=True),
+    "fhir.history_system": Rule(client_scopes=True),
     "auth.smart_configuration": Rule(public=True),
     "auth.token": Rule(public=True),
     "auth.login_page": Rule(public=True),
@@ -97,10 +101,8 @@ INTERACTIONS = {
     "operations.transfer_decision": "operation",
     "fhir.conditional_update": "update", "fhir.patch": "patch", "fhir.conditional_patch": "patch",
     "fhir.delete": "delete", "fhir.conditional_delete": "delete", "fhir.history_type": "history-type",
+    "fhir.transaction_or_batch": "transaction", "fhir.history_system": "history-system",
 }
-# System-level interactions: any machine client may ask; the view checks each entry of a Bundle
-# (transaction, batch) or each resource type (history) against the token's scopes.
-SYSTEM_INTERACTIONS = {"fhir.transaction_or_batch": "transaction", "fhir.history_system": "history-system"}
 METHOD_INTERACTIONS = {"DELETE": "delete", "PATCH": "patch", "PUT": "update", "POST": "create", "GET": "search-type"}
 
 
@@ -197,8 +199,7 @@ def _rule(endpoint: str) -> Rule | None:
 
 def _fhir_interaction(endpoint: str) -> tuple[str, str]:
     rtype = (request.view_args or {}).get("rtype") or "DiagnosticReport"
-    return str(rtype), (INTERACTIONS.get(endpoint) or SYSTEM_INTERACTIONS.get(endpoint)
-                        or METHOD_INTERACTIONS.get(request.method, "read"))
+    return str(rtype), INTERACTIONS.get(endpoint) or METHOD_INTERACTIONS.get(request.method, "read")
 
 
 def _authorize(endpoint: str, rule: Rule | None, who_: Principal | None) -> None:
@@ -207,11 +208,11 @@ def _authorize(endpoint: str, rule: Rule | None, who_: Principal | None) -> None
         return
     if who_ is None:
         raise Refused(401, "authentication is required")
+    if rule is not None and rule.client_scopes:
+        if who_.is_person:
+            raise Refused(403, "the FHIR API takes SMART backend access tokens; people use the pages")
+        return
     if blueprint in FHIR_BLUEPRINTS:
-        if endpoint in SYSTEM_INTERACTIONS:
-            if who_.is_person:
-                raise Refused(403, "the FHIR API takes SMART backend access tokens; people use the pages")
-            return
         rtype, interaction = _fhir_interaction(endpoint)
         if who_.is_person:
             if who_.role == "admin" and rtype == "AuditEvent" and interaction in ("read", "search-type"):
@@ -222,10 +223,6 @@ def _authorize(endpoint: str, rule: Rule | None, who_: Principal | None) -> None
         return
     if rule is None:  # a route nobody gave a rule: closed
         raise Refused(403, "this endpoint is not open to this caller")
-    if rule.client_scopes:
-        if who_.is_person:
-            raise Refused(403, "the FHIR API takes SMART backend access tokens; people use the pages")
-        return
     if who_.is_person:
         if who_.role not in rule.roles:
             raise Refused(403, f"this needs the role {' or '.join(rule.roles) or 'of a machine client'}")
