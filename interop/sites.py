@@ -38,7 +38,7 @@ class Hl7Destination:
     version: str = "2.5.1"  # the HL7 version of the ORU^R01 results sent there (MSH-12): 2.3.1, 2.5.1 or 2.6
 
 
-HL7_VERSIONS = ("2.3.1", "2.5.1", "2.6")  # the versions the hub writes ORU^R01 in (interop.hl7.oru)
+HL7_VERSIONS = ("2.3.1", "2.5.1", "2.6")  # the versions the hub writes ORU^R01 in (interop.hl7.oru.VERSIONS)
 
 
 @dataclass(frozen=True)

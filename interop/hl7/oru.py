@@ -61,10 +61,11 @@ from ..domain.vocabulary import (
     UCUM,
     V2_0203,
 )
+from ..sites import HL7_VERSIONS
 from .errors import escape as _escape
 
 VERSION = "2.5.1"
-VERSIONS = ("2.3.1", "2.5.1", "2.6")
+VERSIONS = HL7_VERSIONS  # one list: the sites file's hl7.version is checked against it
 # the last field of each segment the hub writes, where a version ends a segment earlier than the
 # fields build_oru fills (HL7 v2.3.1 ch. 7: OBX has 17 fields)
 LAST_FIELD = {"2.3.1": {"OBX": 17}}
