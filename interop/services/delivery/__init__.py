@@ -174,13 +174,6 @@ def _notify(conn: psycopg.Connection[Any], ctx: Context, sub: dict[str, Any], re
                     event=notifications.next_event(conn, sub["id"]))
 
 
-def queue_handshake(conn: psycopg.Connection[Any], ctx: Context, sub: dict[str, Any]) -> int | None:
-    """Queue the handshake of a topic-based Subscription waiting for one (once per version)."""
-    if not subscriptions.needs_handshake(sub):
-        return None
-    return _signal(conn, ctx, sub, "handshake", str(version_of(sub)))
-
-
 def queue_heartbeat(conn: psycopg.Connection[Any], ctx: Context, sub: dict[str, Any], *, after: int = 0,
                     now: float | None = None) -> int | None:
     """Queue an active topic-based Subscription's next heartbeat, due at the end of the current
@@ -206,8 +199,10 @@ def _signal(conn: psycopg.Connection[Any], ctx: Context, sub: dict[str, Any], ki
 
 def subscription_stored(conn: psycopg.Connection[Any], ctx: Context, stored: dict[str, Any]) -> int | None:
     """After a client stored a Subscription (in its transaction): a topic-based one waiting for
-    its handshake gets it queued."""
-    return queue_handshake(conn, ctx, stored)
+    its handshake gets it queued (once per version)."""
+    if not subscriptions.needs_handshake(stored):
+        return None
+    return _signal(conn, ctx, stored, "handshake", str(version_of(stored)))
 
 
 def queue_notice(conn: psycopg.Connection[Any], ctx: Context, resource: dict[str, Any], to: Site | None) -> int | None:
