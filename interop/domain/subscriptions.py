@@ -112,19 +112,22 @@ def _payload_content(channel: dict[str, Any]) -> list[dict[str, Any]]:
     return _extension(channel.get("_payload"), PAYLOAD_CONTENT) + _extension(channel.get("payload"), PAYLOAD_CONTENT)
 
 
+def _seconds(channel: Any, url: str) -> int | None:
+    """A channel extension's valueUnsignedInt when it is a whole number above 0 (JSON true is not)."""
+    found = _extension(channel, url)
+    value = found[0].get("valueUnsignedInt") if found else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def heartbeat_seconds(subscription: dict[str, Any]) -> int | None:
     """The heartbeat period a topic-based Subscription asked for (None: no heartbeats)."""
-    found = _extension(subscription.get("channel"), HEARTBEAT_PERIOD)
-    value = found[0].get("valueUnsignedInt") if found else None
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    return _seconds(subscription.get("channel"), HEARTBEAT_PERIOD)
 
 
 def timeout_seconds(subscription: dict[str, Any], default: float) -> float:
     """How long one notification may take: the backport's timeout, at most `default`."""
-    found = _extension(subscription.get("channel"), TIMEOUT)
-    value = found[0].get("valueUnsignedInt") if found else None
-    return float(min(value, default)) if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
-        else default
+    value = _seconds(subscription.get("channel"), TIMEOUT)
+    return default if value is None else float(min(value, default))
 
 
 def _check_topic(resource: dict[str, Any], params: dict[str, dict[str, SearchParam]]) -> None:
@@ -144,10 +147,9 @@ def _check_topic(resource: dict[str, Any], params: dict[str, dict[str, SearchPar
     found = _payload_content(channel)
     if found and found[0].get("valueCode") not in CONTENTS:
         raise SubscriptionError(f"backport-payload-content must be one of {', '.join(CONTENTS)}")
-    period = _extension(channel, HEARTBEAT_PERIOD)
-    if period:
-        value = period[0].get("valueUnsignedInt")
-        if not isinstance(value, int) or isinstance(value, bool) or not MIN_HEARTBEAT_SECONDS <= value <= MAX_HEARTBEAT_SECONDS:
+    if _extension(channel, HEARTBEAT_PERIOD):
+        value = _seconds(channel, HEARTBEAT_PERIOD)
+        if value is None or not MIN_HEARTBEAT_SECONDS <= value <= MAX_HEARTBEAT_SECONDS:
             raise SubscriptionError(f"backport-heartbeat-period must be {MIN_HEARTBEAT_SECONDS} to"
                                     f" {MAX_HEARTBEAT_SECONDS} seconds")
 
