@@ -35,7 +35,6 @@ from .errors import (
     MethodNotAllowed,
     NotAcceptable,
     NotFoundError,
-    PreconditionFailed,
     UnsupportedMediaType,
     issue,
     outcome,
@@ -181,11 +180,8 @@ def conditional_patch(rtype: str) -> Response:
     kind = (request.mimetype or "").lower()
     document = interactions.parse_json(request.get_data(cache=False))
     with hub().pool.connection() as conn, conn.transaction():
-        found = interactions.matching(conn, rtype, list(request.args.items(multi=True)))
-        if len(found) != 1:
-            raise (NotFoundError("the criteria match no resource") if not found else
-                   PreconditionFailed("the criteria of the conditional patch match more than one resource"))
-        done = interactions.patch(conn, rtype, found[0]["id"], kind, document, _if_match())
+        done = interactions.conditional_patch(conn, rtype, list(request.args.items(multi=True)), kind, document,
+                                              _if_match())
     return _written(done, location=False)
 
 

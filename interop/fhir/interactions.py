@@ -366,6 +366,16 @@ def patch(conn: psycopg.Connection[Any], rtype: str, rid: str, kind: str, docume
     return Result(200, stored)
 
 
+def conditional_patch(conn: psycopg.Connection[Any], rtype: str, criteria: str | list[tuple[str, str]], kind: str,
+                      document: Any, version: int | None = None) -> Result:
+    """PATCH Type?criteria: the one match is patched; none is 404, more than one is 412."""
+    found = matching(conn, rtype, criteria)
+    if len(found) != 1:
+        raise (NotFoundError("the criteria match no resource") if not found else
+               PreconditionFailed("the criteria of the conditional patch match more than one resource"))
+    return patch(conn, rtype, found[0]["id"], kind, document, version)
+
+
 def read(conn: psycopg.Connection[Any], rtype: str, rid: str) -> dict[str, Any]:
     try:
         return resources.read(conn, rtype, rid)

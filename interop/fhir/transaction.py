@@ -347,11 +347,7 @@ def _one(conn: psycopg.Connection[Any], entry: Entry, get: Getter) -> Done:
     if entry.method == "PATCH":
         assert entry.patch is not None
         if entry.conditional:
-            found = interactions.matching(conn, entry.rtype, entry.query)
-            if len(found) != 1:
-                raise (NotFoundError("the criteria match no resource") if not found else
-                       PreconditionFailed("the criteria match more than one resource"))
-            return interactions.patch(conn, entry.rtype, found[0]["id"], *entry.patch, version=entry.if_match)
+            return interactions.conditional_patch(conn, entry.rtype, entry.query, *entry.patch, version=entry.if_match)
         assert entry.rid is not None
         return interactions.patch(conn, entry.rtype, entry.rid, *entry.patch, version=entry.if_match)
     assert entry.resource is not None
