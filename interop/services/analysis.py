@@ -143,7 +143,7 @@ class Analyser:
                 queue.renew(conn, job, self.ctx.settings.job_lease_seconds)
                 start, fetched = time.perf_counter(), timings.stages.get("retrieve", 0.0)
                 verdicts = quality.Verdicts()
-                batches, present = self._assemble(client, model, model_refs, self._gate(model, verdicts))
+                batches, present = self._assemble(client, model, model_refs, verdicts)
                 timings.add("decode", time.perf_counter() - start - (timings.stages.get("retrieve", 0.0) - fetched))
                 inputs.append((model, model_refs, batches, present))
                 if verdicts.refused:
@@ -239,27 +239,21 @@ class Analyser:
             raise NoModel(f"not analysed: no model for {', '.join(kinds) or 'this study'}")
         return chosen
 
-    @staticmethod
-    def _assemble(client: ImageSource, model: ModelDescription, refs: list[InstanceRef], gate: assembly.Gate,
-                  ) -> tuple[list[dict[str, np.ndarray[Any, Any]]], np.ndarray[Any, Any] | None]:
+    def _assemble(self, client: ImageSource, model: ModelDescription, refs: list[InstanceRef],
+                  verdicts: quality.Verdicts) -> tuple[list[dict[str, np.ndarray[Any, Any]]], np.ndarray[Any, Any] | None]:
         """The model's input batches from the PACS (streamed), and which views were present
-        (mammography). No batch when the gate refused the images (every image; for a
-        mammography exam or a volume, any of its views or its series)."""
+        (mammography). The quality gate records in `verdicts` what it refused; no batch when it
+        refused the images (every image; for a mammography exam or a volume, any of its views or
+        its series)."""
         kind = assembly.kind(model)
-        refused = False
-
-        def counted(uid: str, modality: object, body_part: object, image: np.ndarray[Any, Any] | None) -> bool:
-            nonlocal refused
-            ok = gate(uid, modality, body_part, image)
-            refused = refused or not ok
-            return ok
+        gate = self._gate(model, verdicts)
         if kind == "image":
-            batches = list(assembly.image_batches(client, model, refs, counted))
-            if not batches and not refused:
+            batches = list(assembly.image_batches(client, model, refs, gate))
+            if not batches and not verdicts.refused:
                 raise NotAnImage(f"none of the {len(refs)} instances routed to {model.name} holds an image")
             return batches, None
-        inputs = (assembly.views_input if kind == "views" else assembly.volume_input)(client, model, refs, counted)
-        if refused:
+        inputs = (assembly.views_input if kind == "views" else assembly.volume_input)(client, model, refs, gate)
+        if verdicts.refused:
             return [], None
         present = inputs[model.assembly.present][0] if kind == "views" and model.assembly and model.assembly.present \
             else None
