@@ -379,8 +379,13 @@ def _history_args() -> tuple[int, int, datetime | None]:
 
 
 def _history_links(path: str, count: int, offset: int, more: bool) -> list[dict[str, str]]:
-    base = hub().settings.public_base()
     kept = [(k, v) for k, v in request.args.items(multi=True) if k not in ("_count", "_offset")]
+    return _page_links(path, kept, count, offset, more)
+
+
+def _page_links(path: str, kept: list[tuple[str, str]], count: int, offset: int, more: bool) -> list[dict[str, str]]:
+    """A page's self link, next (when more follow) and previous, by _count and _offset after the `kept` parameters."""
+    base = hub().settings.public_base()
 
     def link(relation: str, at: int) -> dict[str, str]:
         return {"relation": relation, "url": f"{base}/{path}?{urlencode([*kept, ('_count', str(count)), ('_offset', str(at))])}"}
@@ -502,16 +507,7 @@ def _bundle(
     base = hub().settings.public_base()
     q = parsed.query
     kept = [(k, v) for k, v in args if k not in ("_offset", "_count") and k not in parsed.ignored]
-
-    def link(relation: str, offset: int) -> dict[str, str]:
-        query = urlencode([*kept, ("_count", str(q.count)), ("_offset", str(offset))])
-        return {"relation": relation, "url": f"{base}/{rtype}?{query}"}
-
-    links = [link("self", q.offset)]
-    if page.more and q.count > 0:
-        links.append(link("next", q.offset + q.count))
-    if q.offset > 0:
-        links.append(link("previous", max(0, q.offset - q.count)))
+    links = _page_links(rtype, kept, q.count, q.offset, page.more and q.count > 0)
     shapes = elements.load(hub().settings.mappings_dir)
     entries = [{"fullUrl": f"{base}/{b['resourceType']}/{b['id']}",
                 "resource": elements.subset(b, shapes, parsed.summary, parsed.elements),
