@@ -371,6 +371,17 @@ def _exact_path(param: SearchParam) -> str:
     return "$" + "".join(f'."{step}"' for step in param.path) + ".**"
 
 
+def _index_exists(alias: str, test: sql.Composable | None = None, negated: bool = False) -> sql.Composed:
+    """[NOT] EXISTS an index row of one parameter (the first argument) of the resource whose row is
+    `alias`, meeting `test` when given. In a walk (`d`) it is kept a per-row subplan (OFFSET 0):
+    the walk stops at the page's end only if it is not joined."""
+    return sql.SQL("{negated}EXISTS (SELECT 1 FROM search_index s WHERE s.type = {a}.type AND s.id = {a}.id"
+                   " AND s.last_updated = {a}.last_updated AND s.param = %s{test}{per_row})").format(
+        negated=sql.SQL("NOT " if negated else ""), a=sql.Identifier(alias),
+        test=sql.SQL("") if test is None else sql.SQL(" AND ({})").format(test),
+        per_row=sql.SQL(" OFFSET 0" if alias == "d" else ""))
+
+
 def _criterion_sql(crit: Criterion, alias: str = "r",
                    expanded: list[str] | None = None) -> tuple[sql.Composed, list[Any]]:
     """EXISTS over the search index for one parameter, its values ORed (NOT EXISTS for :not), of
@@ -384,10 +395,7 @@ def _criterion_sql(crit: Criterion, alias: str = "r",
     equality is one probe of (type, param, value, last_updated, id). In a walk (`d`) the test is
     kept a per-row subplan (OFFSET 0): the walk stops at the page's end only if it is not joined."""
     if crit.modifier == "missing":  # whether the resource has any index row of the parameter
-        return sql.SQL("{negated}EXISTS (SELECT 1 FROM search_index s WHERE s.type = {a}.type AND s.id = {a}.id"
-                       " AND s.last_updated = {a}.last_updated AND s.param = %s{per_row})").format(
-            negated=sql.SQL("NOT " if crit.values[0][1] == "true" else ""), a=sql.Identifier(alias),
-            per_row=sql.SQL(" OFFSET 0" if alias == "d" else "")), [crit.param.name]
+        return _index_exists(alias, negated=crit.values[0][1] == "true"), [crit.param.name]
     if crit.comparisons or crit.chain is not None or crit.has is not None:
         return _linked_sql(crit, alias)
     ors: list[str] = []
@@ -424,11 +432,8 @@ def _criterion_sql(crit: Criterion, alias: str = "r",
         else:
             ors.append("(s.value = %s AND s.system = %s)")
             args.extend([value, system])
-    exists = sql.SQL("{negated}EXISTS (SELECT 1 FROM search_index s WHERE s.type = {a}.type AND s.id = {a}.id"
-                     " AND s.last_updated = {a}.last_updated AND s.param = %s AND ({values}){per_row})").format(
-        negated=sql.SQL("NOT " if crit.modifier == "not" else ""), a=sql.Identifier(alias),
-        per_row=sql.SQL(" OFFSET 0" if alias == "d" else ""),  # tested row by row as the walk goes (not joined)
-        values=sql.SQL(" OR ").join(map(sql.SQL, ors or ["false"])))  # no value (a chain that found none): nothing
+    values = sql.SQL(" OR ").join(map(sql.SQL, ors or ["false"]))  # no value (a chain that found none): nothing
+    exists = _index_exists(alias, values, negated=crit.modifier == "not")
     if exact:
         body = sql.SQL("jsonb_path_exists(c.body, %s::jsonpath, %s)") if alias == "c" else _EXACT  # a chain's resource
         exists = sql.SQL("({} AND {})").format(exists, body)
@@ -499,27 +504,22 @@ def _linked_sql(crit: Criterion, alias: str) -> tuple[sql.Composed, list[Any]]:
         return sql.SQL("EXISTS (SELECT 1 FROM search_index h WHERE h.type = %s AND h.param = %s"
                        " AND h.value = {a}.type || '/' || {a}.id AND {inner}{per_row})").format(
             a=a, inner=inner_sql, per_row=per_row), [source, crit.param.name, *inner_args]
-    head = sql.SQL("EXISTS (SELECT 1 FROM search_index s WHERE s.type = {a}.type AND s.id = {a}.id"
-                   " AND s.last_updated = {a}.last_updated AND s.param = %s AND ").format(a=a)
     if crit.chain is not None:
         target, inner = crit.chain
         inner_sql, inner_args = _criterion_sql(inner, "c")
-        return head + sql.SQL("s.value LIKE %s AND EXISTS (SELECT 1 FROM resource c WHERE c.type = %s"
-                              " AND c.id = substr(s.value, %s) AND NOT c.deleted AND {inner}){per_row})").format(
-            inner=inner_sql, per_row=per_row), [crit.param.name, like(target) + "/%", target, len(target) + 2,
-                                                *inner_args]
+        return _index_exists(alias, sql.SQL("s.value LIKE %s AND EXISTS (SELECT 1 FROM resource c WHERE c.type = %s"
+                                            " AND c.id = substr(s.value, %s) AND NOT c.deleted AND {inner})").format(
+            inner=inner_sql)), [crit.param.name, like(target) + "/%", target, len(target) + 2, *inner_args]
     if crit.param.type != "date":
         ors, args = _number_sql(crit)
-        return head + sql.SQL("({values}){per_row})").format(
-            values=sql.SQL(" OR ").join(map(sql.SQL, ors or ["false"])), per_row=per_row), [crit.param.name, *args]
+        return _index_exists(alias, sql.SQL(" OR ").join(map(sql.SQL, ors or ["false"]))), [crit.param.name, *args]
     tests: list[sql.Composable] = []  # one EXISTS per kind of row the comparisons test, ORed
     date_args: list[Any] = []
     for row in ("", DATE_END):
         chosen = [(text, fields, c) for c in crit.comparisons for kind, text, fields in [_DATE_SQL[c.prefix]]
                   if kind == row]
         if chosen:
-            tests.append(head + sql.SQL("({values}){per_row})").format(
-                values=sql.SQL(" OR ").join([sql.SQL(text) for text, _, _ in chosen]), per_row=per_row))
+            tests.append(_index_exists(alias, sql.SQL(" OR ").join([sql.SQL(text) for text, _, _ in chosen])))
             date_args += [crit.param.name + row, *(getattr(c, f) for _, fields, c in chosen for f in fields)]
     return sql.SQL("({})").format(sql.SQL(" OR ").join(tests or [sql.SQL("false")])), date_args
 
