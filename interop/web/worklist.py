@@ -131,8 +131,8 @@ def _visible_id(conn: Any, report_id: str) -> bool:
         return False
 
 
-def _listed(conn: Any, filters: waiting.Filters) -> tuple[int, list[waiting.Entry]]:
-    total, found = waiting.waiting(conn, alerts=open_alerts(conn), filters=filters, **_lookups())
+def _listed(conn: Any, filters: waiting.Filters, alerts: dict[str, dict[str, Any]]) -> tuple[int, list[waiting.Entry]]:
+    total, found = waiting.waiting(conn, alerts=alerts, filters=filters, **_lookups())
     if _own_site() is not None:
         found = [e for e in found if _visible(e)]
         total = len(found)
@@ -146,7 +146,7 @@ def worklist() -> Response:
     except BadFilter as exc:
         return _bad_filter(exc)
     with _hub().pool.connection() as conn:
-        total, found = _listed(conn, filters)
+        total, found = _listed(conn, filters, open_alerts(conn))
     access.note(audit.interaction("search-type"), "E", what=["DiagnosticReport"], query="worklist",
                 patients=[e.patient for e in found if e.patient.startswith("Patient/")])
     done = request.args.get("done")
@@ -163,12 +163,13 @@ def _study_page(report_id: str, *, error: ReviewError | None = None, form: Any =
         return _bad_filter(exc)
     following: str | None = None
     with _hub().pool.connection() as conn:
+        alerts = open_alerts(conn)
         try:
-            entry = waiting.one(conn, report_id, alerts=open_alerts(conn), **_lookups())
+            entry = waiting.one(conn, report_id, alerts=alerts, **_lookups())
         except resources.StoreError:
             entry = None
-        if entry is not None:  # the next study in the same filtered list (the "next" shortcut)
-            ids = [e.id for e in _listed(conn, filters)[1]]
+        if entry is not None and _visible(entry):  # the next study in the same filtered list (the "next" shortcut)
+            ids = [e.id for e in _listed(conn, filters, alerts)[1]]
             later = ids[ids.index(report_id) + 1:] if report_id in ids else ids
             following = next((i for i in later if i != report_id), None)
     if entry is None or not _visible(entry):  # another site's report is as absent as an unknown one
