@@ -252,8 +252,7 @@ def _resolve(conn: psycopg.Connection[Any], ordered: list[Entry]) -> tuple[dict[
             if entry.method == "POST":
                 assert entry.resource is not None
                 targets[entry.index] = interactions.target(conn, entry.rtype, entry.resource, entry.if_none_exist)
-            elif entry.method in ("PUT", "PATCH") and entry.conditional:
-                interactions.lock_criteria(conn, entry.rtype, entry.query)
+            elif entry.method in ("PUT", "PATCH") and entry.conditional:  # its criteria locked by transaction()
                 found = interactions.matching(conn, entry.rtype, entry.query)
                 if len(found) > 1:
                     raise PreconditionFailed("the criteria match more than one resource")
