@@ -904,8 +904,7 @@ def read_many(
 REVINCLUDE_MOST = 1000  # resources one _revinclude adds to a page, at most
 
 
-def read_referring(conn: psycopg.Connection[Any], source: str, param: str, refs: Iterable[str],
-                   most: int | None = None) -> list[dict[str, Any]]:
+def read_referring(conn: psycopg.Connection[Any], source: str, param: str, refs: Iterable[str]) -> list[dict[str, Any]]:
     """Current `source` resources whose reference parameter `param` names one of `refs` ('Type/id'),
     for _revinclude: one probe of the search index per reference."""
     wanted = list(dict.fromkeys(refs))
@@ -915,5 +914,5 @@ def read_referring(conn: psycopg.Connection[Any], source: str, param: str, refs:
         "SELECT r.body FROM resource r WHERE r.type = %s AND NOT r.deleted AND r.id IN"
         " (SELECT s.id FROM search_index s WHERE s.type = %s AND s.param = %s AND s.value = ANY(%s) LIMIT %s)"
         " ORDER BY r.last_updated, r.id",
-        (source, source, param, wanted, REVINCLUDE_MOST if most is None else most)).fetchall()
+        (source, source, param, wanted, REVINCLUDE_MOST)).fetchall()
     return [r["body"] for r in rows]
