@@ -17,6 +17,7 @@
     }
     if (!hub) { say("failed", element.dataset.failed); return; }
     var cs = hub.core, T = hub.tools;
+    var TOOLS = [T.WindowLevelTool, T.ZoomTool, T.PanTool, T.StackScrollMouseWheelTool];
     var engine = null, viewports = [];
 
     function imageId(base, item) {
@@ -58,9 +59,7 @@
       });
       engine.setViewports(inputs);
       var group = T.ToolGroupManager.createToolGroup(GROUP);
-      [T.WindowLevelTool, T.ZoomTool, T.PanTool, T.StackScrollMouseWheelTool].forEach(function (tool) {
-        group.addTool(tool.toolName);
-      });
+      TOOLS.forEach(function (tool) { group.addTool(tool.toolName); });
       var buttons = T.Enums.MouseBindings;
       group.setToolActive(T.WindowLevelTool.toolName, { bindings: [{ mouseButton: buttons.Primary }] });
       group.setToolActive(T.ZoomTool.toolName, { bindings: [{ mouseButton: buttons.Secondary }] });
@@ -86,7 +85,7 @@
     // gpuTier given: no benchmark download by detect-gpu (the hub's pages reach nothing outside it)
     cs.init({ gpuTier: { tier: 1 } }).then(function () {
       T.init();
-      [T.WindowLevelTool, T.ZoomTool, T.PanTool, T.StackScrollMouseWheelTool].forEach(function (tool) { T.addTool(tool); });
+      TOOLS.forEach(function (tool) { T.addTool(tool); });
       return fetch(element.dataset.layout, { credentials: "same-origin" });
     }).then(function (answer) {
       if (!answer.ok) { throw new Error("layout " + answer.status); }
