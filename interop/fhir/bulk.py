@@ -28,8 +28,7 @@ from ..services.security import clients
 from ..services.security.principal import Principal
 from ..store import bulk as store
 from . import capability
-from .errors import BadRequest, FhirError, NotAcceptable, NotFoundError
-from .subscription_status import Forbidden
+from .errors import BadRequest, FhirError, Forbidden, NotAcceptable, NotFoundError
 
 bp = Blueprint("bulk", __name__, url_prefix="/fhir")
 

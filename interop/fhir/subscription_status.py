@@ -12,8 +12,7 @@ from .. import access
 from ..domain import audit, subscriptions
 from ..store import notifications, resources
 from .api import FHIR_JSON, hub
-from .errors import Forbidden as Forbidden  # (interop.fhir.bulk imports it from here)
-from .errors import GoneError, NotFoundError
+from .errors import Forbidden, GoneError, NotFoundError
 
 bp = Blueprint("subscription_status", __name__, url_prefix="/fhir")
 
