@@ -78,7 +78,7 @@ class _SharedInputs:
     written to; grown (re-registered) when a request needs more."""
 
     def __init__(self) -> None:
-        self.name = f"interop-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.name = ""
         self.handle: Any = None
         self.size = 0
 
@@ -91,6 +91,9 @@ class _SharedInputs:
         if total > self.size:
             self.release(client)
             size = max(total, 1 << 20)
+            # a new name each time: Triton may still hold the old region for a request it has just
+            # answered, and then refuses to unregister it or to register that name again
+            self.name = f"interop-{os.getpid()}-{uuid.uuid4().hex[:12]}"
             self.handle = shm.create_shared_memory_region(self.name, f"/{self.name}", size)
             client.register_system_shared_memory(self.name, f"/{self.name}", size)
             self.size = size
@@ -101,10 +104,16 @@ class _SharedInputs:
     def release(self, client: Any) -> None:
         if self.handle is None:
             return
-        try:
-            client.unregister_system_shared_memory(self.name)
-        except Exception:
-            pass
+        for attempt in range(5):
+            try:
+                client.unregister_system_shared_memory(self.name)
+            except InferenceServerException as exc:
+                if "in use" in (exc.message() or "") and attempt < 4:
+                    time.sleep(0.02 * (attempt + 1))  # held a moment longer for a request just answered
+                    continue
+            except Exception:
+                pass  # the server is gone: it has no region left to free
+            break
         shm.destroy_shared_memory_region(self.handle)
         self.handle, self.size = None, 0
 
