@@ -133,3 +133,52 @@ def test_filters_and_next(login: Any, db_url: str) -> None:
     for bad in ("status=nonsense", "priority=soon", "date_from=yesterday", "site=<script>"):
         answer = r.get(f"/worklist/?{bad}")
         assert answer.status_code == 400 and "worklist filter refused" in answer.get_data(as_text=True), bad
+
+
+def test_filters_order_and_count_in_the_database_past_one_page(login: Any, db_url: str) -> None:
+    """A page holds `limit` reports; filters, the count, the order (an Observation marked AA makes a
+    report critical) and "next" must cover every report of the status, not the first page's."""
+    from interop.web import waiting
+
+    older = [ordered_report(db_url, mrn=f"WP-{i}", name="Do Van Em", birth="1970-01-01", sex="male", priority=None,
+                            reason="Cough", note="", site="BVDKDN", seed=90 + i, accession=f"ACC-P{i}")
+             for i in range(3)]
+    later = [ordered_report(db_url, mrn=f"WQ-{i}", name="Vo Thi Hoa", birth="1985-01-01", sex="female",
+                            priority=None, reason="Fever", note="", site="TTYT_NHONTRACH", seed=5 - i,
+                            accession=f"ACC-Q{i}") for i in range(3)]
+    lookups: dict[str, Any] = {"models": {MODEL.name: MODEL}, "sites": {}, "alerts": {}}
+    with connect(db_url, autocommit=True) as conn:
+        total, page = waiting.waiting(conn, limit=2, **lookups)
+        assert total == 6 and [e.id for e in page] == [older[2]["id"], older[1]["id"]]  # the longest waiting
+        total, page = waiting.waiting(conn, limit=2, filters=waiting.Filters(site="ttyt_nhontrach"), **lookups)
+        assert total == 3 and [e.id for e in page] == [later[0]["id"], later[1]["id"]]
+
+        # the newest report's Observation (not its conclusion) says AA: it comes first, on page one
+        newest = later[2]
+        obs = resources.read(conn, "Observation", newest["result"][0]["reference"].split("/")[1])
+        obs["interpretation"] = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+                                              "code": "AA"}]}]
+        resources.update(conn, obs, PARAMS["Observation"])
+        total, page = waiting.waiting(conn, limit=1, **lookups)
+        assert total == 6 and page[0].id == newest["id"] and page[0].critical
+
+        filters = waiting.Filters(site="TTYT_NHONTRACH")
+        assert waiting.following(conn, newest["id"], filters) == later[0]["id"]
+        assert waiting.following(conn, later[0]["id"], filters) == later[1]["id"]
+        assert waiting.following(conn, later[1]["id"], filters) is None
+        assert waiting.following(conn, older[0]["id"], filters) == newest["id"]  # not listed: the list's first
+
+        # reports already dealt with: the newest first
+        for done in (older[0], later[1]):
+            body = resources.read(conn, "DiagnosticReport", done["id"])
+            body["status"] = "final"
+            resources.update(conn, body, PARAMS["DiagnosticReport"])
+        total, page = waiting.waiting(conn, limit=1, filters=waiting.Filters(status="final"), **lookups)
+        assert total == 2 and [e.id for e in page] == [later[1]["id"]]
+
+    clinician = login("clinician", site="BVDKDN")  # sees only their own site, whatever the filter says
+    assert set(rows(clinician.get("/worklist/?lang=en").get_data(as_text=True))) == {older[1]["id"], older[2]["id"]}
+    assert rows(clinician.get("/worklist/?lang=en&site=TTYT_NHONTRACH").get_data(as_text=True)) == []
+    signed = login("radiologist").get("/worklist/?lang=en&status=final").get_data(as_text=True)
+    assert rows(signed) == [later[1]["id"], older[0]["id"]]
+    assert re.search(r'<strong id="total">2</strong> studies\s', signed) and "studies waiting" not in signed

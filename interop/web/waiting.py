@@ -15,7 +15,7 @@ import psycopg
 from inference_client.models import ModelDescription
 
 from ..domain.report import is_not_analysable
-from ..domain.vocabulary import REPORT_SYSTEM, codes, is_critical, is_critical_finding, site_of
+from ..domain.vocabulary import REPORT_SYSTEM, SITE_TAG, codes, is_critical, is_critical_finding, site_of
 from ..sites import Site
 from ..store import resources, worklist
 
@@ -256,45 +256,22 @@ def entries(conn: psycopg.Connection[Any], reports: list[dict[str, Any]], *, mod
     return out
 
 
-@dataclass(frozen=True)
-class Filters:
-    """The worklist's filters (query parameters): empty means any."""
-
-    site: str = ""
-    modality: str = ""
-    priority: str = ""
-    status: str = "preliminary"  # preliminary (waiting), final, amended, corrected, cancelled
-    date_from: str = ""          # the study date, YYYY-MM-DD, inclusive
-    date_to: str = ""
-
-    def keep(self, entry: Entry) -> bool:
-        return ((not self.site or (entry.site or "") == self.site.upper())
-                and (not self.modality or self.modality.upper() in [m.strip() for m in entry.modality.split(",")])
-                and (not self.priority or (entry.order.priority or "routine") == self.priority)
-                and (not self.date_from or entry.study_date[:10] >= self.date_from)
-                and (not self.date_to or (entry.study_date[:10] or "9999") <= self.date_to))
-
-    def args(self) -> dict[str, str]:
-        """The set filters, as query parameters for the page's links."""
-        default = Filters()
-        return {k: v for k, v in self.__dict__.items() if v and v != getattr(default, k)}
+Filters = worklist.Filters
 
 
 def waiting(conn: psycopg.Connection[Any], *, models: dict[str, ModelDescription], sites: dict[str, Site],
             alerts: dict[str, dict[str, Any]], limit: int = LIMIT,
             filters: Filters | None = None) -> tuple[int, list[Entry]]:
-    """(how many match, the first `limit` of them): critical first, then the most urgent order,
-    then the oldest `issued` first. Status is chosen in SQL, the other filters on the rows."""
-    filters = filters or Filters()
-    total, reports = worklist.waiting_reports(conn, limit, status=filters.status)
-    found = entries(conn, reports, models=models, sites=sites, alerts=alerts)
-    kept = [e for e in found if filters.keep(e)]
-    if len(kept) != len(found):
-        total = len(kept)
-    never = datetime.max.replace(tzinfo=UTC)
-    # Python re-sorts because an Observation marked AA also makes a report critical.
-    kept.sort(key=lambda e: (not e.critical, PRIORITIES.index(e.order.priority or "routine"), e.issued or never))
-    return total, kept
+    """(how many match, the first `limit` of them): waiting reports critical first, then the most
+    urgent order, then the oldest `issued` first; reports already dealt with, newest first."""
+    total, reports = worklist.waiting_reports(conn, limit, filters or Filters(), tag_system=SITE_TAG,
+                                              priorities=PRIORITIES)
+    return total, entries(conn, reports, models=models, sites=sites, alerts=alerts)
+
+
+def following(conn: psycopg.Connection[Any], report_id: str, filters: Filters) -> str | None:
+    """The report after this one in the filtered list (the "next" shortcut)."""
+    return worklist.following(conn, report_id, filters, tag_system=SITE_TAG, priorities=PRIORITIES)
 
 
 def one(conn: psycopg.Connection[Any], report_id: str, *, models: dict[str, ModelDescription],

@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import uuid
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -131,12 +132,19 @@ def _visible_id(conn: Any, report_id: str) -> bool:
         return False
 
 
+def _seen(filters: waiting.Filters) -> waiting.Filters | None:
+    """The filters narrowed to what this person may see: a clinician's own site (None: nothing)."""
+    site = _own_site()
+    if site is None:
+        return filters
+    if filters.site and filters.site.upper() != site.upper():
+        return None
+    return replace(filters, site=site)
+
+
 def _listed(conn: Any, filters: waiting.Filters, alerts: dict[str, dict[str, Any]]) -> tuple[int, list[waiting.Entry]]:
-    total, found = waiting.waiting(conn, alerts=alerts, filters=filters, **_lookups())
-    if _own_site() is not None:
-        found = [e for e in found if _visible(e)]
-        total = len(found)
-    return total, found
+    seen = _seen(filters)
+    return waiting.waiting(conn, alerts=alerts, filters=seen, **_lookups()) if seen is not None else (0, [])
 
 
 @bp.get("/")
@@ -163,15 +171,13 @@ def _study_page(report_id: str, *, error: ReviewError | None = None, form: Any =
         return _bad_filter(exc)
     following: str | None = None
     with _hub().pool.connection() as conn:
-        alerts = open_alerts(conn)
         try:
-            entry = waiting.one(conn, report_id, alerts=alerts, **_lookups())
+            entry = waiting.one(conn, report_id, alerts=open_alerts(conn), **_lookups())
         except resources.StoreError:
             entry = None
-        if entry is not None and _visible(entry):  # the next study in the same filtered list (the "next" shortcut)
-            ids = [e.id for e in _listed(conn, filters, alerts)[1]]
-            later = ids[ids.index(report_id) + 1:] if report_id in ids else ids
-            following = next((i for i in later if i != report_id), None)
+        seen = _seen(filters)
+        if entry is not None and _visible(entry) and seen is not None:  # the "next" shortcut: in the same list
+            following = waiting.following(conn, report_id, seen)
     if entry is None or not _visible(entry):  # another site's report is as absent as an unknown one
         return Response(render_template("worklist/missing.html", **_context(report_id=report_id)), status=404,
                         content_type="text/html; charset=utf-8")
