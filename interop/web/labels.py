@@ -16,7 +16,8 @@ LABELS: dict[str, dict[str, str]] = {
         "viewer": "Trình xem DICOM", "viewer_help": "Kéo chuột trái: cửa sổ/mức · phải: phóng to · giữa: di chuyển · "
         "lăn chuột: lướt lát cắt", "reset": "Đặt lại", "viewer_loading": "Đang tải ảnh DICOM…", "series": "Loạt ảnh",
         "title": "Danh sách ca chờ đọc", "subtitle": "Kết quả AI sơ bộ chờ bác sĩ chẩn đoán hình ảnh xem xét",
-        "waiting": "ca đang chờ", "none": "Không có ca nào chờ đọc.", "listed": "ca", "none_listed": "Không có ca nào.", "critical": "NGUY KỊCH",
+        "waiting": "ca đang chờ", "none": "Không có ca nào chờ đọc.",
+        "listed": "ca", "none_listed": "Không có ca nào.", "critical": "NGUY KỊCH",
         "unacknowledged": "chưa xác nhận", "acknowledged": "đã xác nhận", "patient": "Bệnh nhân",
         "modality": "Phương thức", "body_part": "Vùng chụp", "study_date": "Ngày chụp", "facility": "Cơ sở",
         "waited": "Thời gian chờ", "findings": "Phát hiện AI (vượt ngưỡng)", "no_findings": "Không có phát hiện vượt ngưỡng",
@@ -50,7 +51,8 @@ LABELS: dict[str, dict[str, str]] = {
         "viewer": "DICOM viewer", "viewer_help": "Left drag: window/level · right drag: zoom · middle drag: pan · "
         "wheel: scroll the slices", "reset": "Reset", "viewer_loading": "Loading the DICOM images…", "series": "Series",
         "title": "Reading worklist", "subtitle": "Preliminary AI results waiting for a radiologist's review",
-        "waiting": "studies waiting", "none": "Nothing is waiting for review.", "listed": "studies", "none_listed": "No study matches.", "critical": "CRITICAL",
+        "waiting": "studies waiting", "none": "Nothing is waiting for review.",
+        "listed": "studies", "none_listed": "No study matches.", "critical": "CRITICAL",
         "unacknowledged": "not acknowledged", "acknowledged": "acknowledged", "patient": "Patient",
         "modality": "Modality", "body_part": "Body part", "study_date": "Study date", "facility": "Facility",
         "waited": "Waiting", "findings": "AI findings (above threshold)", "no_findings": "No finding above threshold",
