@@ -60,6 +60,25 @@ def test_pretty_and_format_on_every_interaction(client: FlaskClient, check_r4: V
     assert client.get("/fhir/Patient?identifier=M3").get_json(force=True)["entry"] == []
 
 
+def test_prefer_return_chooses_the_answer_of_a_write(client: FlaskClient, check_r4: Validate) -> None:
+    """HAPI's habit: Prefer return=minimal (no body), return=OperationOutcome (what was done),
+    return=representation or nothing (the resource); the version headers every time."""
+    minimal = client.post("/fhir/Patient", data=json.dumps(patient("P1")), content_type=FHIR,
+                          headers={"Prefer": "return=minimal"})
+    assert minimal.status_code == 201 and minimal.get_data() == b"" and minimal.headers["ETag"] == 'W/"1"'
+    pid = minimal.headers["Location"].split("/Patient/")[1].split("/")[0]
+    said = client.put(f"/fhir/Patient/{pid}", data=json.dumps({**patient("P1"), "id": pid, "gender": "female"}),
+                      content_type=FHIR, headers={"Prefer": 'handling=strict, return="OperationOutcome"'})
+    body = said.get_json(force=True)
+    assert said.status_code == 200 and body["resourceType"] == "OperationOutcome" and check_r4(body) == []
+    assert body["issue"][0]["severity"] == "information" and f"Patient/{pid}/_history/2" in body["issue"][0]["diagnostics"]
+    assert said.headers["ETag"] == 'W/"2"'
+    for prefer in ({"Prefer": "return=representation"}, {}):
+        shown = client.put(f"/fhir/Patient/{pid}", data=json.dumps({**patient("P1"), "id": pid}), content_type=FHIR,
+                           headers=prefer)
+        assert shown.status_code == 200 and shown.get_json(force=True)["resourceType"] == "Patient"
+
+
 def test_history_bundles_at_type_and_system_level(client: FlaskClient, check_r4: Validate) -> None:
     ids = [post(client, "Patient", patient(f"M{n}")).get_json(force=True)["id"] for n in range(3)]
     first = client.get(f"/fhir/Patient/{ids[0]}").get_json(force=True)

@@ -110,15 +110,27 @@ def _if_match() -> int | None:
     return interactions.if_match(request.headers.get("If-Match"))
 
 
-def _prefer_minimal() -> bool:
-    return "return=minimal" in request.headers.get("Prefer", "")
+def _prefer_return() -> str:
+    """What the client asked a write to answer with (FHIR's `Prefer: return=`): representation
+    (the default), minimal or OperationOutcome."""
+    for part in request.headers.get("Prefer", "").replace(";", ",").split(","):
+        key, _, value = part.strip().partition("=")
+        if key.strip() == "return" and value.strip().strip('"') in ("minimal", "OperationOutcome"):
+            return value.strip().strip('"')
+    return "representation"
 
 
 def _written(done: interactions.Result, location: bool) -> Response:
-    """The answer to a write: the resource (or nothing, with Prefer: return=minimal) and its version's headers."""
+    """The answer to a write, as Prefer asks: the resource, nothing, or an OperationOutcome saying
+    what was done; always with its version's headers."""
     headers = _version_headers(done.resource, location=location)
-    if _prefer_minimal():
+    wanted = _prefer_return()
+    if wanted == "minimal":
         return Response(status=done.status, headers=headers)
+    if wanted == "OperationOutcome":
+        what = f"{done.resource['resourceType']}/{done.resource['id']}/_history/{done.version}"
+        said = f"{what} {'created' if done.status == 201 else 'is the current version'}"
+        return respond(outcome([issue("informational", said, severity="information")]), done.status, headers)
     return respond(done.resource, done.status, headers)
 
 
