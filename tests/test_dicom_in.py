@@ -325,6 +325,9 @@ def test_a_held_study_is_matched_when_its_order_arrives(scp_hub: HubProcess) -> 
         return any(r["study_uid"] == uid for r in rows)
 
     wait_for(listed, timeout=60, what="the study in the unmatched queue")
+    stand_in = wait_for(lambda: next(iter(studies(scp_hub, uid)), None), timeout=30, what="the held study")["subject"]
+    made = scp_hub.session.get(f"{scp_hub.fhir}/{stand_in['reference']}", timeout=10).json()
+    assert made["identifier"][0]["system"].startswith("urn:interop-hub:dicom-patient-id:")
     # the order arrives from the hospital's integration engine, naming the same accession number
     answers = mllp.send(int(scp_hub.env["INTEROP_MLLP_PORT"]),
                         mllp.orm("HOLD2", placer="PLH2", filler="FLH2", accession="HOLD-ACC-2", patient_id="HOLD-2",
@@ -336,6 +339,9 @@ def test_a_held_study_is_matched_when_its_order_arrives(scp_hub: HubProcess) -> 
     order = fhir(scp_hub, "ServiceRequest", identifier="PLH2")["entry"][0]["resource"]
     assert study["basedOn"] == [{"reference": f"ServiceRequest/{order['id']}"}]
     assert not listed() and report["status"] == "preliminary"
+    # the study and its report follow the order's Patient; the one made from the header is gone
+    assert study["subject"] == order["subject"] == report["subject"] != stand_in
+    assert scp_hub.session.get(f"{scp_hub.fhir}/{stand_in['reference']}", timeout=10).status_code == 410
 
 
 def test_a_study_pushed_by_stow_rs_is_analysed_like_one_pushed_by_c_store(scp_hub: HubProcess) -> None:

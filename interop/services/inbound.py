@@ -46,6 +46,7 @@ from .security import audit as audit_trail
 STUDY_STABLE = "study-stable"
 RECHECK_SECONDS = 60  # how often a study waiting for its order looks for it again
 FLAG_SYSTEM = "urn:interop-hub:dicom-in"  # meta.tag of a pushed study: `identity-conflict`, `unmatched`
+DICOM_PATIENT_SYSTEM = "urn:interop-hub:dicom-patient-id:"  # + site: a Patient made from a pushed study's header
 
 # DICOM C-STORE failure statuses (PS3.4 B.2.3)
 OUT_OF_RESOURCES = 0xA700
@@ -281,7 +282,7 @@ def _order(conn: psycopg.Connection[Any], ctx: Context, row: dict[str, Any]) -> 
 
 def _patient(conn: psycopg.Connection[Any], ctx: Context, row: dict[str, Any]) -> str:
     """The Patient of a study no order names: the one with its DICOM Patient ID at its site, or a new one."""
-    system = f"urn:interop-hub:dicom-patient-id:{row['site'] or 'unknown'}"
+    system = f"{DICOM_PATIENT_SYSTEM}{row['site'] or 'unknown'}"
     value = row["patient_id"] or f"unknown:{row['study_uid']}"
     query = Query(criteria=[Criterion(ctx.params["Patient"]["identifier"], [(system, value)])], count=1)
     found = resources.search(conn, "Patient", query)[1]
@@ -351,7 +352,23 @@ def _keep_study(conn: psycopg.Connection[Any], ctx: Context, row: dict[str, Any]
     if held and same.get("status") == "registered" and same.get("numberOfInstances") == study["numberOfInstances"] \
             and same.get("subject") == study["subject"]:
         return same  # already held as it is: no new version at every recheck
-    return resources.update(conn, {**study, "id": same["id"]}, ctx.params["ImagingStudy"])[0]
+    kept = resources.update(conn, {**study, "id": same["id"]}, ctx.params["ImagingStudy"])[0]
+    _drop_stand_in(conn, ctx, str((same.get("subject") or {}).get("reference") or ""), subject)
+    return kept
+
+
+def _drop_stand_in(conn: psycopg.Connection[Any], ctx: Context, was: str, now: str) -> None:
+    """Once a held study follows its order's Patient, the Patient made from its DICOM header alone
+    is deleted (a version stays in its history), unless something else still names it: one person
+    is then one Patient at the hub, as the hospital knows them."""
+    if not was.startswith("Patient/") or was == now:
+        return
+    made = resources.find(conn, was)
+    if made is None or not all(str(i.get("system", "")).startswith(DICOM_PATIENT_SYSTEM)
+                               for i in made.get("identifier") or [{}]):
+        return
+    if not resources.referrers(conn, was, ctx.params, most=1):
+        resources.delete(conn, "Patient", was.removeprefix("Patient/"))
 
 
 def _hold(conn: psycopg.Connection[Any], ctx: Context, row: dict[str, Any], order: dict[str, Any] | None) -> None:
