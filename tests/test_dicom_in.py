@@ -344,6 +344,29 @@ def test_a_held_study_is_matched_when_its_order_arrives(scp_hub: HubProcess) -> 
     assert scp_hub.session.get(f"{scp_hub.fhir}/{stand_in['reference']}", timeout=10).status_code == 410
 
 
+def test_an_accession_number_matches_only_an_order_of_the_same_hospital(scp_hub: HubProcess) -> None:
+    """Hospitals number their own accessions: another hospital's order with the same number is
+    another patient's, and a study is never matched to it."""
+    from tests.fixtures import mllp
+
+    ds = make_chest_xray(seed=93, size=256, patient_id="HOLD-3", accession="SAME-ACC-3")
+    assert send(scp_hub, [ds], aet="HOLD_DX") == [0x0000]
+    uid = ds.StudyInstanceUID
+    wait_for(lambda: any(r["study_uid"] == uid for r in scp_hub.session.get(
+        f"{scp_hub.base}/admin/dicom/unmatched", timeout=10).json()["studies"]), timeout=60, what="the held study")
+    mllp_port = int(scp_hub.env["INTEROP_MLLP_PORT"])
+    for control, placer, patient, facility in (("OTHER3", "PLO3", "OTHER-9", "BVTANPHU"),
+                                               ("HOLD3", "PLH3", "HOLD-3", "TTYTHOLD")):
+        answers = mllp.send(mllp_port, mllp.orm(control, placer=placer, filler=f"F{placer}", accession="SAME-ACC-3",
+                                                patient_id=patient, facility=facility))
+        assert "MSA|AA" in answers[0]
+    report = wait_for(lambda: next(iter(reports(scp_hub, uid)), None), timeout=50, what="the report of the study")
+    own = fhir(scp_hub, "ServiceRequest", identifier="PLH3")["entry"][0]["resource"]
+    study = studies(scp_hub, uid)[0]
+    assert study["basedOn"] == [{"reference": f"ServiceRequest/{own['id']}"}]
+    assert report["subject"] == own["subject"]
+
+
 def test_a_study_pushed_by_stow_rs_is_analysed_like_one_pushed_by_c_store(scp_hub: HubProcess) -> None:
     from scripts.synthetic.dicom import dataset_bytes
 

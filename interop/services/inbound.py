@@ -269,14 +269,14 @@ def _order(conn: psycopg.Connection[Any], ctx: Context, row: dict[str, Any]) -> 
     """The ServiceRequest of the study: an admin's match, an order waiting for these images (its
     Study Instance UID or accession number), or the one order with this accession number."""
     rid = (row["service_request"] or "").removeprefix("ServiceRequest/") \
-        or store.pending_order(conn, row["study_uid"], row["accession"])
+        or store.pending_order(conn, row["study_uid"], row["accession"], row["site"])
     if rid:
         return resources.find(conn, f"ServiceRequest/{rid}")
-    if not row["accession"]:
-        return None
-    query = Query(criteria=[Criterion(ctx.params["ServiceRequest"]["identifier"], [(ANY_SYSTEM, row["accession"])])], count=2)
+    if not row["accession"] or not row["site"]:
+        return None  # an accession number means something only at the hospital that gave it
+    query = Query(criteria=[Criterion(ctx.params["ServiceRequest"]["identifier"], [(ANY_SYSTEM, row["accession"])])], count=20)
     found = [r for r in resources.search(conn, "ServiceRequest", query)[1]
-             if r.get("status") not in ("revoked", "entered-in-error")]
+             if r.get("status") not in ("revoked", "entered-in-error") and (site_of(r) or "").upper() == row["site"].upper()]
     return found[0] if len(found) == 1 else None
 
 
@@ -440,10 +440,10 @@ def decide(conn: psycopg.Connection[Any], ctx: Context, study_uid: str, decision
     return True
 
 
-def order_arrived(conn: psycopg.Connection[Any], study_uid: str | None, accession: str | None) -> int:
-    """An order came (HL7): the pushed studies waiting for it with this Study UID or accession
-    number look again now, not at their next recheck. How many were woken."""
-    waiting = store.unmatched_for(conn, study_uid, accession) if (study_uid or accession) else []
+def order_arrived(conn: psycopg.Connection[Any], study_uid: str | None, accession: str | None, site: str | None) -> int:
+    """An order came (HL7): the pushed studies waiting for it with this Study UID, or this
+    accession number from this site, look again now, not at their next recheck. How many were woken."""
+    waiting = store.unmatched_for(conn, study_uid, accession, site) if (study_uid or accession) else []
     for uid, round_ in waiting:
         store.wake(conn, stable_key(uid, round_))
     return len(waiting)

@@ -127,7 +127,8 @@ def _order(conn: psycopg.Connection[Any], ctx: Context, order: Order, patient: d
     if not existing and order.order_control not in ("NW", "XO", "SC", "SN", "NA"):
         return
     stored = patients.upsert(conn, ctx, request)
-    inbound.order_arrived(conn, order.study_instance_uid, order.accession)  # a pushed study may wait for it
+    inbound.order_arrived(conn, order.study_instance_uid, order.accession,  # a pushed study may wait for it
+                          site.code if site else facility)
     done = (order.order_status in (site.exam_done_order_status if site else {"CM"})
             or (site is not None and order.result_status in site.exam_done_result_status))
     if done:

@@ -106,21 +106,24 @@ def unmatched(conn: psycopg.Connection[Any], limit: int = 200) -> list[dict[str,
         " FROM dicom_study s WHERE state = 'unmatched' ORDER BY last_received LIMIT %s", (limit,))]
 
 
-def pending_order(conn: psycopg.Connection[Any], study_uid: str, accession: str | None) -> str | None:
+def pending_order(conn: psycopg.Connection[Any], study_uid: str, accession: str | None, site: str | None) -> str | None:
     """The ServiceRequest id of an order waiting for its images (a `find-study` job) that names
-    this Study Instance UID or accession number."""
+    this Study Instance UID, or this accession number at this site (hospitals number their own
+    accessions: the same number at another hospital is another patient)."""
     value = scalar(conn, "SELECT payload->>'service_request' FROM job WHERE kind = 'find-study'"
                          " AND status IN ('queued', 'running') AND (payload->>'study_uid' = %s"
-                         " OR (%s::text IS NOT NULL AND payload->>'accession' = %s)) ORDER BY id LIMIT 1",
-                   (study_uid, accession, accession))
+                         " OR (%s::text IS NOT NULL AND payload->>'accession' = %s AND upper(payload->>'site') = upper(%s)))"
+                         " ORDER BY id LIMIT 1", (study_uid, accession, accession, site))
     return None if value is None else str(value)
 
 
-def unmatched_for(conn: psycopg.Connection[Any], study_uid: str | None, accession: str | None) -> list[tuple[str, int]]:
-    """(study UID, round) of the pushed studies waiting for an order with this UID or accession."""
+def unmatched_for(conn: psycopg.Connection[Any], study_uid: str | None, accession: str | None,
+                  site: str | None) -> list[tuple[str, int]]:
+    """(study UID, round) of the pushed studies waiting for an order with this UID, or with this
+    accession number at this site."""
     rows = conn.execute("SELECT study_uid, round FROM dicom_study WHERE state = 'unmatched'"
-                        " AND (study_uid = %s OR (%s::text IS NOT NULL AND accession = %s))",
-                        (study_uid, accession, accession)).fetchall()
+                        " AND (study_uid = %s OR (%s::text IS NOT NULL AND accession = %s AND upper(site) = upper(%s)))",
+                        (study_uid, accession, accession, site)).fetchall()
     return [(r["study_uid"], int(r["round"])) if isinstance(r, dict) else (r[0], int(r[1])) for r in rows]
 
 
