@@ -15,7 +15,6 @@ import argparse
 import os
 import platform
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -24,7 +23,7 @@ from flask.testing import FlaskClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the checkout
 
-from bench.common import fresh_database
+from bench.common import migrated_database
 from interop.app import create_app
 from interop.config import Settings
 from interop.services.analytics import facts
@@ -61,20 +60,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--write", action="store_true", help="append the figures to docs/BENCHMARKS.md")
     args = parser.parse_args()
-    server = None
-    base = os.environ.get("DATABASE_URL")
-    if not base:
-        from interop.runtime.postgres import EmbeddedPostgres
-
-        directory = Path(tempfile.mkdtemp(prefix="bench-analytics-", dir="/var/tmp"))
-        os.chmod(directory, 0o755)
-        server = EmbeddedPostgres(directory / "pg")
-        base = server.start()
-    url = fresh_database(base, "bench_analytics")
-    db.migrate(url)
-    settings = Settings.from_env({"DATABASE_URL": url})
     lines: list[str] = []
-    try:
+    with migrated_database("bench_analytics") as url:
+        settings = Settings.from_env({"DATABASE_URL": url})
         with db.connect(url, autocommit=True) as conn:
             start = time.perf_counter()
             seed.seed(conn, args.studies, sites_file=settings.sites_file, mappings_dir=settings.mappings_dir)
@@ -138,9 +126,6 @@ def main() -> None:
             lines.append(f"- a refresh after that change (one week of the turnaround summary recomputed, the"
                          f" materialised views and the kept forecasts again): {time.perf_counter() - start:.1f} s.")
         app.extensions["interop"].close()
-    finally:
-        if server is not None:
-            server.stop()
     head = (f"\n## Provincial analytics (issues 6 and 14)\n\n`python bench/analytics_views.py` on {os.cpu_count()} CPUs "
             f"({platform.processor() or platform.machine()}), PostgreSQL embedded, {args.repeat} calls per endpoint "
             f"through the Flask app, measured {time.strftime('%Y-%m-%d')}:\n\n")

@@ -132,3 +132,43 @@ def test_migration_0022_indexes_series_modalities_and_urls_as_the_store_does(db_
                                                    ("ImagingStudy", "old0", "modality", None, "SR")}
     assert ("Subscription", "old4", "url", None, "https://HIS.example.org/Fhir/Hook?Token=ÀB") in got
     assert not [r for r in got if r[1] == "old3"]
+
+
+MIGRATION_0023 = Path(db.__file__).parent / "migrations" / "0023_report_tags_searchable.sql"
+OLD_0023 = [  # reports stored before 0023: no _tag rows
+    {"resourceType": "DiagnosticReport", "status": "final", "code": {"text": "x"},
+     "meta": {"tag": [{"system": "urn:interop-hub:site", "code": "BVDKDN"}, {"code": "N"}, {"system": "urn:a"},
+                      {"system": "urn:interop-hub:site", "code": "BVDKDN"}, {"code": ""}]}},
+    {"resourceType": "DiagnosticReport", "status": "preliminary", "code": {"text": "x"}},  # no tag
+    {"resourceType": "DiagnosticReport", "status": "final", "code": {"text": "x"}, "meta": {"tag": "not a list"}},
+]
+
+
+def _tag_rows(conn: Any) -> list[tuple[str, str, str, str | None, str]]:
+    rows = conn.execute("SELECT type, id, param, system, value FROM search_index WHERE param = '_tag'"
+                        " AND id LIKE 'old%%' ORDER BY id, system, value").fetchall()
+    return [(r["type"], r["id"], r["param"], r["system"], r["value"]) for r in rows]
+
+
+def test_migration_0023_indexes_report_tags_as_the_store_does(db_url: str) -> None:
+    table = search_params.load(MAPPINGS)
+    expected: set[tuple[str, str, str, str | None, str]] = set()
+    with db.connect(db_url) as conn:
+        for n, body in enumerate(OLD_0023):
+            rid = f"old{n}"
+            stored = {**body, "id": rid, "meta": {**body.get("meta", {}), "versionId": "1",
+                                                   "lastUpdated": "2026-12-01T00:00:00Z"}}
+            conn.execute("INSERT INTO resource (type, id, version, last_updated, body) VALUES (%s, %s, 1, now(), %s)",
+                         ("DiagnosticReport", rid, json.dumps(stored)))
+            if isinstance(stored["meta"].get("tag"), list):
+                expected |= {("DiagnosticReport", rid, p, s, v)
+                             for p, s, v in resources.index_entries(stored, {"_tag": table["DiagnosticReport"]["_tag"]})}
+        conn.commit()
+        conn.execute("DROP INDEX search_index_tag")  # as before 0023
+        for _ in range(2):  # running it again adds nothing
+            with conn.transaction():
+                conn.execute(MIGRATION_0023.read_text(encoding="utf-8").replace(
+                    "CREATE INDEX search_index_tag", "CREATE INDEX IF NOT EXISTS search_index_tag"))
+            got = _tag_rows(conn)
+            assert len(got) == len(set(got)) and set(got) == expected
+    assert ("DiagnosticReport", "old0", "_tag", "urn:interop-hub:site", "BVDKDN") in expected and len(expected) == 3

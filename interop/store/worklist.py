@@ -41,13 +41,12 @@ SELECT r.id, i.value AS issued,
 """
 
 _INDEXED = "(SELECT id FROM search_index WHERE type = '{type}' AND param = '{param}'{more})"
-_SITE_TAG = " AND system = %(tag_system)s"
-_THIS_SITE = _SITE_TAG + " AND upper(value) = upper(%(site)s)"
-# the report's site tag, or its study's when the report has none (as the page shows the site)
-_AT_SITE = "(w.id IN {} OR (w.id NOT IN {} AND w.study_id IN {}))".format(
-    _INDEXED.format(type="DiagnosticReport", param="_tag", more=_THIS_SITE),
-    _INDEXED.format(type="DiagnosticReport", param="_tag", more=_SITE_TAG),
-    _INDEXED.format(type="ImagingStudy", param="_tag", more=_THIS_SITE))
+_TAG_OF = ("(SELECT t.value FROM search_index t WHERE t.type = '{type}' AND t.id = {id} AND t.param = '_tag'"
+           " AND t.system = %(tag_system)s ORDER BY t.value LIMIT 1)")
+# the report's site tag, or its study's when the report has none (as the page shows the site); the
+# study's is looked up only for a report without one
+_AT_SITE = "upper(coalesce({}, {})) = upper(%(site)s)".format(
+    _TAG_OF.format(type="DiagnosticReport", id="w.id"), _TAG_OF.format(type="ImagingStudy", id="w.study_id"))
 _MODALITY = "w.study_id IN " + _INDEXED.format(type="ImagingStudy", param="modality",
                                                more=" AND value = upper(%(modality)s)")
 
