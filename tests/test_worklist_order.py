@@ -176,6 +176,14 @@ def test_filters_order_and_count_in_the_database_past_one_page(login: Any, db_ur
         total, page = waiting.waiting(conn, limit=1, filters=waiting.Filters(status="final"), **lookups)
         assert total == 2 and [e.id for e in page] == [later[1]["id"]]
 
+        # a report without a site tag of its own is at its study's site, as the page shows it
+        untagged = resources.read(conn, "DiagnosticReport", older[1]["id"])
+        untagged["meta"].pop("tag")
+        resources.update(conn, untagged, PARAMS["DiagnosticReport"])
+        assert "tag" not in resources.read(conn, "DiagnosticReport", older[1]["id"])["meta"]
+        total, page = waiting.waiting(conn, filters=waiting.Filters(site="BVDKDN"), **lookups)
+        assert [e.id for e in page] == [older[2]["id"], older[1]["id"]] and page[1].site == "BVDKDN"
+
     clinician = login("clinician", site="BVDKDN")  # sees only their own site, whatever the filter says
     assert set(rows(clinician.get("/worklist/?lang=en").get_data(as_text=True))) == {older[1]["id"], older[2]["id"]}
     assert rows(clinician.get("/worklist/?lang=en&site=TTYT_NHONTRACH").get_data(as_text=True)) == []

@@ -41,12 +41,15 @@ SELECT r.id, i.value AS issued,
 """
 
 _INDEXED = "(SELECT id FROM search_index WHERE type = '{type}' AND param = '{param}'{more})"
-_TAG_OF = ("(SELECT t.value FROM search_index t WHERE t.type = '{type}' AND t.id = {id} AND t.param = '_tag'"
-           " AND t.system = %(tag_system)s ORDER BY t.value LIMIT 1)")
-# the report's site tag, or its study's when the report has none (as the page shows the site); the
-# study's is looked up only for a report without one
-_AT_SITE = "upper(coalesce({}, {})) = upper(%(site)s)".format(
-    _TAG_OF.format(type="DiagnosticReport", id="w.id"), _TAG_OF.format(type="ImagingStudy", id="w.study_id"))
+_SITE_ROWS = " AND system = %(tag_system)s AND value <> ''"
+# the report's site tag, or its study's when the report has none (as the page shows the site): the
+# reports tagged with the site are one pass over the tag index; the study is looked up only for a
+# report without a site tag of its own
+_AT_SITE = ("(w.id IN {mine} OR (NOT EXISTS (SELECT 1 FROM search_index t WHERE t.type = 'DiagnosticReport'"
+            " AND t.id = w.id AND t.param = '_tag' AND t.system = %(tag_system)s AND t.value <> '')"
+            " AND w.study_id IN {study}))").format(
+    mine=_INDEXED.format(type="DiagnosticReport", param="_tag", more=_SITE_ROWS + " AND upper(value) = upper(%(site)s)"),
+    study=_INDEXED.format(type="ImagingStudy", param="_tag", more=_SITE_ROWS + " AND upper(value) = upper(%(site)s)"))
 _MODALITY = "w.study_id IN " + _INDEXED.format(type="ImagingStudy", param="modality",
                                                more=" AND value = upper(%(modality)s)")
 
