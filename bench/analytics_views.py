@@ -23,7 +23,7 @@ from flask.testing import FlaskClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the checkout
 
-from bench.common import migrated_database
+from bench.common import append_to_benchmarks, migrated_database
 from interop.app import create_app
 from interop.config import Settings
 from interop.services.analytics import facts
@@ -31,8 +31,6 @@ from interop.store import db
 from interop.store import security as accounts
 from scripts import smart
 from scripts.synthetic import analytics as seed
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 ENDPOINTS = ["findings_weekly", "districts", "turnaround", "workload", "backlog", "agreement", "critical"]
 
@@ -132,8 +130,7 @@ def main() -> None:
     text = head + "\n".join(lines) + "\n\n" + "\n".join(table) + "\n"
     print(text)
     if args.write:
-        with open(REPO_ROOT / "docs" / "BENCHMARKS.md", "a", encoding="utf-8") as handle:
-            handle.write(text)
+        append_to_benchmarks(text)
 
 
 if __name__ == "__main__":

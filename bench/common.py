@@ -1,4 +1,4 @@
-"""What the benchmarks share: a fresh database on a PostgreSQL server they started."""
+"""What the benchmarks share: a fresh database on a PostgreSQL server they started, and where they write their figures."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
+
+
+def append_to_benchmarks(text: str) -> None:
+    """Add a bench's section to docs/BENCHMARKS.md (its `--write`)."""
+    with open(BENCHMARKS, "a", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 def fresh_database(server_url: str, name: str) -> str:

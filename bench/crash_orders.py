@@ -25,6 +25,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import append_to_benchmarks  # noqa: E402
 from interop.runtime.postgres import EmbeddedPostgres  # noqa: E402
 from interop.runtime.processes import free_port  # noqa: E402
 from interop.store import db  # noqa: E402
@@ -97,14 +98,13 @@ def main() -> int:
               and jobs["n"] == jobs["d"] == len(stored) and not orphans)
     print(json.dumps({**result, "passed": passed}, indent=2))
     if args.write:
-        with open(ROOT / "docs" / "BENCHMARKS.md", "a", encoding="utf-8") as handle:
-            handle.write(f"\n## Crash safety (issue 10)\n\n`python bench/crash_orders.py` on {os.cpu_count()} CPUs,"
-                         f" {time.strftime('%Y-%m-%d')}: {args.orders:,} ORM^O01 over {args.connections} connections,"
-                         f" `interop serve` killed with SIGKILL {result['kills']} times (restarted in"
-                         f" {', '.join(f'{s} s' for s in restarts)}); {result['acknowledged']:,} acknowledged after"
-                         f" {result['resends']:,} resends, {twice} stored twice, {result['acknowledged_but_not_stored']}"
-                         f" lost, {jobs['n']:,} jobs for {len(stored):,} messages, {len(orphans)} orphaned"
-                         f" tritonserver; {result['seconds']} s in all.\n")
+        append_to_benchmarks(f"\n## Crash safety (issue 10)\n\n`python bench/crash_orders.py` on {os.cpu_count()} CPUs,"
+                             f" {time.strftime('%Y-%m-%d')}: {args.orders:,} ORM^O01 over {args.connections} connections,"
+                             f" `interop serve` killed with SIGKILL {result['kills']} times (restarted in"
+                             f" {', '.join(f'{s} s' for s in restarts)}); {result['acknowledged']:,} acknowledged after"
+                             f" {result['resends']:,} resends, {twice} stored twice, {result['acknowledged_but_not_stored']}"
+                             f" lost, {jobs['n']:,} jobs for {len(stored):,} messages, {len(orphans)} orphaned"
+                             f" tritonserver; {result['seconds']} s in all.\n")
     return 0 if passed else 1
 
 

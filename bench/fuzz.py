@@ -29,6 +29,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import append_to_benchmarks  # noqa: E402
 from interop.runtime.processes import free_port  # noqa: E402
 from scripts import smart  # noqa: E402
 from tests.fixtures.mllp import orm  # noqa: E402
@@ -309,8 +310,7 @@ def main() -> int:
                 f"- FHIR over HTTP: {fhir['requests']:,} mutated requests in {fhir['seconds']} s; statuses"
                 f" {fhir['statuses']}; 5xx: {fhir['5xx']}; 4xx without an OperationOutcome: "
                 f"{fhir['4xx_not_operation_outcome']}.\n")
-        with open(ROOT / "docs" / "BENCHMARKS.md", "a", encoding="utf-8") as handle:
-            handle.write(text)
+        append_to_benchmarks(text)
     return 0 if passed else 1
 
 

@@ -21,12 +21,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the checkout
 
-from bench.common import migrated_database
+from bench.common import append_to_benchmarks, migrated_database
 from interop.store import db
 from interop.web import waiting
 from tests.test_worklist_order import MODEL, ordered_report
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 FILTERS = [("waiting (reference)", waiting.Filters()),
            ("waiting, one site", waiting.Filters(site="BVDKDN")),
@@ -93,8 +91,7 @@ def main() -> None:
             "| list | reports | page (× the waiting list) | next |\n|---|---|---|---|\n" + "\n".join(lines) + "\n")
     print(text)
     if args.write:
-        with open(REPO_ROOT / "docs" / "BENCHMARKS.md", "a", encoding="utf-8") as handle:
-            handle.write(text)
+        append_to_benchmarks(text)
 
 
 if __name__ == "__main__":
