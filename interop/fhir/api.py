@@ -114,9 +114,10 @@ def _prefer_return() -> str:
     """What the client asked a write to answer with (FHIR's `Prefer: return=`): representation
     (the default), minimal or OperationOutcome."""
     for part in request.headers.get("Prefer", "").replace(";", ",").split(","):
-        key, _, value = part.strip().partition("=")
-        if key.strip() == "return" and value.strip().strip('"') in ("minimal", "OperationOutcome"):
-            return value.strip().strip('"')
+        key, _, value = part.partition("=")
+        value = value.strip().strip('"')
+        if key.strip() == "return" and value in ("minimal", "OperationOutcome"):
+            return value
     return "representation"
 
 

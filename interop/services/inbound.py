@@ -364,8 +364,8 @@ def _drop_stand_in(conn: psycopg.Connection[Any], ctx: Context, was: str, now: s
     if not was.startswith("Patient/") or was == now:
         return
     made = resources.find(conn, was)
-    if made is None or not all(str(i.get("system", "")).startswith(DICOM_PATIENT_SYSTEM)
-                               for i in made.get("identifier") or [{}]):
+    identifiers = (made or {}).get("identifier") or []
+    if not identifiers or not all(str(i.get("system", "")).startswith(DICOM_PATIENT_SYSTEM) for i in identifiers):
         return
     if not resources.referrers(conn, was, ctx.params, most=1):
         resources.delete(conn, "Patient", was.removeprefix("Patient/"))

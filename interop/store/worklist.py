@@ -41,15 +41,15 @@ SELECT r.id, i.value AS issued,
 """
 
 _INDEXED = "(SELECT id FROM search_index WHERE type = '{type}' AND param = '{param}'{more})"
-_SITE_ROWS = " AND system = %(tag_system)s AND value <> ''"
+_THIS_SITE = " AND system = %(tag_system)s AND value <> '' AND upper(value) = upper(%(site)s)"
 # the report's site tag, or its study's when the report has none (as the page shows the site): the
 # reports tagged with the site are one pass over the tag index; the study is looked up only for a
 # report without a site tag of its own
 _AT_SITE = ("(w.id IN {mine} OR (NOT EXISTS (SELECT 1 FROM search_index t WHERE t.type = 'DiagnosticReport'"
             " AND t.id = w.id AND t.param = '_tag' AND t.system = %(tag_system)s AND t.value <> '')"
             " AND w.study_id IN {study}))").format(
-    mine=_INDEXED.format(type="DiagnosticReport", param="_tag", more=_SITE_ROWS + " AND upper(value) = upper(%(site)s)"),
-    study=_INDEXED.format(type="ImagingStudy", param="_tag", more=_SITE_ROWS + " AND upper(value) = upper(%(site)s)"))
+    mine=_INDEXED.format(type="DiagnosticReport", param="_tag", more=_THIS_SITE),
+    study=_INDEXED.format(type="ImagingStudy", param="_tag", more=_THIS_SITE))
 _MODALITY = "w.study_id IN " + _INDEXED.format(type="ImagingStudy", param="modality",
                                                more=" AND value = upper(%(modality)s)")
 
